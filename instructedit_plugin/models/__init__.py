@@ -1,0 +1,1 @@
+"""Model factories: tiny test models built from configs, and the embedded real LM."""

@@ -1,0 +1,1 @@
+"""Fixtures for tiny test models and the embedded LM."""
