@@ -1,0 +1,114 @@
+"""Small, idempotent adjustments to EasyEdit classes so plugin algorithms run through them.
+
+* ``BaseEditor.__init__``: a local Hugging Face folder is loaded with the Auto
+  classes (EasyEdit sniffs names and refuses e.g. Gemma or Qwen2 folders on
+  PyPI), then handed to EasyEdit as its ``(model, tokenizer)`` pair; afterwards
+  ``model_name`` is the path again, as EasyEdit's metrics expect a string.
+* PyPI flavour only: the editing and training entry points run inside
+  :func:`~instructedit_plugin.compat.devices.cuda_strings_to_cpu`.
+* ``BatchEditor.is_batchable_method`` (a closed enum in both flavours) also
+  accepts the plugin's batchable algorithms.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..models.loading import is_local_model_dir, load_causal_lm
+from .devices import cuda_strings_to_cpu, needs_cpu_redirect
+
+LOG = logging.getLogger(__name__)
+
+_MARK = "__instructedit_plugin_wrapped__"
+
+#: BaseEditor methods that run editing/evaluation code (present ones are wrapped).
+EDITOR_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "edit_dataset", "normal_edit", "generate_edit", "deep_edit")
+TRAINER_ENTRY_POINTS = ("__init__", "run", "validate")
+
+
+def _wrap(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = owner.__dict__.get(name)
+    if original is None or getattr(original, _MARK, False):
+        return
+    wrapped = make(original)
+    setattr(wrapped, _MARK, True)
+    wrapped.__wrapped_original__ = original
+    setattr(owner, name, wrapped)
+
+
+def _device_of(obj: Any) -> Any:
+    hparams = getattr(obj, "hparams", None) or getattr(obj, "config", None)
+    return getattr(hparams, "device", None)
+
+
+def _redirecting(flavour: str, device_from: Callable[..., Any]) -> Callable[[Callable], Callable]:
+    def make(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            with cuda_strings_to_cpu(needs_cpu_redirect(flavour, device_from(self, *args, **kwargs))):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+def _editor_init(flavour: str) -> Callable[[Callable], Callable]:
+    def make(original_init: Callable) -> Callable:
+        @functools.wraps(original_init)
+        def __init__(self, hparams, *args, **kwargs):
+            name = getattr(hparams, "model_name", None)
+            redirect = needs_cpu_redirect(flavour, getattr(hparams, "device", None))
+            with cuda_strings_to_cpu(redirect):
+                if not is_local_model_dir(name):
+                    return original_init(self, hparams, *args, **kwargs)
+                dtype = "float16" if getattr(hparams, "fp16", False) else getattr(hparams, "dtype", None)
+                pair = load_causal_lm(name, dtype=dtype, alg_name=getattr(hparams, "alg_name", None))
+                hparams.model_name = pair
+                try:
+                    original_init(self, hparams, *args, **kwargs)
+                finally:
+                    hparams.model_name = name
+                self.model_name = name
+
+        return __init__
+
+    return make
+
+
+def _batchable(original: Callable, extra: Callable[[], set[str]]) -> staticmethod:
+    func = original.__func__ if isinstance(original, staticmethod) else original
+
+    @functools.wraps(func)
+    def is_batchable_method(alg_name: str) -> bool:
+        return alg_name in extra() or func(alg_name)
+
+    setattr(is_batchable_method, _MARK, True)
+    return staticmethod(is_batchable_method)
+
+
+def install_editor_patches(flavour: str, batchable_names: Callable[[], set[str]]) -> None:
+    """Apply every adjustment once; calling again is a no-op."""
+    editor_mod = sys.modules["easyeditor.editors.editor"]
+    base_editor = editor_mod.BaseEditor
+    _wrap(base_editor, "__init__", _editor_init(flavour))
+    if flavour == "pypi":
+        for name in EDITOR_ENTRY_POINTS:
+            _wrap(base_editor, name, _redirecting(flavour, lambda self, *a, **k: _device_of(self)))
+        trainer_mod = sys.modules.get("easyeditor.trainer.BaseTrainer")
+        edit_trainer_mod = sys.modules.get("easyeditor.trainer.EditTrainer")
+        for cls in (getattr(trainer_mod, "BaseTrainer", None), getattr(edit_trainer_mod, "EditTrainer", None)):
+            if cls is None:
+                continue
+            for name in TRAINER_ENTRY_POINTS:
+                if name == "__init__":
+                    _wrap(cls, name, _redirecting(flavour, lambda self, config, *a, **k: getattr(config, "device", None)))
+                else:
+                    _wrap(cls, name, _redirecting(flavour, lambda self, *a, **k: _device_of(self)))
+    batch_editor = sys.modules["easyeditor.editors.batch_editor"].BatchEditor
+    current = batch_editor.__dict__["is_batchable_method"]
+    if not getattr(getattr(current, "__func__", current), _MARK, False):
+        setattr(batch_editor, "is_batchable_method", _batchable(current, batchable_names))

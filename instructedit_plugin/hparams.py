@@ -1,0 +1,276 @@
+"""Validated hyperparameter dataclasses loaded from YAML, EasyEdit-style.
+
+EasyEdit's own hparams classes do ``cls(**yaml)``: a typo'd key raises a bare
+``TypeError`` and a wrong type or a layer index past the model's depth is only
+noticed mid-run (or never). Plugin hparams subclass :class:`PluginHyperParams`
+and declare their constraints next to each field with :func:`hp_field`; loading
+checks unknown and missing keys, types, ranges, choices and layer indices
+against the model's config, and raises one :class:`HyperParamsError` that names
+the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import HyperParamsError
+
+_MISSING = dataclasses.MISSING
+
+
+def hp_field(
+    default: Any = _MISSING,
+    *,
+    default_factory: Any = _MISSING,
+    min: float | None = None,  # noqa: A002 - reads naturally at the call site
+    max: float | None = None,  # noqa: A002
+    choices: tuple[Any, ...] | None = None,
+    layer_index: bool = False,
+    help: str = "",  # noqa: A002
+) -> Any:
+    """A dataclass field carrying its validation rules in ``metadata``.
+
+    ``layer_index=True`` marks an int or list of ints that must be valid layer
+    indices of the model named by ``model_name``.
+    """
+    metadata = {"min": min, "max": max, "choices": choices, "layer_index": layer_index, "help": help}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ``TypeError``/``ValueError``."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ValueError(f"must be one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError("expected null")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {type(value).__name__} {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise TypeError(f"expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def num_layers_of(config: Any) -> int:
+    """Number of transformer blocks in a Hugging Face config (GPT-2 calls it ``n_layer``)."""
+    text_config = getattr(config, "text_config", None) or config
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text_config, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the number of layers of a {type(config).__name__}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PluginHyperParams:
+    """Base class: YAML loading plus validation. Subclasses are dataclasses too."""
+
+    #: The ``alg_name`` (or, for training configs, ``alg``) value this class accepts.
+    ALG_NAME: ClassVar[str] = ""
+    #: Which YAML key carries the algorithm name.
+    ALG_KEY: ClassVar[str] = "alg_name"
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str | os.PathLike) -> PluginHyperParams:
+        """Load and validate a YAML file (``.yaml`` is appended when missing, as in EasyEdit)."""
+        path = Path(hparams_name_or_path)
+        if path.suffix not in (".yaml", ".yml"):
+            path = path.with_name(path.name + ".yaml")
+        if not path.is_file():
+            raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path (relative paths are resolved from the current directory)", source=str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise HyperParamsError("<file>", f"not valid YAML ({exc})", "fix the YAML syntax at the position shown", source=str(path)) from exc
+        if not isinstance(data, dict):
+            raise HyperParamsError("<file>", f"top level is {type(data).__name__}, not a mapping", "write one `key: value` per line", source=str(path))
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, fpath: str | os.PathLike) -> PluginHyperParams:
+        with open(fpath, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle), source=str(fpath))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> PluginHyperParams:
+        """Validate ``data`` field by field and build the object."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, fields, n=1)
+            fix = f"did you mean '{close[0]}'?" if close else f"remove it; known fields are: {', '.join(sorted(fields))}"
+            raise HyperParamsError(key, f"unknown field for {cls.__name__}", fix, source)
+        hints = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, field in fields.items():
+            if name not in data:
+                if field.default is _MISSING and field.default_factory is _MISSING:
+                    raise HyperParamsError(name, "required field is missing", f"add `{name}: <{_type_name(hints[name])}>`", source)
+                continue
+            try:
+                kwargs[name] = _coerce(data[name], hints[name])
+            except (TypeError, ValueError) as exc:
+                raise HyperParamsError(name, str(exc), f"give a value of type {_type_name(hints[name])}", source) from None
+        obj = cls(**kwargs)
+        obj._source = source
+        obj.validate()
+        return obj
+
+    # ------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        self._source: str | None = getattr(self, "_source", None)
+
+    def _error(self, field: str, problem: str, fix: str) -> HyperParamsError:
+        return HyperParamsError(field, problem, fix, getattr(self, "_source", None))
+
+    def validate(self) -> None:
+        """Check ranges, choices, the algorithm name, cross-field rules and layer indices."""
+        if self.ALG_NAME:
+            value = getattr(self, self.ALG_KEY, None)
+            if value != self.ALG_NAME:
+                raise self._error(self.ALG_KEY, f"{type(self).__name__} needs '{self.ALG_NAME}', got {value!r}",
+                                  f"set `{self.ALG_KEY}: {self.ALG_NAME}` or load this file with the class for {value!r}")
+        for field in dataclasses.fields(self):
+            meta = field.metadata
+            value = getattr(self, field.name)
+            values = value if isinstance(value, list) else [value]
+            for item in values:
+                if not isinstance(item, (int, float)) or isinstance(item, bool):
+                    continue
+                if meta.get("min") is not None and item < meta["min"]:
+                    raise self._error(field.name, f"{item} is below the minimum {meta['min']}", f"use a value >= {meta['min']}")
+                if meta.get("max") is not None and item > meta["max"]:
+                    raise self._error(field.name, f"{item} is above the maximum {meta['max']}", f"use a value <= {meta['max']}")
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise self._error(field.name, f"{value!r} is not a valid choice", f"use one of {', '.join(map(repr, meta['choices']))}")
+        self.validate_fields()
+        self.validate_layers()
+
+    def validate_fields(self) -> None:
+        """Hook for cross-field rules in subclasses."""
+
+    def layer_fields(self) -> dict[str, list[int]]:
+        """Fields marked ``layer_index`` with their values as lists."""
+        out = {}
+        for field in dataclasses.fields(self):
+            if field.metadata.get("layer_index"):
+                value = getattr(self, field.name)
+                if value is not None:
+                    out[field.name] = list(value) if isinstance(value, (list, tuple)) else [value]
+        return out
+
+    def validate_layers(self, model_config: Any | None = None) -> None:
+        """Check layer indices against ``model_config`` or, if omitted, the local ``model_name`` folder."""
+        layer_fields = self.layer_fields()
+        if not layer_fields:
+            return
+        if model_config is None:
+            model_name = getattr(self, "model_name", None)
+            if not isinstance(model_name, (str, os.PathLike)) or not (Path(model_name) / "config.json").is_file():
+                return  # a hub name or an in-memory model: checked when the model is loaded
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(str(model_name), local_files_only=True)
+        n_layers = num_layers_of(model_config)
+        for name, layers in layer_fields.items():
+            for layer in layers:
+                if not -n_layers <= layer < n_layers:
+                    raise self._error(name, f"layer index {layer} is out of range for a model with {n_layers} layers",
+                                      f"use indices from 0 to {n_layers - 1}")
+
+    # ------------------------------------------------------------------ misc
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclasses.dataclass(kw_only=True)
+class EditingHyperParams(PluginHyperParams):
+    """Fields every editing hparams class shares; EasyEdit's ``BaseEditor`` reads them."""
+
+    alg_name: str = hp_field(help="algorithm name as registered in EasyEdit's ALG_DICT")
+    model_name: str = hp_field(help="local Hugging Face folder or hub name of the model to edit")
+    device: Union[int, str] = hp_field(0, help="CUDA index (EasyEdit style) or 'cpu' / 'cuda:N'")
+    model_parallel: bool = hp_field(False)
+    batch_size: int = hp_field(1, min=1)
+    max_length: int = hp_field(40, min=1, help="token limit EasyEdit's metrics truncate to")
+    fp16: bool = hp_field(False)
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        if isinstance(self.device, str):
+            spec = self.device.strip()
+            if not (spec == "cpu" or spec.isdigit() or spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit())):
+                raise self._error("device", f"{self.device!r} is not a device", "use 'cpu', a CUDA index like 0, or 'cuda:0'")
+
