@@ -92,10 +92,10 @@ def load_easyeditor() -> EasyEditInfo:
         module=module,
         flavour=detect_flavour(module),
         location=os.path.dirname(getattr(module, "__file__", "") or ""),
-        stubbed_modules=stubbed,
+        stubbed_modules=frozenset(stubbed),
     )
     if stubbed:
-        LOG.info("EasyEdit imported with placeholders for missing multimodal-only modules: %s", sorted(stubbed))
+        LOG.debug("EasyEdit imported with placeholders for uninstalled optional modules: %s", sorted(stubbed))
     return _INFO
 
 

@@ -74,10 +74,12 @@ class PlaceholderModule(types.ModuleType):
 
 
 class _PlaceholderLoader(importlib.abc.Loader):
-    def __init__(self, package: str):
+    def __init__(self, package: str, used: set[str]):
         self.package = package
+        self.used = used
 
     def create_module(self, spec):
+        self.used.add(self.package)
         return PlaceholderModule(spec.name, self.package)
 
     def exec_module(self, module) -> None:  # nothing to execute
@@ -102,15 +104,16 @@ def _imported_by_easyeditor() -> bool:
 class _MissingModuleFinder(importlib.abc.MetaPathFinder):
     def __init__(self, roots: frozenset[str]):
         self.roots = roots
+        self.used: set[str] = set()
 
     def find_spec(self, fullname, path, target=None):
         root = fullname.split(".")[0]
         if root not in self.roots or not _imported_by_easyeditor():
             return None
-        return importlib.machinery.ModuleSpec(fullname, _PlaceholderLoader(root), is_package=True)
+        return importlib.machinery.ModuleSpec(fullname, _PlaceholderLoader(root, self.used), is_package=True)
 
 
-def missing_multimodal_modules() -> frozenset[str]:
+def missing_optional_modules() -> frozenset[str]:
     """Names in :data:`OPTIONAL_EASYEDIT_MODULES` that are not importable here."""
     missing = set()
     for name in OPTIONAL_EASYEDIT_MODULES:
@@ -125,21 +128,24 @@ def missing_multimodal_modules() -> frozenset[str]:
 
 
 @contextlib.contextmanager
-def placeholders_for_missing_modules() -> Iterator[frozenset[str]]:
+def placeholders_for_missing_modules() -> Iterator[set[str]]:
     """Serve placeholders for missing multimodal modules while the ``with`` block runs.
+
+    Yields the set of top-level names a placeholder was actually served for
+    (filled while the block runs).
 
     On exit the finder is removed and the placeholder entries are dropped from
     ``sys.modules`` (EasyEdit keeps its own references), so other libraries'
     availability checks (``find_spec``) still see the truth afterwards.
     """
-    roots = missing_multimodal_modules()
+    roots = missing_optional_modules()
     if not roots:
-        yield roots
+        yield set()
         return
     finder = _MissingModuleFinder(roots)
     sys.meta_path.append(finder)
     try:
-        yield roots
+        yield finder.used
     finally:
         sys.meta_path.remove(finder)
         for name in [n for n, m in sys.modules.items() if isinstance(m, PlaceholderModule)]:

@@ -1,0 +1,72 @@
+"""Load EasyEdit's *own* hparams classes from one YAML in either flavour.
+
+The two flavours disagree on fields (EasyEdit main's ``FTHyperParams`` requires
+``objective_optimization``, PyPI's rejects it; ``MENDHyperParams.alg`` exists only
+on PyPI), and their ``from_hparams`` does ``cls(**yaml)``, so one file cannot
+serve both. :func:`load_easyedit_hparams` keeps the keys the class declares,
+fills flavour-only required fields from :data:`FLAVOUR_DEFAULTS`, and reports
+anything else that is missing as a clear error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any
+
+import yaml
+
+from ..errors import HyperParamsError
+
+LOG = logging.getLogger(__name__)
+
+#: Required fields that exist in one flavour only, with the value that keeps behaviour equal.
+FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "FTHyperParams": {"objective_optimization": "target_new"},
+    "MENDHyperParams": {"alg": "MEND"},
+}
+
+
+def _read(source: str | os.PathLike | dict) -> tuple[dict[str, Any], str]:
+    if isinstance(source, dict):
+        return dict(source), "<dict>"
+    path = str(source)
+    if not path.endswith((".yaml", ".yml")):
+        path += ".yaml"
+    if not os.path.isfile(path):
+        raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path", source=path)
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    if not isinstance(data, dict):
+        raise HyperParamsError("<file>", "top level is not a mapping", "write one `key: value` per line", source=path)
+    return data, path
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _as_number(value: Any) -> Any:
+    """YAML reads ``5e-3`` as a string; EasyEdit converts such values to float."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
+    return value
+
+
+def load_easyedit_hparams(cls: type, source: str | os.PathLike | dict, **overrides: Any) -> Any:
+    """Build EasyEdit hparams class ``cls`` from a YAML path or dict, plus ``overrides``."""
+    data, where = _read(source)
+    data.update(overrides)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    dropped = sorted(set(data) - set(fields))
+    if dropped:
+        LOG.info("%s: %s does not take %s in this EasyEdit flavour; ignored", where, cls.__name__, dropped)
+    kwargs = {k: _as_number(v) for k, v in data.items() if k in fields}
+    for name, value in FLAVOUR_DEFAULTS.get(cls.__name__, {}).items():
+        if name in fields:
+            kwargs.setdefault(name, value)
+    missing = [n for n, f in fields.items()
+               if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise HyperParamsError(missing[0], f"required by {cls.__name__} but missing", f"add `{missing[0]}:` to the YAML", source=where)
+    return cls(**kwargs)
