@@ -139,3 +139,50 @@ def register() -> Any:
             _push(spec)
         _REGISTERED = True
         return info
+
+
+#: EasyEdit's own hparams classes that don't follow the ``<alg_name>HyperParams`` naming.
+_EASYEDIT_HPARAMS_NAMES = {"SERAC": "SERACHparams", "FT-Api": "FTApiHyperParams"}
+
+
+def hparams_class_for(alg_name: str, training: bool = False) -> type:
+    """The hparams class for ``alg_name``: a plugin algorithm's, else EasyEdit's own."""
+    spec = _SPECS.get(alg_name)
+    if spec is not None:
+        cls = spec.training_hparams_class if training else spec.hparams_class
+        if cls is None:
+            raise PluginError(f"algorithm '{alg_name}' has no training hparams; it needs no training")
+        return cls
+    register()
+    easyeditor = sys.modules["easyeditor"]
+    name = f"{alg_name.upper()}TrainingHparams" if training else _EASYEDIT_HPARAMS_NAMES.get(alg_name, f"{alg_name}HyperParams")
+    cls = getattr(easyeditor, name, None)
+    if cls is None:
+        known = sorted(set(_SPECS) | set(sys.modules["easyeditor.util.alg_dict"].ALG_DICT))
+        raise PluginError(f"unknown alg_name '{alg_name}'. Fix: use one of: {', '.join(known)}")
+    return cls
+
+
+def load_hparams(path: str, training: bool = False, **overrides: Any) -> Any:
+    """Load any hparams YAML with the class its ``alg_name`` (``alg`` for training files) names."""
+    import yaml
+
+    from .compat.hparams_bridge import load_easyedit_hparams
+    from .errors import HyperParamsError
+    from .hparams import PluginHyperParams
+
+    if not str(path).endswith((".yaml", ".yml")):
+        path = f"{path}.yaml"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path", source=str(path)) from None
+    key = "alg" if training else "alg_name"
+    if not isinstance(data, dict) or key not in data:
+        raise HyperParamsError(key, "missing", f"add `{key}: <algorithm>` to the YAML", source=str(path))
+    cls = hparams_class_for(str(data[key]), training=training)
+    if issubclass(cls, PluginHyperParams):
+        data.update(overrides)
+        return cls.from_dict(data, source=str(path))
+    return load_easyedit_hparams(cls, path, **overrides)

@@ -1,0 +1,80 @@
+"""Every shipped YAML loads with its class; every invalid field raises a named, actionable error."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import instructedit_plugin
+from instructedit_plugin.errors import HyperParamsError, PluginError
+from instructedit_plugin.registry import load_hparams
+
+from .toy_algorithm import ToyEditHyperParams
+
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = sorted((REPO / "hparams").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    instructedit_plugin.register()
+
+
+def test_hparams_folder_is_not_empty():
+    assert len(YAMLS) >= 2
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO / "hparams")))
+def test_every_shipped_yaml_loads_with_its_class(path):
+    training = "TRAINING" in path.parts
+    hparams = load_hparams(str(path), training=training)
+    alg = getattr(hparams, "alg" if training else "alg_name")
+    assert alg == path.parent.name or (training and alg.upper() == path.parent.name.upper())
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "hp.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = "alg_name: ToyEdit\nmodel_name: some/model\nlayer: 1\n"
+
+
+@pytest.mark.parametrize(
+    "text,field,fragment",
+    [
+        (GOOD + "stpes: 3\n", "stpes", "did you mean 'steps'"),
+        (GOOD + "steps: three\n", "steps", "expected an integer"),
+        (GOOD + "steps: 0\n", "steps", "below the minimum 1"),
+        (GOOD + "lr: -1e-3\n", "lr", "below the minimum"),
+        (GOOD + "device: gpu\n", "device", "use 'cpu'"),
+        (GOOD + "fp16: 'yes'\n", "fp16", "expected true or false"),
+        ("alg_name: ToyEdit\nlayer: 1\n", "model_name", "required field is missing"),
+        ("alg_name: FT\nmodel_name: m\nlayer: 1\n", "alg_name", "needs 'ToyEdit'"),
+        ("- a\n- b\n", "<file>", "not a mapping"),
+        ("alg_name: [unclosed\n", "<file>", "not valid YAML"),
+    ],
+)
+def test_invalid_fields_raise_named_errors(tmp_path, text, field, fragment):
+    with pytest.raises(HyperParamsError) as info:
+        ToyEditHyperParams.from_hparams(_write(tmp_path, text))
+    assert info.value.field == field
+    assert fragment in str(info.value)
+    assert "Fix:" in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(HyperParamsError, match="no hparams file"):
+        ToyEditHyperParams.from_hparams(str(tmp_path / "nope"))
+
+
+def test_yaml_suffix_is_optional_and_scientific_strings_become_floats(tmp_path):
+    _write(tmp_path, GOOD + "lr: 5e-3\n")
+    hparams = ToyEditHyperParams.from_hparams(str(tmp_path / "hp"))
+    assert hparams.lr == pytest.approx(5e-3)
+
+
+def test_unknown_alg_name_lists_known_algorithms(tmp_path):
+    with pytest.raises(PluginError, match=r"unknown alg_name 'NoSuchAlg'.*FT"):
+        load_hparams(_write(tmp_path, "alg_name: NoSuchAlg\nmodel_name: m\n"))
