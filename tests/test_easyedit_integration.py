@@ -104,14 +104,23 @@ def test_conflicting_registration_is_refused(toy_registered):
         instructedit_plugin.register_algorithm(other)
 
 
-def test_registered_toy_algorithm_edits_through_base_editor(toy_registered, tiny_gpt2_dir):
+MLP_OUT = {"gpt2": "transformer.h.{}.mlp.c_proj", "llama": "model.layers.{}.mlp.down_proj",
+           "gemma3": "model.layers.{}.mlp.down_proj", "qwen2": "model.layers.{}.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("arch", sorted(MLP_OUT))
+def test_registered_toy_algorithm_edits_any_local_model_through_base_editor(toy_registered, request, arch):
+    """Any local HF folder works (folder names carry no 'gpt'/'llama' for EasyEdit to sniff)."""
     from easyeditor import BaseEditor
 
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     hparams = ToyEditHyperParams.from_dict(
-        {"alg_name": "ToyEdit", "model_name": str(tiny_gpt2_dir), "device": "cpu", "layer": 3, "steps": 40, "lr": 0.02}
+        {"alg_name": "ToyEdit", "model_name": str(model_dir), "device": "cpu", "layer": 3, "steps": 40, "lr": 0.02,
+         "module_tmp": MLP_OUT[arch]}
     )
     editor = BaseEditor.from_hparams(hparams)
-    assert editor.model_name == str(tiny_gpt2_dir)  # path restored for EasyEdit's metrics
+    assert editor.model_name == str(model_dir)  # path restored for EasyEdit's metrics
+    assert editor.tok.padding_side == "left"
     original = {k: v.clone() for k, v in editor.model.state_dict().items()}
     metrics, edited, _ = editor.edit(**FACTS, keep_original_weight=True, verbose=False)
     assert _rewrite_acc(metrics, "pre") < 1.0
