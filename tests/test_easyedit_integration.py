@@ -115,7 +115,7 @@ def test_registered_toy_algorithm_edits_any_local_model_through_base_editor(toy_
 
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     hparams = ToyEditHyperParams.from_dict(
-        {"alg_name": "ToyEdit", "model_name": str(model_dir), "device": "cpu", "layer": 3, "steps": 40, "lr": 0.02,
+        {"alg_name": "ToyEdit", "model_name": str(model_dir), "device": "cpu", "layer": 1, "steps": 80, "lr": 0.02,
          "module_tmp": MLP_OUT[arch]}
     )
     editor = BaseEditor.from_hparams(hparams)
