@@ -29,6 +29,24 @@ __all__ = [
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+#: Public names that live in the method subpackages, imported on first access so that
+#: ``import instructedit_plugin`` stays light for users of the loaders or the CLI.
+_LAZY_EXPORTS = {
+    "InstructEditHyperParams": "instructedit_plugin.instructedit",
+    "InstructEditTrainingHparams": "instructedit_plugin.instructedit",
+    "InstructEdHyperParams": "instructedit_plugin.instructed",
+    "InstructEdTrainingHparams": "instructedit_plugin.instructed",
+}
+
+
+def __getattr__(name: str):
+    module_name = _LAZY_EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'instructedit_plugin' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), name)
+
 
 def _autoregister() -> None:
     if os.environ.get("INSTRUCTEDIT_NO_AUTOREGISTER", "").strip() not in ("", "0"):
