@@ -1,0 +1,278 @@
+"""The editable-model wrapper: a base causal LM plus the InstructEdit hypernetwork.
+
+:class:`InstructEditModel` is what EasyEdit's trainers instantiate from
+``ALG_TRAIN_DICT['INSTRUCTEDIT']`` as ``cls(model, config, model_constructor)``
+and what the plugin's own trainer uses. It offers the interface both EasyEdit
+flavours call: ``forward(**batch)`` returning logits, ``edit(batch, condition)``
+returning ``(edited_model, info)``, ``edit_loss_fn``/``loc_loss_fn``,
+``outer_parameters()``, ``edit_lrs``, ``model``, ``model_constructor`` and a
+``state_dict`` without the base model's weights.
+
+The edit itself (:func:`compute_edited_weights`) runs the base model once with
+``torch.func.functional_call`` on detached leaf copies of the edited weights,
+captures each edited layer's input ``u`` with a forward hook and its output
+gradient ``delta`` with ``torch.autograd.grad``, turns them into a pseudo
+gradient with the hypernetwork and returns ``W - lr * pseudo_grad`` per weight.
+The edited model is again a ``functional_call`` with that dict: no module
+monkeypatching, so any architecture and attention implementation works, and
+gradients of post-edit losses flow into the hypernetwork and the edit lrs.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import HyperParamsError
+from .hypernet import InstructEditHypernet, LayerSpec
+
+LOG = logging.getLogger(__name__)
+
+#: Keys of a batch dict the HF model forward accepts; everything else (labels, masks for losses) is dropped.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch and batch[k] is not None}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# --------------------------------------------------------------------------- losses
+def _aligned(pred: torch.Tensor, targ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align next-token logits with labels.
+
+    ``targ`` as long as ``pred`` (Hugging Face style, -100 on prompt and padding) is
+    shifted here; a shorter ``targ`` is taken as EasyEdit-style right-aligned
+    labels of already-shifted positions.
+    """
+    if pred.dim() != 3:
+        raise ValueError(f"expected logits of shape (batch, length, vocab), got {tuple(pred.shape)}")
+    if targ.size(1) == pred.size(1):
+        return pred[:, :-1], targ[:, 1:]
+    return pred[:, :-1][:, -targ.size(1):], targ
+
+
+def token_nll_metrics(config: Any, pred: torch.Tensor, targ: torch.Tensor, **_: Any) -> dict[str, Any]:
+    """EasyEdit-compatible loss dict: ``nll``, ``acc``, ``log_prob``, ``prob``, ``n_tokens``."""
+    pred, targ = _aligned(pred.float(), targ)
+    mask = targ != -100
+    safe = targ.masked_fill(~mask, 0)
+    log_probs = pred.log_softmax(-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    n_tokens = mask.sum().clamp_min(1)
+    log_prob = (log_probs * mask).sum() / n_tokens
+    correct = (pred.argmax(-1) == safe) & mask
+    return {
+        "nll": -log_prob,
+        "log_prob": log_prob,
+        "prob": (log_probs.exp() * mask).sum() / n_tokens,
+        "acc": correct.sum() / n_tokens,
+        "n_tokens": float(mask.sum().item()),
+    }
+
+
+def kl_locality(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over unmasked positions of KL(pre || post) of the next-token distributions."""
+    pre_lp = pre.float().log_softmax(-1)
+    post_lp = post.float().log_softmax(-1)
+    kl = (pre_lp.exp() * (pre_lp - post_lp)).sum(-1)
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------- layer discovery
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def resolve_layer_specs(model: nn.Module, inner_params: Sequence[str], source: str | None = None) -> list[LayerSpec]:
+    """Check ``inner_params`` against ``model`` and describe each edited weight."""
+    params = dict(model.named_parameters())
+    conv1d = _conv1d_type()
+    specs = []
+    for name in inner_params:
+        if name not in params:
+            close = difflib.get_close_matches(name, params, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "list weights from model.named_parameters()"
+            raise HyperParamsError("inner_params", f"'{name}' is not a parameter of {type(model).__name__}", hint, source)
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf != "weight":
+            raise HyperParamsError("inner_params", f"'{name}' is not a weight", "edit '.weight' parameters only", source)
+        weight = params[name]
+        if conv1d is not None and isinstance(module, conv1d):
+            specs.append(LayerSpec(name, weight.shape[0], weight.shape[1], "conv1d"))
+        elif isinstance(module, nn.Linear):
+            specs.append(LayerSpec(name, weight.shape[1], weight.shape[0], "linear"))
+        else:
+            raise HyperParamsError("inner_params", f"'{name}' belongs to a {type(module).__name__}",
+                                   "edit weights of nn.Linear or GPT-2 Conv1D layers", source)
+    if len(set(inner_params)) != len(inner_params):
+        raise HyperParamsError("inner_params", "lists a weight twice", "remove the duplicate", source)
+    return specs
+
+
+# ---------------------------------------------------------------------------- editing
+@contextlib.contextmanager
+def _capture(model: nn.Module, specs: Sequence[LayerSpec]):
+    store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s.name: [] for s in specs}
+    handles = []
+    for spec in specs:
+        module = model.get_submodule(spec.name.rpartition(".")[0])
+
+        def hook(_mod, args, output, _name=spec.name):
+            store[_name].append((args[0], output))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def compute_edited_weights(
+    model: nn.Module,
+    hypernet: InstructEditHypernet,
+    edit_lrs: torch.Tensor,
+    specs: Sequence[LayerSpec],
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: Callable[..., dict] = token_nll_metrics,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """New values of the edited weights for the edit examples in ``batch``.
+
+    The returned tensors stay differentiable w.r.t. ``hypernet`` and
+    ``edit_lrs`` (and are detached from the base weights).
+    """
+    params = dict(model.named_parameters())
+    leaves = {s.name: params[s.name].detach().requires_grad_(True) for s in specs}
+    with torch.enable_grad(), _capture(model, specs) as store:
+        logits = _logits(functional_call(model, leaves, args=(), kwargs=model_inputs(batch)))
+        loss = loss_fn(None, logits, batch["labels"])["nll"]
+        outputs = []
+        for spec in specs:
+            calls = store[spec.name]
+            if len(calls) != 1:
+                raise RuntimeError(f"edited layer {spec.name} ran {len(calls)} times in one forward pass; expected once")
+            outputs.append(calls[0][1])
+        deltas = torch.autograd.grad(loss, outputs, allow_unused=True)
+    new_weights: dict[str, torch.Tensor] = {}
+    norms = []
+    for i, (spec, delta) in enumerate(zip(specs, deltas)):
+        u = store[spec.name][0][0].detach()
+        u = u.reshape(-1, u.shape[-1])
+        if delta is None:
+            delta = torch.zeros(u.shape[0], spec.out_dim, dtype=u.dtype, device=u.device)
+        d = delta.detach().reshape(-1, delta.shape[-1])
+        keep = (d != 0).any(-1)  # tokens that do not influence the loss carry no edit signal
+        grad = hypernet.pseudo_gradient(spec, u[keep], d[keep])
+        weight = params[spec.name]
+        new = weight.detach().float() - edit_lrs[i].to(weight.device) * grad.to(weight.device)
+        new_weights[spec.name] = new.to(weight.dtype)
+        norms.append(grad.detach().norm().item())
+    info = {"edit/loss_pre": float(loss.detach().item()), "edit/update_norm": float(sum(norms) / max(len(norms), 1))}
+    return new_weights, info
+
+
+class EditedModel(nn.Module):
+    """The base model evaluated with edited weights (``functional_call``); returns logits."""
+
+    def __init__(self, model: nn.Module, new_weights: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self._model = [model]  # not a submodule: its parameters stay the base model's
+        self.new_weights = dict(new_weights)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args and isinstance(args[0], Mapping):
+            kwargs = {**args[0], **kwargs}
+            args = ()
+        return _logits(functional_call(self.model, self.new_weights, args=args, kwargs=model_inputs(kwargs)))
+
+
+class InstructEditModel(nn.Module):
+    """Base model + hypernetwork + per-layer edit lrs (EasyEdit's ``ALG_TRAIN_DICT['INSTRUCTEDIT']``)."""
+
+    def __init__(self, model: nn.Module, config: Any, model_constructor: Callable[[], nn.Module] | None = None,
+                 hypernet: InstructEditHypernet | None = None, edit_lrs: torch.Tensor | None = None):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.model_constructor = model_constructor
+        self.specs = resolve_layer_specs(model, list(config.inner_params), getattr(config, "_source", None))
+        if hypernet is None:
+            hypernet = InstructEditHypernet(
+                self.specs,
+                rank=int(getattr(config, "rank", 1920)),
+                n_blocks=int(getattr(config, "n_blocks", 1)),
+                act=str(getattr(config, "act", "relu")),
+                norm=bool(getattr(config, "norm", True)),
+                shared=bool(getattr(config, "shared", True)),
+            )
+        self.hypernet = hypernet
+        if edit_lrs is None:
+            edit_lrs = torch.full((len(self.specs),), float(getattr(config, "edit_lr", 1e-4)))
+        self.edit_lrs = nn.Parameter(edit_lrs.detach().clone().float())
+        if not getattr(config, "train_base", False):
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        device = next(self.model.parameters()).device
+        self.hypernet.to(device)
+        self.edit_lrs.data = self.edit_lrs.data.to(device)
+        self.edit_loss_fn = token_nll_metrics
+        self.loc_loss_fn = token_nll_metrics
+
+    # ----------------------------------------------------------- EasyEdit API
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _logits(self.model(*args, **model_inputs(kwargs)))
+
+    def outer_parameters(self) -> list[nn.Parameter]:
+        """Hypernetwork parameters and the edit lrs (EasyEdit's EditTrainer also gives ``edit_lrs`` to its lr optimiser)."""
+        params = list(self.hypernet.parameters()) + [self.edit_lrs]
+        if getattr(self.config, "train_base", False):
+            params += [p for p in self.model.parameters() if p.requires_grad]
+        return params
+
+    def edit(self, batch: Mapping[str, torch.Tensor], condition: Any = None, detach_history: bool = False,
+             **kwargs: Any) -> tuple[EditedModel, dict[str, float]]:
+        new_weights, info = compute_edited_weights(self.model, self.hypernet, self.edit_lrs, self.specs, batch,
+                                                   self.edit_loss_fn)
+        if detach_history:
+            new_weights = {k: v.detach() for k, v in new_weights.items()}
+        return EditedModel(self.model, new_weights), info
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):  # noqa: D401
+        """Editor tensors only (``hypernet.*``, ``edit_lrs``): the base model is not saved."""
+        full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        drop = [k for k in full if k.startswith(prefix + "model.")]
+        for key in drop:
+            del full[key]
+        return full
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        state = {k: v for k, v in state_dict.items() if not k.startswith("model.") and k != "model_config"}
+        result = super().load_state_dict(state, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith("model.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"editor checkpoint does not match: missing {missing}, unexpected {result.unexpected_keys}")
+        return result
+
+    def editor_config(self) -> dict[str, Any]:
+        return {"layers": [s.to_json() for s in self.specs], "hypernet": dict(self.hypernet.config)}
