@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import instructedit_plugin
-from instructedit_plugin.compat import load_easyedit_hparams, load_easyeditor
+from instructedit_plugin.compat import load_easyedit_hparams
 from instructedit_plugin.errors import HyperParamsError, MissingDependencyError, PluginError
 
 from .toy_algorithm import TOY_SPEC, ToyEditHyperParams

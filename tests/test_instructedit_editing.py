@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
