@@ -6,18 +6,22 @@
   ``model_name`` is the path again, as EasyEdit's metrics expect a string.
 * PyPI flavour only: the editing and training entry points run inside
   :func:`~instructedit_plugin.compat.devices.cuda_strings_to_cpu`.
+* ``edit``/``batch_edit`` arguments are validated first (clear ``RequestError``
+  instead of EasyEdit's bare asserts), in both flavours.
 * ``BatchEditor.is_batchable_method`` (a closed enum in both flavours) also
   accepts the plugin's batchable algorithms.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ..models.loading import is_local_model_dir, load_causal_lm
+from ..requests import validate_edit_arguments
 from .devices import cuda_strings_to_cpu, needs_cpu_redirect
 
 LOG = logging.getLogger(__name__)
@@ -49,6 +53,32 @@ def _redirecting(flavour: str, device_from: Callable[..., Any]) -> Callable[[Cal
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             with cuda_strings_to_cpu(needs_cpu_redirect(flavour, device_from(self, *args, **kwargs))):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+#: Entry points whose user arguments are validated before EasyEdit sees them.
+VALIDATED_ENTRY_POINTS = ("edit", "batch_edit")
+_VALIDATED_ARGS = ("prompts", "target_new", "ground_truth", "rephrase_prompts", "locality_inputs", "portability_inputs")
+
+
+def _validating(flavour: str) -> Callable[[Callable], Callable]:
+    """Validate ``edit``/``batch_edit`` arguments (both flavours), then run with the PyPI redirect."""
+
+    def make(method: Callable) -> Callable:
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            bound = signature.bind_partial(self, *args, **kwargs)
+            named = {k: v for k, v in bound.arguments.items() if k in _VALIDATED_ARGS}
+            extra = bound.arguments.get("kwargs", {})
+            if "requests" not in extra:
+                validate_edit_arguments(subject=extra.get("subject"), **named)
+            with cuda_strings_to_cpu(needs_cpu_redirect(flavour, _device_of(self))):
                 return method(self, *args, **kwargs)
 
         return wrapper
@@ -95,6 +125,8 @@ def install_editor_patches(flavour: str, batchable_names: Callable[[], set[str]]
     editor_mod = sys.modules["easyeditor.editors.editor"]
     base_editor = editor_mod.BaseEditor
     _wrap(base_editor, "__init__", _editor_init(flavour))
+    for name in VALIDATED_ENTRY_POINTS:
+        _wrap(base_editor, name, _validating(flavour))
     if flavour == "pypi":
         for name in EDITOR_ENTRY_POINTS:
             _wrap(base_editor, name, _redirecting(flavour, lambda self, *a, **k: _device_of(self)))
