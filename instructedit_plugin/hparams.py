@@ -218,6 +218,14 @@ class PluginHyperParams:
     def validate_fields(self) -> None:
         """Hook for cross-field rules in subclasses."""
 
+    def check_ready(self) -> None:
+        """Hook: checks that need files on disk (e.g. a trained ``archive``).
+
+        Kept out of :meth:`validate` so that shipped YAMLs load before their
+        archives are trained; ``BaseEditor`` calls it before loading the model,
+        so editing with a missing archive still fails at once, by field name.
+        """
+
     def layer_fields(self) -> dict[str, list[int]]:
         """Fields marked ``layer_index`` with their values as lists."""
         out = {}

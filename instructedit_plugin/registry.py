@@ -53,7 +53,7 @@ _PUSHED: set[str] = set()
 _REGISTERED = False
 
 #: Modules that define the plugin's own algorithms; each calls :func:`register_algorithm` on import.
-BUILTIN_ALGORITHM_MODULES: tuple[str, ...] = ("instructedit_plugin.instructedit",)
+BUILTIN_ALGORITHM_MODULES: tuple[str, ...] = ("instructedit_plugin.instructedit", "instructedit_plugin.instructed")
 
 
 def registered_algorithms() -> Mapping[str, AlgorithmSpec]:

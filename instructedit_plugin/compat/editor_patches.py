@@ -90,6 +90,9 @@ def _editor_init(flavour: str) -> Callable[[Callable], Callable]:
     def make(original_init: Callable) -> Callable:
         @functools.wraps(original_init)
         def __init__(self, hparams, *args, **kwargs):
+            check_ready = getattr(hparams, "check_ready", None)
+            if callable(check_ready):
+                check_ready()  # e.g. a missing trained archive fails before the model loads
             name = getattr(hparams, "model_name", None)
             redirect = needs_cpu_redirect(flavour, getattr(hparams, "device", None))
             with cuda_strings_to_cpu(redirect):

