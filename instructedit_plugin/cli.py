@@ -73,12 +73,206 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------ helpers
+def _data_path(path: str, data_dir: str | None) -> str:
+    """A dataset path as given, or relative to ``--data_dir`` / ``INSTRUCTEDIT_DATA_DIR``."""
+    from pathlib import Path
+
+    from .data.paths import resolve_data_dir
+    from .errors import PluginError
+
+    if Path(path).exists():
+        return path
+    try:
+        candidate = resolve_data_dir(data_dir) / path
+    except PluginError:
+        candidate = None
+    if candidate is not None and candidate.exists():
+        return str(candidate)
+    raise PluginError(f"dataset file '{path}' not found (also looked under --data_dir / INSTRUCTEDIT_DATA_DIR). "
+                      "Fix: give an existing path.")
+
+
+def _parse_task_files(specs: Sequence[str], data_dir: str | None) -> dict[str, str]:
+    from .errors import PluginError
+
+    tasks = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise PluginError(f"--task '{spec}' must look like NAME=FILE, e.g. counterfact=counterfact/counterfact-train.json")
+        name, path = spec.split("=", 1)
+        tasks[name.strip()] = _data_path(path.strip(), data_dir)
+    return tasks
+
+
+#: InstructEdit's default multi-task training files (relative to the data folder), as in the paper.
+INSTRUCTEDIT_DEFAULT_TASKS = {
+    "counterfact": "counterfact/counterfact-train.json",
+    "recent": "recent/recent_train.json",
+    "convsent": "convsent/blender_val.json",
+}
+
+
+def _train_instructedit(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .data import load_requests
+    from .instructedit.dataset import make_datasets
+    from .instructedit.trainer import InstructEditTrainer
+    from .models.loading import load_causal_lm
+
+    specs = args.task or [f"{k}={v}" for k, v in INSTRUCTEDIT_DEFAULT_TASKS.items()]
+    tasks = {name: load_requests(path, limit=args.limit) for name, path in _parse_task_files(specs, args.data_dir).items()}
+    _, tok = load_causal_lm(config.model_name)
+    train_set, val_set = make_datasets(tasks, tok, config)
+    return InstructEditTrainer(config, train_set, val_set).run()
+
+
+def _train_instructed(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from .data import load_requests
+    from .errors import PluginError
+    from .instructed.trainer import InstructEdTrainer
+
+    if not args.train:
+        raise PluginError("InstructEd training needs --train FILE (e.g. counterfact/counterfact-train.json)")
+    train = [r for path in args.train for r in load_requests(_data_path(path, args.data_dir), limit=args.limit)]
+    val = load_requests(_data_path(args.val, args.data_dir), limit=args.limit) if args.val else None
+    return InstructEdTrainer(config, train, val).run()
+
+
+#: Training entry point per algorithm (the value of ``alg:`` in a training YAML).
+TRAINERS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
+    "InstructEdit": _train_instructedit,
+    "InstructEd": _train_instructed,
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .errors import PluginError
+    from .registry import load_hparams
+
+    overrides = {k: v for k, v in (("model_name", args.model_name), ("results_dir", args.results_dir)) if v}
+    config = load_hparams(args.hparams, training=True, **overrides)
+    if args.max_steps is not None:
+        for name in ("max_steps", "max_iters"):
+            if hasattr(config, name):
+                setattr(config, name, args.max_steps)
+    trainer = TRAINERS.get(config.alg)
+    if trainer is None:
+        raise PluginError(f"no plugin trainer for alg '{config.alg}'. Fix: use one of {', '.join(TRAINERS)}")
+    result = trainer(config, args)
+    sys.stdout.write(yaml.safe_dump({k: str(v) if not isinstance(v, (int, float, str)) else v
+                                     for k, v in result.items() if not isinstance(v, (list, dict))}, sort_keys=False))
+    return EXIT_OK
+
+
+def _load_editor(args: argparse.Namespace) -> Any:
+    from .registry import load_hparams, register
+
+    register()
+    from easyeditor import BaseEditor
+
+    overrides = {k: v for k, v in (("model_name", args.model_name), ("archive", getattr(args, "archive", None)),
+                                    ("device", args.device)) if v}
+    return BaseEditor.from_hparams(load_hparams(args.hparams, **overrides))
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Edit one fact from the command line and show the metrics before and after."""
+    from .compat import run_edit_requests
+    from .evaluation import summarize_metrics
+
+    request: dict[str, Any] = {"prompt": args.prompt, "target_new": args.target_new,
+                               "ground_truth": args.ground_truth or "<|endoftext|>"}
+    if args.rephrase:
+        request["rephrase_prompt"] = args.rephrase
+    if args.instruction:
+        request["instruction"] = args.instruction
+    if args.task:
+        request["task"] = args.task
+    editor = _load_editor(args)
+    metrics, _, _ = run_edit_requests(editor, [request])
+    pre, post = summarize_metrics(metrics, "pre"), summarize_metrics(metrics, "post")
+    sys.stdout.write(f"{args.prompt!r} -> {args.target_new!r}\n")
+    for name in ("Rel", "Gen"):
+        if post.get(name) is not None:
+            sys.stdout.write(f"  {name}: {pre.get(name) or 0.0:.1f} -> {post[name]:.1f}\n")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Edit every record of a dataset file with EasyEdit's BaseEditor; write JSON + table + chart."""
+    from pathlib import Path
+
+    from .compat import run_edit_requests
+    from .data import load_requests
+    from .evaluation import summarize_metrics
+    from .evaluation.report import markdown_table, write_report
+
+    requests = load_requests(_data_path(args.data, args.data_dir), limit=args.limit)
+    editor = _load_editor(args)
+    metrics, _, _ = run_edit_requests(editor, requests, sequential=args.sequential)
+    rows = {"pre-edit": summarize_metrics(metrics, "pre"), editor.alg_name: summarize_metrics(metrics, "post")}
+    rows["pre-edit"]["Loc"] = None  # EasyEdit computes locality only after the edit
+    payload = {"alg_name": editor.alg_name, "hparams": args.hparams, "data": args.data, "n_edits": len(requests),
+               "sequential": args.sequential, "summary": rows, "per_edit": metrics}
+    written = write_report(Path(args.metrics_save_dir), args.name, payload, rows,
+                           title=f"{editor.alg_name} on {Path(args.data).name}")
+    sys.stdout.write(markdown_table(rows))
+    sys.stdout.write("written: " + ", ".join(str(p) for p in written.values()) + "\n")
+    return EXIT_OK
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hparams", required=True, help="editing hparams YAML (e.g. hparams/InstructEd/gemma-3-270m.yaml)")
+    p.add_argument("--model_name", help="override model_name: a local Hugging Face folder")
+    p.add_argument("--archive", help="override archive: the trained editor / prefix checkpoint folder")
+    p.add_argument("--device", help="override device: 'cpu', a CUDA index or 'cuda:N'")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hparams", required=True, help="training YAML (hparams/TRAINING/<alg>/<model>.yaml)")
+    p.add_argument("--data_dir", help="folder holding the datasets (default: INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--train", action="append", help="InstructEd: training file (repeatable)")
+    p.add_argument("--val", help="InstructEd: validation file (default: a split of --train)")
+    p.add_argument("--task", action="append",
+                   help="InstructEdit: NAME=FILE per training task (repeatable; default: counterfact, recent, convsent)")
+    p.add_argument("--limit", type=int, help="read only the first N records of each file")
+    p.add_argument("--model_name", help="override model_name")
+    p.add_argument("--results_dir", help="override results_dir (checkpoints go below it)")
+    p.add_argument("--max_steps", type=int, help="override the number of training steps")
+
+
+def _add_edit_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the question/prompt whose answer changes")
+    p.add_argument("--target_new", required=True, help="the new answer")
+    p.add_argument("--ground_truth", help="the old answer (optional)")
+    p.add_argument("--rephrase", help="a paraphrase of the prompt, to measure generalisation")
+    p.add_argument("--instruction", help="InstructEd: the fact as an instruction (default: built from prompt + target)")
+    p.add_argument("--task", help="InstructEdit: the task family whose instruction prefixes the edit")
+
+
+def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="dataset file (any format instructedit_plugin.data reads)")
+    p.add_argument("--data_dir", help="folder the --data path is relative to (default: INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--limit", type=int, default=100, help="number of records to edit (default 100)")
+    p.add_argument("--sequential", action="store_true", help="accumulate edits instead of evaluating each alone")
+    p.add_argument("--metrics_save_dir", default="./results/metrics", help="where JSON/markdown/PNG go")
+    p.add_argument("--name", default="evaluation", help="file name stem of the results")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "info": (
         "show the detected EasyEdit flavour, registered methods, device and where models/data are found",
         cmd_info,
         lambda p: p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table"),
     ),
+    "train": ("train an InstructEdit editor or InstructEd prefixes from a training YAML", cmd_train, _add_train_args),
+    "edit": ("edit one fact through EasyEdit's BaseEditor and show Rel/Gen before and after", cmd_edit, _add_edit_args),
+    "evaluate": ("edit every record of a dataset through BaseEditor; write JSON, a markdown table and a PNG",
+                 cmd_evaluate, _add_evaluate_args),
 }
 
 

@@ -1,0 +1,74 @@
+"""Results as JSON, a readable markdown table, and a PNG bar chart."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..durable import atomic_write_bytes, atomic_write_json
+
+TABLE_COLUMNS: tuple[str, ...] = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = TABLE_COLUMNS,
+                   first: str = "method") -> str:
+    """One row per key of ``rows`` (e.g. method name), one column per metric."""
+    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str = "",
+              columns: Sequence[str] = TABLE_COLUMNS) -> Path:
+    """Grouped bars: metrics on the x axis, one bar per row (method); written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2, 4))
+    for i, name in enumerate(names):
+        values = [float(rows[name].get(c) or 0.0) for c in columns]
+        ax.bar([x + i * width for x in range(len(columns))], values, width, label=name)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(columns))])
+    ax.set_xticklabels(columns)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_report(folder: str | os.PathLike, name: str, payload: Mapping[str, Any],
+                 rows: Mapping[str, Mapping[str, Any]] | None = None, title: str = "") -> dict[str, Path]:
+    """``<name>.json`` (payload), ``<name>.md`` and ``<name>.png`` (when ``rows`` is given)."""
+    folder = Path(folder)
+    written = {"json": folder / f"{name}.json"}
+    atomic_write_json(written["json"], payload)
+    if rows:
+        text = (f"# {title}\n\n" if title else "") + markdown_table(rows)
+        written["md"] = folder / f"{name}.md"
+        atomic_write_bytes(written["md"], text.encode("utf-8"))
+        written["png"] = bar_chart(rows, folder / f"{name}.png", title=title)
+    return written
