@@ -33,3 +33,32 @@ def run_edit_requests(editor: Any, requests: Sequence[Mapping[str, Any]], sequen
     if load_easyeditor().flavour == "pypi":
         return editor.edit_requests(requests, keep_original_weight=not sequential, verbose=verbose, **kwargs)
     return editor.edit_requests(requests, sequential_edit=sequential, verbose=verbose, **kwargs)
+
+
+def make_editor(hparams: Any, model: Any = None, tok: Any = None) -> Any:
+    """``BaseEditor.from_hparams(hparams)``, optionally on an already loaded ``(model, tok)``.
+
+    Several methods evaluated on one model (benchmarks, the demo) should not load
+    it once per method. EasyEdit accepts a ``(model, tok)`` pair as ``model_name``
+    but its metrics then need the name back as a string, which this restores.
+    """
+    from .easyeditor_loader import load_easyeditor
+
+    load_easyeditor()
+    from ..registry import register
+
+    register()
+    import easyeditor
+
+    if model is None:
+        return easyeditor.BaseEditor.from_hparams(hparams)
+    if tok is None:
+        raise ValueError("pass the tokenizer together with the model")
+    name = hparams.model_name
+    hparams.model_name = (model, tok)
+    try:
+        editor = easyeditor.BaseEditor.from_hparams(hparams)
+    finally:
+        hparams.model_name = name
+    editor.model_name = name
+    return editor
