@@ -111,6 +111,8 @@ def instructed_prompt(request: Mapping[str, Any], hparams: Any, library: Instruc
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError(f"request 'prompt' must be a string, got {type(prompt).__name__}")
+    if not getattr(hparams, "use_instructions", True):
+        return prompt
     library = library or _library(hparams)
     task = request.get("task") or getattr(hparams, "default_task", None) or "counterfact"
     instruction = request.get("instruction")

@@ -119,6 +119,7 @@ class InstructEditDataset(Dataset):
         epoch_size: int | None = None,
         device: Any = "cpu",
         config: Any = None,
+        use_instructions: bool = True,
     ):
         if mode not in ("train", "val"):
             raise PluginError(f"mode must be 'train' or 'val', got {mode!r}")
@@ -150,6 +151,8 @@ class InstructEditDataset(Dataset):
         self.instruct_locality = instruct_locality
         self.raw_edit_loss = raw_edit_loss
         self.description_mode = description
+        #: False: inputs are the plain prompts (the multi-task MEND baseline without instructions)
+        self.use_instructions = bool(use_instructions)
         self.seed = seed
         self.device = device
         self.config = config
@@ -200,7 +203,7 @@ class InstructEditDataset(Dataset):
         description = family.description(desc_index, record)
 
         def instruct(text: str) -> str:
-            return family.render(text, description)
+            return family.render(text, description) if self.use_instructions else text
 
         target = record["target_new"]
         item: dict[str, Any] = {
@@ -322,6 +325,7 @@ def make_datasets(
         library=library, max_length=config.max_length, instruct_rephrase=config.instruct_rephrase,
         instruct_locality=config.instruct_locality, raw_edit_loss=config.raw_edit_loss, seed=config.seed,
         device=_torch_device(config.device), config=config,
+        use_instructions=bool(getattr(config, "use_instructions", True)),
     )
     # EasyEdit's trainers size epochs by len(train_set) (PyPI rounds max_iters / len to whole epochs, so a
     # short run on a big set would train zero epochs); training items are drawn afresh on every access, so

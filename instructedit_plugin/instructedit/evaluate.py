@@ -1,0 +1,674 @@
+"""Evaluation of InstructEdit against editors trained the same way without instructions.
+
+The InstructEdit paper (Tian et al. 2024) reports, per task, Reliability /
+Generalisation / Locality / Portability of
+
+* ``instructedit``: the editor meta-trained on several tasks with instructions,
+  editing with an instruction-prefixed input; evaluated with a *seen*
+  instruction (a training description, deterministic per record) and with the
+  family's held-back description (*unseen* instruction);
+* ``mend_multitask``: the same editor network and trainer on the same tasks,
+  with instructions switched off (``use_instructions: false``): plain MEND
+  trained multi-task;
+* ``mend_single_task``: the same, trained on one task only;
+
+on the training tasks (CounterFact, Recent, ConvSent) and on a hold-out task
+(ZsRE) that no editor saw during training.
+
+Metrics (``metric_backend``):
+
+* ``"plugin"`` (default, fast): the plugin's own equivalent of EasyEdit's
+  ``compute_edit_quality`` with ``eval_metric='token_em'``: teacher-forced token
+  accuracy of the target after ``prompt + " " + target`` (Rel: the edit prompt,
+  Gen: the rephrased prompt, Por: each portability question with its answer),
+  and for Loc the share of answer tokens whose argmax prediction is unchanged by
+  the edit (EasyEdit compares the pre- and post-edit predicted tokens the same
+  way). Logits are computed only at answer positions (:func:`answer_logits`),
+  left-padded rows, the edit applied with ``functional_call`` (the model's own
+  weights are never written).
+* ``"easyedit"``: EasyEdit's ``compute_edit_quality`` itself on the model with
+  the edited weights written in (and restored afterwards); slower.
+
+The *metric* inputs are never instruction-prefixed: only the edit input is (the
+instruction tells the editor which task it edits; EasyEdit's metrics score the
+plain prompts). ConvSent gets extra sentiment metrics
+(:mod:`instructedit_plugin.evaluation.convsent`). Records without a rephrase
+get Gen from :func:`prepare_test_requests` where the data allows (CounterFact's
+LLM paraphrases, a fixed ConvSent paraphrase); records without locality data
+borrow the next record's prompt for Loc (documented in the results).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..evaluation.convsent import sentiment_pairs, sentiment_scores, summarize_sentiment
+from ..evaluation.summary import METRIC_NAMES, summarize_metrics
+from ..instructions import InstructionLibrary, default_library
+from .apply import LoadedEditor, load_editor_for
+from .dataset import encode_pairs, make_datasets, split_tasks
+from .editable import (
+    answer_logits,
+    compute_edited_weights,
+    kept_nll_metrics,
+    kl_locality,
+)
+from .trainer import InstructEditTrainer
+
+LOG = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("instructedit", "mend_multitask", "mend_single_task")
+TRAIN_TASKS: tuple[str, ...] = ("counterfact", "recent", "convsent")
+HOLDOUT_TASK = "zsre_holdout"
+#: evaluation task name -> instruction family (the hold-out task uses the zsre family)
+TASK_FAMILY = {HOLDOUT_TASK: "zsre"}
+INSTRUCTION_MODES = ("seen", "unseen", "none")
+
+__all__ = [
+    "HOLDOUT_TASK",
+    "METHODS",
+    "TRAIN_TASKS",
+    "AnswerLogitsTrainer",
+    "EditEvaluator",
+    "MethodSpec",
+    "edit_prompt",
+    "evaluate_instructedit",
+    "left_pad",
+    "prepare_test_requests",
+    "results_markdown",
+    "save_results",
+    "train_editor",
+]
+
+
+def family_for(task: str) -> str:
+    return TASK_FAMILY.get(task, task)
+
+
+# ------------------------------------------------------------------------ batches
+def left_pad(enc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded :func:`encode_pairs` rows turned left-padded, with explicit ``position_ids``.
+
+    Answers then end at the last position of every row, so the union of answer
+    positions is as short as the longest answer (cheap ``logits_to_keep``).
+    """
+    mask = enc["attention_mask"]
+    width = mask.shape[1]
+    lengths = mask.sum(1)
+    out = {k: v.clone() for k, v in enc.items()}
+    for r in range(mask.shape[0]):
+        shift = int(width - lengths[r])
+        if shift:
+            for key in ("input_ids", "attention_mask", "labels"):
+                out[key][r] = torch.roll(enc[key][r], shift)
+    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return out
+
+
+# ----------------------------------------------------------------------- training
+class AnswerLogitsTrainer(InstructEditTrainer):
+    """:class:`InstructEditTrainer` with the same losses computed from answer-position logits.
+
+    ``l_edit`` is the NLL of the targets on ``edit_outer``, ``l_loc`` the KL
+    between pre- and post-edit next-token distributions at the locality
+    *answer* positions (the trainer's default uses every locality position). The
+    output layer runs only at those positions, which makes meta-training large-
+    vocabulary models (Gemma's 262k tokens) on CPU several times cheaper.
+    """
+
+    def edit_step(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        editor = self.editor
+        editor.hypernet.train(training)
+        loc = left_pad(batch["loc"])
+        outer = left_pad(batch["edit_outer"])
+        with torch.no_grad():
+            pre_loc, loc_targ = answer_logits(editor.model, None, loc)
+        new_weights, info = compute_edited_weights(editor.model, editor.hypernet, editor.edit_lrs, editor.specs,
+                                                   batch["edit_inner"], sparse_logits=True)
+        with torch.set_grad_enabled(training):
+            post_outer, outer_targ = answer_logits(editor.model, new_weights, outer)
+            edit_metrics = kept_nll_metrics(post_outer, outer_targ)
+            post_loc, _ = answer_logits(editor.model, new_weights, loc)
+            loc_mask = loc_targ != -100
+            l_loc = kl_locality(pre_loc, post_loc, loc_mask)
+            loss = cfg.cedit * edit_metrics["nll"] + cfg.cloc * l_loc
+        with torch.no_grad():
+            n_edit = batch["edit_inner"]["input_ids"].shape[0]
+            inner = kept_nll_metrics(post_outer[:n_edit], outer_targ[:n_edit])
+            agree = (pre_loc.argmax(-1) == post_loc.argmax(-1))[loc_mask]
+            stats = {
+                "loss/edit": edit_metrics["nll"].item(),
+                "loss/loc": l_loc.item(),
+                "loss/total_edit": loss.item(),
+                "edit/acc": inner["acc"].item(),
+                "outer/acc": edit_metrics["acc"].item(),
+                "loc/acc": agree.float().mean().item() if agree.numel() else 1.0,
+                **info,
+            }
+        return loss, stats
+
+
+def train_editor(
+    config: Any,
+    tasks: Mapping[str, Sequence[Mapping[str, Any]]],
+    tokenizer: Any,
+    model: nn.Module | None = None,
+    *,
+    use_instructions: bool = True,
+    val_size: int | None = None,
+    calibrate_steps: int = 0,
+    budget_s: float | None = None,
+    trainer_cls: type = AnswerLogitsTrainer,
+) -> dict[str, Any]:
+    """Meta-train one editor on ``tasks`` (``{task: requests}``) and return the trainer's result.
+
+    ``config`` is an :class:`InstructEditTrainingHparams` (copied; ``use_instructions``
+    set from the argument). ``val_size`` records per task go to validation
+    (default: the config's ``val_fraction``). With ``calibrate_steps`` the first
+    steps are timed (they count as training) and, when ``budget_s`` is given,
+    ``max_iters`` is lowered so the run fits the budget. The result adds
+    ``seconds_per_step`` and ``wall_s``.
+    """
+    cfg = copy.copy(config)
+    cfg.use_instructions = bool(use_instructions)
+    if val_size is not None:
+        train_tasks, val_tasks = split_tasks(tasks, seed=cfg.seed, val_size=val_size)
+    else:
+        train_tasks, val_tasks = split_tasks(tasks, cfg.val_fraction, cfg.seed)
+    train_set, val_set = make_datasets(train_tasks, tokenizer, cfg, val_tasks=val_tasks)
+    start = time.time()
+    trainer = trainer_cls(cfg, train_set, val_set, model=model)
+    per_step = None
+    if calibrate_steps:
+        t0 = time.time()
+        for _ in range(calibrate_steps):
+            trainer.train_step()
+            trainer.step += 1
+        per_step = (time.time() - t0) / calibrate_steps
+        if budget_s is not None:
+            steps = max(calibrate_steps, int(budget_s / per_step))
+            cfg.max_iters = min(int(cfg.max_iters or steps), steps)
+            cfg.val_interval = min(cfg.val_interval, cfg.max_iters)
+    result = trainer.run()
+    result["seconds_per_step"] = per_step if per_step is not None else result["train_time_s"] / max(result["steps"], 1)
+    result["wall_s"] = time.time() - start
+    result["use_instructions"] = cfg.use_instructions
+    result["tasks"] = sorted(train_tasks)
+    return result
+
+
+# ------------------------------------------------------------------------ requests
+_NUMBERED = re.compile(r"^\s*\d+[.)]\s*")
+
+
+def prepare_test_requests(task: str, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``requests`` with what the metrics need filled in where the data allows.
+
+    * no ``rephrase_prompt`` but KnowEdit CounterFact's ``generate_prompts``
+      (LLM paraphrases, "1. ..."): the first paraphrase, numbering removed;
+    * ConvSent (``topic``): ``rephrase_prompt`` = "How do you feel about <topic>?";
+    * ``task`` is set (the instruction family of ``task``).
+    """
+    out = []
+    for request in requests:
+        r = dict(request)
+        r["task"] = family_for(task)
+        if not r.get("rephrase_prompt"):
+            gen = r.get("generate_prompts") or r.get("generate_prompt")
+            if isinstance(gen, list) and gen:
+                r["rephrase_prompt"] = _NUMBERED.sub("", str(gen[0])).strip()
+            elif r.get("topic"):
+                r["rephrase_prompt"] = f"How do you feel about {r['topic']}?"
+        out.append(r)
+    return out
+
+
+def edit_prompt(request: Mapping[str, Any], task: str, mode: str, index: int = 0,
+                library: InstructionLibrary | None = None, seed: int = 0) -> str:
+    """The edit input for ``request``.
+
+    ``mode``: ``"none"`` the plain prompt; ``"seen"`` the prompt prefixed with a
+    training description of the task's family (drawn deterministically from
+    ``seed``/``task``/``index``); ``"unseen"`` prefixed with the family's held-back
+    description only.
+    """
+    if mode not in INSTRUCTION_MODES:
+        raise ValueError(f"instruction mode must be one of {INSTRUCTION_MODES}, got {mode!r}")
+    prompt = request["prompt"]
+    if mode == "none":
+        return prompt
+    family = (library or default_library()).get(family_for(task))
+    if mode == "unseen":
+        if family.held_out_index is None:
+            raise ValueError(f"instruction family '{family.task}' has no held-out description")
+        desc = family.held_out_index
+    else:
+        desc = family.sample_index(random.Random(f"{seed}:{task}:{index}"))
+    return family.render(prompt, family.description(desc, request))
+
+
+def _pairs(block: Mapping[str, Any] | None, limit: int) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key, entry in (block or {}).items():
+        if not isinstance(entry, Mapping):
+            continue
+        prompts, answers = entry.get("prompt"), entry.get("ground_truth")
+        if isinstance(prompts, str):
+            prompts, answers = [prompts], [answers]
+        pairs = []
+        for p, a in zip(prompts or [], answers or []):
+            if isinstance(a, list):
+                a = a[0] if a else None
+            if isinstance(p, str) and isinstance(a, str) and p and a:
+                pairs.append((p, a))
+        if pairs:
+            out[str(key)] = pairs[:limit]
+    return out
+
+
+# ---------------------------------------------------------------------- evaluator
+@dataclasses.dataclass
+class MethodSpec:
+    """One evaluated editor: its checkpoint(s) and whether it edits with an instruction.
+
+    ``archive`` is one checkpoint, or ``{task: checkpoint}`` (key ``"*"``: any
+    other task), e.g. one single-task editor per task.
+    """
+
+    name: str
+    archive: Any
+    instructions: bool
+
+    def archive_for(self, task: str) -> Any:
+        if isinstance(self.archive, Mapping):
+            return self.archive.get(task, self.archive.get("*"))
+        return self.archive
+
+
+@dataclasses.dataclass
+class _Rows:
+    pairs: list[tuple[str, str]]
+    slices: dict[str, slice]
+
+
+class EditEvaluator:
+    """Pre/post metrics of single edits on one model, without writing the model's weights."""
+
+    def __init__(self, model: nn.Module, tok: Any, *, max_length: int = 96, max_pairs: int = 4,
+                 library: InstructionLibrary | None = None, seed: int = 0, metric_backend: str = "plugin",
+                 easyedit_hparams: Any = None, sentiment_responses: int = 2, response_words: int = 8):
+        if metric_backend not in ("plugin", "easyedit"):
+            raise ValueError(f"metric_backend must be 'plugin' or 'easyedit', got {metric_backend!r}")
+        self.model = model
+        self.tok = tok
+        if getattr(tok, "pad_token_id", None) is None:
+            tok.pad_token = tok.eos_token
+        self.max_length = max_length
+        self.max_pairs = max_pairs
+        self.library = library or default_library()
+        self.seed = seed
+        self.backend = metric_backend
+        self.easyedit_hparams = easyedit_hparams
+        self.sentiment_responses = sentiment_responses
+        self.response_words = response_words
+        self.device = next(model.parameters()).device
+        self._pre: dict[tuple[str, int], dict[str, Any]] = {}
+        self._editors: dict[str, LoadedEditor] = {}
+
+    def editor(self, archive: Any) -> LoadedEditor:
+        if isinstance(archive, LoadedEditor):
+            return archive
+        key = str(archive)
+        if key not in self._editors:
+            self._editors[key] = load_editor_for(self.model, archive)
+        return self._editors[key]
+
+    # ------------------------------------------------------------------ rows
+    def _rows(self, request: Mapping[str, Any], fallback_loc: tuple[str, str] | None) -> _Rows:
+        pairs: list[tuple[str, str]] = []
+        slices: dict[str, slice] = {}
+
+        def add(name: str, items: Sequence[tuple[str, str]]) -> None:
+            if items:
+                slices[name] = slice(len(pairs), len(pairs) + len(items))
+                pairs.extend(items)
+
+        target = request["target_new"]
+        add("rewrite", [(request["prompt"], target)])
+        if request.get("rephrase_prompt"):
+            add("rephrase", [(request["rephrase_prompt"], target)])
+        loc = _pairs(request.get("locality"), self.max_pairs)
+        if not loc and fallback_loc is not None:
+            loc = {"neighbour": [fallback_loc]}
+        for key, items in loc.items():
+            add(f"loc:{key}", items)
+        for key, items in _pairs(request.get("portability"), self.max_pairs).items():
+            add(f"port:{key}", items)
+        if request.get("pos") and request.get("neg"):
+            pos, neg = sentiment_pairs(request, self.sentiment_responses)
+
+            def cut(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+                return [(p, " ".join(a.split()[: self.response_words])) for p, a in items]
+
+            add("sent_pos", cut(pos))
+            add("sent_neg", cut(neg))
+        return _Rows(pairs, slices)
+
+    @torch.no_grad()
+    def _score(self, weights: Mapping[str, torch.Tensor] | None, rows: _Rows) -> dict[str, list]:
+        """Per row: token accuracy, predicted answer tokens and mean token log-prob."""
+        enc = left_pad(encode_pairs(self.tok, rows.pairs, self.max_length))
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        logits, targ = answer_logits(self.model, weights, enc)
+        mask = targ != -100
+        safe = targ.masked_fill(~mask, 0)
+        tok_lp = torch.zeros(targ.shape, dtype=torch.float32, device=logits.device)
+        kept = logits[mask].float()  # log-softmax only where an answer token is scored
+        tok_lp[mask] = kept.log_softmax(-1).gather(-1, safe[mask].unsqueeze(-1)).squeeze(-1)
+        pred = logits.argmax(-1)
+        acc, tokens, mean_lp = [], [], []
+        for r in range(targ.shape[0]):
+            m = mask[r]
+            n = int(m.sum())
+            acc.append(float((pred[r][m] == targ[r][m]).float().mean()) if n else 0.0)
+            tokens.append(pred[r][m].tolist())
+            mean_lp.append(float(tok_lp[r][m].mean()) if n else 0.0)
+        return {"acc": acc, "tokens": tokens, "logp": mean_lp}
+
+    @staticmethod
+    def _metrics(scores: Mapping[str, list], rows: _Rows, pre: Mapping[str, list] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"locality": {}, "portability": {}}
+        for name, sl in rows.slices.items():
+            if name == "rewrite":
+                out["rewrite_acc"] = scores["acc"][sl]
+            elif name == "rephrase":
+                out["rephrase_acc"] = scores["acc"][sl]
+            elif name.startswith("loc:"):
+                key = name[4:]
+                if pre is None:  # pre-edit: the predicted tokens are the reference
+                    out["locality"][f"{key}_output"] = scores["tokens"][sl]
+                else:
+                    out["locality"][f"{key}_acc"] = [
+                        float(sum(a == b for a, b in zip(p, q)) / max(len(q), 1))
+                        for p, q in zip(scores["tokens"][sl], pre["tokens"][sl])]
+            elif name.startswith("port:"):
+                out["portability"][f"{name[5:]}_acc"] = scores["acc"][sl]
+        if "sent_pos" in rows.slices and "sent_neg" in rows.slices:
+            out["sentiment"] = sentiment_scores(scores["logp"][rows.slices["sent_pos"]], scores["logp"][rows.slices["sent_neg"]])
+        return out
+
+    def pre(self, key: tuple[str, int], request: Mapping[str, Any], fallback_loc: tuple[str, str] | None) -> dict[str, Any]:
+        """Pre-edit scores of a record (cached: shared by every method)."""
+        if key not in self._pre:
+            rows = self._rows(request, fallback_loc)
+            if self.backend == "easyedit":
+                scores = None
+                metrics = self._easyedit_quality(request, rows)
+            else:
+                scores = self._score(None, rows)
+                metrics = self._metrics(scores, rows, None)
+            self._pre[key] = {"rows": rows, "scores": scores, "metrics": metrics}
+        return self._pre[key]
+
+    # ---------------------------------------------------------------- editing
+    def edit_weights(self, editor: LoadedEditor, prompt: str, target: str) -> tuple[dict[str, torch.Tensor], float]:
+        """New weights for one edit and the wall time it took (tokenising included)."""
+        start = time.perf_counter()
+        batch = encode_pairs(self.tok, [(prompt, target)], self.max_length)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            new, _ = compute_edited_weights(self.model, editor.hypernet, editor.edit_lrs, editor.specs, batch,
+                                            sparse_logits=True)
+        finally:
+            self.model.train(was_training)
+        new = {k: v.detach() for k, v in new.items()}
+        return new, time.perf_counter() - start
+
+    def evaluate(self, editor: LoadedEditor, request: Mapping[str, Any], task: str, index: int, mode: str,
+                 fallback_loc: tuple[str, str] | None = None) -> tuple[dict[str, Any], float]:
+        """One edit: ``({"pre", "post", "requested_rewrite", ...}, edit seconds)`` in EasyEdit's per-edit layout."""
+        pre = self.pre((task, index), request, fallback_loc)
+        prompt = edit_prompt(request, task, mode, index, self.library, self.seed)
+        new, seconds = self.edit_weights(editor, prompt, request["target_new"])
+        rows = pre["rows"]
+        if self.backend == "easyedit":
+            post = self._easyedit_post(request, rows, new, pre["metrics"])
+        else:
+            post = self._metrics(self._score(new, rows), rows, pre["scores"])
+        pre_metrics = {k: v for k, v in pre["metrics"].items()}
+        record = {"case_id": index, "task": task, "mode": mode, "edit_prompt": prompt, "pre": pre_metrics,
+                  "post": post, "requested_rewrite": {"prompt": request["prompt"], "target_new": request["target_new"]}}
+        return record, seconds
+
+    # ---------------------------------------------------------- EasyEdit path
+    def _easyedit_record(self, request: Mapping[str, Any], rows: _Rows) -> dict[str, Any]:
+        def block(prefix: str) -> dict[str, Any]:
+            out = {}
+            for name, sl in rows.slices.items():
+                if name.startswith(prefix):
+                    items = rows.pairs[sl]
+                    out[name[len(prefix):]] = {"prompt": [p for p, _ in items], "ground_truth": [a for _, a in items]}
+            return out
+
+        record = {"prompt": request["prompt"], "target_new": request["target_new"],
+                  "ground_truth": request.get("ground_truth") or "<|endoftext|>",
+                  "locality": block("loc:"), "portability": block("port:")}
+        if "rephrase" in rows.slices:
+            record["rephrase_prompt"] = rows.pairs[rows.slices["rephrase"]][0][0]
+        return record
+
+    def _easyedit_quality(self, request: Mapping[str, Any], rows: _Rows) -> dict[str, Any]:
+        from easyeditor.evaluate.evaluate import (
+            compute_edit_quality,  # needs instructedit_plugin.register()
+        )
+
+        from ..compat.devices import cuda_strings_to_cpu
+
+        hp = self.easyedit_hparams
+        side = self.tok.padding_side
+        self.tok.padding_side = "left"
+        # PyPI EasyEdit formats devices as f"cuda:{device}": redirect to the CPU where CUDA is not used
+        device = self.device.index if self.device.type == "cuda" else "cpu"
+        try:
+            with cuda_strings_to_cpu(self.device.type != "cuda"):
+                return compute_edit_quality(self.model, hp.model_name, hp, self.tok,
+                                            self._easyedit_record(request, rows), device)
+        finally:
+            self.tok.padding_side = side
+
+    def _easyedit_post(self, request: Mapping[str, Any], rows: _Rows, new: Mapping[str, torch.Tensor],
+                       pre: Mapping[str, Any]) -> dict[str, Any]:
+        params = dict(self.model.named_parameters())
+        saved = {k: params[k].detach().clone() for k in new}
+        with torch.no_grad():
+            for k, v in new.items():
+                params[k].copy_(v)
+        try:
+            post = self._easyedit_quality(request, rows)
+        finally:
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
+        for key in list(post.get("locality", {})):
+            if key.endswith("_output"):
+                ref = pre["locality"][key]
+                post["locality"][key[: -len("_output")] + "_acc"] = [
+                    float(sum(a == b for a, b in zip(_as_list(p), _as_list(q))) / max(len(_as_list(q)), 1))
+                    for p, q in zip(post["locality"].pop(key), ref)]
+        return post
+
+
+def _as_list(x: Any) -> list:
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# ------------------------------------------------------------------ the evaluation
+def _fallback_loc(requests: Sequence[Mapping[str, Any]], i: int) -> tuple[str, str] | None:
+    """Locality stand-in for records without locality data: the next record's prompt and answer."""
+    if len(requests) < 2:
+        return None
+    other = requests[(i + 1) % len(requests)]
+    answer = other.get("ground_truth") or other.get("target_new")
+    if isinstance(answer, list):
+        answer = answer[0] if answer else None
+    return (other["prompt"], answer) if isinstance(answer, str) and answer else None
+
+
+def _summary(records: Sequence[Mapping[str, Any]], latencies: Sequence[float]) -> dict[str, Any]:
+    summary = summarize_metrics(records)
+    summary["edit_ms"] = 1000.0 * statistics.median(latencies) if latencies else None
+    sent = [r["post"].get("sentiment") for r in records]
+    if any(s is not None for s in sent):
+        summary["sentiment"] = summarize_sentiment([r["pre"].get("sentiment") for r in records], sent)
+    return summary
+
+
+def evaluate_instructedit(
+    model: nn.Module,
+    tok: Any,
+    methods: Mapping[str, MethodSpec] | Sequence[MethodSpec],
+    test_tasks: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    n_per_task: int | None = None,
+    unseen: bool = True,
+    metric_backend: str = "plugin",
+    easyedit_hparams: Any = None,
+    max_length: int = 96,
+    max_pairs: int = 4,
+    sentiment_responses: int = 2,
+    library: InstructionLibrary | None = None,
+    seed: int = 0,
+    keep_records: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Edit every test record with every method and summarise per task.
+
+    ``methods``: :class:`MethodSpec` objects (by name). A method with
+    ``instructions=True`` is evaluated with a seen instruction (``tasks``) and,
+    with ``unseen``, with the held-back description (``unseen_instruction``);
+    others edit with the plain prompt. ``test_tasks``: ``{task: requests}``; task
+    names are instruction families, ``zsre_holdout`` uses the zsre family.
+
+    Returns ``{"tasks": {task: {method: summary}}, "unseen_instruction": {task:
+    {method: summary}}, "latency": {method: {"edit_ms"}}, "n_edits": {task: n},
+    "metric_backend", "notes", ["records"]}``; a summary holds Rel/Gen/Loc/Por
+    (percent, None where the data has none), Score, H, n_edits, edit_ms and, for
+    ConvSent, ``sentiment``.
+    """
+    if not isinstance(methods, Mapping):
+        methods = {m.name: m for m in methods}
+    evaluator = EditEvaluator(model, tok, max_length=max_length, max_pairs=max_pairs, library=library, seed=seed,
+                              metric_backend=metric_backend, easyedit_hparams=easyedit_hparams,
+                              sentiment_responses=sentiment_responses)
+    results: dict[str, Any] = {"tasks": {}, "unseen_instruction": {}, "latency": {}, "n_edits": {},
+                               "metric_backend": metric_backend}
+    all_latency: dict[str, list[float]] = {}
+    records_out: dict[str, Any] = {}
+    for task, requests in test_tasks.items():
+        requests = prepare_test_requests(task, list(requests)[:n_per_task] if n_per_task else list(requests))
+        results["n_edits"][task] = len(requests)
+        for name, spec in methods.items():
+            runs = [("seen", "tasks")] if spec.instructions else [("none", "tasks")]
+            if spec.instructions and unseen:
+                runs.append(("unseen", "unseen_instruction"))
+            archive = spec.archive_for(task)
+            if archive is None:
+                LOG.info("no %s editor for task %s; skipped", name, task)
+                continue
+            editor = evaluator.editor(archive)
+            for mode, section in runs:
+                recs, lat = [], []
+                for i, request in enumerate(requests):
+                    rec, seconds = evaluator.evaluate(editor, request, task, i, mode, _fallback_loc(requests, i))
+                    recs.append(rec)
+                    lat.append(seconds)
+                results[section].setdefault(task, {})[name] = _summary(recs, lat)
+                if section == "tasks":
+                    all_latency.setdefault(name, []).extend(lat)
+                if keep_records:
+                    records_out.setdefault(section, {}).setdefault(task, {})[name] = recs
+                if progress:
+                    s = results[section][task][name]
+                    progress(f"{task:13s} {name:17s} {mode:6s} " + " ".join(
+                        f"{m}={s[m]:.1f}" if s[m] is not None else f"{m}=-" for m in METRIC_NAMES))
+    results["latency"] = {name: {"edit_ms": 1000.0 * statistics.median(v)} for name, v in all_latency.items() if v}
+    results["notes"] = {
+        "metrics": ("plugin token-accuracy metrics equivalent to EasyEdit compute_edit_quality (token_em)"
+                    if metric_backend == "plugin" else "EasyEdit compute_edit_quality (token_em)"),
+        "metric_inputs": "plain prompts (only the edit input carries the instruction)",
+        "seen_instruction": "a training description per record (deterministic)",
+        "unseen_instruction": "the family's held-back description (held_out_index) only",
+        "loc_fallback": "records without locality data use the next test record's prompt and answer",
+        "convsent": ("Gen: 'How do you feel about <topic>?'; sentiment: mean token log-likelihood of positive "
+                     "vs negative responses (edit target excluded; up to sentiment_responses of each, first 8 words), "
+                     "success = positive preferred"),
+    }
+    if keep_records:
+        results["records"] = records_out
+    return results
+
+
+# ----------------------------------------------------------------------- reports
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.1f}"
+
+
+def results_markdown(results: Mapping[str, Any], title: str = "InstructEdit evaluation") -> str:
+    """A markdown report: one table per section, methods as rows, Rel/Gen/Loc/Por/Score as columns."""
+    lines = [f"# {title}", ""]
+    for section, heading in (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction")):
+        block = results.get(section) or {}
+        if not block:
+            continue
+        lines += [f"## {heading}", "", "| task | method | Rel | Gen | Loc | Por | Score | n |", "|---|---|---|---|---|---|---|---|"]
+        for task, per_method in block.items():
+            for method, s in per_method.items():
+                lines.append(f"| {task} | {method} | " + " | ".join(_fmt(s.get(m)) for m in (*METRIC_NAMES, "Score"))
+                             + f" | {s.get('n_edits', '')} |")
+        lines.append("")
+    sent = [(sec, task, m, s["sentiment"]) for sec in ("tasks", "unseen_instruction")
+            for task, pm in (results.get(sec) or {}).items() for m, s in pm.items() if s.get("sentiment")]
+    if sent:
+        lines += ["## ConvSent sentiment", "",
+                  "| section | method | success pre | success post | margin pre | margin post | flipped to positive |",
+                  "|---|---|---|---|---|---|---|"]
+        for sec, _task, m, s in sent:
+            lines.append(f"| {sec} | {m} | {_fmt(s['success_pre'])} | {_fmt(s['success_post'])} | "
+                         f"{s['margin_pre']:.3f} | {s['margin_post']:.3f} | {_fmt(s['flip_to_positive'])} |")
+        lines.append("")
+    if results.get("latency"):
+        lines += ["## Edit latency (median)", "", "| method | edit ms |", "|---|---|"]
+        lines += [f"| {m} | {v['edit_ms']:.1f} |" for m, v in results["latency"].items()]
+        lines.append("")
+    for key, text in (results.get("notes") or {}).items():
+        lines.append(f"- {key}: {text}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def save_results(results: Mapping[str, Any], json_path: str | Path, md_path: str | Path | None = None,
+                 title: str = "InstructEdit evaluation") -> None:
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    if md_path is not None:
+        Path(md_path).write_text(results_markdown(results, title), encoding="utf-8")
