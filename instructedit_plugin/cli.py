@@ -223,6 +223,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job: train InstructEd prefixes on Gemma-3-270M (cached), edit real facts, compare."""
+    from .demo import DemoConfig, run_demo
+    from .evaluation.report import markdown_table
+
+    config = DemoConfig(quick=args.quick, n_facts=args.n_facts, budget_minutes=args.budget_minutes,
+                        data_dir=args.data_dir, out_dir=args.out_dir, archive=args.archive,
+                        hparams_dir=args.hparams_dir)
+    result = run_demo(config)
+    out = sys.stdout
+    out.write(f"\nmodel: {result['model']}\nInstructEd prefixes: {result['archive']}\n\n")
+    out.write("Before/after answers (greedy) with InstructEd, the fact given as an instruction:\n")
+    for fact in result["facts"]:
+        out.write(f"- [{fact['dataset']}] {fact['prompt']}\n    new fact: {fact['target_new']!r}  "
+                  f"before: {fact['before']!r}  after: {fact['after']!r}\n")
+    out.write(f"\nEasyEdit metrics over {result['n_facts']} edits (percent):\n\n")
+    out.write(markdown_table(result["table"]))
+    out.write("\nwritten: " + ", ".join(result["files"].values()) + f"\n({result['seconds']:.0f}s)\n")
+    return EXIT_OK
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="about two minutes: fewer facts and a 2-minute training budget")
+    p.add_argument("--n_facts", type=int, help="facts per dataset (CounterFact, ZsRE); default 8, quick 3")
+    p.add_argument("--budget_minutes", type=float, help="CPU budget for prefix training (default 10, quick 2)")
+    p.add_argument("--data_dir", help="dataset folder (default: INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--out_dir", default="./results/demo", help="where demo.json / demo.md / demo.png go")
+    p.add_argument("--archive", help="use these trained prefixes instead of training")
+    p.add_argument("--hparams_dir", help="the repository's hparams/ folder (default: found from the current directory)")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .instructedit.analysis import run_analyze
+
+    return run_analyze(args)
+
+
+def _add_analyze_args(p: argparse.ArgumentParser) -> None:
+    from .instructedit.analysis import add_analyze_arguments
+
+    add_analyze_arguments(p)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hparams", required=True, help="editing hparams YAML (e.g. hparams/InstructEd/gemma-3-270m.yaml)")
     p.add_argument("--model_name", help="override model_name: a local Hugging Face folder")
@@ -271,6 +314,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], Callable[[ar
     ),
     "train": ("train an InstructEdit editor or InstructEd prefixes from a training YAML", cmd_train, _add_train_args),
     "edit": ("edit one fact through EasyEdit's BaseEditor and show Rel/Gen before and after", cmd_edit, _add_edit_args),
+    "demo": ("the main job: train InstructEd prefixes on the embedded Gemma-3-270M (cached), edit real facts, "
+             "compare with in-context and EasyEdit FT; writes JSON, markdown and a PNG", cmd_demo, _add_demo_args),
+    "analyze": ("InstructEdit editing-gradient directions per task, with/without instruction: PCA + t-SNE PNG "
+                "and a JSON of separation figures", cmd_analyze, _add_analyze_args),
     "evaluate": ("edit every record of a dataset through BaseEditor; write JSON, a markdown table and a PNG",
                  cmd_evaluate, _add_evaluate_args),
 }
