@@ -44,6 +44,7 @@ class DemoConfig:
     hparams_dir: str | None = None  # default: the repository's hparams/
     archive: str | None = None  # skip training and use these prefixes
     answer_tokens: int = 6
+    max_group_prompts: int = 2  # locality/portability prompts kept per key (CounterFact has 10 neighbours)
 
     @property
     def facts_per_dataset(self) -> int:
@@ -58,6 +59,20 @@ def find_hparams_dir(explicit: str | None = None) -> Path:
             return candidate
     raise PluginError("cannot find the hparams/ folder (looked in "
                       + ", ".join(str(c) for c in candidates) + "). Fix: run from the repository root or pass --hparams_dir.")
+
+
+def _trim_groups(request: dict[str, Any], keep: int) -> dict[str, Any]:
+    """Keep the first ``keep`` prompts of each locality/portability group (the demo's time goes there)."""
+    out = dict(request)
+    for field in ("locality", "portability"):
+        groups = {}
+        for key, group in (request.get(field) or {}).items():
+            prompts, answers = group.get("prompt"), group.get("ground_truth")
+            if isinstance(prompts, list) and isinstance(answers, list):
+                group = dict(group, prompt=prompts[:keep], ground_truth=answers[:keep])
+            groups[key] = group
+        out[field] = groups
+    return out
 
 
 def _answer(model: Any, tok: Any, prompt: str, n_tokens: int) -> str:
@@ -130,7 +145,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     model, tok = load_causal_lm(model_dir, dtype=cfg.dtype)
     model.eval()
     records = evaluation_records(data_dir, limit=cfg.facts_per_dataset)
-    requests = [dict(r, dataset=name) for name, recs in records.items() for r in recs]
+    requests = [_trim_groups(dict(r, dataset=name), cfg.max_group_prompts) for name, recs in records.items() for r in recs]
     table: dict[str, dict[str, Any]] = {}
     per_method: dict[str, list[dict]] = {}
     for method in cfg.methods:

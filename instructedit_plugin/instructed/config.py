@@ -75,6 +75,8 @@ class InstructEdHyperParams(EditingHyperParams):
     top_k: int = hp_field(5, min=1, help="candidates the memory search considers")
     template: str = hp_field(DEFAULT_TEMPLATE)
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
+    use_prefixes: bool = hp_field(True, help="false: the instruction in context only (no prefixes, no re-weighting), "
+                                              "the in-context baseline")
 
     def validate_fields(self) -> None:
         super().validate_fields()
@@ -132,6 +134,8 @@ class InstructEdTrainingHparams(PluginHyperParams):
     grad_clip: float = hp_field(1.0, min=0.0, help="0 disables clipping")
     epochs: int = hp_field(10, min=1)
     max_steps: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs)")
+    max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock budget of run(): stop (and validate/save) once spent; "
+                                            "the linear decay is re-aimed at the step count the budget allows")
     batch_size: int = hp_field(6, min=1, help="edit examples per batch")
     unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch")
     val_batch_size: int = hp_field(16, min=1)

@@ -211,9 +211,12 @@ def fill_unedited_predictions(model: torch.nn.Module, template: InstructionTempl
         for start in range(0, len(group), 32):
             chunk = group[start:start + 32]
             ids = torch.tensor([lead + ex.question_ids + ex.answer_ids for ex in chunk], device=device)
-            pred = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.argmax(-1).cpu()
+            # logits only from the first answer-predicting position on (the output layer dominates otherwise)
+            low = min(len(lead) + len(ex.question_ids) - 1 for ex in chunk)
+            keep = torch.arange(low, ids.shape[1], device=device)
+            pred = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=keep).logits.argmax(-1).cpu()
             for row, ex in zip(pred, chunk):
-                first = len(lead) + len(ex.question_ids) - 1
+                first = len(lead) + len(ex.question_ids) - 1 - low
                 ex.label_ids = row[first:first + len(ex.answer_ids)].tolist()
     model.train(was_training)
 

@@ -205,7 +205,8 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
     else:
         provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts())
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,
-                        instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode)
+                        instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode,
+                        use_prefixes=hparams.use_prefixes)
 
 
 def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], hparams: InstructEdHyperParams,

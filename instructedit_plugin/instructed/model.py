@@ -250,9 +250,13 @@ class InstructedLM(nn.Module):
         template: str = DEFAULT_TEMPLATE,
         instruction_max_length: int = 128,
         mode: str = "paper",
+        use_prefixes: bool = True,
     ):
         super().__init__()
         self.model = model
+        #: False: the instruction in context on the plain model, no prefixes and no re-weighting
+        #: (the paper's in-context baseline), through exactly the same input layout.
+        self.use_prefixes = bool(use_prefixes)
         self.bank = bank
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["encoder"] = encoder
@@ -358,6 +362,8 @@ class InstructedLM(nn.Module):
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
             sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
         """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph)."""
+        if not self.use_prefixes:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         with self.activated(), instruction_context(spans=list(spans), sim=sim, use_prefix=use_prefix):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -371,6 +377,7 @@ class InstructedLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         kwargs.pop("token_type_ids", None)
         kwargs.pop("return_dict", None)
+        kwargs.pop("logits_to_keep", None)
         rows = self._rows(input_ids, attention_mask)
         selections = self.select(rows, instructions)
         chosen = [i for i, s in enumerate(selections) if s is not None]
@@ -379,14 +386,20 @@ class InstructedLM(nn.Module):
         else:
             plain = [i for i, s in enumerate(selections) if s is None]
             batch = self.build([rows[i] for i in chosen], [selections[i] for i in chosen])
-            out = self.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix)
+            # Only the caller's positions reach the output layer: rows are left-padded, so they are
+            # the last ``width`` columns (a contiguous gather; the instruction's logits are never read).
+            total = batch.input_ids.shape[1]
+            width = min(total, max(len(rows[i]) for i in chosen))
+            keep = torch.arange(total - width, total, device=batch.input_ids.device)
+            out = self.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix,
+                           logits_to_keep=keep)
             logits = out.logits.new_zeros((*input_ids.shape, out.logits.shape[-1]))
             if plain:
                 logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
             for j, i in enumerate(chosen):
                 positions = attention_mask[i].bool().nonzero().flatten()
                 stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])
-                first = batch.question_start[j] - (1 if stripped else 0)
+                first = batch.question_start[j] - (1 if stripped else 0) - (total - width)
                 logits[i, positions] = out.logits[j, first : first + len(positions)]
         loss = None
         if labels is not None:
@@ -410,8 +423,11 @@ class InstructedLM(nn.Module):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         batch = self.build(rows, selections)
         kwargs.setdefault("pad_token_id", self.pad_id)
-        with self.activated(), instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix):
+        if not self.use_prefixes:
             out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+        else:
+            with self.activated(), instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix):
+                out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         reps = sequences.shape[0] // input_ids.shape[0]
         prompt = input_ids.repeat_interleave(reps, dim=0) if reps > 1 else input_ids

@@ -168,13 +168,25 @@ class InstructEdTrainer:
         span = max(1, self.total_steps - warm)
         return max(0.0, 1.0 - (step - warm) / span)
 
-    def _forward(self, batch) -> torch.Tensor:
-        out = self.lm.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, True)
-        return out.logits[:, :-1]
+    def _forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the positions that predict a label, and those labels.
+
+        Rows are left-padded, so every label lies in the last columns: only the positions from the
+        first labelled column on go through the output layer (``logits_to_keep`` as an index
+        tensor: a contiguous gather, then ``lm_head``). The output layer of a large-vocabulary
+        model (Gemma: 262k tokens, most of the parameters) would otherwise dominate every step.
+        """
+        labels = batch.labels[:, 1:]
+        width = labels.shape[1]
+        labelled = (labels != -100).any(0).nonzero()
+        first = int(labelled[0]) if labelled.numel() else max(0, width - 1)
+        keep = torch.arange(first, width, device=batch.input_ids.device)
+        out = self.lm.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, True, logits_to_keep=keep)
+        return out.logits, labels[:, first:]
 
     def _token_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self._forward(batch).float()
-        labels = batch.labels[:, 1:]
+        logits, labels = self._forward(batch)
+        logits = logits.float()
         losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100, reduction="none").view(labels.shape)
         mask = labels != -100
@@ -250,6 +262,9 @@ class InstructEdTrainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="InstructEd", dynamic_ncols=True)
         stop = False
+        out_of_time = False
+        started_step = self.step
+        self.stopped_by_budget = False
         running = 0.0
         try:
             while self.step < self.total_steps and not stop:
@@ -274,8 +289,10 @@ class InstructEdTrainer:
                         LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
                                  running / cfg.log_interval, self.scheduler.get_last_lr()[0])
                         running = 0.0
-                    if self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
-                        stop = self._after_validation()
+                    if cfg.max_seconds is not None:
+                        out_of_time = self._check_budget(started, started_step)
+                    if out_of_time or self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
+                        stop = self._after_validation() or out_of_time
                     if stop or self.step >= self.total_steps:
                         break
         finally:
@@ -290,7 +307,30 @@ class InstructEdTrainer:
             "last_dir": str(self.results_dir / "last"),
             "history": self.history,
             "seconds": time.perf_counter() - started,
+            "stopped_by_budget": self.stopped_by_budget,
+            "total_steps": self.total_steps,
         }
+
+    #: steps timed before the linear decay is re-aimed at the budget
+    BUDGET_CALIBRATION_STEPS = 8
+
+    def _check_budget(self, started: float, started_step: int) -> bool:
+        """``max_seconds``: True once spent; after a few steps, aim ``total_steps`` at what fits."""
+        elapsed = time.perf_counter() - started
+        done = self.step - started_step
+        if elapsed >= self.config.max_seconds:
+            self.stopped_by_budget = True
+            LOG.info("time budget of %.0fs spent after %d steps (step %d)", self.config.max_seconds, done, self.step)
+            return True
+        if done == self.BUDGET_CALIBRATION_STEPS and self.config.lr_schedule == "linear":
+            per_step = elapsed / done
+            fits = self.step + int((self.config.max_seconds - elapsed) / per_step)
+            if fits < self.total_steps:
+                LOG.info("%.2fs per step: the %.0fs budget allows about %d steps (of %d); decaying the lr towards step %d",
+                         per_step, self.config.max_seconds, fits, self.total_steps, fits)
+                self.total_steps = max(self.step + 1, fits)
+                self.stopped_by_budget = True  # the budget, not the configured schedule, ends this run
+        return False
 
     def _after_validation(self) -> bool:
         metrics = self.validate() if self.val_examples else {"loss": math.nan}

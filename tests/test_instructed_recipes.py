@@ -1,0 +1,124 @@
+"""The InstructEd training recipe: data split disjoint from the evaluation, cache key, a budgeted tiny run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from instructedit_plugin.instructed.recipes import (
+    DEFAULT, EVAL_FILES, EVAL_LIMIT, QUICK, TRAIN_SOURCES, evaluation_exclusions, evaluation_records, model_identity,
+    recipe_info, recipe_key, train_embedded_prefixes, training_split,
+)
+from instructedit_plugin.instructed.templates import request_prompts
+
+
+def _norm(text):
+    return " ".join(str(text).split()).lower()
+
+
+def _assert_disjoint(train, evaluation):
+    excl = evaluation_exclusions(evaluation)
+    for req in train:
+        if req["recipe_source"].startswith("counterfact") and req.get("case_id") is not None:
+            assert int(req["case_id"]) not in excl["case_ids"], req
+        assert _norm(req.get("subject", "")) not in excl["subjects"], req
+        assert not {_norm(p) for p in request_prompts(req, include_locality=False)} & excl["questions"], req
+
+
+def test_split_is_disjoint_from_evaluation_records(shared_data_dir):
+    evaluation = evaluation_records(shared_data_dir)
+    assert {k: len(v) for k, v in evaluation.items()} == {"counterfact": EVAL_LIMIT, "zsre": EVAL_LIMIT}
+    train, val, stats = training_split(DEFAULT, shared_data_dir, evaluation=evaluation)
+    assert len(train) == DEFAULT.n_train and len(val) >= 1
+    _assert_disjoint(train + val, evaluation)
+    # the InstructEd files never contribute one of their first EVAL_LIMIT (evaluated) records
+    assert all(r["recipe_index"] >= EVAL_LIMIT for r in train if r["recipe_source"] in ("counterfact_ins", "zsre_ins"))
+    assert set(stats["sources"]) == set(DEFAULT.sources)
+    # train and validation are disjoint too, and every edit has an instruction-worthy prompt and target
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    assert all(isinstance(r["target_new"], str) and r["target_new"] for r in train)
+    # a record sharing an evaluated case id, subject or question is recognised (the tiny run below
+    # checks that such records are really dropped)
+    from instructedit_plugin.instructed.recipes import _excluded
+
+    excl = evaluation_exclusions(evaluation)
+    cf0, zs0 = evaluation["counterfact"][0], evaluation["zsre"][0]
+    other = dict(prompt="Nobody in particular was born in", subject="Nobody in particular", target_new="x")
+    assert not _excluded("counterfact_train", dict(other, case_id=-1), excl)
+    assert _excluded("counterfact_train", dict(other, case_id=cf0["case_id"]), excl)
+    assert _excluded("zsre_ins", dict(other, subject=zs0["subject"].upper()), excl)
+    assert _excluded("zsre_ins", dict(other, rephrase_prompt=zs0["rephrase_prompt"]), excl)
+
+
+def test_cache_key_changes_with_config(tiny_llama_dir):
+    ident = model_identity(tiny_llama_dir)
+    key = recipe_key(DEFAULT, ident)
+    assert key == recipe_key(dataclasses.replace(DEFAULT), ident)
+    others = [QUICK, dataclasses.replace(DEFAULT, lr=2e-2), dataclasses.replace(DEFAULT, budget_minutes=11.0),
+              dataclasses.replace(DEFAULT, dtype="float32"), dataclasses.replace(DEFAULT, n_train=100),
+              dataclasses.replace(DEFAULT, seed=1), dataclasses.replace(DEFAULT, prefix_layers=(1, 2))]
+    keys = {recipe_key(c, ident) for c in others}
+    assert key not in keys and len(keys) == len(others)
+    assert recipe_key(DEFAULT, dict(ident, fingerprint="other")) != key
+    assert recipe_key(DEFAULT, ident, {"file.json": 1}) != recipe_key(DEFAULT, ident, {"file.json": 2})
+
+
+def _write(path: Path, records) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(shared_data_dir, tmp_path_factory) -> Path:
+    """Small copies of the real files: the evaluated first 100 records plus a few more; the CounterFact
+    training file holds 4 clean records, one sharing an evaluated case_id and one an evaluated subject."""
+    root = tmp_path_factory.mktemp("recipe-data")
+    raw = lambda rel: json.loads((shared_data_dir / rel).read_text())  # noqa: E731
+    ins_cf, ins_zsre = TRAIN_SOURCES["counterfact_ins"][0], TRAIN_SOURCES["zsre_ins"][0]
+    cf_eval = raw(ins_cf)
+    _write(root / ins_cf, cf_eval[: EVAL_LIMIT + 6])
+    _write(root / ins_zsre, raw(ins_zsre)[: EVAL_LIMIT + 6])
+    _write(root / EVAL_FILES["zsre"], raw(EVAL_FILES["zsre"])[:EVAL_LIMIT])
+    train = raw(TRAIN_SOURCES["counterfact_train"][0])
+    eval_ids = {r["case_id"] for r in cf_eval[:EVAL_LIMIT]}
+    eval_subjects = {r["requested_rewrite"]["subject"] for r in cf_eval[:EVAL_LIMIT]}
+    clean = [r for r in train if r["case_id"] not in eval_ids and r["subject"] not in eval_subjects][:4]
+    same_id = dict(next(r for r in train if r["case_id"] not in eval_ids), case_id=cf_eval[0]["case_id"])
+    same_subject = dict(clean[0], case_id=10**7, subject=cf_eval[1]["requested_rewrite"]["subject"],
+                        prompt=f"{cf_eval[1]['requested_rewrite']['subject']} is a citizen of")
+    _write(root / TRAIN_SOURCES["counterfact_train"][0], clean + [same_id, same_subject])
+    return root
+
+
+def test_tiny_recipe_honours_budget_and_returns_a_loadable_archive(tiny_llama_dir, tiny_data_dir, tmp_path):
+    from instructedit_plugin.instructed import InstructEdHyperParams
+    from instructedit_plugin.instructed.checkpoint import load_checkpoint
+
+    budget_minutes = 0.25
+    t0 = time.perf_counter()
+    archive = train_embedded_prefixes(budget_minutes=budget_minutes, n_train=12, data_dir=tiny_data_dir,
+                                      cache_dir=tmp_path, dtype="float32", progress=False, model_dir=tiny_llama_dir)
+    wall = time.perf_counter() - t0
+    info = recipe_info(archive)
+    print("tiny recipe:", {k: info[k] for k in ("steps", "planned_steps", "train_seconds", "stopped_by_budget", "train_edits")})
+    # the budget is honoured: the tiny model could train for thousands of steps, the budget stops it
+    assert info["stopped_by_budget"] and info["steps"] >= 1
+    assert info["train_seconds"] <= budget_minutes * 60 + 5 and wall <= budget_minutes * 60 + 15
+    # the overlapping CounterFact training records were excluded; the evaluated _ins records skipped
+    assert info["data"]["sources"]["counterfact_train"]["excluded_eval_overlap"] == 2
+    assert 6 <= info["train_edits"] <= 12  # (the tiny tokenizer makes some questions too long: skipped)
+    # the archive is what InstructEdHyperParams takes, and it reloads
+    hp = InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=str(tiny_llama_dir), archive=str(archive)))
+    hp.check_ready()
+    ckpt = load_checkpoint(archive)
+    from instructedit_plugin.instructed.prefix import default_prefix_layers
+
+    assert ckpt.bank.prefix_len == DEFAULT.prefix_len and list(ckpt.bank.layers) == list(default_prefix_layers(4))
+    # a second call with the same configuration returns the cached archive at once
+    t0 = time.perf_counter()
+    again = train_embedded_prefixes(budget_minutes=budget_minutes, n_train=12, data_dir=tiny_data_dir,
+                                    cache_dir=tmp_path, dtype="float32", progress=False, model_dir=tiny_llama_dir)
+    assert again == archive and time.perf_counter() - t0 < 5
