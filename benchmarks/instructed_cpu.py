@@ -52,6 +52,11 @@ METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
 DATASETS = ("counterfact", "zsre")
 
 
+def _side(out_path: Path, suffix: str) -> Path:
+    """Run details and hand-written notes live in logs/ (the results folder holds only .json/.md)."""
+    return ROOT / "logs" / (out_path.stem + suffix)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
@@ -296,8 +301,8 @@ def main(argv=None) -> int:
     if args.render:  # re-render the .md from the saved results (+ notes)
         out_path = Path(args.out)
         out = json.loads(out_path.read_text())
-        extra = json.loads(out_path.with_suffix(".details.json").read_text())
-        notes_path = out_path.with_suffix(".notes.md")
+        extra = json.loads(_side(out_path, ".details.json").read_text())
+        notes_path = _side(out_path, ".notes.md")
         notes = notes_path.read_text() if notes_path.is_file() else ""
         out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes))
         return 0
@@ -364,15 +369,15 @@ def main(argv=None) -> int:
     if args.latency_only:  # re-measure the latency block of saved results (edit times kept)
         out_path = Path(args.out)
         out = json.loads(out_path.read_text())
-        extra = json.loads(out_path.with_suffix(".details.json").read_text())
+        extra = json.loads(_side(out_path, ".details.json").read_text())
         kept = {m: [v["edit_ms"]] for m, v in out["latency"].items() if v.get("edit_ms") is not None}
         latency_requests = [r for ds in DATASETS for r in evaluation[ds][: args.latency_n]]
         latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, {}, kept)
         out["latency"] = {m: latency[m] for m in METHODS if m in latency}
         extra.update(base_query_ms=round(base_ms, 2), latency_inputs=len(latency_requests), retrieval_hits=hits)
         out_path.write_text(json.dumps(out, indent=2) + "\n")
-        out_path.with_suffix(".details.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-        notes_path = out_path.with_suffix(".notes.md")
+        _side(out_path, ".details.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        notes_path = _side(out_path, ".notes.md")
         out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes_path.read_text() if notes_path.is_file() else ""))
         print(json.dumps(out["latency"], indent=2), f"retrieval hits {hits}/{len(latency_requests)}")
         return 0
@@ -452,8 +457,8 @@ def main(argv=None) -> int:
              "n_evaluated": {ds: {m: results[ds][m].get("n") for m in results[ds]} for ds in DATASETS},
              "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
              "base_query_ms": round(base_ms, 2), "latency_inputs": len(latency_requests), "retrieval_hits": hits, "wall_seconds": round(time.perf_counter() - started, 1)}
-    (out_path.with_suffix(".details.json")).write_text(json.dumps(extra, indent=2, default=str) + "\n")
-    notes_path = out_path.with_suffix(".notes.md")
+    (_side(out_path, ".details.json")).write_text(json.dumps(extra, indent=2, default=str) + "\n")
+    notes_path = _side(out_path, ".notes.md")
     notes = notes_path.read_text() if notes_path.is_file() else ""
     out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes))
     print(json.dumps(out, indent=2))

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # The README's main-job command: install (idempotent), then run the plugin's main job.
-# Today the main job is `instructedit info` (detected EasyEdit flavour, registered
-# methods, device, cache and data locations); it becomes `instructedit demo` once
-# the demo on the embedded Gemma-3-270M lands.
+# The main job: `instructedit demo` on the embedded Gemma-3-270M (pass --quick for ~2 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export INSTRUCTEDIT_DATA_DIR="${INSTRUCTEDIT_DATA_DIR:-$(cd .. && pwd)/shared/data}"
-instructedit info "$@"
+instructedit demo "$@"

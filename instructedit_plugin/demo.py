@@ -11,7 +11,9 @@ Everything is a library function (:func:`run_demo`) returning plain data; the CL
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import time
 from pathlib import Path
@@ -80,7 +82,8 @@ def _answer(model: Any, tok: Any, prompt: str, n_tokens: int) -> str:
     with torch.no_grad():
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n_tokens,
                              do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return text.split("\n", 1)[0].strip()  # the answer line; the template's next "Input:" is not part of it
 
 
 def _method_hparams(method: str, hparams_dir: Path, model_dir: str, archive: str) -> Any:
@@ -151,7 +154,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     for method in cfg.methods:
         hp = _method_hparams(method, hparams_dir, model_dir, archive)
         editor = make_editor(hp, model, tok)
-        metrics, _, _ = run_edit_requests(editor, requests, sequential=False)
+        chatter = io.StringIO()  # EasyEdit's FT prints every step to stdout; keep it in the log instead
+        with contextlib.redirect_stdout(chatter):
+            metrics, _, _ = run_edit_requests(editor, requests, sequential=False)
+        LOG.debug("EasyEdit output for %s:\n%s", method, chatter.getvalue())
         reset_memory(model)
         per_method[method] = metrics
         table[METHOD_LABELS.get(method, method)] = summarize_metrics(metrics)
