@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from .. import durable
 
 from ..errors import HyperParamsError, PluginError
 from .prefix import PrefixBank
@@ -75,39 +76,10 @@ def model_fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(clean(data), sort_keys=True).encode()).hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``);
-    returns its sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return hashlib.sha256(data).hexdigest()
+    """Crash-safe write (see :mod:`instructedit_plugin.durable`); returns the data's sha256."""
+    durable.atomic_write_bytes(path, data)
+    return durable.sha256_bytes(data)
 
 
 def _json_bytes(obj: Any) -> bytes:
