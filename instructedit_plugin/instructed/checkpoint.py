@@ -32,7 +32,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import durable
-
 from ..errors import HyperParamsError, PluginError
 from .prefix import PrefixBank
 
