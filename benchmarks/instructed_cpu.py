@@ -83,47 +83,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # EasyEdit plumbing
 # ----------------------------------------------------------------------------------------------
-def _register_in_context():
-    """``alg_name: InContext``: InstructEd's input layout (instruction in context) on the plain frozen
-    model -- no prefixes, no re-weighting. Same editing code path as InstructEd (gold instructions)."""
-    import dataclasses
-
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
-    from instructedit_plugin.instructed.editor import apply_instructed_to_model
-    from instructedit_plugin.instructed.model import InstructedLM
-    from instructedit_plugin.registry import AlgorithmSpec, register_algorithm
-
-    @dataclasses.dataclass(kw_only=True)
-    class InContextHyperParams(InstructEdHyperParams):
-        ALG_NAME = "InContext"
-
-    class InContextLM(InstructedLM):
-        def run(self, input_ids, attention_mask, spans, sim, use_prefix, **kwargs):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    def apply_in_context(model, tok, requests, hparams, **kwargs):
-        lm, restore = apply_instructed_to_model(model, tok, requests, hparams, **kwargs)
-        lm.__class__ = InContextLM
-        return lm, restore
-
-    register_algorithm(AlgorithmSpec(name="InContext", hparams_class=InContextHyperParams, apply_fn=apply_in_context),
-                       replace=True)
-    return InContextHyperParams
-
-
-def _editor(hparams, model, tok, model_dir: str):
-    """A ``BaseEditor`` on the already loaded ``model`` (EasyEdit takes a ``(model, tok)`` pair)."""
-    from easyeditor import BaseEditor
-
-    hparams.model_name = (model, tok)
-    try:
-        editor = BaseEditor(hparams)
-    finally:
-        hparams.model_name = model_dir
-    editor.model_name = model_dir
-    return editor
-
-
 def _edit_kwargs(req: dict, with_subject: bool) -> dict:
     kw = dict(prompts=[req["prompt"]], target_new=[req["target_new"]], ground_truth=[req.get("ground_truth") or "<|endoftext|>"],
               rephrase_prompts=[req["rephrase_prompt"]] if req.get("rephrase_prompt") else None)
@@ -318,7 +277,7 @@ def main(argv=None) -> int:
     instructedit_plugin.register()
     from easyeditor import FTHyperParams, ROMEHyperParams
 
-    from instructedit_plugin.compat import load_easyedit_hparams
+    from instructedit_plugin.compat import load_easyedit_hparams, make_editor
     from instructedit_plugin.data import resolve_data_dir
     from instructedit_plugin.evaluation.summary import summarize_metrics
     from instructedit_plugin.instructed import InstructEdHyperParams
@@ -327,7 +286,6 @@ def main(argv=None) -> int:
     from instructedit_plugin.models.embedded import embedded_model_dir
     from instructedit_plugin.models.loading import load_causal_lm
 
-    InContextHyperParams = _register_in_context()
     methods = [m for m in args.methods.split(",") if m]
     data_dir = resolve_data_dir(args.data_dir)
     model_dir = str(embedded_model_dir())
@@ -360,7 +318,7 @@ def main(argv=None) -> int:
     ft_hp = load_easyedit_hparams(FTHyperParams, ROOT / "hparams/FT/gemma-3-270m.yaml", model_name=model_dir)
     rome_hp = load_easyedit_hparams(ROMEHyperParams, ROOT / "hparams/ROME/gemma-3-270m.yaml", model_name=model_dir)
     specs = {
-        "in_context": lambda: ins_hparams(InContextHyperParams),
+        "in_context": lambda: ins_hparams(use_prefixes=False),  # the instruction in context, no prefixes
         "instructed_gold": lambda: ins_hparams(instruction_source="gold"),
         "instructed_retrieval": lambda: ins_hparams(instruction_source="retrieval"),
         "ft": lambda: ft_hp,
@@ -390,7 +348,7 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             hp = specs[method]()
-            editor = _editor(hp, model, tok, model_dir)
+            editor = make_editor(hp, model, tok)
             if method == "instructed_retrieval":  # the memory holds every evaluated edit of this dataset
                 reset_memory(model)
                 apply_instructed_to_model(model, tok, [dict(r) for r in requests], hp, keep_original_weight=False)
