@@ -99,7 +99,8 @@ def _parse_task_files(specs: Sequence[str], data_dir: str | None) -> dict[str, s
     tasks = {}
     for spec in specs:
         if "=" not in spec:
-            raise PluginError(f"--task '{spec}' must look like NAME=FILE, e.g. counterfact=counterfact/counterfact-train.json")
+            raise PluginError(f"--task '{spec}' is not NAME=FILE. Fix: write e.g. "
+                              "--task counterfact=counterfact/counterfact-train.json")
         name, path = spec.split("=", 1)
         tasks[name.strip()] = _data_path(path.strip(), data_dir)
     return tasks
@@ -132,7 +133,8 @@ def _train_instructed(config: Any, args: argparse.Namespace) -> dict[str, Any]:
     from .instructed.trainer import InstructEdTrainer
 
     if not args.train:
-        raise PluginError("InstructEd training needs --train FILE (e.g. counterfact/counterfact-train.json)")
+        raise PluginError("InstructEd training needs a training file. Fix: add --train FILE "
+                          "(e.g. --train counterfact/counterfact-train.json)")
     train = [r for path in args.train for r in load_requests(_data_path(path, args.data_dir), limit=args.limit)]
     val = load_requests(_data_path(args.val, args.data_dir), limit=args.limit) if args.val else None
     return InstructEdTrainer(config, train, val).run()
@@ -161,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer is None:
         raise PluginError(f"no plugin trainer for alg '{config.alg}'. Fix: use one of {', '.join(TRAINERS)}")
     result = trainer(config, args)
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return EXIT_OK  # under `accelerate launch` only the main process reports
     sys.stdout.write(yaml.safe_dump({k: str(v) if not isinstance(v, (int, float, str)) else v
                                      for k, v in result.items() if not isinstance(v, (list, dict))}, sort_keys=False))
     return EXIT_OK
@@ -344,14 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .errors import PluginError
+    from .errors import MissingDependencyError, PluginError
 
     try:
         import instructedit_plugin  # noqa: F401  (registers into EasyEdit, which resets logging)
 
         logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
         return COMMANDS[args.command][1](args)
-    except PluginError as exc:
+    except (PluginError, MissingDependencyError) as exc:
         sys.stderr.write(f"instructedit: error: {exc}\n")
         return EXIT_ERROR
 

@@ -52,6 +52,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_temp_files(folder: str | os.PathLike, name: str) -> int:
+    """Delete temp files that :func:`atomic_write_bytes` left for ``name`` in ``folder`` when a
+    writer was killed mid-write (``.<name>.<random>.tmp``); returns how many were removed.
+
+    Only for folders with a single writer: a concurrent writer's temp file would be removed too.
+    """
+    removed = 0
+    head = f".{name}."
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        middle = entry.name[len(head):-len(".tmp")] if entry.name.startswith(head) and entry.name.endswith(".tmp") else ""
+        if middle and "." not in middle and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 from pathlib import Path
@@ -101,14 +102,19 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
         raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+        if number is None:
+            raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):  # NaN would pass every range check
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -162,10 +168,20 @@ class PluginHyperParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> PluginHyperParams:
         """Validate ``data`` field by field and build the object."""
+        if not isinstance(data, dict):
+            raise HyperParamsError("<file>", f"top level is {type(data).__name__}, not a mapping",
+                                   "write one `key: value` per line", source)
+        bad_keys = [k for k in data if not isinstance(k, str)]
+        if bad_keys:
+            raise HyperParamsError(str(bad_keys[0]), f"the key {bad_keys[0]!r} is not text",
+                                   "write field names as keys, e.g. `prefix_len: 5`", source)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - set(fields))
         if unknown:
             key = unknown[0]
+            if not key.strip():
+                raise HyperParamsError("<empty key>", f"the key {key!r} is blank", "write the field name, or remove the line",
+                                       source)
             close = difflib.get_close_matches(key, fields, n=1)
             fix = f"did you mean '{close[0]}'?" if close else f"remove it; known fields are: {', '.join(sorted(fields))}"
             raise HyperParamsError(key, f"unknown field for {cls.__name__}", fix, source)

@@ -22,7 +22,8 @@ def _as_list(name: str, value: Any, allow_none: bool = False) -> list[Any] | Non
         return [value]
     if isinstance(value, Sequence):
         return list(value)
-    raise RequestError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}.")
+    raise RequestError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}. "
+                       f"Fix: pass `{name}` as a list with one string per edit.")
 
 
 def _check_strings(name: str, values: list[Any], allow_empty: bool = False) -> None:
@@ -45,8 +46,8 @@ def _check_grouped_inputs(name: str, groups: Any, n_prompts: int) -> None:
     if groups is None:
         return
     if not isinstance(groups, Mapping):
-        raise RequestError(f"`{name}` must be a dict like {{'neighborhood': {{'prompt': [...], 'ground_truth': [...]}}}}, "
-                           f"got {type(groups).__name__}.")
+        raise RequestError(f"`{name}` must be a dict, got {type(groups).__name__}. Fix: write it like "
+                           "{'neighborhood': {'prompt': [...], 'ground_truth': [...]}} (one key per kind of question).")
     for key, group in groups.items():
         where = f"{name}[{key!r}]"
         if not isinstance(group, Mapping) or "prompt" not in group or "ground_truth" not in group:
@@ -54,17 +55,31 @@ def _check_grouped_inputs(name: str, groups: Any, n_prompts: int) -> None:
                                f"Fix: write {{'prompt': [...], 'ground_truth': [...]}} with one entry per edit.")
         prompts, answers = group["prompt"], group["ground_truth"]
         if isinstance(prompts, str) != isinstance(answers, str):
-            raise RequestError(f"`{where}`: 'prompt' and 'ground_truth' must both be strings or both be lists.")
+            raise RequestError(f"`{where}`: 'prompt' and 'ground_truth' must both be strings or both be lists. "
+                               "Fix: give both as lists with one entry per edit.")
         if isinstance(prompts, str):
             if n_prompts != 1:
                 raise RequestError(f"`{where}` gives one prompt for {n_prompts} edits. Fix: give a list with one entry per edit.")
             continue
         if not isinstance(prompts, Sequence) or not isinstance(answers, Sequence):
-            raise RequestError(f"`{where}`: 'prompt' and 'ground_truth' must be lists (one entry per edit).")
+            raise RequestError(f"`{where}`: 'prompt' and 'ground_truth' must be lists, got "
+                               f"{type(prompts).__name__} and {type(answers).__name__}. Fix: give both as lists with one "
+                               "entry per edit.")
         if len(prompts) != len(answers):
             raise RequestError(f"`{where}` has {len(prompts)} prompt(s) but {len(answers)} ground_truth value(s). "
                                "Fix: give one answer per prompt.")
         _check_length(f"{where}['prompt']", list(prompts), n_prompts)
+        for part, values in (("prompt", prompts), ("ground_truth", answers)):
+            for i, value in enumerate(values):
+                if not _is_text_or_texts(value):
+                    raise RequestError(f"`{where}['{part}'][{i}]` must be a string (or a list of strings), got "
+                                       f"{type(value).__name__} {value!r}. Fix: give text for every entry.")
+
+
+def _is_text_or_texts(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 def validate_edit_arguments(
@@ -92,8 +107,7 @@ def validate_edit_arguments(
         if name == "ground_truth" and isinstance(value, str):
             continue  # EasyEdit broadcasts a single ground truth
         _check_length(name, values, n)
-        if name != "ground_truth":
-            _check_strings(name, values)
+        _check_strings(name, values, allow_empty=name == "ground_truth")  # an unknown old answer may be ""
     if subject is not None:
         for i, (prompt, subj) in enumerate(zip(prompt_list, _as_list("subject", subject))):
             if subj not in prompt:

@@ -13,3 +13,7 @@ torch.set_num_threads(int(os.environ.get("INSTRUCTEDIT_TEST_THREADS", "1")))
 
 from ._fixtures_data import *  # noqa: E402,F401,F403
 from ._fixtures_models import *  # noqa: E402,F401,F403
+
+# The session fixture with a pretrained tiny base and trained InstructEd prefixes, shared by the
+# InstructEd editing, example and demo tests.
+from .test_instructed_training import instructed_world  # noqa: E402, F401

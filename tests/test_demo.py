@@ -9,7 +9,6 @@ import pytest
 from instructedit_plugin.demo import DemoConfig, find_hparams_dir, run_demo
 from instructedit_plugin.errors import PluginError
 
-from .test_instructed_training import instructed_world  # noqa: F401 - session fixture (trained tiny prefixes)
 
 REPO = Path(__file__).resolve().parents[1]
 

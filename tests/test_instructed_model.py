@@ -147,6 +147,10 @@ def test_providers_pick_instructions():
     chosen = gold.choose(["Question A? x", "Rephrase B? y z", "Question B?"])
     assert [c.instruction for c in chosen] == ["Fact A.", "Fact B.", "Fact B."]
     assert [c.question for c in chosen] == ["Question A?", "Rephrase B?", "Question B?"]
+    # B's locality probe is A's own question: in a batch with both edits it belongs to A (A changed it)
+    batch = GoldInstructions([("Fact B.", ["Question B?", "Question A?"]), ("Fact A.", ["Question A?"])], FixedEncoder(),
+                             own_prompts=[["Question B?"], ["Question A?"]])
+    assert [c.instruction for c in batch.choose(["Question A? x", "Question B? y"])] == ["Fact A.", "Fact B."]
 
     class Memory:
         def select(self, query, gate, top_k):

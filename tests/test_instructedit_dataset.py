@@ -126,3 +126,21 @@ def test_locality_inputs_can_carry_the_instruction(tok):
 def test_unknown_task_is_rejected(tok):
     with pytest.raises(PluginError, match="known tasks"):
         InstructEditDataset({"nonsense": _records("x", 3)}, tok)
+
+
+def test_long_inputs_lose_the_start_of_the_input_not_the_instruction(tok, caplog):
+    from instructedit_plugin.instructedit.dataset import encode_pairs
+
+    prompt = "Task: CounterFact\nDescription: Change the fact.\nInput: " + "very " * 60 + "The capital of France is"
+    with caplog.at_level("WARNING"):
+        batch = encode_pairs(tok, [(prompt, "Rome"), ("Task: A\nDescription: B\nInput: short", "x")], max_length=32)
+    assert batch["input_ids"].shape[1] == 32
+    text = tok.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert text.startswith("Task: CounterFact\nDescription: Change the fact.\nInput:")  # instruction kept
+    assert text.endswith("The capital of France is Rome")  # answer and the end of the input kept
+    answer = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(answer).strip() == "Rome"
+    assert "1 of 2 edit inputs are longer than max_length=32" in caplog.text
+    # no instruction (plain MEND): the start goes, the answer stays
+    plain = encode_pairs(tok, [("very " * 60 + "The capital of France is", "Rome")], max_length=16)
+    assert tok.decode(plain["input_ids"][0]).endswith("The capital of France is Rome")

@@ -104,3 +104,12 @@ def test_malformed_family_files_are_rejected(tmp_path, body, needle):
     (tmp_path / "bad.yaml").write_text(body, encoding="utf-8")
     with pytest.raises(InstructionError, match=needle):
         load_instruction_library([tmp_path])
+
+
+def test_placeholder_values_are_inserted_verbatim():
+    """A record value that contains a placeholder is not filled a second time."""
+    from instructedit_plugin.instructions import default_library
+
+    family = default_library().get("convsent")
+    text = family.fill("Talk about [TOPIC] in a [LABEL] way.", {"topic": "the [LABEL] band", "label": "positive"})
+    assert text == "Talk about the [LABEL] band in a positive way."

@@ -56,3 +56,21 @@ def test_score_and_h_bounds_order_invariance(values):
     assert min(values) - 1e-9 <= h <= sc + 1e-9 <= max(values) + 2e-9
     assert harmonic_mean(list(reversed(values))) == pytest.approx(h)
     assert score(sorted(values)) == pytest.approx(sc)
+
+
+def test_locality_from_answer_tokens_when_easyedit_left_no_acc():
+    """PyPI ``batch_edit`` leaves locality as post/pre answer tokens: Loc is their agreement."""
+    from instructedit_plugin.evaluation.summary import summarize_metrics
+
+    records = [
+        {"pre": {"rewrite_acc": [0.0], "locality": {"neighborhood_output": [[5, 6, 7, 8]]}},
+         "post": {"rewrite_acc": [1.0], "locality": {"neighborhood_output": [[5, 6, 0, 8]]}}},
+        {"pre": {"rewrite_acc": [0.0], "locality": {"neighborhood_output": [[1, 2]]}},
+         "post": {"rewrite_acc": [1.0], "locality": {"neighborhood_output": [[1, 2]]}}},
+    ]
+    out = summarize_metrics(records)
+    assert out["Loc"] == (75.0 + 100.0) / 2 and out["Rel"] == 100.0
+    assert summarize_metrics(records, phase="pre")["Loc"] is None  # nothing to compare the unedited answers with
+    # an explicit *_acc wins over the tokens
+    records[0]["post"]["locality"]["neighborhood_acc"] = [0.0]
+    assert summarize_metrics(records[:1])["Loc"] == 0.0

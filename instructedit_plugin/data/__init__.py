@@ -76,7 +76,8 @@ def get_loader(fmt: str) -> Loader:
     try:
         return LOADERS[fmt]
     except KeyError:
-        raise PluginError(f"unknown dataset format {fmt!r}; known formats: {', '.join(FORMATS)}") from None
+        raise PluginError(f"unknown dataset format {fmt!r}. Fix: use one of {', '.join(FORMATS)}, "
+                          "or fmt=None to guess it from the file") from None
 
 
 def load_requests(

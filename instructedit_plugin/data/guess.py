@@ -83,6 +83,6 @@ def guess_format(path: str | os.PathLike[str]) -> str:
         found = sorted(first[0].keys()) if first and isinstance(first[0], dict) else "no records"
         raise PluginError(
             f"{path}: cannot tell the dataset format from the file name or the first record "
-            f"(keys: {found}). Pass fmt= with one of {known}."
+            f"(keys: {found}). Fix: pass fmt= with one of {known}"
         )
     return fmt

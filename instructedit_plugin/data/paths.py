@@ -33,6 +33,6 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     if from_env:
         return Path(from_env).expanduser()
     raise PluginError(
-        "No dataset directory given. Pass data_dir=... (the folder holding e.g. "
-        f"zsre/, counterfact/, mquake/) or set the {DATA_DIR_ENV} environment variable."
+        "no dataset directory given. Fix: pass data_dir=... (the folder holding e.g. "
+        f"zsre/, counterfact/, mquake/) or set the {DATA_DIR_ENV} environment variable"
     )

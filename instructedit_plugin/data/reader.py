@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import DataSchemaError, PluginError
 
-__all__ = ["JSON_KEY", "check_limit", "read_records"]
+__all__ = ["JSON_KEY", "DataFileNotFoundError", "check_limit", "read_records"]
 
 #: Pseudo key used in DataSchemaError when the file itself is not valid JSON.
 JSON_KEY = "<json>"
@@ -30,6 +30,16 @@ JSON_KEY = "<json>"
 ROOT_KEY = "<root>"
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_FIX_JSON = "Fix: repair the file (or re-download it); with limit=N only the first N records are read"
+
+
+class DataFileNotFoundError(PluginError, FileNotFoundError):
+    """A dataset file does not exist (also a ``FileNotFoundError``, as before)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = str(path)
+        super().__init__(f"dataset file {self.path} does not exist. Fix: check the path; relative paths are resolved "
+                         "from the current directory (the CLI also looks under --data_dir / INSTRUCTEDIT_DATA_DIR)")
 _DECODER = json.JSONDecoder()
 
 
@@ -38,7 +48,8 @@ def check_limit(limit: int | None) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise PluginError(f"limit must be None or an integer >= 0, got {limit!r}")
+        raise PluginError(f"limit must be None or an integer >= 0, got {limit!r}. Fix: pass a record count such as 100, "
+                          "or None for every record")
     return limit
 
 
@@ -50,7 +61,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _json_error(path: Path, index: int | None, err: json.JSONDecodeError) -> DataSchemaError:
     return DataSchemaError(
         str(path), index, JSON_KEY,
-        f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}",
+        f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}. {_FIX_JSON}",
     )
 
 
@@ -59,7 +70,8 @@ def _iter_json_array(text: str, path: Path) -> Iterator[Any]:
     pos = _skip_ws(text, 0)
     if pos >= len(text) or text[pos] != "[":
         found = "an empty file" if pos >= len(text) else f"{text[pos]!r}"
-        raise DataSchemaError(str(path), None, ROOT_KEY, f"expected a JSON array of records, found {found}")
+        raise DataSchemaError(str(path), None, ROOT_KEY, f"expected a JSON array of records, found {found}. "
+                              "Fix: a .json file holds one array [{...}, ...]; use .jsonl for one record per line")
     pos = _skip_ws(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
         _check_trailing(text, pos + 1, path)
@@ -100,7 +112,7 @@ def _iter_json_lines(lines: Iterator[str], path: Path) -> Iterator[Any]:
         except json.JSONDecodeError as err:
             raise DataSchemaError(
                 str(path), index, JSON_KEY,
-                f"invalid JSON on line {lineno} (column {err.colno}): {err.msg}",
+                f"invalid JSON on line {lineno} (column {err.colno}): {err.msg}. {_FIX_JSON}",
             ) from None
         yield obj
         index += 1
@@ -130,7 +142,7 @@ def read_records(path: str | os.PathLike[str], limit: int | None = None) -> list
     The records are returned as decoded; checking their schema is the loaders' job.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        DataFileNotFoundError: ``path`` does not exist (a ``PluginError`` and a ``FileNotFoundError``).
         DataSchemaError: the file is not valid JSON / JSON Lines, is not UTF-8,
             or its top level is not an array.
     """
@@ -144,5 +156,8 @@ def read_records(path: str | os.PathLike[str], limit: int | None = None) -> list
                 return _take(_iter_json_lines(iter(handle), path), limit)
             text = handle.read()
     except UnicodeDecodeError as err:
-        raise DataSchemaError(str(path), None, ROOT_KEY, f"file is not UTF-8 text ({err.reason})") from None
+        raise DataSchemaError(str(path), None, ROOT_KEY, f"file is not UTF-8 text ({err.reason}). "
+                              "Fix: convert it to UTF-8 JSON / JSON Lines") from None
+    except FileNotFoundError:
+        raise DataFileNotFoundError(path) from None
     return _take(_iter_json_array(text, path), limit)

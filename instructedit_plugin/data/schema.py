@@ -201,7 +201,17 @@ def check_record(record: Any, spec: Fields, path: str | os.PathLike[str], index:
     problem = find_problem(record, spec)
     if problem:
         key, what = problem
-        raise DataSchemaError(str(path), index, key, what)
+        raise DataSchemaError(str(path), index, key, f"{what}. {_fix(key, what, index)}")
+
+
+def _fix(key: str, what: str, index: int) -> str:
+    """The 'Fix: ...' sentence of a schema error."""
+    if key == RECORD_KEY:
+        return f"Fix: record {index} must be a JSON object; the file may be a different dataset (pass fmt=)"
+    if what.startswith("missing"):
+        return (f"Fix: add '{key}' to record {index}, or pass fmt= if this file is another dataset format "
+                "(the format is guessed from the file name)")
+    return f"Fix: correct '{key}' in record {index}, or pass fmt= if this file is another dataset format"
 
 
 T = TypeVar("T")

@@ -136,9 +136,14 @@ class InstructEdTrainingHparams(PluginHyperParams):
     max_steps: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs)")
     max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock budget of run(): stop (and validate/save) once spent; "
                                             "the linear decay is re-aimed at the step count the budget allows")
-    batch_size: int = hp_field(6, min=1, help="edit examples per batch")
-    unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch")
+    batch_size: int = hp_field(6, min=1, help="edit examples per batch (per process and micro-batch)")
+    unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch (per process and micro-batch)")
     val_batch_size: int = hp_field(16, min=1)
+    gradient_accumulation_steps: int = hp_field(1, min=1, help="micro-batches per optimizer step; the step's loss is "
+                                                 "the token mean over all of them (and over all processes)")
+    mixed_precision: Optional[str] = hp_field(None, choices=(None, "no", "bf16"),
+                                              help="bf16: autocast where the device supports it; null: accelerate "
+                                                   "launch's --mixed_precision, else no")
     seed: int = hp_field(0)
 
     # Bookkeeping

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import HyperParamsError, PluginError
-from .checkpoint import Checkpoint, load_checkpoint, model_fingerprint, resolve_archive
+from .checkpoint import Checkpoint, load_checkpoint, resolve_archive
 from .config import InstructEdHyperParams
 from .model import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
 from .templates import instruction_of, request_prompts
@@ -64,6 +64,7 @@ class _Entry:
     prompts: list[str]
     metadata: dict[str, Any]
     memory_id: int | None = None
+    own_prompts: list[str] = field(default_factory=list)  # prompt, rephrase, portability (no locality)
 
 
 @dataclass
@@ -164,9 +165,8 @@ def _checkpoint(state: EditingState, model: nn.Module, hparams: InstructEdHyperP
     folder = str(resolve_archive(hparams.archive).resolve())
     ckpt = state.checkpoints.get(folder)
     if ckpt is None:
-        ckpt = load_checkpoint(folder, device=_device_of(model))
-        if ckpt.config.get("base_model_fingerprint") != model_fingerprint(model.config):
-            LOG.warning("InstructEd archive %s was trained for a different base model config; results may be poor", folder)
+        # refuses prefixes trained for another base model (BaseModelMismatchError, field `archive`)
+        ckpt = load_checkpoint(folder, device=_device_of(model), model_config=model.config)
         state.checkpoints[folder] = ckpt
     bank = ckpt.bank
     if hparams.prefix_layers is not None and sorted(hparams.prefix_layers) != list(bank.layers):
@@ -183,7 +183,8 @@ def _entries(requests: list[dict]) -> list[_Entry]:
     for i, req in enumerate(requests):
         out.append(_Entry(instruction_of(req), request_prompts(req),
                           {"prompt": req.get("prompt"), "target_new": req.get("target_new"),
-                           "case_id": req.get("case_id", i)}))
+                           "case_id": req.get("case_id", i)},
+                          own_prompts=request_prompts(req, include_locality=False)))
     return out
 
 
@@ -201,7 +202,8 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
                         ckpt: Checkpoint, gold: list[_Entry] | None) -> InstructedLM:
     encoder = state.encoder
     if hparams.instruction_source == "gold" and gold:
-        provider: Any = GoldInstructions([(e.instruction, e.prompts) for e in gold], encoder)
+        provider: Any = GoldInstructions([(e.instruction, e.prompts) for e in gold], encoder,
+                                         own_prompts=[e.own_prompts for e in gold])
     else:
         provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts())
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,

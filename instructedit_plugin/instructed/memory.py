@@ -67,14 +67,16 @@ On disk
 ``save(folder)`` writes ``embeddings-<hash>.safetensors`` (``embeddings``
 ``[n, d]`` in the storage dtype and ``ids`` int64), ``records-<hash>.jsonl``
 (one ``{"id", "text", "metadata"}`` object per line) and ``manifest.json``
-(format, version, count, dim, dtype, encoder identity, sha256 per file). Every
+(format, format version, plugin version, count, dim, dtype, the encoder's
+identity -- name, dim, sha256 of its weights and of its config --, the caller's
+``info`` such as the editing hparams, and sha256 and size per file). Every
 file is written to a temporary file in the same folder, flushed, fsynced and
 moved into place with :func:`os.replace`; the manifest goes last. Data files
 are named by content, so until the new manifest is in place the old manifest
 still points at the old, intact files: a save interrupted at any point leaves
 the previous memory loadable. Unreferenced data files are removed after a
-successful save. Loading checks every sha256 and the encoder identity.
-Concurrent saves into the same folder are not supported.
+successful save. Loading checks every sha256 and the encoder identity, and
+never unpickles anything (safetensors + JSON only). Concurrent saves into the same folder are not supported.
 """
 from __future__ import annotations
 
@@ -96,8 +98,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .. import durable
 from ..errors import MissingDependencyError, PluginError, RequestError
-from ..models.cache import atomic_write_file
+from ..models.cache import atomic_write_file  # noqa: F401 - re-exported: tests simulate a torn write with it
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _PREFILTER_MIN_ITEMS = 32768
 _QUERY_CHUNK = 64
 _INT8_MAX_BATCH = 8
+_REBUILD = " Fix: restore the folder from a backup or rebuild the memory (add the instructions again and save)"
 
 
 class MemoryFormatError(PluginError):
@@ -239,25 +243,15 @@ def _check_metadata(metadata: Any, count: int) -> list[dict[str, Any]]:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform / file system
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_bytes(final: Path, data: bytes) -> None:
-    """Atomically create ``final`` with ``data``: temp file in the same folder, flush, fsync, replace."""
+    """Atomically create ``final`` with ``data`` (the shared crash-safe writer of :mod:`..durable`)."""
+    durable.atomic_write_bytes(final, data)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
 
-    atomic_write_file(final, write)
+def _plugin_version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def _identity_mismatch(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
@@ -413,6 +407,8 @@ class InstructionMemory:
         self._row: dict[int, int] = {}
         self._ids_tensor: torch.Tensor | None = None
         self._next_id = 0
+        #: JSON-serialisable notes saved in the manifest (e.g. the editing hparams); see :meth:`save`.
+        self.info: dict[str, Any] = {}
         self._int8: _Int8Index | None = None
         self._int8_state: str = "unknown"  # "unknown" | "on" | "off"
         self._faiss = None
@@ -447,6 +443,12 @@ class InstructionMemory:
     def metadata(self) -> list[dict[str, Any]]:
         """The metadata dicts, in row order (deep copies)."""
         return copy.deepcopy(self._meta)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes allocated for the embedding matrix (rows grow geometrically: at most
+        ``max(256, 1.5 * len)`` rows of ``dim`` values in the storage dtype)."""
+        return self._emb.numel() * self._emb.element_size()
 
     @property
     def embeddings(self) -> torch.Tensor:
@@ -793,8 +795,13 @@ class InstructionMemory:
         return chains
 
     # ------------------------------------------------------------------ persistence
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the memory to ``folder`` atomically (see the module docs); returns the manifest path."""
+    def save(self, folder: str | os.PathLike[str], *, info: Mapping[str, Any] | None = None) -> Path:
+        """Write the memory to ``folder`` atomically (see the module docs); returns the manifest path.
+
+        ``info`` (JSON-serialisable, e.g. the editing hparams and the base model's fingerprint) is
+        recorded in the manifest as ``info`` and comes back as :attr:`info` after :meth:`load`;
+        without it the memory's current :attr:`info` is written.
+        """
         import safetensors.torch
 
         folder = Path(folder)
@@ -802,6 +809,13 @@ class InstructionMemory:
         identity = dict(self.encoder.identity) if self.encoder is not None else None
         if identity is not None and self._dim is not None and identity.get("dim") not in (None, self._dim):
             raise MemoryFormatError(f"encoder dim {identity.get('dim')} differs from stored dim {self._dim}")
+        if info is not None:
+            if not isinstance(info, Mapping):
+                raise RequestError(f"info: expected a dict, got {type(info).__name__}")
+            try:
+                self.info = json.loads(json.dumps(dict(info), allow_nan=False, sort_keys=True))
+            except (TypeError, ValueError) as exc:
+                raise RequestError(f"info: not JSON-serialisable ({exc}); it is saved in the manifest") from exc
         dtype_name = "float16" if self.dtype == torch.float16 else "float32"
         tensors = {"embeddings": self.embeddings.contiguous().clone(),
                    "ids": torch.tensor(self._ids, dtype=torch.long)}
@@ -818,26 +832,62 @@ class InstructionMemory:
             name = f"{stem}-{digest[:16]}.{ext}"
             _write_bytes(folder / name, data)
             files[name] = {"sha256": digest, "bytes": len(data), "role": stem}
-        _fsync_dir(folder)
+        durable.fsync_dir(folder)
         manifest = {
             "format": MEMORY_FORMAT,
             "format_version": MEMORY_FORMAT_VERSION,
+            "plugin_version": _plugin_version(),
             "count": self._count,
             "dim": self._dim,
             "dtype": dtype_name,
             "next_id": self._next_id,
             "encoder": identity,
+            "info": self.info,
             "files": files,
         }
         manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
         _write_bytes(folder / MANIFEST_NAME, manifest_bytes)
-        _fsync_dir(folder)
+        durable.fsync_dir(folder)
         for entry in folder.iterdir():  # data files of earlier saves, now unreferenced
             if (entry.name.startswith(("embeddings-", "records-")) and entry.name not in files
                     and entry.suffix in (".safetensors", ".jsonl") and entry.is_file()):
                 with contextlib.suppress(OSError):
                     entry.unlink()
+            elif (entry.name.startswith((".embeddings-", ".records-", f".{MANIFEST_NAME}."))
+                    and entry.name.endswith(".tmp") and entry.is_file()):  # left by a writer killed mid-write
+                with contextlib.suppress(OSError):
+                    entry.unlink()
         return folder / MANIFEST_NAME
+
+    @staticmethod
+    def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+        """The manifest of a saved memory folder, checked for format and version (files not read)."""
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST_NAME
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise MemoryFormatError(f"{folder}: no {MANIFEST_NAME}; not a saved InstructionMemory folder. "
+                                    "Fix: point at the folder InstructionMemory.save() / save_memory() wrote") from exc
+        except (OSError, ValueError) as exc:
+            raise MemoryFormatError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})."
+                                    + _REBUILD) from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != MEMORY_FORMAT:
+            raise MemoryFormatError(f"{manifest_path}: not an instruction-memory manifest (format "
+                                    f"{manifest.get('format') if isinstance(manifest, dict) else None!r}). "
+                                    "Fix: point at the folder InstructionMemory.save() / save_memory() wrote")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version > MEMORY_FORMAT_VERSION:
+            raise MemoryFormatError(f"{manifest_path}: format_version {version!r} is not supported (this "
+                                    f"plugin reads up to {MEMORY_FORMAT_VERSION}). Fix: upgrade instructedit-plugin")
+        for key, kind in (("files", dict), ("count", int), ("encoder", (dict, type(None))), ("info", (dict, type(None)))):
+            if key in manifest and not isinstance(manifest[key], kind):
+                raise MemoryFormatError(f"{manifest_path}: field '{key}' has the wrong type "
+                                        f"({type(manifest[key]).__name__}); the manifest was modified or corrupted." + _REBUILD)
+        if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("count"), int):
+            raise MemoryFormatError(f"{manifest_path}: field 'files' or 'count' is missing; "
+                                    "the manifest was modified or corrupted." + _REBUILD)
+        return manifest
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], encoder: TextEncoder | None = None, *,
@@ -847,7 +897,8 @@ class InstructionMemory:
 
         With ``encoder=None`` the encoder named in the manifest is created
         (:class:`~.encoder.SentenceEncoder`); either way its identity (dim,
-        weights and config hashes) must match the saved one.
+        weights and config hashes) must match the saved one. Nothing is
+        unpickled: the embeddings are safetensors, the texts JSON Lines.
 
         Raises:
             MemoryFormatError: missing/unknown manifest, a missing file, a sha256
@@ -858,52 +909,49 @@ class InstructionMemory:
 
         folder = Path(folder)
         manifest_path = folder / MANIFEST_NAME
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise MemoryFormatError(f"{folder}: no {MANIFEST_NAME}; not a saved InstructionMemory folder") from exc
-        except (OSError, ValueError) as exc:
-            raise MemoryFormatError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != MEMORY_FORMAT:
-            raise MemoryFormatError(f"{manifest_path}: not an instruction-memory manifest (format "
-                                    f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > MEMORY_FORMAT_VERSION:
-            raise MemoryFormatError(f"{manifest_path}: format_version {version!r} is not supported (this "
-                                    f"plugin reads up to {MEMORY_FORMAT_VERSION}); upgrade instructedit-plugin")
+        manifest = cls.read_manifest(folder)
         dtype_name = manifest.get("dtype")
         if dtype_name not in _DTYPES:
-            raise MemoryFormatError(f"{manifest_path}: unknown dtype {dtype_name!r}")
+            raise MemoryFormatError(f"{manifest_path}: unknown dtype {dtype_name!r}." + _REBUILD)
         blobs: dict[str, bytes] = {}
-        for name, info in dict(manifest.get("files") or {}).items():
-            if Path(name).name != name:
-                raise MemoryFormatError(f"{manifest_path}: file name {name!r} is not a plain name")
+        for name, info in manifest["files"].items():
+            if Path(name).name != name or not isinstance(info, dict):
+                raise MemoryFormatError(f"{manifest_path}: file entry {name!r} is not a plain name with its sha256." + _REBUILD)
             try:
                 data = (folder / name).read_bytes()
             except OSError as exc:
-                raise MemoryFormatError(f"{folder / name}: listed in the manifest but unreadable ({exc})") from exc
+                raise MemoryFormatError(f"{folder / name}: listed in the manifest but unreadable ({exc}). "
+                                        "Fix: restore the folder from a backup or rebuild the memory") from exc
             digest = hashlib.sha256(data).hexdigest()
             if digest != info.get("sha256"):
                 raise MemoryFormatError(
                     f"{folder / name}: sha256 {digest[:16]}... does not match the manifest "
                     f"({str(info.get('sha256'))[:16]}...); the file was modified or corrupted. "
-                    "Restore it from a backup or rebuild the memory"
+                    "Fix: restore it from a backup or rebuild the memory"
                 )
             blobs[info.get("role")] = data
         if set(blobs) != {"embeddings", "records"} or len(manifest["files"]) != 2:
-            raise MemoryFormatError(f"{manifest_path}: expected an embeddings and a records file, got {sorted(blobs)}")
+            raise MemoryFormatError(f"{manifest_path}: expected an embeddings and a records file, got {sorted(map(str, blobs))}." + _REBUILD)
         try:
             tensors = safetensors.torch.load(blobs["embeddings"])
+        except Exception as exc:  # safetensors raises its own SafetensorError (not a ValueError)
+            raise MemoryFormatError(f"{folder}: the embeddings file is not a safetensors file ({exc}); "
+                                    "only safetensors is read (never pickle)." + _REBUILD) from exc
+        try:
             records = [json.loads(line) for line in blobs["records"].decode("utf-8").splitlines() if line.strip()]
         except (ValueError, UnicodeDecodeError) as exc:
-            raise MemoryFormatError(f"{folder}: unreadable data files ({exc})") from exc
+            raise MemoryFormatError(f"{folder}: the records file is not UTF-8 JSON Lines ({exc})." + _REBUILD) from exc
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) and isinstance(r.get("metadata", {}), (dict, type(None)))
+                   for r in records):
+            raise MemoryFormatError(f"{folder}: a record is not {{'id', 'text', 'metadata'}}." + _REBUILD)
         emb, ids = tensors.get("embeddings"), tensors.get("ids")
         count, dim = manifest.get("count"), manifest.get("dim")
         if (emb is None or ids is None or emb.dim() != 2 or emb.shape[0] != count or ids.shape != (count,)
-                or (count and emb.shape[1] != dim) or emb.dtype != _DTYPES[dtype_name] or len(records) != count):
-            raise MemoryFormatError(f"{folder}: data files disagree with the manifest (count/dim/dtype)")
+                or (count and emb.shape[1] != dim) or emb.dtype != _DTYPES[dtype_name] or len(records) != count
+                or ids.dtype != torch.long):
+            raise MemoryFormatError(f"{folder}: data files disagree with the manifest (count/dim/dtype)." + _REBUILD)
         if [r.get("id") for r in records] != ids.tolist():
-            raise MemoryFormatError(f"{folder}: records and embeddings list different ids")
+            raise MemoryFormatError(f"{folder}: records and embeddings list different ids." + _REBUILD)
         saved_identity = manifest.get("encoder")
         if encoder is None and saved_identity is not None:
             from .encoder import SentenceEncoder
@@ -913,7 +961,7 @@ class InstructionMemory:
             except PluginError as exc:
                 raise EncoderMismatchError(
                     f"{folder}: the memory was built with encoder {saved_identity.get('name')!r}, which cannot be "
-                    f"loaded here ({exc}). Pass encoder=SentenceEncoder(<local folder of that model>)"
+                    f"loaded here ({exc}). Fix: pass encoder=SentenceEncoder(<local folder of that model>)"
                 ) from exc
         if check_encoder and saved_identity is not None and encoder is not None:
             problems = _identity_mismatch(saved_identity, encoder.identity)
@@ -921,7 +969,7 @@ class InstructionMemory:
                 raise EncoderMismatchError(
                     f"{folder}: built with encoder {saved_identity.get('name')!r}, but the given encoder "
                     f"{encoder.identity.get('name')!r} differs ({'; '.join(problems)}). Its embeddings would not be "
-                    "comparable: load with the original encoder, or rebuild the memory with this one"
+                    "comparable. Fix: load with the original encoder, or rebuild the memory with this one"
                 )
         memory = cls(encoder, dtype=_DTYPES[dtype_name], use_faiss=use_faiss, prefilter=prefilter)
         memory._dim = int(dim) if dim is not None else memory._dim
@@ -931,6 +979,8 @@ class InstructionMemory:
         memory._meta = [dict(r.get("metadata") or {}) for r in records]
         memory._ids = ids.tolist()
         memory._row = {item_id: r for r, item_id in enumerate(memory._ids)}
-        memory._next_id = max(int(manifest.get("next_id", 0)), max(memory._ids, default=-1) + 1)
+        next_id = manifest.get("next_id", 0)
+        memory._next_id = max(next_id if isinstance(next_id, int) else 0, max(memory._ids, default=-1) + 1)
+        memory.info = dict(manifest.get("info") or {})
         memory._rebuild_indexes()
         return memory

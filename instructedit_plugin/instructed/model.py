@@ -141,12 +141,22 @@ class GoldInstructions:
             prompts (then the most similar instruction is used).
     """
 
-    def __init__(self, entries: Sequence[tuple[str, Sequence[str]]], encoder: Any = None):
+    def __init__(self, entries: Sequence[tuple[str, Sequence[str]]], encoder: Any = None,
+                 own_prompts: Sequence[Sequence[str]] | None = None):
         if not entries:
             raise RequestError("GoldInstructions needs at least one (instruction, prompts) entry")
         self.entries = [(ins, list(prompts)) for ins, prompts in entries]
         self.encoder = encoder
-        self._matcher = _PromptMatcher({p: i for i, (_, ps) in enumerate(self.entries) for p in ps})
+        # A question that is one edit's own (prompt / rephrase / portability) and another edit's
+        # locality probe (a batch may hold both) belongs to the edit that changed its answer.
+        owner: dict[str, int] = {}
+        for i, own in enumerate(own_prompts or []):
+            for prompt in own:
+                owner.setdefault(prompt, i)
+        for i, (_, prompts) in enumerate(self.entries):
+            for prompt in prompts:
+                owner.setdefault(prompt, i)
+        self._matcher = _PromptMatcher(owner)
 
     def choose(self, texts: Sequence[str]) -> list[Selection | None]:
         out: list[Selection | None] = []

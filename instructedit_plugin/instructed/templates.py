@@ -12,9 +12,15 @@ token ids are appended unchanged, so that
 
 When the tokenizer adds a BOS token (LLaMA, Gemma), the instructed sequence starts with one BOS
 and the question's own leading BOS is dropped.
+
+An instruction longer than ``instruction_max_length`` tokens is cut to its first
+``instruction_max_length`` tokens, and a ``logging`` warning names the instruction and both lengths
+(once per instruction and template object, so a long fact does not flood the log on every forward).
+Any text is accepted: empty instructions give an empty span, any unicode is tokenised as given.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +29,9 @@ from ..errors import RequestError
 from .config import DEFAULT_TEMPLATE
 
 __all__ = ["InstructionTemplate", "instruction_of", "request_prompts"]
+
+LOG = logging.getLogger(__name__)
+_WARNED_MAX = 1024  # instructions remembered per template for the once-only truncation warning
 
 
 def _first(value: Any) -> str | None:
@@ -47,18 +56,20 @@ def instruction_of(request: Mapping[str, Any]) -> str:
     prompt = _first(request.get("prompt"))
     target = _first(request.get("target_new"))
     if not prompt or target is None:
-        raise RequestError("request has neither an 'instruction' nor a 'prompt' and 'target_new' to build one from")
+        raise RequestError("an InstructEd request has neither an 'instruction' nor a 'prompt' and 'target_new' to build "
+                           "one from. Fix: give the request an 'instruction' (the new fact as a sentence) or a non-empty "
+                           "'prompt' and its 'target_new'")
     target = str(target).strip()
     sentence = f"{prompt.rstrip()} {target}"
     return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
 
 
 def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
     if isinstance(value, str):
         return [value]
-    return [v for v in value if isinstance(v, str)]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []  # None, or anything that is not text (validated elsewhere)
 
 
 def request_prompts(request: Mapping[str, Any], include_locality: bool = True) -> list[str]:
@@ -96,7 +107,10 @@ class InstructionTemplate:
             raise RequestError(f"template {template!r} must contain '{{instruction}}' exactly once")
         self.tokenizer = tokenizer
         self.template = template
+        if isinstance(instruction_max_length, bool) or int(instruction_max_length) < 1:
+            raise RequestError(f"instruction_max_length must be a positive number of tokens, got {instruction_max_length!r}")
         self.instruction_max_length = int(instruction_max_length)
+        self._warned: set[int] = set()
         head, tail = template.split("{instruction}")
         self.head_ids = self._encode(head)
         self.tail_ids = self._encode(tail)
@@ -109,7 +123,16 @@ class InstructionTemplate:
 
     def encode_instruction(self, instruction: str) -> EncodedPrefix:
         """Ids of ``[BOS] head instruction tail`` and the ``(start, end)`` span of the instruction."""
-        body = self._encode(instruction)[: self.instruction_max_length]
+        body = self._encode(instruction)
+        if len(body) > self.instruction_max_length:
+            key = hash(instruction)
+            if key not in self._warned:
+                if len(self._warned) < _WARNED_MAX:
+                    self._warned.add(key)
+                preview = instruction if len(instruction) <= 80 else instruction[:77] + "..."
+                LOG.warning("InstructEd instruction of %d tokens truncated to instruction_max_length=%d: %r",
+                            len(body), self.instruction_max_length, preview)
+            body = body[: self.instruction_max_length]
         lead = [self.bos_id] if self.bos_id is not None else []
         start = len(lead) + len(self.head_ids)
         return EncodedPrefix(lead + self.head_ids + body + self.tail_ids, (start, start + len(body)))

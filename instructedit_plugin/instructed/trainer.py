@@ -24,10 +24,17 @@ What ``run()`` does
   without improvement.
 * ``<results_dir>/last`` holds prefixes + optimizer/scheduler state (safetensors + JSON, no pickle)
   at every validation; ``resume: true`` continues from it at the saved step with the same batches.
+* ``gradient_accumulation_steps`` micro-batches per step, and several processes under
+  ``accelerate launch`` (DDP on the prefix bank only; :mod:`instructedit_plugin.distributed`): the
+  epochs are cut into global batches of ``(batch_size + unmodified_batch_size) x micro-batches x
+  processes`` examples, each process takes its slices, and the step's loss is the token mean over the
+  whole global batch -- the same step as one process with the whole batch. ``mixed_precision: bf16``
+  trains under bf16 autocast.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import time
@@ -37,12 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import make_runtime, micro_batch_index, run_on_main, shard
 from ..errors import PluginError
 from ..hparams import num_layers_of
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, save_trainer_state
 from .config import InstructEdTrainingHparams
 from .data import (
     MixedBatches,
+    TrainBatch,
     collate,
     encode_example,
     fill_similarities,
@@ -81,6 +90,36 @@ class InstructEdTrainModule(nn.Module):
         )
 
 
+def _left_pad(batch: TrainBatch, width: int, pad_id: int) -> TrainBatch:
+    """``batch`` left-padded to ``width`` columns (as :func:`~.data.collate` pads to the longest row)."""
+    extra = width - batch.input_ids.shape[1]
+    if extra <= 0:
+        return batch
+    rows = batch.input_ids.shape[0]
+    return dataclasses.replace(
+        batch,
+        input_ids=torch.cat([batch.input_ids.new_full((rows, extra), pad_id), batch.input_ids], 1),
+        attention_mask=torch.cat([batch.attention_mask.new_zeros((rows, extra)), batch.attention_mask], 1),
+        labels=torch.cat([batch.labels.new_full((rows, extra), -100), batch.labels], 1),
+        spans=[(a + extra, b + extra) for a, b in batch.spans],
+    )
+
+
+class _PrefixTrainable(nn.Module):
+    """What DDP wraps: the prefix bank. ``forward(batch, mean)``: the batch's token loss (mean or sum)."""
+
+    def __init__(self, trainer: "InstructEdTrainer"):
+        super().__init__()
+        self.bank = trainer.bank
+        self._trainer = [trainer]  # a plain reference: the trainer (and its base model) is not a submodule
+
+    def forward(self, batch: Any, mean: bool) -> torch.Tensor:
+        if batch is None:  # this process has no example in this micro-batch: a zero that still reaches DDP
+            return self.bank.embeddings.sum() * 0.0
+        losses, mask, _ = self._trainer[0]._token_losses(batch)
+        return losses[mask].mean() if mean else losses[mask].sum()
+
+
 class InstructEdTrainer:
     """Trains InstructEd prefixes; see the module docstring.
 
@@ -108,7 +147,10 @@ class InstructEdTrainer:
         if not self.train_requests:
             raise PluginError("no training requests (after the validation split)")
 
-        self.device = resolve_device(config.device)
+        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.distributed`)
+        self.runtime = make_runtime(resolve_device(config.device), config.gradient_accumulation_steps,
+                                    config.mixed_precision, config.dtype)
+        self.device = self.runtime.device
         if model is None:
             from ..models.loading import load_causal_lm
 
@@ -147,11 +189,17 @@ class InstructEdTrainer:
         self.bank = self.handle.bank
         self.lm = InstructedLM(self.model, tokenizer, self.bank, encoder=self.encoder, template=config.template,
                                instruction_max_length=config.instruction_max_length, mode=config.reweight_mode)
-        self.batches = MixedBatches(len(self.edit_examples), len(self.unmod_examples), config.batch_size,
-                                    config.unmodified_batch_size, config.seed)
+        # One optimizer step covers `micro_batches` micro-batches of batch_size + unmodified_batch_size
+        # examples (gradient accumulation x processes); the epochs are cut into such global batches.
+        self.micro_batches = self.runtime.num_processes * config.gradient_accumulation_steps
+        self.batches = MixedBatches(len(self.edit_examples), len(self.unmod_examples),
+                                    config.batch_size * self.micro_batches,
+                                    config.unmodified_batch_size * self.micro_batches, config.seed)
         self.total_steps = config.max_steps or config.epochs * self.batches.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # What DDP wraps: the prefix bank only (the frozen base model stays out of it).
+        self.train_module, self._opt_step = self.runtime.prepare(_PrefixTrainable(self), self.optimizer)
         self.results_dir = Path(config.results_dir)
         self.step = 0
         self.best: float | None = None
@@ -214,7 +262,8 @@ class InstructEdTrainer:
         examples = self.val_examples
         for start in range(0, len(examples), self.config.val_batch_size):
             batch = collate(examples[start:start + self.config.val_batch_size], self.lm.pad_id, self.device)
-            losses, mask, correct = self._token_losses(batch)
+            with self.runtime.autocast():
+                losses, mask, correct = self._token_losses(batch)
             edit = batch.is_edit.to(mask.device)[:, None] & mask
             loc = ~batch.is_edit.to(mask.device)[:, None] & mask
             sums["edit_loss"] += float(losses[edit].sum())
@@ -257,7 +306,8 @@ class InstructEdTrainer:
             self._resume()
         started = time.perf_counter()
         bar = None
-        if cfg.progress:
+        main = self.runtime.is_main
+        if cfg.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="InstructEd", dynamic_ncols=True)
@@ -270,36 +320,28 @@ class InstructEdTrainer:
             while self.step < self.total_steps and not stop:
                 epoch, offset = divmod(self.step, self.batches.steps_per_epoch)
                 for edit_idx, unmod_idx in self.batches.epoch(epoch)[offset:]:
-                    batch = collate([self.edit_examples[i] for i in edit_idx] + [self.unmod_examples[i] for i in unmod_idx],
-                                    self.lm.pad_id, self.device)
-                    losses, mask, _ = self._token_losses(batch)
-                    loss = losses[mask].mean()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    loss = self._train_step(edit_idx, unmod_idx)
                     self.step += 1
-                    running += loss.item()
+                    running += loss
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                        bar.set_postfix(loss=f"{loss:.3f}")
                     if self.step % cfg.log_interval == 0:
-                        LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
-                                 running / cfg.log_interval, self.scheduler.get_last_lr()[0])
+                        if main:
+                            LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
+                                     running / cfg.log_interval, self.scheduler.get_last_lr()[0])
                         running = 0.0
                     if cfg.max_seconds is not None:
-                        out_of_time = self._check_budget(started, started_step)
+                        out_of_time = self._check_budget_on_main(started, started_step)
                     if out_of_time or self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
-                        stop = self._after_validation() or out_of_time
+                        stop = self._after_validation_on_main() or out_of_time
                     if stop or self.step >= self.total_steps:
                         break
         finally:
             if bar is not None:
                 bar.close()
         if not self.history or self.history[-1]["step"] != self.step:
-            self._after_validation()
+            self._after_validation_on_main()
         return {
             "step": self.step,
             "best_val_loss": self.best,
@@ -310,6 +352,80 @@ class InstructEdTrainer:
             "stopped_by_budget": self.stopped_by_budget,
             "total_steps": self.total_steps,
         }
+
+    def _train_step(self, edit_idx: list[int], unmod_idx: list[int]) -> float:
+        """One optimizer step on the global batch ``edit_idx`` + ``unmod_idx``; returns its loss.
+
+        The loss is the mean token loss of the whole global batch. With one process and no
+        accumulation that is ``losses[mask].mean()`` of the batch; otherwise this process's
+        micro-batches (its slices of the global batch) contribute their token-loss sums divided by
+        the global batch's token count, so the summed gradients equal the one-batch gradient.
+        """
+        cfg = self.config
+        rt = self.runtime
+        if self.micro_batches == 1:
+            batch = collate([self.edit_examples[i] for i in edit_idx] + [self.unmod_examples[i] for i in unmod_idx],
+                            self.lm.pad_id, self.device)
+            with rt.autocast():
+                loss = self.train_module(batch, True)
+            self.optimizer.zero_grad(set_to_none=True)
+            rt.backward(loss)
+            value = loss.item()
+        else:
+            accum = cfg.gradient_accumulation_steps
+            # every row keeps the place it has in the one global batch: left-padded to its width (models
+            # with absolute positions see a left-padded row at shifted positions)
+            width = max(len(e.input_ids) for e in [self.edit_examples[i] for i in edit_idx] +
+                        [self.unmod_examples[i] for i in unmod_idx])
+            batches = []
+            for micro in range(accum):
+                part = micro_batch_index(micro, rt.process_index, rt.num_processes)
+                rows = [self.edit_examples[i] for i in shard(edit_idx, part, self.micro_batches)]
+                rows += [self.unmod_examples[i] for i in shard(unmod_idx, part, self.micro_batches)]
+                batches.append(_left_pad(collate(rows, self.lm.pad_id, self.device), width, self.lm.pad_id)
+                               if rows else None)
+            local_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches if b is not None)
+            tokens = max(rt.reduce_sum(local_tokens), 1.0)
+            self.optimizer.zero_grad(set_to_none=True)
+            local_sum = 0.0
+            for micro, batch in enumerate(batches):
+                with rt.micro_step(self.train_module, last=micro == accum - 1):
+                    with rt.autocast():
+                        total = self.train_module(batch, False)
+                    # backward divides by the accumulation steps and DDP averages over the processes
+                    rt.backward(total * (self.micro_batches / tokens))
+                local_sum += float(total.detach())
+            value = rt.reduce_sum(local_sum) / tokens
+        if cfg.grad_clip > 0:
+            rt.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
+        self._opt_step.step()
+        self.scheduler.step()
+        return value
+
+    def _check_budget_on_main(self, started: float, started_step: int) -> bool:
+        """:meth:`_check_budget` on the main process's clock; every process gets its decision."""
+        rt = self.runtime
+        if not rt.distributed:
+            return self._check_budget(started, started_step)
+
+        def check() -> tuple:
+            return self._check_budget(started, started_step), self.total_steps, self.stopped_by_budget
+
+        out_of_time, self.total_steps, self.stopped_by_budget = run_on_main(rt, check, "the time-budget check")
+        return out_of_time
+
+    def _after_validation_on_main(self) -> bool:
+        """:meth:`_after_validation` (validate, save) on the main process; every process gets the outcome."""
+        rt = self.runtime
+        if not rt.distributed:
+            return self._after_validation()
+
+        def validate() -> tuple:
+            return self._after_validation(), self.best, self.bad_validations, self.history
+
+        stop, self.best, self.bad_validations, self.history = run_on_main(rt, validate, "validation")
+        rt.wait_for_everyone()
+        return stop
 
     #: steps timed before the linear decay is re-aimed at the budget
     BUDGET_CALIBRATION_STEPS = 8

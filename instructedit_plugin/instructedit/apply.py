@@ -7,6 +7,15 @@ prefixes each request's prompt with its instruction, computes the edit and
 writes the new weights into the model in place. The returned ``weights_copy``
 holds the original weights, which EasyEdit copies back after evaluating.
 
+The edit loss is computed from logits at the answer positions only
+(``sparse_logits``): the same NLL and gradients as full-sequence logits, without
+running the output layer (262k rows for Gemma 3) over the instruction and
+prompt tokens, whose logits the loss never reads.
+
+The checkpoint is checked before use: file hashes against its manifest, and its
+base model (architecture config fingerprint) against ``model``; an editor trained
+for another model is a ``HyperParamsError`` naming ``archive``.
+
 Instruction per request: ``request["instruction"]`` (free text, used as the
 description) if present, else the description of ``request["task"]`` (or
 ``hparams.default_task``) chosen by ``hparams.description_index`` (default: the
@@ -28,7 +37,7 @@ from torch import nn
 
 from ..errors import HyperParamsError, RequestError
 from ..instructions import DEFAULT_TEMPLATE, InstructionLibrary, default_library, load_instruction_library
-from .checkpoint import EDITOR_FILE, load_editor, resolve_archive
+from .checkpoint import EDITOR_FILE, load_editor, resolve_archive, verify_base_model
 from .dataset import encode_pairs
 from .editable import compute_edited_weights, resolve_layer_specs
 from .hypernet import InstructEditHypernet, LayerSpec, layer_specs_from_json
@@ -47,15 +56,16 @@ class LoadedEditor:
     path: Path
 
     def new_weights(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        new, info = compute_edited_weights(model, self.hypernet, self.edit_lrs, self.specs, batch)
+        new, info = compute_edited_weights(model, self.hypernet, self.edit_lrs, self.specs, batch, sparse_logits=True)
         return {k: v.detach() for k, v in new.items()}, info
 
 
 def load_editor_for(model: nn.Module, archive: str | os.PathLike, inner_params: Sequence[str] | None = None,
                     source: str | None = None) -> LoadedEditor:
     """Read a checkpoint and check it against ``model`` (layer names and shapes)."""
-    tensors, meta = load_editor(archive, source=source)
     path = resolve_archive(archive, source=source)
+    tensors, meta = load_editor(path, source=source)
+    verify_base_model(meta, model, path, source=source)
     specs = layer_specs_from_json(meta["layers"])
     names = [s.name for s in specs]
     if inner_params is not None and list(inner_params) != names:
@@ -67,7 +77,14 @@ def load_editor_for(model: nn.Module, archive: str | os.PathLike, inner_params: 
                                "use a checkpoint trained for this model", source)
     hypernet = InstructEditHypernet(specs, **meta["hypernet"])
     state = {k[len("hypernet."):]: v for k, v in tensors.items() if k.startswith("hypernet.")}
-    hypernet.load_state_dict(state, strict=True)
+    try:
+        hypernet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise HyperParamsError("archive", f"the tensors of {path} do not match its hypernetwork settings "
+                               f"({str(exc).splitlines()[0][:200]})", "use another checkpoint or retrain", source) from None
+    if "edit_lrs" not in tensors or tensors["edit_lrs"].shape != (len(specs),):
+        raise HyperParamsError("archive", f"{path} has no edit_lrs for its {len(specs)} layers",
+                               "use another checkpoint or retrain", source)
     device = next(model.parameters()).device
     hypernet.to(device).eval()
     for p in hypernet.parameters():
@@ -81,7 +98,7 @@ _EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LoadedEditor]]" = we
 
 
 def _checkpoint_key(path: Path) -> tuple:
-    stat = (path / EDITOR_FILE).stat()
+    stat = (path if path.is_file() else path / EDITOR_FILE).stat()
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
@@ -99,9 +116,29 @@ def editor_for(model: nn.Module, hparams: Any) -> LoadedEditor:
     return editor
 
 
+#: instructions_dir -> (file stamps, library): a folder is read again only when its YAML files change.
+_LIBRARIES: dict[str, tuple[tuple, InstructionLibrary]] = {}
+
+
+def _folder_stamp(folder: Path) -> tuple:
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()
+                            if p.suffix in (".yaml", ".yml")))
+    except OSError:
+        return ()
+
+
 def _library(hparams: Any) -> InstructionLibrary:
     folder = getattr(hparams, "instructions_dir", None)
-    return load_instruction_library([folder]) if folder else default_library()
+    if not folder:
+        return default_library()
+    key = f"{os.environ.get('INSTRUCTEDIT_INSTRUCTIONS_DIR', '')}|{Path(folder).expanduser().resolve()}"
+    stamp = _folder_stamp(Path(folder).expanduser())
+    cached = _LIBRARIES.get(key)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, load_instruction_library([folder]))
+        _LIBRARIES[key] = cached
+    return cached[1]
 
 
 def instructed_prompt(request: Mapping[str, Any], hparams: Any, library: InstructionLibrary | None = None) -> str:

@@ -1,86 +1,361 @@
-"""Editor checkpoints: safetensors tensors + JSON metadata, written atomically, loaded without pickle.
+"""Editor checkpoints: safetensors tensors + a JSON manifest, written atomically, loaded without pickle.
 
 A checkpoint folder holds
 
 * ``editor.safetensors``: hypernetwork parameters and running statistics, ``edit_lrs``;
-* ``editor_config.json``: format version, layer specs, hypernetwork settings, the
-  training config, step/validation stats and the sha256 of ``editor.safetensors``;
 * for resuming (``last/`` only): ``trainer_state.safetensors`` (optimiser
-  tensors) and ``trainer_state.json`` (optimiser structure, step, best value).
+  tensors) and ``trainer_state.json`` (optimiser structure, step, best value);
+* ``editor_config.json``, the manifest, written **last**: format and format
+  version, the plugin version, the base model's identity (``base_model``: the
+  sha256 fingerprint of its architecture config, its ``model_type`` and folder
+  name), layer specs, hypernetwork settings, the training hparams
+  (``training_config``), step/validation stats and ``files``: the sha256 of
+  every other file in the folder.
 
 Every file is written to a temporary file in the same folder, flushed, fsynced
-and moved into place with :func:`os.replace`; the JSON (which carries the
-tensor file's hash) is written last, so a crash leaves either the previous
+and moved into place with :func:`os.replace`; the manifest (which carries the
+other files' hashes) is written last, so a crash leaves either the previous
 complete checkpoint or a detectable mismatch, never a silently mixed one.
+
+Loading (:func:`load_editor`) checks the format, the hash of every file it
+reads and that the manifest names a base model; :func:`verify_base_model`
+refuses to apply an editor to a model whose architecture config differs from
+the one it was trained for (a :class:`~instructedit_plugin.errors.HyperParamsError`
+naming ``archive``, before any tensor shape is compared).
+
+EasyEdit's trainer (``EditTrainer`` with ``ALG_TRAIN_DICT['INSTRUCTEDIT']``)
+saves a ``torch.save`` archive ``{"model": state_dict, "opt": ..., ...}``.
+:class:`~instructedit_plugin.instructedit.editable.InstructEditModel` puts its
+manifest into that state dict (``instructedit_meta``, a uint8 tensor of JSON),
+the plugin writes a checkpoint folder next to every such save
+(``<save_path>.instructedit``, see :func:`easyedit_export_dir`), and
+:func:`load_editor` also accepts the archive itself: it is read **only** with
+``torch.load(..., weights_only=True)`` (tensors and plain containers; never
+arbitrary objects) and converted. Anything else is refused.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..durable import atomic_write_bytes, atomic_write_json
+from ..durable import atomic_write_bytes, dumps_json
 from ..errors import HyperParamsError
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_NAME = "instructedit_plugin/InstructEdit-editor"
+FORMAT_VERSION = 2
+#: Versions :func:`load_editor` reads (1: no manifest fields beyond the tensor file's sha256).
+READABLE_VERSIONS = (1, 2)
 EDITOR_FILE = "editor.safetensors"
 CONFIG_FILE = "editor_config.json"
 TRAINER_FILE = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
+#: State-dict key under which :class:`InstructEditModel` stores its manifest (uint8 tensor of UTF-8 JSON).
+META_KEY = "instructedit_meta"
+#: Suffix of the checkpoint folder written next to an EasyEdit trainer archive.
+EASYEDIT_EXPORT_SUFFIX = ".instructedit"
+#: Manifest keys :func:`save_editor` always writes itself.
+_WRITER_KEYS = ("format", "format_version", "files", "sha256")
+_REQUIRED_KEYS = ("layers", "hypernet", "base_model", "plugin_version", "training_config")
+
+#: Default fix for a missing/unusable archive.
+_TRAIN_FIX = ("train an editor first (InstructEditTrainer(...).run(), or EasyEdit's EditTrainer) and point archive "
+              "at its best/ folder, or at the EasyEdit archive / its .instructedit folder")
 
 
-def _tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+def plugin_version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
-def save_editor(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
-    """Write ``editor.safetensors`` then ``editor_config.json`` (with the tensor file's sha256)."""
+def base_model_identity(model_or_config: Any) -> dict[str, Any]:
+    """What identifies the base model an editor belongs to.
+
+    ``fingerprint`` is the sha256 of the architecture config without volatile
+    keys (path, dtype, attention backend, transformers version; the helper
+    InstructEd checkpoints use too); ``model_type`` and ``name`` (the folder
+    name) are for messages only.
+    """
+    from ..instructed.checkpoint import model_fingerprint
+
+    config = getattr(model_or_config, "config", model_or_config)
+    data = config if isinstance(config, Mapping) else None
+    name = (data.get("_name_or_path") if data is not None else getattr(config, "_name_or_path", None)) or ""
+    model_type = data.get("model_type") if data is not None else getattr(config, "model_type", None)
+    return {"fingerprint": model_fingerprint(config), "model_type": model_type,
+            "name": str(name).rstrip("/").split("/")[-1] or None}
+
+
+def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()
+            if isinstance(v, torch.Tensor) and k != META_KEY}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values (numbers from numpy/torch scalars become floats/ints, other objects strings)."""
+    return json.loads(json.dumps(value, default=_plain))
+
+
+def save_editor(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                extra_files: Mapping[str, bytes] | None = None) -> Path:
+    """Write ``editor.safetensors`` (and ``extra_files``), then the manifest ``editor_config.json``.
+
+    ``config`` is the editor's metadata (``InstructEditModel.editor_config()`` plus
+    step and validation stats); the format fields and the files' hashes are added here.
+    """
     folder = Path(folder)
+    missing = [k for k in ("layers", "hypernet", "base_model") if k not in config]
+    if missing:
+        raise ValueError(f"editor metadata lacks {missing}; build it with InstructEditModel.editor_config()")
     blob = st_save(_tensors(state))
     atomic_write_bytes(folder / EDITOR_FILE, blob)
-    meta = dict(config)
-    meta["format_version"] = FORMAT_VERSION
-    meta["sha256"] = hashlib.sha256(blob).hexdigest()
-    atomic_write_json(folder / CONFIG_FILE, meta)
+    files = {EDITOR_FILE: hashlib.sha256(blob).hexdigest()}
+    for name, data in (extra_files or {}).items():
+        if Path(name).name != name or name in (EDITOR_FILE, CONFIG_FILE):
+            raise ValueError(f"extra checkpoint file name {name!r} is not allowed")
+        atomic_write_bytes(folder / name, data)
+        files[name] = hashlib.sha256(data).hexdigest()
+    meta = {k: v for k, v in config.items() if k not in _WRITER_KEYS}
+    meta.setdefault("plugin_version", plugin_version())
+    meta.setdefault("training_config", {})
+    meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, files=files)
+    atomic_write_bytes(folder / CONFIG_FILE, dumps_json(meta).encode("utf-8"))
     return folder
 
 
+def easyedit_export_dir(save_path: str | os.PathLike) -> Path:
+    """The checkpoint folder written next to EasyEdit's trainer archive ``save_path``."""
+    return Path(f"{os.fspath(save_path)}{EASYEDIT_EXPORT_SUFFIX}")
+
+
 def resolve_archive(archive: str | os.PathLike | None, field: str = "archive", source: str | None = None) -> Path:
-    """The checkpoint folder named by ``archive`` (the folder or its ``editor.safetensors``)."""
+    """The checkpoint named by ``archive``: a checkpoint folder (also given as its
+    ``editor.safetensors``), or an EasyEdit trainer archive file."""
     if archive is None or not str(archive).strip():
         raise HyperParamsError(field, "no trained editor checkpoint is given",
                                "set it to the folder written by InstructEditTrainer (e.g. results/models/InstructEdit/<model>/best)", source)
     path = Path(archive).expanduser()
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent
+    if path.is_file():
+        return path.parent if path.name == EDITOR_FILE or path.suffix == ".safetensors" else path
     if not (path / EDITOR_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-        raise HyperParamsError(field, f"no InstructEdit checkpoint at {path} (needs {EDITOR_FILE} and {CONFIG_FILE})",
-                               "train an editor first (InstructEditTrainer(...).run()) and point archive at its best/ folder", source)
+        raise HyperParamsError(field, f"no InstructEdit checkpoint at {path} (needs {EDITOR_FILE} and {CONFIG_FILE}, "
+                               "or an EasyEdit trainer archive file)", _TRAIN_FIX, source)
     return path
 
 
-def load_editor(archive: str | os.PathLike, field: str = "archive", source: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint without unpickling: ``(tensors, config)``; checks the hash."""
-    folder = resolve_archive(archive, field, source)
-    meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise HyperParamsError(field, f"checkpoint format {meta.get('format_version')!r} is not {FORMAT_VERSION}",
+def _read_manifest(folder: Path, field: str, source: str | None) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise HyperParamsError(field, f"{folder / CONFIG_FILE} is not readable JSON ({type(exc).__name__})",
+                               "use another checkpoint (e.g. best/ or last/) or retrain", source) from None
+    if not isinstance(meta, dict):
+        raise HyperParamsError(field, f"{folder / CONFIG_FILE} is not a JSON object", "use another checkpoint or retrain", source)
+    return meta
+
+
+def _check_manifest(meta: Mapping[str, Any], where: Any, field: str, source: str | None) -> None:
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise HyperParamsError(field, f"{where} was written by a newer plugin (format {version}, plugin "
+                               f"{meta.get('plugin_version')!r}; this plugin {plugin_version()} reads up to {FORMAT_VERSION})",
+                               "upgrade instructedit-plugin", source)
+    if version not in READABLE_VERSIONS:
+        raise HyperParamsError(field, f"{where}: checkpoint format {version!r} is not one of {READABLE_VERSIONS}",
                                "retrain the editor with this plugin version", source)
-    blob = (folder / EDITOR_FILE).read_bytes()
-    if meta.get("sha256") and hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-        raise HyperParamsError(field, f"{folder / EDITOR_FILE} does not match {CONFIG_FILE} (interrupted write?)",
+    if version >= 2:
+        if meta.get("format") != FORMAT_NAME:
+            raise HyperParamsError(field, f"{where} is not an InstructEdit editor (format {meta.get('format')!r})",
+                                   _TRAIN_FIX, source)
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+        base = meta.get("base_model")
+        if not isinstance(base, Mapping) or not isinstance(base.get("fingerprint"), str):
+            missing.append("base_model.fingerprint")
+        if missing:
+            raise HyperParamsError(field, f"{where}: the manifest lacks {sorted(set(missing))} (modified or incomplete)",
+                                   "use another checkpoint or retrain", source)
+        newer = _version_tuple(meta.get("plugin_version")) > _version_tuple(plugin_version())
+        if newer:
+            LOG.warning("%s was written by instructedit-plugin %s, newer than this %s", where, meta.get("plugin_version"),
+                        plugin_version())
+
+
+def _version_tuple(text: Any) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text or "0").split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def _verified(folder: Path, name: str, expected: str | None, field: str, source: str | None) -> bytes:
+    try:
+        blob = (folder / name).read_bytes()
+    except OSError as exc:
+        raise HyperParamsError(field, f"{folder / name} is not readable ({type(exc).__name__})",
+                               "use another checkpoint or retrain", source) from None
+    if expected is None:
+        raise HyperParamsError(field, f"{CONFIG_FILE} in {folder} lists no sha256 for {name}",
+                               "use another checkpoint or retrain", source)
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise HyperParamsError(field, f"{folder / name} does not match the sha256 in {CONFIG_FILE} "
+                               "(modified, corrupted or interrupted write); it is not loaded",
                                "use another checkpoint (e.g. best/ or last/) or retrain", source)
-    return st_load(blob), meta
+    return blob
+
+
+def load_editor(archive: str | os.PathLike, field: str = "archive", source: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint without unpickling: ``(tensors, manifest)``.
+
+    ``archive`` is a checkpoint folder (or its ``editor.safetensors``), whose
+    tensor file must match the manifest's sha256, or an EasyEdit trainer
+    archive (see :func:`load_easyedit_archive`).
+    """
+    path = resolve_archive(archive, field, source)
+    if path.is_file():
+        return load_easyedit_archive(path, field, source)
+    meta = _read_manifest(path, field, source)
+    _check_manifest(meta, path, field, source)
+    if meta["format_version"] == 1:
+        expected = meta.get("sha256")
+        LOG.warning("%s is a format-1 InstructEdit checkpoint: its base model cannot be verified; "
+                    "re-save it with this plugin (load_editor + save_editor) to add the manifest", path)
+    else:
+        files = meta.get("files")
+        expected = files.get(EDITOR_FILE) if isinstance(files, Mapping) else None
+    blob = _verified(path, EDITOR_FILE, expected, field, source)
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise HyperParamsError(field, f"{path / EDITOR_FILE} is not a safetensors file ({exc})",
+                               "use another checkpoint or retrain", source) from None
+    return tensors, meta
+
+
+# ------------------------------------------------------------------ EasyEdit archives
+def encode_meta(meta: Mapping[str, Any]) -> torch.Tensor:
+    """The manifest as a uint8 tensor (a state-dict entry that safe loaders accept)."""
+    return torch.frombuffer(bytearray(dumps_json(meta).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_meta(tensor: Any) -> dict[str, Any] | None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        return None
+    try:
+        meta = json.loads(tensor.cpu().numpy().tobytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _refusal_reason(exc: BaseException, limit: int = 200) -> str:
+    """The specific reason in torch's weights-only error (e.g. the refused global), else its first line."""
+    text = _ANSI.sub("", str(exc))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+        for stop in ("Please use", "Check the documentation"):
+            text = text.split(stop, 1)[0]
+        text = " ".join(text.split()).rstrip(". ")
+    else:
+        text = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_easyedit_archive(path: str | os.PathLike, field: str = "archive",
+                          source: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, manifest)`` of an archive saved by EasyEdit's trainer for ``InstructEditModel``.
+
+    The file is read only with ``torch.load(weights_only=True)``, which rebuilds
+    tensors and plain containers and refuses every other object *before*
+    creating it (so a crafted pickle's code never runs); anything it refuses,
+    and any archive that is not InstructEdit's, is a ``HyperParamsError``.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HyperParamsError(field, f"{path} is not readable ({type(exc).__name__})", _TRAIN_FIX, source) from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every refusal becomes the same clear error
+        raise HyperParamsError(
+            field, f"{path} cannot be read safely: torch.load(weights_only=True) refused it: {_refusal_reason(exc)}; "
+            "the plugin never unpickles arbitrary objects",
+            f"use an archive saved by EasyEdit's trainer for InstructEdit, the {EASYEDIT_EXPORT_SUFFIX} folder written "
+            "next to it, or a folder written by InstructEditTrainer", source) from None
+    state = obj.get("model") if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise HyperParamsError(field, f"{path} is not an EasyEdit trainer archive (no 'model' state dict)", _TRAIN_FIX, source)
+    meta = decode_meta(state.get(META_KEY))
+    if meta is None or meta.get("alg") != "InstructEdit":
+        raise HyperParamsError(field, f"{path} is not an InstructEdit archive (its state dict has no '{META_KEY}' "
+                               "entry; another algorithm's, or saved without the plugin)", _TRAIN_FIX, source)
+    meta = {k: v for k, v in meta.items() if k not in _WRITER_KEYS}
+    meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION,
+                files={path.name: hashlib.sha256(data).hexdigest()}, easyedit_archive=str(path))
+    for key in ("step", "val_stats", "elapsed_time"):
+        if key in obj:
+            meta[key] = _jsonable(obj[key])
+    _check_manifest(meta, path, field, source)
+    tensors = {k: v for k, v in state.items()
+               if isinstance(v, torch.Tensor) and (k.startswith("hypernet.") or k == "edit_lrs")}
+    if "edit_lrs" not in tensors:
+        raise HyperParamsError(field, f"{path}: the InstructEdit state dict has no edit_lrs", _TRAIN_FIX, source)
+    return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+
+def verify_base_model(meta: Mapping[str, Any], model: Any, where: Any, field: str = "archive",
+                      source: str | None = None) -> None:
+    """Refuse an editor trained for another base model (architecture config fingerprint differs)."""
+    saved = meta.get("base_model")
+    if not isinstance(saved, Mapping):  # format 1: nothing to compare (load_editor warned)
+        return
+    given = base_model_identity(model)
+    if saved.get("fingerprint") == given["fingerprint"]:
+        return
+
+    def describe(ident: Mapping[str, Any]) -> str:
+        name = f"'{ident.get('name')}', " if ident.get("name") else ""
+        return f"{name}model_type {ident.get('model_type')!r}, config fingerprint {str(ident.get('fingerprint'))[:12]}"
+
+    raise HyperParamsError(
+        field, f"the editor {where} was trained for another base model ({describe(saved)}), "
+        f"not for the model being edited ({describe(given)})",
+        "point archive at an editor trained for this model (or set model_name to the model the editor was "
+        "trained for), or train one for it", source)
 
 
 # ------------------------------------------------------------------ optimiser state
@@ -108,21 +383,31 @@ def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], meta: Mapping
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_trainer_state(folder: str | os.PathLike, optimizer_state: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-    folder = Path(folder)
+def trainer_state_files(optimizer_state: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, bytes]:
+    """``{trainer_state.safetensors: ..., trainer_state.json: ...}`` for :func:`save_editor`'s ``extra_files``."""
     tensors, structure = flatten_optimizer_state(optimizer_state)
     blob = st_save(tensors) if tensors else st_save({"_empty": torch.zeros(1)})
-    atomic_write_bytes(folder / TRAINER_FILE, blob)
-    atomic_write_json(folder / TRAINER_JSON, {"optimizer": structure, "sha256": hashlib.sha256(blob).hexdigest(), **extra})
+    info = {"optimizer": structure, "sha256": hashlib.sha256(blob).hexdigest(), **extra}
+    return {TRAINER_FILE: blob, TRAINER_JSON: dumps_json(info).encode("utf-8")}
+
+
+def save_trainer_state(folder: str | os.PathLike, optimizer_state: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+    folder = Path(folder)
+    for name, data in trainer_state_files(optimizer_state, extra).items():
+        atomic_write_bytes(folder / name, data)
 
 
 def load_trainer_state(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
     folder = Path(folder)
     if not (folder / TRAINER_FILE).is_file() or not (folder / TRAINER_JSON).is_file():
         return None
-    meta = json.loads((folder / TRAINER_JSON).read_text(encoding="utf-8"))
-    blob = (folder / TRAINER_FILE).read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+    try:
+        meta = json.loads((folder / TRAINER_JSON).read_text(encoding="utf-8"))
+        blob = (folder / TRAINER_FILE).read_bytes()
+    except (OSError, ValueError):
+        LOG.warning("trainer state in %s is unreadable; not resuming from it", folder)
+        return None
+    if not isinstance(meta, dict) or hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
         LOG.warning("trainer state in %s is inconsistent; not resuming from it", folder)
         return None
     return unflatten_optimizer_state(st_load(blob), meta["optimizer"]), meta

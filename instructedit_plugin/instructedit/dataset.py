@@ -256,14 +256,33 @@ class InstructEditDataset(Dataset):
     collate_fn = collate_gpt_fn
 
 
+#: The last line of the instruction template; what follows it is the record's own input.
+INPUT_MARKER = "\nInput:"
+
+
+def _cut_prompt(tok: Any, prompt: str, full: list[int], n_prompt: int, cut: int) -> tuple[list[int], int]:
+    """Drop ``cut`` tokens of ``full`` (prompt + answer ids): from the start of the input that follows
+    the instruction's ``Input:`` line when the input is long enough, else from the very start (no
+    instruction, or the instruction alone is too long). The answer is never cut."""
+    at = prompt.rfind(INPUT_MARKER)
+    if at >= 0:
+        head = tok(prompt[: at + len(INPUT_MARKER)], add_special_tokens=True)["input_ids"]
+        n_head = len(head)
+        if full[:n_head] == head and n_prompt - n_head >= cut:
+            return full[:n_head] + full[n_head + cut:], n_prompt - cut
+    return full[cut:], max(n_prompt - cut, 0)
+
+
 def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded ``prompt + ' ' + answer`` rows with labels on the answer tokens only.
 
     ``labels`` are as long as ``input_ids`` (Hugging Face style): -100 on prompt
     and padding positions. Rows longer than ``max_length`` lose the start of the
-    prompt, never the answer.
+    *input* (after the instruction's ``Input:`` line, see :func:`_cut_prompt`), never the
+    instruction the editor was trained to read nor the answer; a warning says how many.
     """
     rows, labels = [], []
+    truncated = 0
     for prompt, answer in pairs:
         p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
         full = tok(prompt + " " + answer, add_special_tokens=True)["input_ids"]
@@ -271,10 +290,13 @@ def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]], max_length: int) ->
         if full[:n_prompt] != p_ids:  # the tokenizer merged across the boundary: encode the pieces separately
             full = p_ids + tok(" " + answer, add_special_tokens=False)["input_ids"]
         if len(full) > max_length:
-            cut = len(full) - max_length
-            full, n_prompt = full[cut:], max(n_prompt - cut, 0)
+            full, n_prompt = _cut_prompt(tok, prompt, full, n_prompt, len(full) - max_length)
+            truncated += 1
         rows.append(full)
         labels.append([-100] * n_prompt + full[n_prompt:])
+    if truncated:
+        LOG.warning("%d of %d edit inputs are longer than max_length=%d tokens: the start of their input was cut "
+                    "(instruction and answer kept); raise max_length to keep them whole", truncated, len(rows), max_length)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -23,6 +23,7 @@ import contextlib
 import difflib
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +31,17 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import HyperParamsError
+from .checkpoint import (
+    META_KEY,
+    base_model_identity,
+    decode_meta,
+    easyedit_export_dir,
+    encode_meta,
+    plugin_version,
+    save_editor,
+    verify_base_model,
+)
+from .hparams import config_dict
 from .hypernet import InstructEditHypernet, LayerSpec
 
 LOG = logging.getLogger(__name__)
@@ -86,6 +98,26 @@ def kl_locality(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> to
     kl = (pre_lp.exp() * (pre_lp - post_lp)).sum(-1)
     mask = mask.to(kl.dtype)
     return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def edit_step_stats(loss: torch.Tensor, outer: Mapping[str, torch.Tensor], l_loc: torch.Tensor,
+                    inner: Mapping[str, torch.Tensor], loc_agree: torch.Tensor,
+                    info: Mapping[str, float]) -> dict[str, float]:
+    """The statistics of one training/validation edit step (shared by the trainers).
+
+    ``outer``/``inner``: NLL metrics of the post-edit model on all edit-outer rows
+    and on the edit rows only; ``loc_agree``: booleans, pre- and post-edit argmax
+    agree at each scored locality position (an empty tensor counts as 1.0).
+    """
+    return {
+        "loss/edit": outer["nll"].item(),
+        "loss/loc": l_loc.item(),
+        "loss/total_edit": loss.item(),
+        "edit/acc": inner["acc"].item(),
+        "outer/acc": outer["acc"].item(),
+        "loc/acc": loc_agree.float().mean().item() if loc_agree.numel() else 1.0,
+        **info,
+    }
 
 
 # --------------------------------------------------------------------- layer discovery
@@ -304,15 +336,30 @@ class InstructEditModel(nn.Module):
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False):  # noqa: D401
-        """Editor tensors only (``hypernet.*``, ``edit_lrs``): the base model is not saved."""
+        """Editor tensors only (``hypernet.*``, ``edit_lrs``): the base model is not saved.
+
+        While EasyEdit's trainer saves (:meth:`on_easyedit_save_state`) it also holds the manifest
+        (``instructedit_meta``, a uint8 tensor of JSON), which makes EasyEdit's archive
+        self-describing for :func:`~.checkpoint.load_editor`.
+        """
         full = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         drop = [k for k in full if k.startswith(prefix + "model.")]
         for key in drop:
             del full[key]
+        if getattr(self, "_embed_meta", False):
+            full[prefix + META_KEY] = encode_meta(self.editor_config())
         return full
 
+    def archive_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the manifest entry, as EasyEdit's trainer archives it."""
+        return {**self.state_dict(), META_KEY: encode_meta(self.editor_config())}
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        state = {k: v for k, v in state_dict.items() if not k.startswith("model.") and k != "model_config"}
+        meta = decode_meta(state_dict.get(META_KEY))
+        if meta is not None:
+            verify_base_model(meta, self.model, "being loaded")
+        state = {k: v for k, v in state_dict.items()
+                 if not k.startswith("model.") and k not in ("model_config", META_KEY)}
         result = super().load_state_dict(state, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if not k.startswith("model.")]
         if strict and (missing or result.unexpected_keys):
@@ -320,4 +367,42 @@ class InstructEditModel(nn.Module):
         return result
 
     def editor_config(self) -> dict[str, Any]:
-        return {"layers": [s.to_json() for s in self.specs], "hypernet": dict(self.hypernet.config)}
+        """The checkpoint manifest of this editor (without step, stats and file hashes)."""
+        return {"alg": "InstructEdit", "plugin_version": plugin_version(), "base_model": base_model_identity(self.model),
+                "layers": [s.to_json() for s in self.specs], "hypernet": dict(self.hypernet.config),
+                "training_config": config_dict(self.config)}
+
+    @contextlib.contextmanager
+    def on_easyedit_save_state(self, trainer: Any, stats: Mapping[str, Any] | None):
+        """Wraps EasyEdit's ``BaseTrainer.save_state`` (the plugin's patch enters it): the archive's
+        state dict carries the manifest, and once it is saved the same editor is written as a
+        safetensors checkpoint folder next to it (:func:`~.checkpoint.easyedit_export_dir`)."""
+        self._embed_meta = True
+        try:
+            yield
+        finally:
+            self._embed_meta = False
+        self._export_easyedit_save(trainer, stats)
+
+    def _export_easyedit_save(self, trainer: Any, stats: Mapping[str, Any] | None) -> Path | None:
+        cfg = getattr(trainer, "config", self.config)
+        save_path = getattr(trainer, "save_path", None)
+        if save_path is None or (getattr(cfg, "debug", False) and not getattr(cfg, "save", True)) \
+                or getattr(cfg, "eval_only", False):
+            return None
+        folder = easyedit_export_dir(save_path)
+        meta = {**self.editor_config(), "step": getattr(trainer, "global_iter", None),
+                "val_stats": _plain_stats(stats), "easyedit_archive": Path(save_path).name}
+        save_editor(folder, self.state_dict(), meta)
+        LOG.info("saved the InstructEdit editor of %s as %s", save_path, folder)
+        return folder
+
+
+def _plain_stats(stats: Mapping[str, Any] | None) -> dict[str, Any]:
+    out = {}
+    for key, value in (stats or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            out[str(key)] = str(value)
+    return out

@@ -63,6 +63,7 @@ from .dataset import encode_pairs, make_datasets, split_tasks
 from .editable import (
     answer_logits,
     compute_edited_weights,
+    edit_step_stats,
     kept_nll_metrics,
     kl_locality,
 )
@@ -150,15 +151,7 @@ class AnswerLogitsTrainer(InstructEditTrainer):
             n_edit = batch["edit_inner"]["input_ids"].shape[0]
             inner = kept_nll_metrics(post_outer[:n_edit], outer_targ[:n_edit])
             agree = (pre_loc.argmax(-1) == post_loc.argmax(-1))[loc_mask]
-            stats = {
-                "loss/edit": edit_metrics["nll"].item(),
-                "loss/loc": l_loc.item(),
-                "loss/total_edit": loss.item(),
-                "edit/acc": inner["acc"].item(),
-                "outer/acc": edit_metrics["acc"].item(),
-                "loc/acc": agree.float().mean().item() if agree.numel() else 1.0,
-                **info,
-            }
+            stats = edit_step_stats(loss, edit_metrics, l_loc, inner, agree, info)
         return loss, stats
 
 

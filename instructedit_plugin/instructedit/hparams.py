@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional, Union
 
 from ..hparams import EditingHyperParams, PluginHyperParams, hp_field
@@ -11,17 +12,31 @@ ALG_NAME = "InstructEdit"
 _HYPERNET_FIELDS = ("rank", "n_blocks", "act", "norm", "shared")
 
 
+def config_dict(config: Any) -> dict[str, Any]:
+    """The public fields of an hparams object (dataclass or EasyEdit-style), as plain JSON values."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    else:
+        data = {k: v for k, v in vars(config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(data, default=str))
+
+
 @dataclasses.dataclass(kw_only=True)
 class InstructEditHyperParams(EditingHyperParams):
     """Editing with a trained InstructEdit editor (``alg_name: InstructEdit``).
 
     ``archive`` is the checkpoint written by the trainer: a folder holding
-    ``editor.safetensors`` + ``editor_config.json``, or the ``.safetensors`` file.
+    ``editor.safetensors`` + ``editor_config.json`` (or that ``.safetensors``
+    file), or the archive EasyEdit's ``EditTrainer`` saved (read with
+    ``torch.load(weights_only=True)`` only) / the ``.instructedit`` folder the
+    plugin writes next to it. The editor must have been trained for the base
+    model being edited (checked against the checkpoint's manifest).
     """
 
     ALG_NAME = ALG_NAME
 
-    archive: Optional[str] = hp_field(help="trained editor checkpoint (folder or editor.safetensors)")
+    archive: Optional[str] = hp_field(
+        help="trained editor checkpoint (folder, its editor.safetensors, or an EasyEdit EditTrainer archive)")
     inner_params: Optional[list[str]] = hp_field(
         None, help="edited weights; must match the checkpoint (null: take them from the checkpoint)")
     default_task: str = hp_field("counterfact", help="instruction task for requests without 'task'/'instruction'")
@@ -101,7 +116,10 @@ class InstructEditTrainingHparams(PluginHyperParams):
     # Schedule
     batch_size: int = hp_field(1, min=1)
     val_batch_size: int = hp_field(1, min=1)
-    accumulate_bs: int = hp_field(2, min=1)
+    accumulate_bs: int = hp_field(2, min=1, help="micro-batches per optimizer step (Accelerate's gradient_accumulation_steps)")
+    mixed_precision: Optional[str] = hp_field(None, choices=(None, "no", "bf16"),
+                                              help="bf16: autocast where the device supports it; null: accelerate "
+                                                   "launch's --mixed_precision, else no")
     max_iters: Optional[int] = hp_field(5000, min=0)
     max_epochs: Optional[int] = hp_field(None, min=1)
     log_interval: int = hp_field(100, min=1)

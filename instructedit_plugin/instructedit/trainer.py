@@ -14,12 +14,17 @@ Per step (``accumulate_bs`` micro-batches of ``batch_size`` edits each)::
     l_loc  = KL(pre || post) on the locality inputs' real tokens
     loss  = cedit * l_edit + cloc * l_loc
 
+Under ``accelerate launch`` each of N processes runs ``accumulate_bs`` micro-batches per step and DDP
+averages the gradients of the hypernetwork and edit lrs (the base model is not synchronised): the
+step of one process with ``N * accumulate_bs`` micro-batches (see :mod:`instructedit_plugin.distributed`).
+``mixed_precision: bf16`` trains under bf16 autocast.
+
 Checkpoints go to ``<results_dir>/models/InstructEdit/<model folder name>/``:
 ``best/`` (best ``early_stop_key`` so far) and ``last/`` (with optimiser state).
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 import math
 import random
@@ -29,25 +34,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import StandardizerSync, make_runtime, micro_batch_index, run_on_main
 from ..models.loading import is_local_model_dir, load_causal_lm
-from .checkpoint import load_editor, load_trainer_state, save_editor, save_trainer_state
+from .checkpoint import load_editor, load_trainer_state, save_editor, trainer_state_files, verify_base_model
 from .dataset import _torch_device
-from .editable import InstructEditModel, kl_locality, token_nll_metrics
+from .editable import InstructEditModel, edit_step_stats, kl_locality, token_nll_metrics
 
 LOG = logging.getLogger(__name__)
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(config):
-        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return {k: v for k, v in vars(config).items() if not k.startswith("_")}
 
 
 def run_dir(config: Any) -> Path:
     name = str(config.model_name).rstrip("/").split("/")[-1] or "model"
     return Path(config.results_dir) / "models" / "InstructEdit" / name
+
+
+class _EditorTrainable(nn.Module):
+    """What DDP wraps: the hypernetwork and edit lrs (and, with ``train_base``, the trainable base weights).
+
+    ``forward(batch)`` is one training micro-batch's ``(loss, stats)`` (:meth:`InstructEditTrainer.edit_step`).
+    """
+
+    def __init__(self, trainer: "InstructEditTrainer"):
+        super().__init__()
+        editor = trainer.editor
+        self.hypernet = editor.hypernet
+        self.edit_lrs = editor.edit_lrs
+        own = {id(p) for p in self.parameters()}
+        extra = [p for p in editor.outer_parameters() if id(p) not in own]
+        self.base_params = nn.ParameterList(extra) if extra else None
+        self._trainer = [trainer]  # a plain reference: the trainer (and its base model) is not a submodule
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._trainer[0].edit_step(batch, training=True)
 
 
 class InstructEditTrainer:
@@ -57,7 +78,10 @@ class InstructEditTrainer:
         self.config = config
         self.train_set = train_set
         self.val_set = val_set
-        self.device = torch.device(_torch_device(config.device))
+        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.distributed`)
+        self.runtime = make_runtime(torch.device(_torch_device(config.device)), int(config.accumulate_bs),
+                                    getattr(config, "mixed_precision", None), getattr(config, "dtype", None))
+        self.device = self.runtime.device
         if model is None:
             if not is_local_model_dir(config.model_name):
                 raise FileNotFoundError(f"model_name {config.model_name!r} is not a local Hugging Face folder")
@@ -79,6 +103,11 @@ class InstructEditTrainer:
         self.history: list[dict[str, Any]] = []
         if getattr(config, "resume", False):
             self._resume()
+        # What DDP wraps: the hypernetwork and edit lrs only (the frozen base model stays out of it).
+        self.train_module, self._opt_step = self.runtime.prepare(_EditorTrainable(self), self.opt)
+        self._norm_sync = None
+        if self.runtime.num_processes > 1 and self.editor.hypernet.config.get("norm", True):
+            self._norm_sync = StandardizerSync(self.editor.hypernet, self.runtime)
 
     # ------------------------------------------------------------------ losses
     def edit_step(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, dict[str, float]]:
@@ -97,15 +126,8 @@ class InstructEditTrainer:
         with torch.no_grad():
             n_edit = batch["edit_inner"]["input_ids"].shape[0]
             inner = token_nll_metrics(cfg, post_outer[:n_edit], batch["edit_outer"]["labels"][:n_edit])
-            stats = {
-                "loss/edit": edit_metrics["nll"].item(),
-                "loss/loc": l_loc.item(),
-                "loss/total_edit": loss.item(),
-                "edit/acc": inner["acc"].item(),
-                "outer/acc": edit_metrics["acc"].item(),
-                "loc/acc": (pre_loc.argmax(-1) == post_loc.argmax(-1))[loc["attention_mask"].bool()].float().mean().item(),
-                **info,
-            }
+            agree = (pre_loc.argmax(-1) == post_loc.argmax(-1))[loc["attention_mask"].bool()]
+            stats = edit_step_stats(loss, edit_metrics, l_loc, inner, agree, info)
             for key in ("edit_rephrase", "edit_raw"):
                 if batch.get(key) is not None and not training:
                     stats[f"{key.split('_')[1]}/acc"] = token_nll_metrics(cfg, edited(**batch[key]), batch[key]["labels"])["acc"].item()
@@ -121,7 +143,8 @@ class InstructEditTrainer:
         for start in range(0, steps, cfg.val_batch_size):
             items = [self.val_set[i] for i in range(start, min(start + cfg.val_batch_size, steps))]
             batch = self.val_set.collate(items)
-            _, stats = self.edit_step(batch, training=False)
+            with self.runtime.autocast():
+                _, stats = self.edit_step(batch, training=False)
             for k, v in stats.items():
                 sums[k] += v
             count += 1
@@ -134,16 +157,17 @@ class InstructEditTrainer:
 
     # ---------------------------------------------------------------- storage
     def _editor_meta(self, stats: dict[str, float] | None) -> dict[str, Any]:
-        return {"alg": "InstructEdit", **self.editor.editor_config(), "step": self.step,
-                "val_stats": stats or {}, "training_config": _config_dict(self.config)}
+        """The manifest: plugin version, base-model identity, layers, hypernetwork, hparams, step, stats."""
+        return {**self.editor.editor_config(), "step": self.step, "val_stats": stats or {}}
 
     def save(self, which: str, stats: dict[str, float] | None) -> Path:
         folder = self.out_dir / which
-        save_editor(folder, self.editor.state_dict(), self._editor_meta(stats))
-        if which == "last":
-            save_trainer_state(folder, self.opt.state_dict(), {
+        extra = None
+        if which == "last":  # optimiser state, hashed in the manifest like the editor
+            extra = trainer_state_files(self.opt.state_dict(), {
                 "step": self.step, "best_value": self.best_value, "best_step": self.best_step,
                 "best_stats": self.best_stats, "history": self.history[-100:]})
+        save_editor(folder, self.editor.state_dict(), self._editor_meta(stats), extra_files=extra)
         LOG.info("saved %s checkpoint at step %d to %s", which, self.step, folder)
         return folder
 
@@ -154,7 +178,8 @@ class InstructEditTrainer:
             LOG.info("resume requested but no usable checkpoint at %s; starting fresh", folder)
             return
         opt_state, meta = loaded
-        tensors, _ = load_editor(folder)
+        tensors, editor_meta = load_editor(folder)  # hash-checked; refused if trained for another base model
+        verify_base_model(editor_meta, self.editor.model, folder)
         self.editor.load_state_dict(tensors)
         self.opt.load_state_dict(opt_state)
         self.step = int(meta["step"])
@@ -170,27 +195,46 @@ class InstructEditTrainer:
             return 0
         iters = cfg.max_iters
         if cfg.max_epochs is not None:
-            per_epoch = math.ceil(len(self.train_set) / (cfg.batch_size * cfg.accumulate_bs))
+            per_epoch = math.ceil(len(self.train_set) / (cfg.batch_size * cfg.accumulate_bs * self.runtime.num_processes))
             iters = min(iters, cfg.max_epochs * per_epoch) if iters is not None else cfg.max_epochs * per_epoch
         return int(iters)
 
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``accumulate_bs`` micro-batches of ``batch_size`` edits (per process).
+
+        Micro-batch ``micro`` of process ``r`` is drawn with the global index
+        ``micro * num_processes + r``, so ``N`` processes take the step one process takes with
+        ``N * accumulate_bs`` micro-batches.
+        """
         cfg = self.config
+        rt = self.runtime
         totals: dict[str, float] = defaultdict(float)
         for micro in range(cfg.accumulate_bs):
-            rng = random.Random(f"{cfg.seed}:{self.step}:{micro}")
+            index = micro_batch_index(micro, rt.process_index, rt.num_processes)
+            rng = random.Random(f"{cfg.seed}:{self.step}:{index}")
             batch = self.train_set.sample_batch(cfg.batch_size, rng)
-            loss, stats = self.edit_step(batch, training=True)
-            (loss / cfg.accumulate_bs).backward()
+            replay = contextlib.nullcontext()
+            if self._norm_sync is not None:
+                self.editor.hypernet.train(True)
+                with rt.autocast():
+                    calls = self._norm_sync.record(lambda: self.editor.edit(batch["edit_inner"]))
+                replay = self._norm_sync.replay(self._norm_sync.exchange(calls))
+            with rt.micro_step(self.train_module, last=micro == cfg.accumulate_bs - 1):
+                with replay, rt.autocast():
+                    loss, stats = self.train_module(batch)
+                rt.backward(loss)
             for k, v in stats.items():
                 totals[k] += v / cfg.accumulate_bs
+        if rt.num_processes > 1:  # statistics of the global batch (for logging; every process gets them)
+            gathered = rt.gather(dict(totals))
+            totals = defaultdict(float, {k: sum(g.get(k, 0.0) for g in gathered) / len(gathered) for k in gathered[0]})
         params = self.editor.outer_parameters()
-        grad = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad = rt.clip_grad_norm_(params, cfg.grad_clip)
         if torch.isfinite(grad):
-            self.opt.step()
+            self._opt_step.step()
         else:
             LOG.warning("step %d: non-finite gradient norm, update skipped", self.step)
-        self.opt.zero_grad(set_to_none=True)
+        self._opt_step.zero_grad(set_to_none=True)
         totals["grad"] = float(grad)
         return dict(totals)
 
@@ -200,7 +244,8 @@ class InstructEditTrainer:
         start = time.time()
         patience_start = self.best_step or self.step
         running: dict[str, list[float]] = defaultdict(list)
-        bar = tqdm(total=max_iters, initial=min(self.step, max_iters), disable=not cfg.progress or cfg.silent,
+        main = self.runtime.is_main
+        bar = tqdm(total=max_iters, initial=min(self.step, max_iters), disable=not cfg.progress or cfg.silent or not main,
                    desc="InstructEdit", dynamic_ncols=True)
         stopped_early = False
         try:
@@ -214,9 +259,10 @@ class InstructEditTrainer:
                     avg = {k: sum(v) / len(v) for k, v in running.items()}
                     running.clear()
                     bar.set_postfix({"edit": f"{avg['loss/edit']:.3f}", "loc": f"{avg['loss/loc']:.4f}"})
-                    LOG.info("step %d: %s", self.step, "; ".join(f"{k}: {v:.5f}" for k, v in sorted(avg.items())))
+                    if main:
+                        LOG.info("step %d: %s", self.step, "; ".join(f"{k}: {v:.5f}" for k, v in sorted(avg.items())))
                 if self.step % cfg.val_interval == 0 or self.step == max_iters:
-                    if self._validate_and_save():
+                    if self._validate_and_save_on_main():
                         patience_start = self.step
                     if self.step - patience_start >= cfg.early_stop_patience:
                         LOG.info("no improvement of %s for %d steps: stopping", cfg.early_stop_key, cfg.early_stop_patience)
@@ -226,15 +272,30 @@ class InstructEditTrainer:
             bar.close()
         train_time = time.time() - start
         if self.best_step is None or max_iters == 0:
-            self._validate_and_save()
+            self._validate_and_save_on_main()
         result = {
             "steps": self.step, "train_time_s": train_time, "best_step": self.best_step,
             "best_value": self.best_value, "best_stats": self.best_stats, "stopped_early": stopped_early,
             "best_checkpoint": str(self.out_dir / "best"), "last_checkpoint": str(self.out_dir / "last"),
         }
-        LOG.info("training finished after %d steps in %.1fs; best %s = %s at step %s", self.step, train_time,
-                 cfg.early_stop_key, self.best_value, self.best_step)
+        if main:
+            LOG.info("training finished after %d steps in %.1fs; best %s = %s at step %s", self.step, train_time,
+                     cfg.early_stop_key, self.best_value, self.best_step)
         return result
+
+    def _validate_and_save_on_main(self) -> bool:
+        """:meth:`_validate_and_save` on the main process; every process gets its outcome (and waits for the save)."""
+        rt = self.runtime
+        if not rt.distributed:
+            return self._validate_and_save()
+
+        def validate() -> tuple:
+            improved = self._validate_and_save()
+            return improved, self.best_value, self.best_step, self.best_stats, self.history
+
+        improved, self.best_value, self.best_step, self.best_stats, self.history = run_on_main(rt, validate, "validation")
+        rt.wait_for_everyone()
+        return improved
 
     def _validate_and_save(self) -> bool:
         cfg = self.config

@@ -116,13 +116,17 @@ class InstructionFamily:
         return self.fill(self.descriptions[index], record)
 
     def fill(self, text: str, record: Mapping[str, Any] | None) -> str:
+        """Replace every ``[NAME]`` in one pass, so a record value that itself contains ``[LABEL]``
+        (e.g. the topic "the [LABEL] band") is inserted verbatim, never filled again."""
         names = _PLACEHOLDER.findall(text)
         if not names:
             return text
         record = record or {}
+        values: dict[str, str] = {}
         for name in dict.fromkeys(names):
+            keys = tuple(dict.fromkeys((*self.placeholders.get(name, ()), name.lower())))
             value = None
-            for key in (*self.placeholders.get(name, ()), name.lower()):
+            for key in keys:
                 candidate = record.get(key)
                 if candidate is not None and str(candidate).strip():
                     value = str(candidate).strip()
@@ -130,13 +134,12 @@ class InstructionFamily:
             if value is None and name in _DERIVED:
                 value = _DERIVED[name](record)
             if value is None:
-                keys = ", ".join(repr(k) for k in (*self.placeholders.get(name, ()), name.lower()))
                 raise RequestError(
-                    f"the '{self.task}' instruction needs [{name}], but the record has none of the keys {keys}. "
-                    f"Fix: add one of them to the request (record keys: {sorted(record)})"
+                    f"the '{self.task}' instruction needs [{name}], but the record has none of the keys "
+                    f"{', '.join(repr(k) for k in keys)}. Fix: add one of them to the request (record keys: {sorted(record)})"
                 )
-            text = text.replace(f"[{name}]", value)
-        return text
+            values[name] = value
+        return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
 
     # --------------------------------------------------------------- render
     def render(self, input_text: str, description: str) -> str:
