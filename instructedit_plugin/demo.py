@@ -27,8 +27,11 @@ from .errors import PluginError
 LOG = logging.getLogger(__name__)
 
 #: Methods the demo compares, in table order.
-DEMO_METHODS: tuple[str, ...] = ("in_context", "instructed", "ft")
-METHOD_LABELS = {"in_context": "in-context (no prefixes)", "instructed": "InstructEd (gold)", "ft": "EasyEdit FT"}
+DEMO_METHODS: tuple[str, ...] = ("in_context", "instructed", "retrieval", "ft")
+METHOD_LABELS = {"in_context": "in-context (no prefixes)", "instructed": "InstructEd (gold)",
+                 "retrieval": "InstructEd (retrieval, sequential)", "ft": "EasyEdit FT"}
+#: Methods evaluated as sequential editing (the instruction memory keeps every earlier edit).
+SEQUENTIAL_METHODS = frozenset({"retrieval"})
 
 
 @dataclasses.dataclass
@@ -90,11 +93,11 @@ def _method_hparams(method: str, hparams_dir: Path, model_dir: str, archive: str
     from .compat import load_easyedit_hparams
     from .instructed.config import InstructEdHyperParams
 
-    if method in ("instructed", "in_context"):
+    if method in ("instructed", "in_context", "retrieval"):
         hp = InstructEdHyperParams.from_hparams(hparams_dir / "InstructEd" / "gemma-3-270m.yaml")
         hp.model_name, hp.archive, hp.device = model_dir, archive, "cpu"
-        hp.instruction_source = "gold"
-        hp.use_prefixes = method == "instructed"
+        hp.instruction_source = "retrieval" if method == "retrieval" else "gold"
+        hp.use_prefixes = method != "in_context"
         return hp
     if method == "ft":
         from .registry import register
@@ -156,7 +159,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         editor = make_editor(hp, model, tok)
         chatter = io.StringIO()  # EasyEdit's FT prints every step to stdout; keep it in the log instead
         with contextlib.redirect_stdout(chatter):
-            metrics, _, _ = run_edit_requests(editor, requests, sequential=False)
+            metrics, _, _ = run_edit_requests(editor, requests, sequential=method in SEQUENTIAL_METHODS)
         LOG.debug("EasyEdit output for %s:\n%s", method, chatter.getvalue())
         reset_memory(model)
         per_method[method] = metrics

@@ -5,13 +5,20 @@ a half-written file must never replace a good one. Every writer here puts the
 bytes in a temporary file in the *same* folder, flushes and fsyncs it, renames
 it over the target with :func:`os.replace` (atomic on POSIX) and fsyncs the
 folder so the rename itself survives a power cut.
+
+A checkpoint is usually *several* files that must change together (tensors, their config, the
+trainer state), which no single rename can do; :func:`commit_folder` saves such a folder as a
+small journal whose single commit point is one atomic rename (see "Folders of several files"
+below), and :func:`manifest_path` / :func:`read_verified` are what its loaders use.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +99,191 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders of several files, committed together
+# ----------------------------------------------------------------------------------------------
+# A folder saved by :func:`commit_folder` holds data files and one JSON *manifest* whose
+# ``"files"`` entry maps every data file's name to its sha256. A save is a small journal:
+#
+# 1. every new data file is written (temp file, fsync, rename) under a *staged* name,
+#    ``<name>.staged``; the current files are untouched;
+# 2. the new manifest is written the same way under its *pending* name (``manifest.json`` ->
+#    ``manifest.next.json``): **the commit point**;
+# 3. each staged file is renamed over its final name, then the pending manifest over the manifest;
+#    data files the new manifest no longer lists, staged copies and temp files are removed.
+#
+# Killed before step 2, the folder is the previous version (staged files are never read in its
+# place: their hashes are not the manifest's). Killed after it, the folder is the new version,
+# each of whose files is either still staged or already renamed: a loader reads the manifest
+# :func:`manifest_path` names and each file with :func:`read_verified`, which takes whichever copy
+# has the hash the manifest lists, without writing anything; the next save (or
+# :func:`finish_pending`) completes the renames first. Either way a load sees the previous or the
+# new version complete and bit-identical, never a mix.
+
+#: Suffix of a data file written by a save that has not (yet) finished.
+STAGED_SUFFIX = ".staged"
+
+
+class DigestMismatchError(ValueError):
+    """No copy of a file (final or staged) has the sha256 its manifest lists."""
+
+
+def staged_name(name: str) -> str:
+    """The name ``name`` is written under before its save commits."""
+    return name + STAGED_SUFFIX
+
+
+def pending_manifest_name(manifest_name: str) -> str:
+    """The commit-point name of ``manifest_name``: ``manifest.json`` -> ``manifest.next.json``."""
+    stem, dot, ext = manifest_name.rpartition(".")
+    return f"{stem}.next.{ext}" if dot and stem else f"{manifest_name}.next"
+
+
+def manifest_path(folder: str | os.PathLike, manifest_name: str) -> Path:
+    """The manifest a load of ``folder`` must use: the pending one when a save committed but did not
+    finish its renames, else ``manifest_name`` (which may not exist)."""
+    folder = Path(folder)
+    pending = folder / pending_manifest_name(manifest_name)
+    return pending if pending.is_file() else folder / manifest_name
+
+
+def has_manifest(folder: str | os.PathLike, manifest_name: str) -> bool:
+    """Whether ``folder`` holds a committed save (its manifest, or a pending one)."""
+    return manifest_path(folder, manifest_name).is_file()
+
+
+def _check_file_names(names: Iterable[Any], manifest_name: str) -> None:
+    reserved = {manifest_name, pending_manifest_name(manifest_name)}
+    for name in names:
+        if (not isinstance(name, str) or not name or Path(name).name != name or "\\" in name
+                or name.startswith(".") or name.endswith(STAGED_SUFFIX) or name in reserved):
+            raise ValueError(f"{name!r} cannot be a file of a folder committed with {manifest_name!r} (a plain "
+                             f"file name, not hidden, not *{STAGED_SUFFIX} and not the manifest itself)")
+
+
+def manifest_files(manifest: Any, manifest_name: str) -> dict[str, str]:
+    """The ``{name: sha256}`` map of ``manifest``; :class:`ValueError` unless it is well formed."""
+    files = manifest.get("files") if isinstance(manifest, Mapping) else None
+    if not isinstance(files, Mapping) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError(f"{manifest_name}: 'files' must map file names to sha256 digests")
+    _check_file_names(files, manifest_name)
+    return dict(files)
+
+
+def read_verified(folder: str | os.PathLike, name: str, expected: str) -> bytes:
+    """The bytes of ``name`` in ``folder`` whose sha256 is ``expected``: its staged copy (a committed
+    save whose renames were interrupted) or the file itself. Never writes.
+
+    Raises:
+        FileNotFoundError: neither copy exists.
+        DigestMismatchError: no copy has that hash (a modified, corrupted or replaced file).
+        OSError: a copy exists but cannot be read (``filename`` names it).
+    """
+    folder = Path(folder)
+    found = False
+    for candidate in (folder / staged_name(name), folder / name):
+        try:
+            data = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        found = True
+        if sha256_bytes(data) == expected:
+            return data
+    if not found:
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(folder / name))
+    raise DigestMismatchError(f"{folder / name} does not match the sha256 its manifest lists")
+
+
+def finish_pending(folder: str | os.PathLike, manifest_name: str,
+                   check: Callable[[dict[str, Any]], None] | None = None) -> bool:
+    """Complete a committed save of ``folder`` whose renames were interrupted (idempotent); returns
+    whether there was one. A pending manifest that is not JSON, whose ``files`` are malformed or that
+    ``check`` rejects (by raising :class:`ValueError`) was not written by :func:`commit_folder`: it is
+    moved aside to ``<pending>.invalid`` and the committed manifest stays in force."""
+    folder = Path(folder)
+    pending = folder / pending_manifest_name(manifest_name)
+    if not pending.is_file():
+        return False
+    try:
+        manifest = json.loads(pending.read_bytes().decode("utf-8"))
+        files = manifest_files(manifest, manifest_name)
+        if check is not None:
+            check(manifest)
+    except ValueError:  # also JSON and Unicode errors
+        os.replace(pending, folder / (pending.name + ".invalid"))
+        fsync_dir(folder)
+        return False
+    for name, expected in files.items():
+        staged = folder / staged_name(name)
+        if staged.is_file() and sha256_bytes(staged.read_bytes()) == expected:
+            os.replace(staged, folder / name)
+    fsync_dir(folder)
+    os.replace(pending, folder / manifest_name)
+    fsync_dir(folder)
+    return True
+
+
+def _listed_files(folder: Path, manifest_name: str) -> set[str]:
+    """Names the committed manifest lists (none when it is missing or unreadable)."""
+    try:
+        return set(manifest_files(json.loads((folder / manifest_name).read_bytes().decode("utf-8")), manifest_name))
+    except (OSError, ValueError):
+        return set()
+
+
+def _remove_leftovers(folder: Path, manifest_name: str, names: Iterable[str], keep: Iterable[str] | None) -> None:
+    """Remove staged copies and temp files of ``names`` and of the manifests; with ``keep``, also
+    the data files among ``names`` that are not in it."""
+    keep = None if keep is None else set(keep)
+    pending = pending_manifest_name(manifest_name)
+    for name in sorted(set(names)):
+        remove_stale_temp_files(folder, name)
+        remove_stale_temp_files(folder, staged_name(name))
+        try:
+            (folder / staged_name(name)).unlink()
+        except FileNotFoundError:
+            pass
+        if keep is not None and name not in keep:
+            try:
+                (folder / name).unlink()
+            except FileNotFoundError:
+                pass
+    for name in (manifest_name, pending):
+        remove_stale_temp_files(folder, name)
+
+
+def _encode_manifest(manifest: Mapping[str, Any]) -> bytes:
+    return dumps_json(manifest).encode("utf-8")
+
+
+def commit_folder(folder: str | os.PathLike, files: Mapping[str, bytes], manifest_name: str,
+                  manifest: Mapping[str, Any], *, encode: Callable[[dict[str, Any]], bytes] = _encode_manifest,
+                  check: Callable[[dict[str, Any]], None] | None = None,
+                  known_names: Iterable[str] = ()) -> dict[str, str]:
+    """Replace the contents of ``folder`` with ``files`` and ``manifest`` as one crash-safe step.
+
+    ``files`` maps plain file names to their bytes; ``manifest`` is written to ``manifest_name``
+    with its ``"files"`` entry set to ``{name: sha256}`` of ``files`` (``encode`` turns it into
+    bytes; the default is :func:`dumps_json`). Killed at any moment, the folder loads (through
+    :func:`manifest_path` and :func:`read_verified`) as the previous version or as this one, complete;
+    see the notes above. A pending save left by an earlier writer is finished first (``check`` as in
+    :func:`finish_pending`). Afterwards data files of the previous manifest, or among
+    ``known_names``, that ``files`` does not include are removed, with every staged copy and temp
+    file of an interrupted save. The folder must have a single writer. Returns the hashes.
+    """
+    folder = Path(folder)
+    _check_file_names(files, manifest_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_pending(folder, manifest_name, check)
+    names = set(files) | _listed_files(folder, manifest_name) | set(known_names)
+    _remove_leftovers(folder, manifest_name, names, keep=None)  # the current version stays untouched
+    hashes = {}
+    for name, data in files.items():
+        atomic_write_bytes(folder / staged_name(name), data)
+        hashes[name] = sha256_bytes(data)
+    atomic_write_bytes(folder / pending_manifest_name(manifest_name), encode({**manifest, "files": hashes}))  # commit
+    finish_pending(folder, manifest_name)  # our own manifest: no need to check it
+    _remove_leftovers(folder, manifest_name, names, keep=hashes)
+    return hashes

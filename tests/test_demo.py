@@ -22,11 +22,11 @@ def test_demo_runs_end_to_end_and_writes_results(instructed_world, shared_data_d
     out = tmp_path / "demo"
     result = run_demo(DemoConfig(n_facts=1, data_dir=str(shared_data_dir), out_dir=str(out),
                                  model_dir=str(instructed_world["base_dir"]), archive=str(instructed_world["archive"]),
-                                 hparams_dir=str(hparams), methods=("in_context", "instructed"), dtype="float32"))
+                                 hparams_dir=str(hparams), methods=("in_context", "instructed", "retrieval"), dtype="float32"))
     assert [f["dataset"] for f in result["facts"]] == ["counterfact", "zsre"]
     for fact in result["facts"]:
         assert fact["prompt"] and fact["target_new"] and isinstance(fact["after"], str)
-    assert set(result["table"]) == {"in-context (no prefixes)", "InstructEd (gold)"}
+    assert set(result["table"]) == {"in-context (no prefixes)", "InstructEd (gold)", "InstructEd (retrieval, sequential)"}
     for row in result["table"].values():
         assert row["n_edits"] == 2
         assert all(row[k] is None or 0.0 <= row[k] <= 100.0 for k in ("Rel", "Gen", "Loc", "Por", "Score", "H"))

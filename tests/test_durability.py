@@ -1,10 +1,13 @@
 """Nothing saved is ever lost or silently wrong: SIGKILL during saves, and hostile files.
 
-* A writer process saves an instruction memory, an InstructEd prefix checkpoint and a
-  ``durable.atomic_write_json`` file over and over (each save a new, deterministic *generation*)
-  and is killed with SIGKILL at random moments, many times. After every kill each artefact must
-  load, and be bit-identical to either the last generation the writer reported as saved or the
-  one it was writing -- never a mix and never an error.
+* A writer process saves an instruction memory, an InstructEd prefix checkpoint, an InstructEdit
+  editor checkpoint with trainer state (what ``last/`` holds) and a ``durable.atomic_write_json``
+  file over and over (each save a new, deterministic *generation*) and is killed with SIGKILL at
+  random moments, many times. After every kill each artefact must load, and be bit-identical
+  (tensors and trainer state) to either the last generation the writer reported as saved or the
+  one it was writing -- never a mix and never an error. Both checkpoint kinds save through
+  ``durable.commit_folder`` (staged files, one commit point); saves interrupted right before and
+  right after that commit point are checked deterministically too.
 * A pickle whose unpickling would create a marker file, put where a checkpoint or memory file is
   expected, is refused with a clear error and the marker is never created (the plugin reads
   safetensors and JSON only; a static check keeps every ``torch.load`` at ``weights_only=True``).
@@ -37,13 +40,14 @@ from instructedit_plugin.instructed.checkpoint import (
 )
 from instructedit_plugin.instructed.memory import InstructionMemory, MemoryFormatError
 from instructedit_plugin.instructed.prefix import PrefixBank
+from instructedit_plugin.instructedit import checkpoint as editor_ckpt
 
 PACKAGE = Path(__file__).resolve().parents[1] / "instructedit_plugin"
 DIM = 64
 MODEL_CONFIG = {"model_type": "tiny-test", "hidden_size": 32, "num_hidden_layers": 4}
 TEMPLATE = "Instructions: {instruction}\nInput: "
 KILLS = 60
-KINDS = ("memory", "checkpoint", "json")
+KINDS = ("memory", "checkpoint", "editor", "json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,13 +83,38 @@ def save_checkpoint_gen(folder: Path, g: int) -> None:
                     trainer_state=state if g % 2 else None)
 
 
+def editor_content(g: int) -> tuple[dict, dict]:
+    """An InstructEdit editor's tensors and an optimiser state dict (as ``last/`` saves them)."""
+    gen = torch.Generator().manual_seed(3000 + g)
+    state = {"hypernet.mlp.weight": torch.randn(8 + g % 9, 64, generator=gen),
+             "hypernet.norm.u_mean": torch.randn(64, generator=gen), "edit_lrs": torch.full((2,), 1e-4 * (g + 1))}
+    opt_state = {"state": {0: {"step": torch.tensor(float(g)), "exp_avg": torch.randn(g % 7 + 1, 64, generator=gen),
+                               "exp_avg_sq": torch.rand(g % 7 + 1, 64, generator=gen)}},
+                 "param_groups": [{"lr": 0.01, "betas": [0.9, 0.999], "params": [0], "generation": g}]}
+    return state, opt_state
+
+
+def save_editor_gen(folder: Path, g: int) -> None:
+    """What ``InstructEditTrainer.save('last', ...)`` writes: the editor plus its trainer state."""
+    state, opt_state = editor_content(g)
+    extra = editor_ckpt.trainer_state_files(opt_state, {"step": g, "best_value": g / 7, "history": [{"step": g}]})
+    meta = {"alg": "InstructEdit", "layers": [{"name": "h.0.mlp", "generation": g}], "hypernet": {"rank": 1 + g % 3},
+            "base_model": {"fingerprint": "f" * 64, "model_type": "tiny-test", "name": "tiny"},
+            "training_config": {"generation": g}, "step": g, "val_stats": {"loss_val": g / 3}}
+    editor_ckpt.save_editor(folder, state, meta, extra_files=extra)
+
+
 def json_content(g: int) -> dict:
     return {"generation": g, "payload": [g * 31 + i for i in range(50 + g % 200)], "text": "\u00e9\u4e2d" * (g % 50)}
 
 
+#: where each kind lives under the writer's root (for counting interrupted saves)
+FOLDERS = {"memory": "memory", "checkpoint": "checkpoint", "editor": "editor", "json": ".state.json"}
+
 SAVERS = {
     "memory": lambda root, g: save_memory_gen(root / "memory", g),
     "checkpoint": lambda root, g: save_checkpoint_gen(root / "checkpoint", g),
+    "editor": lambda root, g: save_editor_gen(root / "editor", g),
     "json": lambda root, g: durable.atomic_write_json(root / "state.json", json_content(g)),
 }
 
@@ -110,6 +139,20 @@ def load_generation(root: Path, kind: str) -> int:
             hashes = ckpt.manifest["files"]
             state = json.loads(ckpt_mod._verified_bytes(ckpt.folder, "trainer_state.json", hashes))
             assert state["step"] == g
+        return g
+    if kind == "editor":
+        tensors, meta = editor_ckpt.load_editor(root / "editor")
+        g = meta["step"]
+        state, opt_state = editor_content(g)
+        assert meta["training_config"] == {"generation": g} and meta["layers"][0]["generation"] == g
+        assert sorted(tensors) == sorted(state) and all(torch.equal(tensors[k], v) for k, v in state.items())
+        loaded = editor_ckpt.load_trainer_state(root / "editor")  # what resuming from last/ reads
+        assert loaded is not None
+        opt, info = loaded
+        assert info["step"] == g and info["best_value"] == g / 7 and info["history"] == [{"step": g}]
+        assert opt["param_groups"] == opt_state["param_groups"]
+        assert sorted(opt["state"]) == [0] and sorted(opt["state"][0]) == sorted(opt_state["state"][0])
+        assert all(torch.equal(opt["state"][0][k], v) for k, v in opt_state["state"][0].items())
         return g
     data = json.loads((root / "state.json").read_text(encoding="utf-8"))
     assert data == json_content(data["generation"])
@@ -144,7 +187,7 @@ def _wait_ready(ack_path: Path, proc, timeout: float = 60.0) -> None:
 def _leftovers(root: Path) -> set[str]:
     """Traces of interrupted saves: temp files, staged files, a pending manifest."""
     return {str(p.relative_to(root)) for p in root.rglob("*")
-            if p.name.endswith((".tmp", ".staged")) or p.name == "manifest.next.json"}
+            if p.name.endswith((".tmp", ".staged", ".next.json"))}
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL") or "fork" not in multiprocessing.get_all_start_methods(),
@@ -161,6 +204,7 @@ def test_sigkill_during_saves_never_loses_or_mixes_versions(tmp_path):
     # writer that never reports ready fails the test instead of hanging it.
     ctx = multiprocessing.get_context("fork")
     interrupted = 0
+    half_done = {kind: 0 for kind in KINDS}  # kills that left this kind's save unfinished
     started = time.perf_counter()
     for round_ in range(KILLS):
         start = max(loaded.values()) + 1
@@ -181,14 +225,18 @@ def test_sigkill_during_saves_never_loses_or_mixes_versions(tmp_path):
         leftovers = _leftovers(tmp_path / "data")
         interrupted += bool(leftovers - before)
         for kind in KINDS:
+            half_done[kind] += any(name.startswith(FOLDERS[kind]) for name in leftovers - before)
+        for kind in KINDS:
             g = load_generation(tmp_path / "data", kind)
             # the last acknowledged save, or the one in flight (never older, never a mix)
             assert acked[kind] <= g <= max(acked[kind], loaded[kind], start - 1) + 1, (kind, g, acked, loaded)
             loaded[kind] = g
     elapsed = time.perf_counter() - started
-    print(f"{KILLS} kills in {elapsed:.1f}s; generations reached {loaded}; {interrupted} kills left a save half-done")
+    print(f"{KILLS} kills in {elapsed:.1f}s; generations reached {loaded}; {interrupted} kills left a save half-done "
+          f"({half_done})")
     assert max(loaded.values()) > 0  # the writer did make progress
     assert interrupted > 0  # kills did land inside saves (temp/staged files, a pending manifest)
+    assert half_done["checkpoint"] and half_done["editor"]  # ... of both multi-file checkpoint kinds
     # a later save completes an interrupted one and cleans up after it (a plain JSON file's stale
     # temp files are removed on request: another writer may be using its temp file)
     for kind in KINDS:
@@ -198,51 +246,87 @@ def test_sigkill_during_saves_never_loses_or_mixes_versions(tmp_path):
     assert _leftovers(tmp_path / "data") == set()
 
 
-def test_committed_but_unfinished_checkpoint_save_loads_the_new_version(tmp_path, monkeypatch):
+PENDING = {"checkpoint": "manifest.next.json", "editor": "editor_config.next.json"}
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "editor"])
+def test_committed_but_unfinished_save_loads_the_new_version(tmp_path, monkeypatch, kind):
     """Killed right after the commit point: the new version is complete and is what loads."""
-    save_checkpoint_gen(tmp_path, 1)
-    real_finish = ckpt_mod._finish_pending
+    folder = tmp_path / kind
+    SAVERS[kind](tmp_path, 1)
+    real_finish = durable.finish_pending
     calls = {"n": 0}
 
-    def crash_after_commit(folder):
+    def crash_after_commit(path, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the call right after manifest.next.json is written
-            staged = sorted(Path(folder).glob("*.staged"))
-            os.replace(staged[0], Path(folder) / staged[0].name[: -len(".staged")])  # one rename done
+        if calls["n"] == 2:  # the call right after the pending manifest is written
+            staged = sorted(Path(path).glob("*.staged"))
+            os.replace(staged[0], Path(path) / staged[0].name[: -len(".staged")])  # one rename done
             raise KeyboardInterrupt("killed")
-        return real_finish(folder)
+        return real_finish(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_mod, "_finish_pending", crash_after_commit)
+    monkeypatch.setattr(durable, "finish_pending", crash_after_commit)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint_gen(tmp_path, 3)
-    monkeypatch.setattr(ckpt_mod, "_finish_pending", real_finish)
-    assert (tmp_path / "manifest.next.json").is_file()
-    ckpt = load_checkpoint(tmp_path)
-    assert ckpt.config["info"]["generation"] == 3 and torch.equal(ckpt.bank.embeddings, make_bank(3).embeddings)
-    # the trainer state (read when resuming) is the new one too
-    state = json.loads(ckpt_mod._verified_bytes(tmp_path, "trainer_state.json", ckpt.manifest["files"]))
-    assert state["step"] == 3
-    save_checkpoint_gen(tmp_path, 4)  # finishes the pending renames first
-    assert not (tmp_path / "manifest.next.json").exists() and not list(tmp_path.glob("*.staged"))
-    assert load_checkpoint(tmp_path).config["info"]["generation"] == 4
+        SAVERS[kind](tmp_path, 3)
+    monkeypatch.setattr(durable, "finish_pending", real_finish)
+    assert (folder / PENDING[kind]).is_file() and list(folder.glob("*.staged"))
+    # the new version, trainer state included (read when resuming), bit-identical
+    assert load_generation(tmp_path, kind) == 3
+    SAVERS[kind](tmp_path, 4)  # finishes the pending renames first
+    assert not (folder / PENDING[kind]).exists() and not list(folder.glob("*.staged"))
+    assert load_generation(tmp_path, kind) == 4
 
 
-def test_save_killed_before_the_commit_point_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    save_checkpoint_gen(tmp_path, 2)
-    real = ckpt_mod.atomic_write_bytes
+@pytest.mark.parametrize("kind", ["checkpoint", "editor"])
+def test_save_killed_before_the_commit_point_keeps_the_previous_version(tmp_path, monkeypatch, kind):
+    folder = tmp_path / kind
+    SAVERS[kind](tmp_path, 1)
+    real = durable.atomic_write_bytes
 
-    def die_on_manifest(path, data):
-        if Path(path).name == "manifest.next.json":
+    def die_on_commit(path, data):
+        if Path(path).name == PENDING[kind]:
             raise KeyboardInterrupt("killed")
         return real(path, data)
 
-    monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", die_on_manifest)
+    monkeypatch.setattr(durable, "atomic_write_bytes", die_on_commit)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint_gen(tmp_path, 5)
-    monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", real)
-    assert list(tmp_path.glob("*.staged"))  # new files written, not committed
-    ckpt = load_checkpoint(tmp_path)
-    assert ckpt.config["info"]["generation"] == 2 and torch.equal(ckpt.bank.embeddings, make_bank(2).embeddings)
+        SAVERS[kind](tmp_path, 5)
+    monkeypatch.setattr(durable, "atomic_write_bytes", real)
+    assert len(list(folder.glob("*.staged"))) >= 3  # new files written (trainer state too), not committed
+    assert load_generation(tmp_path, kind) == 1
+    SAVERS[kind](tmp_path, 6)  # the next save removes the uncommitted files
+    assert load_generation(tmp_path, kind) == 6 and _leftovers(tmp_path) == set()
+
+
+def test_a_pending_manifest_that_is_not_ours_is_set_aside(tmp_path):
+    """A foreign ``*.next.json`` is never taken for a commit: a load refuses it, a save moves it aside."""
+    SAVERS["editor"](tmp_path, 1)
+    folder = tmp_path / "editor"
+    (folder / PENDING["editor"]).write_text(json.dumps({"format": "something else", "format_version": 2, "files": {}}))
+    with pytest.raises(HyperParamsError, match="not an InstructEdit editor"):
+        editor_ckpt.load_editor(folder)  # a load reads the pending manifest and refuses it
+    SAVERS["editor"](tmp_path, 2)
+    assert (folder / (PENDING["editor"] + ".invalid")).is_file() and load_generation(tmp_path, "editor") == 2
+
+
+def test_commit_folder_is_generic(tmp_path):
+    """The helper on its own: hashes in the manifest, files it no longer lists removed, bad names refused."""
+    folder = tmp_path / "f"
+    hashes = durable.commit_folder(folder, {"a.bin": b"A", "b.txt": b"B"}, "index.json", {"kind": "test"})
+    assert hashes == {"a.bin": durable.sha256_bytes(b"A"), "b.txt": durable.sha256_bytes(b"B")}
+    manifest = json.loads(durable.manifest_path(folder, "index.json").read_text())
+    assert manifest == {"kind": "test", "files": hashes}
+    assert durable.read_verified(folder, "a.bin", hashes["a.bin"]) == b"A"
+    durable.commit_folder(folder, {"a.bin": b"A2"}, "index.json", {"kind": "test"})
+    assert sorted(p.name for p in folder.iterdir()) == ["a.bin", "index.json"]
+    with pytest.raises(durable.DigestMismatchError):
+        durable.read_verified(folder, "a.bin", hashes["a.bin"])
+    with pytest.raises(FileNotFoundError):
+        durable.read_verified(folder, "b.txt", hashes["b.txt"])
+    for bad in ("../x", "index.json", "index.next.json", "x.staged", ".hidden"):
+        with pytest.raises(ValueError):
+            durable.commit_folder(folder, {bad: b""}, "index.json", {})
+    assert durable.pending_manifest_name("editor_config.json") == "editor_config.next.json"
 
 
 # ----------------------------------------------------------------------------------------------

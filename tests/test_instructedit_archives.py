@@ -7,9 +7,12 @@
 * A crafted pickle given as ``archive`` is refused and its payload never runs.
 * ``editor_config.json`` holds the sha256 of every file, the plugin version, the base model's
   identity and the hparams; a tampered file or an editor of another base model is refused.
+* Resuming (``resume: true``) from a ``last/`` folder that fails verification is an error naming
+  the folder and the fix, never a silent fresh start; without a ``last/`` training starts fresh.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +46,7 @@ from instructedit_plugin.instructedit.checkpoint import (
     easyedit_export_dir,
 )
 from instructedit_plugin.instructedit.editable import edit_step_stats
+from instructedit_plugin.instructedit.trainer import run_dir
 from instructedit_plugin.instructedit.hparams import config_dict
 from instructedit_plugin.models.loading import load_causal_lm
 
@@ -333,6 +337,67 @@ def test_format_1_checkpoints_still_load(trained_tiny, tiny_gpt2_dir, tmp_path, 
         editor = load_editor_for(model, folder)
     assert "cannot be verified" in caplog.text
     assert [s.name for s in editor.specs] == [layer["name"] for layer in meta["layers"]]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # still a valid file of its kind, with other contents
+    path.write_bytes(bytes(data))
+
+
+def _damage_last(folder: Path, damage: str) -> str:
+    """Damage a copy of a ``last/`` folder; returns what the refusal must say."""
+    if damage in ("editor_bytes", "trainer_state_bytes"):
+        _flip_last_byte(folder / (EDITOR_FILE if damage == "editor_bytes" else "trainer_state.safetensors"))
+        return "does not match the sha256"
+    if damage == "manifest_unreadable":
+        (folder / CONFIG_FILE).write_text("{ truncated")
+        return "not readable JSON"
+    if damage == "manifest_missing":
+        (folder / CONFIG_FILE).unlink()
+        return "no InstructEdit checkpoint"
+    if damage == "trainer_state_unlisted":
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        del meta["files"]["trainer_state.json"]
+        (folder / CONFIG_FILE).write_text(json.dumps(meta))
+        return "no trainer state"
+    assert damage == "trainer_state_unreadable"
+    (folder / "trainer_state.json").unlink()
+    (folder / "trainer_state.json").mkdir()  # unreadable, even for root
+    return "not readable"
+
+
+@pytest.mark.parametrize("damage", ["editor_bytes", "trainer_state_bytes", "manifest_unreadable", "manifest_missing",
+                                    "trainer_state_unlisted", "trainer_state_unreadable"])
+def test_resume_from_a_last_checkpoint_that_fails_verification_is_refused(trained_tiny, tmp_path, damage):
+    cfg = dataclasses.replace(trained_tiny["cfg"], results_dir=str(tmp_path), resume=True)
+    last = run_dir(cfg) / "last"
+    shutil.copytree(trained_tiny["last"], last)
+    problem = _damage_last(last, damage)
+    with pytest.raises(HyperParamsError) as info:
+        InstructEditTrainer(cfg, None, None)
+    error = info.value
+    assert error.field == "resume", str(error)
+    assert f"cannot resume from {last}" in error.problem and problem in error.problem, str(error)
+    assert f"delete {last}" in error.fix and "restore it" in error.fix, str(error)
+    # following the fix: without last/ training starts fresh
+    shutil.rmtree(last)
+    assert InstructEditTrainer(cfg, None, None).step == 0
+
+
+def test_resume_uses_an_intact_last_checkpoint_and_starts_fresh_without_one(trained_tiny, tmp_path):
+    cfg = dataclasses.replace(trained_tiny["cfg"], results_dir=str(tmp_path), resume=True)
+    last = run_dir(cfg) / "last"
+    assert InstructEditTrainer(cfg, None, None).step == 0  # no last/ at all
+    last.mkdir(parents=True)
+    (last / "editor.safetensors.staged").write_bytes(b"a first save killed before its commit point")
+    assert InstructEditTrainer(cfg, None, None).step == 0  # nothing was ever committed there
+    shutil.rmtree(last)
+    shutil.copytree(trained_tiny["last"], last)
+    resumed = InstructEditTrainer(cfg, None, None)
+    tensors, _ = load_editor(trained_tiny["last"])
+    assert resumed.step == 2 and resumed.opt.state_dict()["state"]
+    assert all(torch.equal(resumed.editor.state_dict()[k], v) for k, v in tensors.items())
 
 
 def test_edit_step_stats_helper():

@@ -50,7 +50,8 @@ def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, ti
     ax.set_ylabel("%")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    # below the axes, so that no bar is hidden behind it
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(names), 4), frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -17,7 +17,8 @@ Nothing is ever unpickled: tensors are read with safetensors, everything else is
 
 Crash safety
 ------------
-A save replaces several files, which no single rename can do, so it is a small journal:
+A save replaces several files, which no single rename can do, so it is a small journal
+(:func:`instructedit_plugin.durable.commit_folder`, shared with InstructEdit's editor checkpoints):
 
 1. every new file is written (temp file in the same folder, flush, fsync, :func:`os.replace`)
    under a *staged* name, ``<name>.staged``; the current files are untouched;
@@ -66,8 +67,8 @@ CONFIG_FILE = "instructed_config.json"
 STATE_FILE = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-NEXT_MANIFEST_FILE = "manifest.next.json"
-STAGED_SUFFIX = ".staged"
+NEXT_MANIFEST_FILE = durable.pending_manifest_name(MANIFEST_FILE)  # manifest.next.json
+STAGED_SUFFIX = durable.STAGED_SUFFIX
 _DATA_FILES = (PREFIX_FILE, CONFIG_FILE, STATE_FILE, STATE_JSON)
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_attn_implementation", "attn_implementation",
@@ -169,9 +170,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     """The manifest a load of ``folder`` uses: ``manifest.next.json`` when a save committed but did
     not finish its renames, else ``manifest.json``; format and version checked."""
     folder = Path(folder)
-    nxt = folder / NEXT_MANIFEST_FILE
-    path = nxt if nxt.is_file() else folder / MANIFEST_FILE
-    manifest = _read_json_file(path, "manifest")
+    path = durable.manifest_path(folder, MANIFEST_FILE)
+    return _check_manifest(folder, path, _read_json_file(path, "manifest"))
+
+
+def _check_manifest(folder: Path, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     if manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{folder}: not an InstructEd prefix checkpoint (format {manifest.get('format')!r}). "
                               "Fix: point `archive` at a folder written by InstructEdTrainer")
@@ -204,55 +207,24 @@ def _verified_bytes(folder: Path, name: str, hashes: Mapping[str, str]) -> bytes
     if expected is None:
         raise CheckpointError(f"{folder}: {name} is not listed in {MANIFEST_FILE}; the checkpoint is incomplete. "
                               "Fix: re-save or re-train it")
-    found = False
-    for candidate in (folder / (name + STAGED_SUFFIX), folder / name):
-        try:
-            data = candidate.read_bytes()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise CheckpointError(f"{candidate}: unreadable ({exc})") from exc
-        found = True
-        if hashlib.sha256(data).hexdigest() == expected:
-            return data
-    if not found:
-        raise CheckpointError(f"{folder}: {name} is missing; the checkpoint is incomplete. Fix: re-save or re-train it")
-    raise CheckpointError(f"{folder}: {name} does not match the sha256 in {MANIFEST_FILE} (modified, corrupted or "
-                          "replaced file); it is not loaded. Fix: re-save or re-train the checkpoint")
+    try:
+        return durable.read_verified(folder, name, expected)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: {name} is missing; the checkpoint is incomplete. "
+                              "Fix: re-save or re-train it") from None
+    except durable.DigestMismatchError:
+        raise CheckpointError(f"{folder}: {name} does not match the sha256 in {MANIFEST_FILE} (modified, corrupted or "
+                              "replaced file); it is not loaded. Fix: re-save or re-train the checkpoint") from None
+    except OSError as exc:
+        raise CheckpointError(f"{exc.filename or folder / name}: unreadable ({exc})") from exc
 
 
 # ----------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------
-def _finish_pending(folder: Path) -> None:
-    """Complete a committed save whose renames were interrupted (idempotent)."""
-    nxt = folder / NEXT_MANIFEST_FILE
-    if not nxt.is_file():
-        return
-    try:
-        files = read_manifest(folder)["files"]
-    except CheckpointError:  # not a manifest this plugin wrote (cannot happen through save_checkpoint)
-        os.replace(nxt, folder / (NEXT_MANIFEST_FILE + ".invalid"))
-        return
-    for name, expected in files.items():
-        staged = folder / (name + STAGED_SUFFIX)
-        if staged.is_file() and durable.sha256_bytes(staged.read_bytes()) == expected:
-            os.replace(staged, folder / name)
-    durable.fsync_dir(folder)
-    os.replace(nxt, folder / MANIFEST_FILE)
-    durable.fsync_dir(folder)
-
-
-def _clean_leftovers(folder: Path, keep: Mapping[str, str]) -> None:
-    """Remove staged copies and temp files of aborted saves, and data files the manifest dropped."""
-    for name in _DATA_FILES + (MANIFEST_FILE, NEXT_MANIFEST_FILE):
-        durable.remove_stale_temp_files(folder, name)
-        durable.remove_stale_temp_files(folder, name + STAGED_SUFFIX)
-        staged = folder / (name + STAGED_SUFFIX)
-        if staged.is_file():
-            staged.unlink()
-        if name in _DATA_FILES and name not in keep and (folder / name).is_file():
-            (folder / name).unlink()
+def _pending_check(folder: Path) -> Any:
+    """What a pending ``manifest.next.json`` must pass to be completed (else it is moved aside)."""
+    return lambda manifest: _check_manifest(folder, folder / NEXT_MANIFEST_FILE, manifest)
 
 
 def save_checkpoint(folder: str | os.PathLike, bank: PrefixBank, *, reweight_mode: str, template: str,
@@ -264,9 +236,6 @@ def save_checkpoint(folder: str | os.PathLike, bank: PrefixBank, *, reweight_mod
     it any trainer state already in the folder is removed (a ``best/`` folder needs none).
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _finish_pending(folder)
-    _clean_leftovers(folder, _existing_hashes(folder))
     fingerprint = model_fingerprint(model_config)
     model_type = _model_type(model_config)
     training = dict(training or {})
@@ -291,7 +260,6 @@ def save_checkpoint(folder: str | os.PathLike, bank: PrefixBank, *, reweight_mod
         state_tensors, state_json = trainer_state
         blobs[STATE_FILE] = st_save(state_tensors)
         blobs[STATE_JSON] = _json_bytes(state_json)
-    hashes = {name: atomic_write_bytes(folder / (name + STAGED_SUFFIX), data) for name, data in blobs.items()}
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -299,11 +267,9 @@ def save_checkpoint(folder: str | os.PathLike, bank: PrefixBank, *, reweight_mod
         "base_model": {"fingerprint": fingerprint, "model_type": model_type},
         "bank": {"prefix_layers": list(bank.layers), "prefix_len": bank.prefix_len, "hidden_size": bank.hidden_size},
         "hparams": training,
-        "files": hashes,
     }
-    atomic_write_bytes(folder / NEXT_MANIFEST_FILE, _json_bytes(manifest))  # the commit point
-    _finish_pending(folder)
-    _clean_leftovers(folder, hashes)
+    durable.commit_folder(folder, blobs, MANIFEST_FILE, manifest, encode=_json_bytes, check=_pending_check(folder),
+                          known_names=_DATA_FILES)  # "files" (the sha256 of each blob) is added there
     return folder
 
 
@@ -318,7 +284,7 @@ def resolve_archive(path: str | os.PathLike) -> Path:
         p = p.parent
 
     def has_manifest(folder: Path) -> bool:
-        return (folder / MANIFEST_FILE).is_file() or (folder / NEXT_MANIFEST_FILE).is_file()
+        return durable.has_manifest(folder, MANIFEST_FILE)
 
     if has_manifest(p):
         return p

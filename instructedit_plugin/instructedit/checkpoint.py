@@ -5,17 +5,23 @@ A checkpoint folder holds
 * ``editor.safetensors``: hypernetwork parameters and running statistics, ``edit_lrs``;
 * for resuming (``last/`` only): ``trainer_state.safetensors`` (optimiser
   tensors) and ``trainer_state.json`` (optimiser structure, step, best value);
-* ``editor_config.json``, the manifest, written **last**: format and format
+* ``editor_config.json``, the manifest: format and format
   version, the plugin version, the base model's identity (``base_model``: the
   sha256 fingerprint of its architecture config, its ``model_type`` and folder
   name), layer specs, hypernetwork settings, the training hparams
   (``training_config``), step/validation stats and ``files``: the sha256 of
-  every other file in the folder.
+  every other file in the folder (the trainer state's too).
 
-Every file is written to a temporary file in the same folder, flushed, fsynced
-and moved into place with :func:`os.replace`; the manifest (which carries the
-other files' hashes) is written last, so a crash leaves either the previous
-complete checkpoint or a detectable mismatch, never a silently mixed one.
+Crash safety: a save replaces several files as one step with
+:func:`instructedit_plugin.durable.commit_folder` (shared with InstructEd's
+prefix checkpoints): the new files are written as ``<name>.staged``, then the
+new manifest as ``editor_config.next.json`` -- the single commit point --, then
+everything is renamed into place. A save killed at any moment leaves the
+previous version or the new one, complete: :func:`load_editor` and
+:func:`load_trainer_state` read the pending manifest when there is one and
+take each file's copy (staged or final) whose sha256 it lists, never a mix; the
+next save finishes the renames first. Each file is written to a temporary file
+in the same folder, flushed, fsynced and moved with :func:`os.replace`.
 
 Loading (:func:`load_editor`) checks the format, the hash of every file it
 reads and that the manifest names a base model; :func:`verify_base_model`
@@ -50,7 +56,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..durable import atomic_write_bytes, dumps_json
+from .. import durable
+from ..durable import dumps_json
 from ..errors import HyperParamsError
 
 LOG = logging.getLogger(__name__)
@@ -61,8 +68,12 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 EDITOR_FILE = "editor.safetensors"
 CONFIG_FILE = "editor_config.json"
+#: The commit point of a save (renamed over :data:`CONFIG_FILE` once the save's files are in place).
+PENDING_CONFIG_FILE = durable.pending_manifest_name(CONFIG_FILE)
 TRAINER_FILE = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
+#: Data files a folder may hold; a save removes those it does not write.
+_DATA_FILES = (EDITOR_FILE, TRAINER_FILE, TRAINER_JSON)
 #: State-dict key under which :class:`InstructEditModel` stores its manifest (uint8 tensor of UTF-8 JSON).
 META_KEY = "instructedit_meta"
 #: Suffix of the checkpoint folder written next to an EasyEdit trainer archive.
@@ -124,29 +135,37 @@ def _jsonable(value: Any) -> Any:
 
 def save_editor(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
                 extra_files: Mapping[str, bytes] | None = None) -> Path:
-    """Write ``editor.safetensors`` (and ``extra_files``), then the manifest ``editor_config.json``.
+    """Write ``editor.safetensors``, ``extra_files`` and the manifest ``editor_config.json`` as one
+    crash-safe step (see the module docs); returns ``folder``.
 
     ``config`` is the editor's metadata (``InstructEditModel.editor_config()`` plus
     step and validation stats); the format fields and the files' hashes are added here.
+    ``extra_files`` (e.g. :func:`trainer_state_files`) are hashed in the manifest like the
+    editor; trainer-state files of an earlier save that this one does not write are removed.
     """
     folder = Path(folder)
     missing = [k for k in ("layers", "hypernet", "base_model") if k not in config]
     if missing:
         raise ValueError(f"editor metadata lacks {missing}; build it with InstructEditModel.editor_config()")
-    blob = st_save(_tensors(state))
-    atomic_write_bytes(folder / EDITOR_FILE, blob)
-    files = {EDITOR_FILE: hashlib.sha256(blob).hexdigest()}
+    blobs = {EDITOR_FILE: st_save(_tensors(state))}
     for name, data in (extra_files or {}).items():
-        if Path(name).name != name or name in (EDITOR_FILE, CONFIG_FILE):
+        if (Path(name).name != name or name in (EDITOR_FILE, CONFIG_FILE, PENDING_CONFIG_FILE)
+                or name.startswith(".") or name.endswith(durable.STAGED_SUFFIX)):
             raise ValueError(f"extra checkpoint file name {name!r} is not allowed")
-        atomic_write_bytes(folder / name, data)
-        files[name] = hashlib.sha256(data).hexdigest()
+        blobs[name] = bytes(data)
     meta = {k: v for k, v in config.items() if k not in _WRITER_KEYS}
     meta.setdefault("plugin_version", plugin_version())
     meta.setdefault("training_config", {})
-    meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, files=files)
-    atomic_write_bytes(folder / CONFIG_FILE, dumps_json(meta).encode("utf-8"))
+    meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
+    # "files" (the sha256 of every blob) is added by commit_folder
+    durable.commit_folder(folder, blobs, CONFIG_FILE, meta, check=_pending_check, known_names=_DATA_FILES)
     return folder
+
+
+def _pending_check(meta: dict[str, Any]) -> None:
+    """A pending manifest is completed only if it is one of ours (else it is moved aside)."""
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{PENDING_CONFIG_FILE} is not an InstructEdit editor manifest")
 
 
 def easyedit_export_dir(save_path: str | os.PathLike) -> Path:
@@ -163,20 +182,24 @@ def resolve_archive(archive: str | os.PathLike | None, field: str = "archive", s
     path = Path(archive).expanduser()
     if path.is_file():
         return path.parent if path.name == EDITOR_FILE or path.suffix == ".safetensors" else path
-    if not (path / EDITOR_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+    has_editor = (path / EDITOR_FILE).is_file() or (path / durable.staged_name(EDITOR_FILE)).is_file()
+    if not has_editor or not durable.has_manifest(path, CONFIG_FILE):
         raise HyperParamsError(field, f"no InstructEdit checkpoint at {path} (needs {EDITOR_FILE} and {CONFIG_FILE}, "
                                "or an EasyEdit trainer archive file)", _TRAIN_FIX, source)
     return path
 
 
 def _read_manifest(folder: Path, field: str, source: str | None) -> dict[str, Any]:
+    """The manifest a load uses: ``editor_config.next.json`` when a save committed but did not finish
+    its renames, else ``editor_config.json``."""
+    path = durable.manifest_path(folder, CONFIG_FILE)
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_bytes().decode("utf-8"))
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise HyperParamsError(field, f"{folder / CONFIG_FILE} is not readable JSON ({type(exc).__name__})",
+        raise HyperParamsError(field, f"{path} is not readable JSON ({type(exc).__name__})",
                                "use another checkpoint (e.g. best/ or last/) or retrain", source) from None
     if not isinstance(meta, dict):
-        raise HyperParamsError(field, f"{folder / CONFIG_FILE} is not a JSON object", "use another checkpoint or retrain", source)
+        raise HyperParamsError(field, f"{path} is not a JSON object", "use another checkpoint or retrain", source)
     return meta
 
 
@@ -216,20 +239,21 @@ def _version_tuple(text: Any) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _verified(folder: Path, name: str, expected: str | None, field: str, source: str | None) -> bytes:
-    try:
-        blob = (folder / name).read_bytes()
-    except OSError as exc:
-        raise HyperParamsError(field, f"{folder / name} is not readable ({type(exc).__name__})",
-                               "use another checkpoint or retrain", source) from None
-    if expected is None:
+def _verified(folder: Path, name: str, expected: Any, field: str, source: str | None) -> bytes:
+    """The bytes of ``name`` with the sha256 the manifest lists (its staged copy while a committed
+    save's renames are unfinished, else the file itself)."""
+    if not isinstance(expected, str):
         raise HyperParamsError(field, f"{CONFIG_FILE} in {folder} lists no sha256 for {name}",
                                "use another checkpoint or retrain", source)
-    if hashlib.sha256(blob).hexdigest() != expected:
+    try:
+        return durable.read_verified(folder, name, expected)
+    except durable.DigestMismatchError:
         raise HyperParamsError(field, f"{folder / name} does not match the sha256 in {CONFIG_FILE} "
                                "(modified, corrupted or interrupted write); it is not loaded",
-                               "use another checkpoint (e.g. best/ or last/) or retrain", source)
-    return blob
+                               "use another checkpoint (e.g. best/ or last/) or retrain", source) from None
+    except OSError as exc:
+        raise HyperParamsError(field, f"{exc.filename or folder / name} is not readable ({type(exc).__name__})",
+                               "use another checkpoint or retrain", source) from None
 
 
 def load_editor(archive: str | os.PathLike, field: str = "archive", source: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -391,23 +415,55 @@ def trainer_state_files(optimizer_state: Mapping[str, Any], extra: Mapping[str, 
     return {TRAINER_FILE: blob, TRAINER_JSON: dumps_json(info).encode("utf-8")}
 
 
-def save_trainer_state(folder: str | os.PathLike, optimizer_state: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-    folder = Path(folder)
-    for name, data in trainer_state_files(optimizer_state, extra).items():
-        atomic_write_bytes(folder / name, data)
+def load_trainer_state(folder: str | os.PathLike, field: str = "resume",
+                       source: str | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(optimizer_state, info)`` saved in a ``last/`` folder by :func:`save_editor` with
+    :func:`trainer_state_files`; ``info`` holds ``step``, ``best_value``, ``history``...
 
+    The trainer-state files are verified like the editor: against the sha256 the manifest lists
+    (a committed save whose renames were interrupted reads its staged copies), and against the
+    tensor file's sha256 kept in ``trainer_state.json`` (all format-1 folders have to go on).
 
-def load_trainer_state(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    Returns ``None`` when ``folder`` holds no committed checkpoint (no manifest): nothing to resume.
+
+    Raises:
+        HyperParamsError: (``field``) the folder holds a checkpoint whose trainer state is absent,
+            not listed in the manifest, modified, corrupted or unreadable.
+    """
     folder = Path(folder)
-    if not (folder / TRAINER_FILE).is_file() or not (folder / TRAINER_JSON).is_file():
+    if not durable.has_manifest(folder, CONFIG_FILE):
         return None
+    meta = _read_manifest(folder, field, source)
+    _check_manifest(meta, folder, field, source)
+    fix = "use another checkpoint or retrain"
+    if meta["format_version"] == 1:  # the manifest hashes the editor only; the state carries its own sha256
+        try:
+            info_bytes, blob = (folder / TRAINER_JSON).read_bytes(), (folder / TRAINER_FILE).read_bytes()
+        except FileNotFoundError:
+            raise HyperParamsError(field, f"{folder} holds no trainer state to resume from ({TRAINER_FILE} and "
+                                   f"{TRAINER_JSON} are needed)", fix, source) from None
+        except OSError as exc:
+            raise HyperParamsError(field, f"{exc.filename} is not readable ({type(exc).__name__})", fix, source) from None
+    else:
+        files = meta.get("files") if isinstance(meta.get("files"), Mapping) else {}
+        unlisted = [name for name in (TRAINER_FILE, TRAINER_JSON) if name not in files]
+        if unlisted:
+            raise HyperParamsError(field, f"{folder} holds no trainer state to resume from ({CONFIG_FILE} lists no "
+                                   f"{' or '.join(unlisted)}: a best/ or exported checkpoint, or a modified manifest)",
+                                   fix, source)
+        info_bytes = _verified(folder, TRAINER_JSON, files[TRAINER_JSON], field, source)
+        blob = _verified(folder, TRAINER_FILE, files[TRAINER_FILE], field, source)
     try:
-        meta = json.loads((folder / TRAINER_JSON).read_text(encoding="utf-8"))
-        blob = (folder / TRAINER_FILE).read_bytes()
-    except (OSError, ValueError):
-        LOG.warning("trainer state in %s is unreadable; not resuming from it", folder)
-        return None
-    if not isinstance(meta, dict) or hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
-        LOG.warning("trainer state in %s is inconsistent; not resuming from it", folder)
-        return None
-    return unflatten_optimizer_state(st_load(blob), meta["optimizer"]), meta
+        info = json.loads(info_bytes.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HyperParamsError(field, f"{folder / TRAINER_JSON} is not readable JSON ({type(exc).__name__})",
+                               fix, source) from None
+    if not isinstance(info, dict) or info.get("sha256") != hashlib.sha256(blob).hexdigest():
+        raise HyperParamsError(field, f"{folder / TRAINER_FILE} does not match the sha256 in {TRAINER_JSON} "
+                               "(modified, corrupted or from another save)", fix, source)
+    try:
+        optimizer_state = unflatten_optimizer_state(st_load(blob), info["optimizer"])
+    except (SafetensorError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise HyperParamsError(field, f"{TRAINER_FILE} / {TRAINER_JSON} in {folder} do not describe an optimiser "
+                               f"state ({type(exc).__name__}: {str(exc)[:120]})", fix, source) from None
+    return optimizer_state, info

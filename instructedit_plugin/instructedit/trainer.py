@@ -172,14 +172,35 @@ class InstructEditTrainer:
         return folder
 
     def _resume(self) -> None:
+        """Continue from ``last/``: editor, optimiser, step, best value and history.
+
+        No ``last/`` (or one where no save ever committed: no manifest, no data file) starts fresh;
+        a ``last/`` that fails verification (modified, corrupted, unreadable, without trainer state)
+        is a :class:`HyperParamsError` naming ``resume``, never a silent fresh start.
+        """
+        from ..errors import HyperParamsError
+        from . import checkpoint as ck
+
         folder = self.out_dir / "last"
-        loaded = load_trainer_state(folder)
-        if loaded is None:
-            LOG.info("resume requested but no usable checkpoint at %s; starting fresh", folder)
+        names = (ck.EDITOR_FILE, ck.CONFIG_FILE, ck.PENDING_CONFIG_FILE, ck.TRAINER_FILE, ck.TRAINER_JSON)
+        if not any((folder / name).exists() for name in names):
+            LOG.info("resume requested but there is no checkpoint at %s; starting fresh", folder)
             return
+        problem, cause = None, None
+        try:
+            tensors, editor_meta = load_editor(folder, field="resume")  # hash-checked
+            loaded = load_trainer_state(folder, field="resume")  # hash-checked against the same manifest
+            if loaded is None:  # cannot follow a successful load_editor (it needs the manifest)
+                problem = f"{folder} has no {ck.CONFIG_FILE}"
+        except HyperParamsError as exc:
+            problem, cause = exc.problem, exc
+        if problem is not None:
+            raise HyperParamsError(
+                "resume", f"cannot resume from {folder}: it exists but failed verification ({problem})",
+                f"delete {folder} to start training from scratch, or restore it from a copy of a complete "
+                "last/ checkpoint") from cause
+        verify_base_model(editor_meta, self.editor.model, folder)  # refused if trained for another base model
         opt_state, meta = loaded
-        tensors, editor_meta = load_editor(folder)  # hash-checked; refused if trained for another base model
-        verify_base_model(editor_meta, self.editor.model, folder)
         self.editor.load_state_dict(tensors)
         self.opt.load_state_dict(opt_state)
         self.step = int(meta["step"])
