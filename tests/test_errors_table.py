@@ -182,6 +182,67 @@ class _FakeEncoder:
         return torch.nn.functional.normalize(torch.ones(len(texts), self._dim), dim=1)
 
 
+def _ie_training_config(ctx: Ctx, results: Path, **overrides):
+    from instructedit_plugin.instructedit import InstructEditTrainingHparams
+
+    cfg = InstructEditTrainingHparams.from_hparams(REPO / "hparams/TRAINING/InstructEdit/tiny.yaml")
+    cfg.model_name = str(ctx.tmp / "ie-tiny-gpt2")  # names the run folder only: the model is passed in
+    cfg.results_dir = str(results)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _ie_model(n_head: int = 2):
+    """A tiny random GPT-2 (4 layers, the tiny YAML's inner_params exist), built in milliseconds."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=4, n_embd=32, n_head=n_head, n_inner=64, vocab_size=128, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def _ie_checkpoint(ctx: Ctx) -> Path:
+    """An untrained InstructEdit editor for the tiny GPT-2, saved once per session as ``last/``
+    (editor + optimiser state): a real checkpoint without any training step."""
+    from instructedit_plugin.instructedit import InstructEditTrainer
+    from instructedit_plugin.instructedit.trainer import run_dir
+
+    cfg = _ie_training_config(ctx, ctx.tmp / "ie-results")
+    last = run_dir(cfg) / "last"
+    if not (last / "editor_config.json").is_file():
+        InstructEditTrainer(cfg, None, None, model=_ie_model()).save("last", None)
+    return last
+
+
+def _ie_copy(ctx: Ctx, name: str) -> Path:
+    import shutil
+
+    folder = ctx.tmp / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(_ie_checkpoint(ctx), folder)
+    return folder
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # still a valid file of its kind, with other contents
+    path.write_bytes(bytes(data))
+
+
+class _MarkerPayload:
+    """Unpickling this runs ``open(marker, 'w')``: a stand-in for arbitrary code in a crafted archive."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Triggers, one per row of docs/errors.md
 # ----------------------------------------------------------------------------------------------
@@ -333,6 +394,73 @@ def trig_ckpt_newer_format(ctx):
     manifest["plugin_version"] = "9.0.0"
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return _raised(lambda: load_checkpoint(folder))
+
+
+# -- InstructEdit editor checkpoints
+def trig_ie_archive_missing(ctx):
+    from instructedit_plugin.instructedit import InstructEditHyperParams
+
+    text = (REPO / "hparams/InstructEdit/tiny.yaml").read_text(encoding="utf-8")
+    path = ctx.write("ie-noarchive.yaml", re.sub(r"(?m)^archive:.*$", "archive: null", text))
+    hparams = InstructEditHyperParams.from_hparams(path)
+    # a folder that is not an editor checkpoint is refused the same way (same field, a fix)
+    (ctx.tmp / "ie-not-a-checkpoint").mkdir(exist_ok=True)
+    hparams.archive = str(ctx.tmp / "ie-not-a-checkpoint")
+    other = _raised(hparams.check_ready)
+    assert "HyperParamsError" in other.mro and "field 'archive'" in other.message and "Fix:" in other.message, other
+    hparams.archive = None
+    return _raised(hparams.check_ready)
+
+
+def trig_ie_archive_other_model(ctx):
+    from instructedit_plugin.instructedit import load_editor_for
+
+    folder = _ie_checkpoint(ctx)
+    other = _ie_model(n_head=4)  # same weight shapes, another architecture
+    return _raised(lambda: load_editor_for(other, folder))
+
+
+def trig_ie_archive_tampered(ctx):
+    from instructedit_plugin.instructedit import load_editor
+
+    folder = _ie_copy(ctx, "ie-tampered")
+    _flip_byte(folder / "editor.safetensors")
+    return _raised(lambda: load_editor(folder))
+
+
+def trig_ie_archive_pickle(ctx):
+    import pickle
+
+    import torch
+
+    from instructedit_plugin.instructedit import load_editor
+
+    control = ctx.tmp / "ie-pickle-control"
+    pickle.loads(pickle.dumps(_MarkerPayload(control), protocol=2)).close()
+    assert control.exists(), "the payload is not live under ordinary unpickling: the check below would prove nothing"
+    marker = ctx.tmp / "ie-pickle-marker"
+    marker.unlink(missing_ok=True)
+    path = ctx.tmp / "ie-evil.pk"  # EasyEdit-style archive whose unpickling would create the marker file
+    payload = {"model": {"instructedit_meta": _MarkerPayload(marker), "edit_lrs": torch.ones(2)}}
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+    outcome = _raised(lambda: load_editor(path))
+    assert not marker.exists(), "the crafted archive's pickle payload ran"
+    return outcome
+
+
+def trig_ie_resume_broken(ctx):
+    import shutil
+
+    from instructedit_plugin.instructedit import InstructEditTrainer
+    from instructedit_plugin.instructedit.trainer import run_dir
+
+    cfg = _ie_training_config(ctx, ctx.tmp / "ie-resume", resume=True)
+    last = run_dir(cfg) / "last"
+    if last.exists():
+        shutil.rmtree(last)
+    shutil.copytree(_ie_checkpoint(ctx), last)
+    _flip_byte(last / "trainer_state.safetensors")
+    return _raised(lambda: InstructEditTrainer(cfg, None, None, model=_ie_model()))
 
 
 def trig_hp_encoder_offline(ctx):
