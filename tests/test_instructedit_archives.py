@@ -32,7 +32,6 @@ from instructedit_plugin.instructedit import (
     InstructEditHyperParams,
     InstructEditModel,
     InstructEditTrainer,
-    InstructEditTrainingHparams,
     apply_to_model,
     load_editor,
     load_editor_for,
@@ -50,21 +49,12 @@ from instructedit_plugin.instructedit.trainer import run_dir
 from instructedit_plugin.instructedit.hparams import config_dict
 from instructedit_plugin.models.loading import load_causal_lm
 
-from .test_instructedit_editing import EDIT_YAML, TRAIN_YAML, synthetic_tasks
+from .test_instructedit_editing import EDIT_YAML, synthetic_tasks, training_config
 
 REPO = Path(__file__).resolve().parents[1]
 EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
 
 pytestmark = pytest.mark.slow
-
-
-def training_config(model_dir: Path, results_dir: Path, **overrides) -> InstructEditTrainingHparams:
-    cfg = InstructEditTrainingHparams.from_hparams(TRAIN_YAML)
-    cfg.model_name = str(model_dir)
-    cfg.results_dir = str(results_dir)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
 
 
 def edit_hparams(model_dir: Path, archive) -> InstructEditHyperParams:
