@@ -22,6 +22,8 @@ from instructedit_plugin.data import (
     guess_format,
     load_mquake,
     load_requests,
+    load_task_description_file,
+    load_task_descriptions,
     read_records,
     resolve_data_dir,
 )
@@ -50,6 +52,13 @@ FILES: dict[str, tuple[int, str]] = {
     "instructed/portability/Subject_Replace/counterfact_subject_replace.json": (213, "counterfact_subject_replace"),
     "instructed/portability/Inverse_Relation/zsre_inverse_relation.json": (385, "zsre_inverse_relation"),
 }
+
+# Instruction libraries, not edit records: file -> README count (descriptions in all tasks together).
+# They are read with load_task_descriptions, never with load_requests.
+INSTRUCTION_FILES: dict[str, int] = {
+    "instructedit/easyedit_task_descriptions.json": 40,
+}
+TASK_DESCRIPTIONS = "instructedit/easyedit_task_descriptions.json"
 
 SPONGEBOB = "nq question: what is the name of the last episode of spongebob"
 IAAF_Q = "When was the inception of IAAF Combined Events Challenge?"
@@ -289,9 +298,11 @@ def _good_mend_record(case_id: int = 1) -> dict[str, Any]:
 def test_readme_table_is_covered(shared_data_dir: Path) -> None:
     readme = (shared_data_dir / "README.md").read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \| (\d+) \|", readme, flags=re.M)
-    assert {name: int(count) for name, count in rows} == {name: count for name, (count, _) in FILES.items()}
+    documented = {name: count for name, (count, _) in FILES.items()} | INSTRUCTION_FILES
+    assert {name: int(count) for name, count in rows} == documented
     on_disk = {p.relative_to(shared_data_dir).as_posix() for p in shared_data_dir.rglob("*.json*")}
-    assert on_disk == set(FILES)
+    assert on_disk == set(FILES) | set(INSTRUCTION_FILES)
+    assert not set(FILES) & set(INSTRUCTION_FILES)
 
 
 @pytest.mark.parametrize("relpath", sorted(FILES))
@@ -398,6 +409,128 @@ def test_limit_reads_first_records(shared_data_dir: Path, relpath: str) -> None:
         return
     assert load_requests(path, limit=3) == _requests(path)[:3]
     assert load_requests(path, limit=0) == []
+
+
+# ---------------------------------------------------------------------------- task descriptions
+
+
+@pytest.mark.parametrize("relpath", sorted(INSTRUCTION_FILES))
+def test_instruction_file_count_matches_readme(shared_data_dir: Path, relpath: str) -> None:
+    tasks = load_task_descriptions(shared_data_dir / relpath)
+    assert sum(len(descriptions) for descriptions in tasks.values()) == INSTRUCTION_FILES[relpath]
+
+
+def test_task_descriptions_real_file(shared_data_dir: Path) -> None:
+    path = shared_data_dir / TASK_DESCRIPTIONS
+    tasks = load_task_descriptions(path)
+    assert list(tasks) == ["convsent", "counterfact", "wikirecent", "zsre"]
+    assert {task: len(descriptions) for task, descriptions in tasks.items()} == dict.fromkeys(tasks, 10)
+    assert all(isinstance(d, str) and d.strip() for descriptions in tasks.values() for d in descriptions)
+    assert all(len(set(descriptions)) == 10 for descriptions in tasks.values())
+    assert tasks["convsent"][0] == ("Teach the chatbot to sound [LABEL] when talking about [TOPIC], "
+                                    "but keep its cool on everything else.")
+    assert tasks["counterfact"][1] == ("A test set for measuring how well models can identify and deal with "
+                                       "less common or 'tail' entities.")
+    assert tasks["wikirecent"][0] == "A curated collection of the latest factual relationships added to WikiData."
+    assert tasks["zsre"][9] == ("A dataset for driving the development of AI that can predict objects given a "
+                                "subject and its relation.")
+    assert all("[LABEL]" in d and "[TOPIC]" in d for d in tasks["convsent"])
+
+    library = load_task_description_file(path)
+    assert library.tasks == tasks and library.held_out_index == 9
+    assert library.template == "Task: {}\nDescription: {}\nInput: {}"
+    assert library.template.format("zsre", "d", "p") == "Task: zsre\nDescription: d\nInput: p"
+    assert set(library.placeholders) == {"[LABEL]", "[TOPIC]"}
+    for task, descriptions in tasks.items():
+        assert library.seen(task) == descriptions[:9] and library.unseen(task) == [descriptions[9]]
+
+
+def test_task_descriptions_file_is_not_edit_records(shared_data_dir: Path) -> None:
+    with pytest.raises(PluginError, match=r"instruction library.*Fix: read it with .*load_task_descriptions"):
+        load_requests(shared_data_dir / TASK_DESCRIPTIONS)
+    with pytest.raises(PluginError, match="load_task_descriptions"):
+        load_requests(shared_data_dir / TASK_DESCRIPTIONS, fmt="knowedit")
+
+
+def _good_descriptions() -> dict[str, Any]:
+    return {"template": "Task: {}\nDescription: {}\nInput: {}", "held_out_index": 1,
+            "tasks": {"zsre": ["Answer questions.", "Relations to objects."], "counterfact": ["Tail entities.", "Rare."]}}
+
+
+def _del(key: str):
+    return lambda data: data.pop(key)
+
+
+def _put(*keys_and_value: Any):
+    *keys, value = keys_and_value
+
+    def mutate(data: dict[str, Any]) -> None:
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return mutate
+
+
+@pytest.mark.parametrize(("mutate", "key", "problem"), [
+    (_del("tasks"), "tasks", "missing required key"),
+    (_put("tasks", []), "tasks", "got list"),
+    (_put("tasks", {}), "tasks", "got an empty object"),
+    (_put("tasks", "zsre", "Answer questions."), "tasks.zsre", "got str"),
+    (_put("tasks", "zsre", []), "tasks.zsre", "got an empty list"),
+    (_put("tasks", "zsre", 1, 7), "tasks.zsre[1]", "got int"),
+    (_put("tasks", "zsre", 1, "  "), "tasks.zsre[1]", "got an empty string"),
+    (_put("tasks", "zsre", 1, "Answer questions."), "tasks.zsre[1]", "duplicates an earlier description"),
+    (_put("held_out_index", 2), "held_out_index", "2 is out of range"),
+    (_put("held_out_index", "9"), "held_out_index", "expected an integer or null, got str"),
+    (_put("held_out_index", True), "held_out_index", "got bool"),
+    (_put("template", "Task: {}\nInput: {}"), "template", "has 2 '{}' field(s), needs 3"),
+    (_put("placeholders", ["[TOPIC]"]), "placeholders", "got list"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_task_descriptions_schema_errors(tmp_path: Path, mutate: Any, key: str, problem: str) -> None:
+    data = _good_descriptions()
+    assert load_task_descriptions(_write(tmp_path / "task_descriptions.json", data))["zsre"][1] == "Relations to objects."
+    mutate(data)
+    path = _write(tmp_path / "task_descriptions.json", data)
+    with pytest.raises(DataSchemaError) as info:
+        load_task_descriptions(path)
+    err = info.value
+    assert (err.path, err.index, err.key) == (str(path), None, key)
+    assert problem in err.problem
+    message = str(err)
+    assert message.startswith(f"{path}: file: key '{key}': ") and "Fix: " in message
+    assert not message.rstrip().endswith("Fix:")
+
+
+@pytest.mark.parametrize(("text", "key", "problem"), [
+    ('[{"zsre": ["a"]}]', "<root>", "expected a JSON object with a 'tasks' key, found list"),
+    ('{"tasks": {"zsre": ["a",]}}', "<json>", "invalid JSON at line 1 column"),
+    ("", "<json>", "invalid JSON at line 1 column 1"),
+])
+def test_task_descriptions_file_level_errors(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    path = tmp_path / "descriptions.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataSchemaError) as info:
+        load_task_descriptions(path)
+    assert (info.value.key, info.value.index) == (key, None) and problem in info.value.problem
+    assert str(path) in str(info.value) and "Fix: " in str(info.value)
+
+
+def test_task_descriptions_missing_or_non_utf8_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist. Fix: "):
+        load_task_descriptions(tmp_path / "nope.json")
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"tasks": {"zsre": ["caf\u00e9"]}}'.encode("latin-1"))
+    with pytest.raises(DataSchemaError, match="not UTF-8 text.*Fix: convert it to UTF-8"):
+        load_task_descriptions(path)
+
+
+def test_task_descriptions_without_optional_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.json", {"tasks": {"poetry": ["Write verse."]}})
+    library = load_task_description_file(path)
+    assert library.tasks == {"poetry": ["Write verse."]}
+    assert (library.template, library.held_out_index, library.placeholders) == (None, None, {})
+    assert library.seen("poetry") == ["Write verse."] and library.unseen("poetry") == []
 
 
 # ---------------------------------------------------------------------------- format guessing

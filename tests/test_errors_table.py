@@ -772,6 +772,21 @@ def trig_data_dir_unset(ctx):
             os.environ[DATA_DIR_ENV] = saved
 
 
+def trig_data_task_descriptions(ctx):
+    from instructedit_plugin.data import load_task_descriptions
+
+    data = json.loads((ctx.data / "instructedit/easyedit_task_descriptions.json").read_text(encoding="utf-8"))
+    data["tasks"]["zsre"][3] = 3
+    path = ctx.write("data/task_descriptions/easyedit_task_descriptions.json", json.dumps(data))
+    return _raised(lambda: load_task_descriptions(path))
+
+
+def trig_data_task_descriptions_not_records(ctx):
+    from instructedit_plugin.data import load_requests
+
+    return _raised(lambda: load_requests(ctx.data / "instructedit/easyedit_task_descriptions.json"))
+
+
 # -- saved memories
 def trig_mem_not_a_memory(ctx):
     from instructedit_plugin.instructed.memory import InstructionMemory

@@ -12,6 +12,10 @@ Formats: ``knowedit``, ``counterfact_mend``, ``counterfact_rome``,
 ``zsre_mend_ins``, ``zsre_mend_dec``, ``zsre_subject_replace``,
 ``zsre_inverse_relation``, ``convsent``, ``mquake`` (flat edits; use
 :func:`load_mquake` for whole multi-hop cases).
+
+InstructEdit's task-descriptions file (``easyedit_task_descriptions.json``) is an
+instruction library, not edit records: read it with :func:`load_task_descriptions`
+(``{task: [description, ...]}``); :func:`load_requests` refuses it with that fix.
 """
 from __future__ import annotations
 
@@ -37,6 +41,12 @@ from .mend_format import load_counterfact_mend
 from .mquake import Hop, MQuAKECase, load_mquake, load_mquake_requests
 from .paths import DATA_DIR_ENV, resolve_data_dir
 from .reader import read_records
+from .task_descriptions import (
+    TaskDescriptions,
+    is_task_descriptions_name,
+    load_task_description_file,
+    load_task_descriptions,
+)
 from .zsre import load_zsre_mend
 
 LOG = logging.getLogger(__name__)
@@ -62,11 +72,12 @@ LOADERS: dict[str, Loader] = {
 FORMATS: tuple[str, ...] = tuple(LOADERS)
 
 __all__ = [
-    "DATA_DIR_ENV", "FORMATS", "LOADERS", "Hop", "MQuAKECase", "Request",
+    "DATA_DIR_ENV", "FORMATS", "LOADERS", "Hop", "MQuAKECase", "Request", "TaskDescriptions",
     "get_loader", "guess_format", "load_convsent", "load_counterfact_mend",
     "load_counterfact_rome", "load_counterfact_rome_ins", "load_counterfact_subject_replace",
     "load_knowedit", "load_mquake", "load_mquake_requests", "load_requests",
     "load_zsre_inverse_relation", "load_zsre_mend", "load_zsre_mend_dec", "load_zsre_mend_ins",
+    "load_task_description_file", "load_task_descriptions",
     "load_zsre_subject_replace", "read_records", "resolve_data_dir",
 ]
 
@@ -86,7 +97,11 @@ def load_requests(
     """Load ``path`` as EasyEdit request dicts, guessing ``fmt`` when it is None.
 
     ``limit`` reads only the first N records (for MQuAKE: the edits of the first N cases).
+    A task-descriptions file (``*task_descriptions.json``) holds instructions, not edits: PluginError.
     """
+    if is_task_descriptions_name(path):
+        raise PluginError(f"{path} is an instruction library (InstructEdit task descriptions), not edit records. "
+                          "Fix: read it with instructedit_plugin.data.load_task_descriptions(path)")
     chosen = fmt if fmt is not None else guess_format(path)
     loader = get_loader(chosen)
     requests = loader(path, limit=limit)
