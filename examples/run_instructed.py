@@ -160,9 +160,44 @@ def training_yaml(args: argparse.Namespace) -> Path:
     return ROOT / "hparams" / "TRAINING" / "InstructEd" / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
 
 
-def train_prefixes(args: argparse.Namespace, hparams: Any, model: Any, tok: Any, evaluated: list[dict]) -> dict:
-    """Train prefixes with the plugin's InstructEdTrainer; returns its result (``best_dir`` is the archive)."""
-    from instructedit_plugin.data import load_requests, resolve_data_dir
+def training_root(args: argparse.Namespace) -> Path:
+    """The folder ``--train_data`` / ``--val_data`` are relative to."""
+    from instructedit_plugin.data import resolve_data_dir
+
+    return resolve_data_dir(args.data_dir if args.data_dir and not Path(args.data_dir).is_file() else None)
+
+
+def check_files(args: argparse.Namespace, data_type: str) -> tuple[list[dict], dict | None]:
+    """Every file the run reads exists and parses, before a model is loaded: the evaluated file and,
+    unless ``--archive`` is given, the training (and validation) files. Returns the evaluated edits and
+    ``{"train": [...], "val": [...] or None}`` (None with ``--archive``)."""
+    from instructedit_plugin.data.preflight import check_data_files
+
+    evaluated = "--data" if args.data else f"--data_type {data_type}"
+    files: dict[str, Path] = {evaluated: eval_file(args, data_type)}
+    train_labels: list[str] = []
+    if not args.archive:
+        root = training_root(args)
+        for i, name in enumerate(args.train_data or DEFAULT_TRAIN_DATA):
+            label = ("--train_data" if args.train_data else "training data (default)") + (f" ({i + 1})" if i else "")
+            files[label] = root / name
+            train_labels.append(label)
+        if args.val_data:
+            files["--val_data"] = root / args.val_data
+    checked = check_data_files(files, limit={evaluated: args.ds_size})
+    if args.archive:
+        return checked[evaluated].records, None
+    train = [r for label in train_labels for r in checked[label].records]
+    val = checked["--val_data"].records if args.val_data else None
+    return checked[evaluated].records, {"train": train, "val": val}
+
+
+def train_prefixes(args: argparse.Namespace, hparams: Any, model: Any, tok: Any, evaluated: list[dict],
+                   edits: dict | None = None) -> dict:
+    """Train prefixes with the plugin's InstructEdTrainer; returns its result (``best_dir`` is the archive).
+
+    ``edits``: ``{"train": [...], "val": [...] or None}`` as :func:`check_files` read them; None reads them here."""
+    from instructedit_plugin.data import load_requests
     from instructedit_plugin.instructed import InstructEdTrainer, InstructEdTrainingHparams
 
     cfg = InstructEdTrainingHparams.from_hparams(training_yaml(args))
@@ -182,15 +217,17 @@ def train_prefixes(args: argparse.Namespace, hparams: Any, model: Any, tok: Any,
         data["warmup_steps"] = min(cfg.warmup_steps, max(0, args.max_steps // 10))
     cfg = InstructEdTrainingHparams.from_dict(data, source=str(training_yaml(args)))
 
-    root = resolve_data_dir(args.data_dir if args.data_dir and not Path(args.data_dir).is_file() else None)
-    files = args.train_data or DEFAULT_TRAIN_DATA
-    loaded = [r for f in files for r in load_requests(root / f)]
+    if edits is None:
+        root = training_root(args)
+        edits = {"train": [r for f in args.train_data or DEFAULT_TRAIN_DATA for r in load_requests(root / f)],
+                 "val": load_requests(root / args.val_data) if args.val_data else None}
+    loaded = edits["train"]
     train = disjoint_from(loaded, evaluated)
     LOG.info("training edits: %d of %d (%d share a subject or question with the evaluated records)",
              len(train), len(loaded), len(loaded) - len(train))
     if args.train_size:
         train = train[: args.train_size]
-    val = disjoint_from(load_requests(root / args.val_data), evaluated) if args.val_data else None
+    val = disjoint_from(edits["val"], evaluated) if edits["val"] is not None else None
     trainer = InstructEdTrainer(cfg, train, val, model=model, tokenizer=tok)
     try:
         result = trainer.run()
@@ -254,13 +291,12 @@ def main(argv: list[str] | None = None) -> int:
 
     instructedit_plugin.register()
     from instructedit_plugin.compat import make_editor, run_edit_requests
-    from instructedit_plugin.data import load_requests
     from instructedit_plugin.evaluation.report import markdown_table
     from instructedit_plugin.models.loading import load_causal_lm
 
     data_type = data_type_of(args.data_type)
     path = eval_file(args, data_type)
-    requests = load_requests(path, limit=args.ds_size)
+    requests, training_data = check_files(args, data_type)  # every file, before any model is loaded
     if not requests:
         raise SystemExit(f"run_instructed: no records in {path}")
     hp = editing_hparams(args)
@@ -272,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     training = None
     if not args.archive:
-        training = train_prefixes(args, hp, model, tok, requests)
+        training = train_prefixes(args, hp, model, tok, requests, training_data)
         hp.archive = training["archive"]
     hp.check_ready()
     editor = make_editor(hp, model, tok)  # BaseEditor.from_hparams on the loaded model
@@ -308,4 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from instructedit_plugin.cli import run_script
+
+    sys.exit(run_script("run_instructed", main))

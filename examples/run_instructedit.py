@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instructedit_plugin.data import load_requests, resolve_data_dir
+from instructedit_plugin.data import resolve_data_dir
+from instructedit_plugin.data.preflight import check_data_files
 from instructedit_plugin.instructedit import InstructEditTrainingHparams
 from instructedit_plugin.instructedit.dataset import _torch_device, split_tasks
 from instructedit_plugin.instructedit.evaluate import (
@@ -71,12 +72,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_tasks(data_dir: Path, ds_size: int | None, train_size: int | None, seed: int):
-    train = {t: load_requests(data_dir / f, limit=train_size if t != "recent" else None) for t, f in TRAIN_FILES.items()}
+def check_files(data_dir: Path, ds_size: int | None, train_size: int | None) -> dict[tuple[str, str], list]:
+    """Every training and test file exists and parses, before a model is loaded:
+    ``{("train" | "test", task): edits}`` (each file read with the limit the run uses)."""
+    files, limits = {}, {}
+    for kind, table, limit in (("train", TRAIN_FILES, train_size), ("test", TEST_FILES, ds_size)):
+        for task, name in table.items():
+            if name is not None:
+                label = f"{kind} {task}"
+                files[label] = data_dir / name
+                limits[label] = None if (kind, task) == ("train", "recent") else limit  # recent: split below
+    checked = check_data_files(files, limit=limits)
+    return {tuple(label.split(" ", 1)): item.records for label, item in checked.items()}
+
+
+def load_tasks(data_dir: Path, ds_size: int | None, train_size: int | None, seed: int, loaded: dict | None = None):
+    """Training and test edits per task; ``loaded`` is what :func:`check_files` read (None: check and read now)."""
+    loaded = loaded if loaded is not None else check_files(data_dir, ds_size, train_size)
+    train = {t: loaded[("train", t)] for t in TRAIN_FILES}
     n_recent_test = min(ds_size or 100, len(train["recent"]) // 5)
     rest, held = split_tasks({"recent": train["recent"]}, seed=seed, val_size=n_recent_test)
     train["recent"] = rest["recent"][:train_size] if train_size else rest["recent"]
-    test = {t: (held["recent"] if f is None else load_requests(data_dir / f, limit=ds_size)) for t, f in TEST_FILES.items()}
+    test = {t: (held["recent"] if f is None else loaded[("test", t)]) for t, f in TEST_FILES.items()}
     return train, test
 
 
@@ -84,6 +101,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    data_dir = resolve_data_dir(args.data_dir)
+    loaded = check_files(data_dir, args.ds_size, args.train_size)  # every file, before any model is loaded
     cfg = InstructEditTrainingHparams.from_hparams(args.hparams_dir)
     if args.model_dir == "embedded":
         from instructedit_plugin.models.embedded import embedded_model_dir
@@ -102,7 +121,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         cfg.device = "cpu"
 
-    train, test = load_tasks(resolve_data_dir(args.data_dir), args.ds_size, args.train_size, cfg.seed)
+    train, test = load_tasks(data_dir, args.ds_size, args.train_size, cfg.seed, loaded)
     model, tok = load_causal_lm(cfg.model_name, dtype=cfg.dtype)
     model.to(_torch_device(cfg.device))
     model.eval()
@@ -136,4 +155,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from instructedit_plugin.cli import run_script
+
+    sys.exit(run_script("run_instructedit", main))

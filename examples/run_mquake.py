@@ -190,12 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from instructedit_plugin.data import load_mquake
+    from instructedit_plugin.data.preflight import check_data_files
     from instructedit_plugin.instructed.memory import InstructionMemory
     from instructedit_plugin.instructed.multihop import evaluate_multihop
     from instructedit_plugin.models.loading import load_causal_lm
 
+    # every file the run reads, before any model is loaded: the MQuAKE cases and the --notes file
     path = data_file(args)
-    cases = load_mquake(path, limit=args.ds_size)
+    cases = check_data_files({"--data" if args.data else "MQuAKE file": path}, limit=args.ds_size,
+                             loader=load_mquake).popitem()[1].records
+    notes = (check_data_files({"--notes": args.notes}, loader=lambda p, limit=None: Path(p).read_text())["--notes"].records
+             if args.notes else None)
     if not cases:
         raise SystemExit(f"run_mquake: no cases in {path}")
     hp = editing_hparams(args)
@@ -232,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"MQuAKE_{out['model']}"
     (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     text = render_markdown(out)
-    if args.notes:
-        text += "\n" + Path(args.notes).read_text().strip() + "\n"
+    if notes is not None:
+        text += "\n" + notes.strip() + "\n"
     (out_dir / f"{name}.md").write_text(text)
     if not args.no_records:
         records_dir = Path(args.records_dir) if args.records_dir else out_dir
@@ -245,4 +250,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from instructedit_plugin.cli import run_script
+
+    sys.exit(run_script("run_mquake", main))

@@ -74,26 +74,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _data_path(path: str, data_dir: str | None) -> str:
-    """A dataset path as given, or relative to ``--data_dir`` / ``INSTRUCTEDIT_DATA_DIR``."""
-    from pathlib import Path
-
-    from .data.paths import resolve_data_dir
-    from .errors import PluginError
-
-    if Path(path).exists():
-        return path
-    try:
-        candidate = resolve_data_dir(data_dir) / path
-    except PluginError:
-        candidate = None
-    if candidate is not None and candidate.exists():
-        return str(candidate)
-    raise PluginError(f"dataset file '{path}' not found (also looked under --data_dir / INSTRUCTEDIT_DATA_DIR). "
-                      "Fix: give an existing path.")
-
-
-def _parse_task_files(specs: Sequence[str], data_dir: str | None) -> dict[str, str]:
+def _parse_task_files(specs: Sequence[str]) -> dict[str, str]:
+    """``--task NAME=FILE`` specs as ``{name: file}`` (files are checked by :func:`_check_data`)."""
     from .errors import PluginError
 
     tasks = {}
@@ -102,8 +84,31 @@ def _parse_task_files(specs: Sequence[str], data_dir: str | None) -> dict[str, s
             raise PluginError(f"--task '{spec}' is not NAME=FILE. Fix: write e.g. "
                               "--task counterfact=counterfact/counterfact-train.json")
         name, path = spec.split("=", 1)
-        tasks[name.strip()] = _data_path(path.strip(), data_dir)
+        tasks[name.strip()] = path.strip()
     return tasks
+
+
+def _check_data(files: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Every data file the command will read exists and parses (before any model is loaded or
+    trained); ``{label: records}``. Relative paths are also looked up under ``--data_dir``."""
+    from .data.preflight import check_data_files
+
+    checked = check_data_files(files, data_dir=getattr(args, "data_dir", None), limit=getattr(args, "limit", None))
+    return {label: item.records for label, item in checked.items()}
+
+
+def _peek_alg(path: str) -> str | None:
+    """The ``alg:`` of a training YAML without validating it (None when unreadable: load_hparams reports it)."""
+    import yaml
+
+    if not str(path).endswith((".yaml", ".yml")):
+        path = f"{path}.yaml"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(data.get("alg")) if isinstance(data, dict) and data.get("alg") is not None else None
 
 
 #: InstructEdit's default multi-task training files (relative to the data folder), as in the paper.
@@ -114,36 +119,52 @@ INSTRUCTEDIT_DEFAULT_TASKS = {
 }
 
 
-def _train_instructedit(config: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .data import load_requests
+def _instructedit_data(args: argparse.Namespace) -> dict[str, Any]:
+    """InstructEdit's training tasks, checked: ``{task: records}`` (``--task`` or the paper's defaults)."""
+    given = _parse_task_files(args.task) if args.task else INSTRUCTEDIT_DEFAULT_TASKS
+    labels = {(f"--task {name}" if args.task else f"task {name} (default)"): name for name in given}
+    records = _check_data({label: given[name] for label, name in labels.items()}, args)
+    return {labels[label]: value for label, value in records.items()}
+
+
+def _instructed_data(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """InstructEd's training (``--train``, repeatable) and validation (``--val``) edits, checked."""
+    from .errors import PluginError
+
+    if not args.train:
+        raise PluginError("InstructEd training needs a training file. Fix: add --train FILE "
+                          "(e.g. --train counterfact/counterfact-train.json)")
+    files = {("--train" if i == 0 else f"--train ({i + 1})"): path for i, path in enumerate(args.train)}
+    if args.val:
+        files["--val"] = args.val
+    records = _check_data(files, args)
+    val = records.pop("--val", None)
+    return [r for chunk in records.values() for r in chunk], val
+
+
+def _train_instructedit(config: Any, args: argparse.Namespace, tasks: dict[str, Any]) -> dict[str, Any]:
     from .instructedit.dataset import make_datasets
     from .instructedit.trainer import InstructEditTrainer
     from .models.loading import load_causal_lm
 
-    specs = args.task or [f"{k}={v}" for k, v in INSTRUCTEDIT_DEFAULT_TASKS.items()]
-    tasks = {name: load_requests(path, limit=args.limit) for name, path in _parse_task_files(specs, args.data_dir).items()}
     _, tok = load_causal_lm(config.model_name)
     train_set, val_set = make_datasets(tasks, tok, config)
     return InstructEditTrainer(config, train_set, val_set).run()
 
 
-def _train_instructed(config: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from .data import load_requests
-    from .errors import PluginError
+def _train_instructed(config: Any, args: argparse.Namespace,
+                      data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None]) -> dict[str, Any]:
     from .instructed.trainer import InstructEdTrainer
 
-    if not args.train:
-        raise PluginError("InstructEd training needs a training file. Fix: add --train FILE "
-                          "(e.g. --train counterfact/counterfact-train.json)")
-    train = [r for path in args.train for r in load_requests(_data_path(path, args.data_dir), limit=args.limit)]
-    val = load_requests(_data_path(args.val, args.data_dir), limit=args.limit) if args.val else None
+    train, val = data
     return InstructEdTrainer(config, train, val).run()
 
 
-#: Training entry point per algorithm (the value of ``alg:`` in a training YAML).
-TRAINERS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {
-    "InstructEdit": _train_instructedit,
-    "InstructEd": _train_instructed,
+#: Per algorithm (the value of ``alg:`` in a training YAML): the data check, run before the YAML's
+#: model is resolved or loaded, and the training entry point, which gets the checked data.
+TRAINERS: dict[str, tuple[Callable[[argparse.Namespace], Any], Callable[[Any, argparse.Namespace, Any], dict[str, Any]]]] = {
+    "InstructEdit": (_instructedit_data, _train_instructedit),
+    "InstructEd": (_instructed_data, _train_instructed),
 }
 
 
@@ -151,18 +172,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from .errors import PluginError
+    from .hparams import check_model_name
     from .registry import load_hparams
 
+    # the data first: a missing or broken file fails in a second, before `model_name: embedded`
+    # is resolved (a conversion on first use) or any model is loaded
+    peeked = TRAINERS.get(_peek_alg(args.hparams) or "")
+    data = peeked[0](args) if peeked is not None else None
     overrides = {k: v for k, v in (("model_name", args.model_name), ("results_dir", args.results_dir)) if v}
     config = load_hparams(args.hparams, training=True, **overrides)
     if args.max_steps is not None:
         for name in ("max_steps", "max_iters"):
             if hasattr(config, name):
                 setattr(config, name, args.max_steps)
-    trainer = TRAINERS.get(config.alg)
-    if trainer is None:
+    entry = TRAINERS.get(config.alg)
+    if entry is None:
         raise PluginError(f"no plugin trainer for alg '{config.alg}'. Fix: use one of {', '.join(TRAINERS)}")
-    result = trainer(config, args)
+    check_data, trainer = entry
+    if peeked is not entry:
+        data = check_data(args)
+    check_model_name(config.model_name, getattr(config, "_source", None))
+    result = trainer(config, args, data)
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return EXIT_OK  # under `accelerate launch` only the main process reports
     sys.stdout.write(yaml.safe_dump({k: str(v) if not isinstance(v, (int, float, str)) else v
@@ -209,11 +239,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .compat import run_edit_requests
-    from .data import load_requests
     from .evaluation import summarize_metrics
     from .evaluation.report import markdown_table, write_report
 
-    requests = load_requests(_data_path(args.data, args.data_dir), limit=args.limit)
+    requests = _check_data({"--data": args.data}, args)["--data"]  # before the model loads
     editor = _load_editor(args)
     metrics, _, _ = run_edit_requests(editor, requests, sequential=args.sequential)
     rows = {"pre-edit": summarize_metrics(metrics, "pre"), editor.alg_name: summarize_metrics(metrics, "post")}
@@ -347,14 +376,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     if args.command is None:
         parser.print_help()
-        return EXIT_USAGE
+def run_script(prog: str, main_fn: Callable[[Any], int], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main(argv)`` (the examples use it): a plugin error becomes one line
+    ``<prog>: error: ...`` on stderr and exit code 1 instead of a traceback."""
     from .errors import MissingDependencyError, PluginError
+
+    try:
+        return main_fn(None if argv is None else list(argv))
+    except (PluginError, MissingDependencyError) as exc:
+        sys.stderr.write(f"{prog}: error: {exc}\n")
+        return EXIT_ERROR
+
+
+        return EXIT_USAGE
+    from .errors import MissingDependencyError, PluginError, cli_context
 
     try:
         import instructedit_plugin  # noqa: F401  (registers into EasyEdit, which resets logging)
 
         logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
-        return COMMANDS[args.command][1](args)
+        with cli_context():  # fixes name CLI options and commands, not Python calls
+            return COMMANDS[args.command][1](args)
     except (PluginError, MissingDependencyError) as exc:
         sys.stderr.write(f"instructedit: error: {exc}\n")
         return EXIT_ERROR

@@ -7,6 +7,10 @@ instead of silently training or editing the wrong thing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 
 class PluginError(ValueError):
     """Base class for user-facing errors raised by instructedit-plugin."""
@@ -51,3 +55,29 @@ class MissingDependencyError(ImportError):
             f"'{package}' is not installed, but {feature} needs it. "
             f"Install it with: pip install {pip_name}"
         )
+
+
+# ---------------------------------------------------------------------------------- CLI wording
+#: True while the ``instructedit`` command line runs a command: fixes then name CLI options and
+#: commands (``--archive``, ``instructedit train ...``) instead of Python calls.
+_ON_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("instructedit_plugin_on_cli", default=False)
+
+
+@contextlib.contextmanager
+def cli_context() -> Iterator[None]:
+    """Within this block, error fixes use the command line's wording (see :func:`fix_for`)."""
+    token = _ON_CLI.set(True)
+    try:
+        yield
+    finally:
+        _ON_CLI.reset(token)
+
+
+def on_cli() -> bool:
+    """Whether the ``instructedit`` command line is running the current command."""
+    return _ON_CLI.get()
+
+
+def fix_for(python: str, cli: str) -> str:
+    """The fix to print: ``cli`` on the command line (:func:`cli_context`), else ``python``."""
+    return cli if on_cli() else python

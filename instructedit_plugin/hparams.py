@@ -21,9 +21,93 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
-from .errors import HyperParamsError
+from .errors import HyperParamsError, fix_for
 
 _MISSING = dataclasses.MISSING
+
+#: ``model_name: embedded`` names the packaged Gemma-3-270M (converted once into a cached folder).
+EMBEDDED_MODEL_NAME = "embedded"
+
+
+def is_embedded_name(value: Any) -> bool:
+    """True for the word ``embedded`` (the packaged Gemma-3-270M) as a ``model_name``."""
+    return isinstance(value, str) and value.strip().lower() == EMBEDDED_MODEL_NAME
+
+
+def resolve_named_values(data: dict[str, Any], *, shipped_archive: bool = False) -> dict[str, Any]:
+    """A copy of ``data`` with the words the shipped YAMLs use replaced by folders.
+
+    The one place where every hparams loader (:meth:`PluginHyperParams.from_dict`, hence
+    ``from_hparams`` and :func:`~instructedit_plugin.registry.load_hparams`, and
+    :func:`~instructedit_plugin.compat.hparams_bridge.load_easyedit_hparams` for EasyEdit's own
+    classes) turns
+
+    * ``model_name: embedded`` into :func:`~instructedit_plugin.models.embedded.embedded_model_dir`
+      (built from the PyPI GGUF on first use, ~1 min; cached afterwards), and
+    * ``archive: default`` (only where ``shipped_archive``: InstructEd editing) into
+      :func:`~instructedit_plugin.instructed.shipped.shipped_prefixes_dir` -- the folder name even
+      when the package lacks it, so that loading works and ``check_ready`` reports it by field.
+    """
+    out = dict(data)
+    if is_embedded_name(out.get("model_name")):
+        from .models.embedded import embedded_model_dir
+
+        out["model_name"] = str(embedded_model_dir())
+    if shipped_archive and "archive" in out:
+        from .instructed.shipped import is_default_archive, shipped_prefixes_dir
+
+        if is_default_archive(out["archive"]):
+            out["archive"] = str(shipped_prefixes_dir(must_exist=False))
+    return out
+
+
+def training_yaml_hint(source: str | os.PathLike | None, alg: str) -> str:
+    """``hparams/TRAINING/<alg>/<file>``: the training YAML that goes with the editing YAML ``source``."""
+    name = "<model>.yaml"
+    if source is not None:
+        path = Path(source)
+        if path.suffix in (".yaml", ".yml") and path.parent.name == alg:
+            name = path.name
+    return f"hparams/TRAINING/{alg}/{name}"
+
+
+def _is_cached_hub_name(name: str) -> bool:
+    """A hub id (``org/name``) whose config.json is in the local Hugging Face cache (offline use)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+        return False
+
+
+def check_model_name(model_name: Any, source: str | None = None) -> None:
+    """Raise :class:`HyperParamsError` for ``model_name`` unless it names a model that can be loaded offline.
+
+    Accepted: a local Hugging Face folder (with ``config.json``), ``embedded`` (resolved when the
+    YAML is loaded), a hub id already in the local Hugging Face cache, and anything that is not a
+    path (a ``(model, tokenizer)`` pair, a model object). Called before EasyEdit or a trainer
+    touches the model, so a placeholder such as ``./hugging_cache/gemma-3-270m`` is one line naming
+    the field instead of EasyEdit's ``NotImplementedError`` or a transformers ``OSError``.
+    """
+    if not isinstance(model_name, (str, os.PathLike)) or is_embedded_name(model_name):
+        return
+    path = Path(os.path.expanduser(str(model_name)))
+    if (path / "config.json").is_file() or _is_cached_hub_name(str(model_name)):
+        return
+    if path.is_dir():
+        problem = f"{str(model_name)!r} is a folder without config.json, not a Hugging Face model folder"
+    else:
+        problem = f"{str(model_name)!r} is neither 'embedded' nor an existing local Hugging Face model folder"
+    raise HyperParamsError("model_name", problem, fix_for(
+        "set `model_name: embedded` (the packaged Gemma-3-270M) or the path of a local model folder holding "
+        "config.json and the weights",
+        "pass --model_name embedded (the packaged Gemma-3-270M) or --model_name <folder holding config.json and "
+        "the weights>, or set model_name: in the YAML"), source)
 
 
 def hp_field(
@@ -142,6 +226,8 @@ class PluginHyperParams:
     ALG_NAME: ClassVar[str] = ""
     #: Which YAML key carries the algorithm name.
     ALG_KEY: ClassVar[str] = "alg_name"
+    #: Whether ``archive: default`` names prefixes shipped inside the package (see :func:`resolve_named_values`).
+    SHIPPED_ARCHIVE: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -185,6 +271,7 @@ class PluginHyperParams:
             close = difflib.get_close_matches(key, fields, n=1)
             fix = f"did you mean '{close[0]}'?" if close else f"remove it; known fields are: {', '.join(sorted(fields))}"
             raise HyperParamsError(key, f"unknown field for {cls.__name__}", fix, source)
+        data = resolve_named_values(data, shipped_archive=cls.SHIPPED_ARCHIVE)
         hints = get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for name, field in fields.items():

@@ -344,6 +344,27 @@ def trig_hp_archive_not_found(ctx):
     return _raised(lambda: load().check_ready())
 
 
+def trig_hp_archive_default_missing(ctx):
+    import instructedit_plugin.instructed.shipped as shipped
+
+    saved = shipped.ASSETS_DIR
+    shipped.ASSETS_DIR = ctx.tmp / "assets"  # an install without the shipped prefixes
+    try:
+        load = _load_instructed(ctx, "archive-default", replace={"archive": "default"})
+        return _raised(lambda: load().check_ready())
+    finally:
+        shipped.ASSETS_DIR = saved
+
+
+def trig_hp_model_missing(ctx):
+    from easyeditor import BaseEditor
+
+    from instructedit_plugin.registry import load_hparams
+
+    hparams = load_hparams(str(REPO / "hparams/FT/tiny-gpt2.yaml"), model_name=str(ctx.tmp / "no-model"))
+    return _raised(lambda: BaseEditor.from_hparams(hparams))
+
+
 def trig_hp_archive_not_a_checkpoint(ctx):
     from instructedit_plugin.instructed.checkpoint import load_checkpoint
 
@@ -739,6 +760,14 @@ def trig_data_file_missing(ctx):
     return _raised(lambda: load_requests(ctx.tmp / "missing" / "counterfact-train.json"))
 
 
+def trig_data_preflight_missing(ctx):
+    from instructedit_plugin.data.preflight import check_data_files
+
+    files = {"--train": "counterfact/counterfact-train.json", "--val": "counterfact/no-val.json",
+             "--task recent": str(ctx.tmp / "missing" / "recent_train.json")}
+    return _raised(lambda: check_data_files(files, data_dir=ctx.data))
+
+
 def trig_data_unknown_format(ctx):
     from instructedit_plugin.data import load_requests
 
@@ -869,14 +898,31 @@ def trig_cli_data_missing(ctx):
                  "--train", str(ctx.tmp / "missing.json")])
 
 
+def trig_cli_data_unparsable(ctx):
+    text = (ctx.data / "counterfact/counterfact-edit.json").read_text(encoding="utf-8")[:600]  # cut inside record 1
+    path = ctx.write("truncated/counterfact-edit.json", text)
+    return _cli(["evaluate", "--hparams", str(REPO / "hparams/InstructEd/tiny.yaml"), "--data", str(path)])
+
+
+def trig_cli_model_missing(ctx):
+    return _cli(["edit", "--hparams", str(REPO / "hparams/InstructEd/gemma-3-270m.yaml"), "--model_name",
+                 str(ctx.tmp / "no-model"), "--prompt", "The capital of France is", "--target_new", "Rome"])
+
+
+def trig_cli_missing_archive_instructedit(ctx):
+    return _cli(["edit", "--hparams", str(REPO / "hparams/InstructEdit/tiny.yaml"), "--model_name", str(_model_dir(ctx)),
+                 "--archive", str(ctx.tmp / "no-editor"), "--prompt", "The capital of France is", "--target_new", "Rome"])
+
+
 def trig_cli_bad_hparams(ctx):
     return _cli(["edit", "--hparams", str(_instructed_yaml(ctx, "cli-typo", add="prefix_lenght: 5\n")),
                  "--prompt", "The capital of France is", "--target_new", "Rome"])
 
 
 def trig_cli_missing_archive(ctx):
-    return _cli(["evaluate", "--hparams", str(REPO / "hparams/InstructEd/tiny.yaml"), "--archive",
-                 str(ctx.tmp / "no-such-run"), "--data", str(ctx.data / "counterfact/counterfact-edit.json"), "--limit", "1"])
+    return _cli(["evaluate", "--hparams", str(REPO / "hparams/InstructEd/tiny.yaml"), "--model_name", str(_model_dir(ctx)),
+                 "--archive", str(ctx.tmp / "no-such-run"), "--data", str(ctx.data / "counterfact/counterfact-edit.json"),
+                 "--limit", "1"])
 
 
 def trig_cli_bad_limit(ctx):

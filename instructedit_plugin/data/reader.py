@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataSchemaError, PluginError
+from ..errors import DataSchemaError, PluginError, fix_for
 
 __all__ = ["JSON_KEY", "DataFileNotFoundError", "check_limit", "read_records"]
 
@@ -31,6 +31,11 @@ ROOT_KEY = "<root>"
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _FIX_JSON = "Fix: repair the file (or re-download it); with limit=N only the first N records are read"
+_FIX_JSON_CLI = "Fix: repair the file (or re-download it); with --limit N only the first N records are read"
+
+
+def _fix_json() -> str:
+    return fix_for(_FIX_JSON, _FIX_JSON_CLI)
 
 
 class DataFileNotFoundError(PluginError, FileNotFoundError):
@@ -48,8 +53,9 @@ def check_limit(limit: int | None) -> int | None:
     if limit is None:
         return None
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise PluginError(f"limit must be None or an integer >= 0, got {limit!r}. Fix: pass a record count such as 100, "
-                          "or None for every record")
+        raise PluginError(f"limit must be None or an integer >= 0, got {limit!r}. Fix: " + fix_for(
+            "pass a record count such as 100, or None for every record",
+            "pass --limit with a record count such as 100, or leave --limit out for every record"))
     return limit
 
 
@@ -61,7 +67,7 @@ def _skip_ws(text: str, pos: int) -> int:
 def _json_error(path: Path, index: int | None, err: json.JSONDecodeError) -> DataSchemaError:
     return DataSchemaError(
         str(path), index, JSON_KEY,
-        f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}. {_FIX_JSON}",
+        f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}. {_fix_json()}",
     )
 
 
@@ -112,7 +118,7 @@ def _iter_json_lines(lines: Iterator[str], path: Path) -> Iterator[Any]:
         except json.JSONDecodeError as err:
             raise DataSchemaError(
                 str(path), index, JSON_KEY,
-                f"invalid JSON on line {lineno} (column {err.colno}): {err.msg}. {_FIX_JSON}",
+                f"invalid JSON on line {lineno} (column {err.colno}): {err.msg}. {_fix_json()}",
             ) from None
         yield obj
         index += 1

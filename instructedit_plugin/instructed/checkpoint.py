@@ -49,7 +49,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import durable
-from ..errors import HyperParamsError, PluginError
+from ..errors import HyperParamsError, PluginError, fix_for
 from .prefix import PrefixBank
 
 LOG = logging.getLogger(__name__)
@@ -292,8 +292,10 @@ def resolve_archive(path: str | os.PathLike) -> Path:
         if has_manifest(p / sub):
             return p / sub
     what = "is a file, not a checkpoint folder" if p.is_file() else f"holds no InstructEd checkpoint ({MANIFEST_FILE} not found)"
-    raise HyperParamsError("archive", f"{str(path)!r} {what}",
-                           "point it at the folder InstructEdTrainer wrote (<results_dir>/best)")
+    raise HyperParamsError("archive", f"{str(path)!r} {what}", fix_for(
+        "point it at the folder InstructEdTrainer wrote (<results_dir>/best)",
+        "pass --archive the folder `instructedit train` printed as best_dir (<results_dir>/best), or --archive "
+        "default for the prefixes shipped with the embedded Gemma-3-270M"))
 
 
 def verify_base_model(ckpt: Checkpoint, model_config: Any) -> None:

@@ -2,7 +2,8 @@
 
 Editing needs trained prefixes: ``archive`` names the checkpoint folder the
 :class:`~instructedit_plugin.instructed.trainer.InstructEdTrainer` wrote (its ``best/``
-sub-folder, or the results folder holding it). Loading an editing config without an existing
+sub-folder, or the results folder holding it), or is ``default``: the prefixes shipped inside the
+package for the embedded Gemma-3-270M. Loading an editing config without an existing
 archive raises a :class:`~instructedit_plugin.errors.HyperParamsError` naming ``archive`` and
 saying how to train one, instead of failing halfway through an editing run.
 """
@@ -13,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from ..hparams import EditingHyperParams, PluginHyperParams, hp_field
+from ..errors import fix_for
+from ..hparams import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
 
 ALG_NAME = "InstructEd"
 #: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.
@@ -26,6 +28,16 @@ TRAIN_HINT = (
     "'hparams/TRAINING/InstructEd/<model>.yaml'), train_requests).run()`, then set `archive:` to the "
     "printed checkpoint folder (<results_dir>/best)"
 )
+
+
+def train_hint(source: str | os.PathLike | None = None, *, offer_default: bool = True) -> str:
+    """How to get trained prefixes: :data:`TRAIN_HINT` in Python, the ``instructedit train`` command
+    (with the training YAML that goes with ``source``) on the command line."""
+    cli = (f"train prefixes with `instructedit train --hparams {training_yaml_hint(source, ALG_NAME)} --train FILE` "
+           "and pass --archive <folder> (the best_dir it prints)")
+    if offer_default:
+        cli += ", or pass --archive default for the prefixes shipped with the embedded Gemma-3-270M"
+    return fix_for(TRAIN_HINT, cli)
 
 
 def _check_template(obj: PluginHyperParams, template: str) -> None:
@@ -64,8 +76,10 @@ class InstructEdHyperParams(EditingHyperParams):
     """
 
     ALG_NAME = ALG_NAME
+    SHIPPED_ARCHIVE = True  # archive: default -> the prefixes shipped in the package
 
-    archive: Optional[str] = hp_field(None, help="trained prefixes: folder written by InstructEdTrainer")
+    archive: Optional[str] = hp_field(None, help="trained prefixes: folder written by InstructEdTrainer, or "
+                                                 "'default' (shipped with the package, for the embedded Gemma-3-270M)")
     prefix_layers: Optional[list[int]] = hp_field(None, layer_index=True, help="null: from the archive")
     prefix_len: Optional[int] = hp_field(None, min=1, help="null: from the archive")
     encoder: str = hp_field("default", help="sentence encoder: 'default', a name or a local path")
@@ -81,15 +95,22 @@ class InstructEdHyperParams(EditingHyperParams):
     def validate_fields(self) -> None:
         super().validate_fields()
         if self.archive is None or not str(self.archive).strip():
-            raise self._error("archive", "is missing; InstructEd edits with trained prefixes", TRAIN_HINT)
+            raise self._error("archive", "is missing; InstructEd edits with trained prefixes", train_hint(self._source))
         if not str(self.encoder).strip():
             raise self._error("encoder", "is empty", "use 'default' or a sentence-encoder name/path")
         _check_layers(self, self.prefix_layers)
         _check_template(self, self.template)
 
     def check_ready(self) -> None:
-        if not Path(os.path.expanduser(str(self.archive))).exists():
-            raise self._error("archive", f"{self.archive!r} does not exist", TRAIN_HINT)
+        path = Path(os.path.expanduser(str(self.archive)))
+        if path.exists():
+            return
+        from .shipped import shipped_prefixes_dir
+
+        if path == shipped_prefixes_dir(must_exist=False):  # archive: default, but this install lacks them
+            raise self._error("archive", f"'default' names the prefixes shipped with the package, but {path} does "
+                              "not exist", train_hint(self._source, offer_default=False))
+        raise self._error("archive", f"{self.archive!r} does not exist", train_hint(self._source))
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -329,9 +329,24 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Handler of ``instructedit analyze``; prints the separation summary, returns an exit code."""
-    from ..data import load_requests, resolve_data_dir
+    from ..data import resolve_data_dir
+    from ..data.preflight import check_data_files
     from ..models.loading import load_causal_lm
+    from .checkpoint import resolve_archive
 
+    # every file first (data and the editor checkpoint): a missing one fails before a model loads
+    data_dir = resolve_data_dir(args.data_dir)
+    files = {}
+    for item in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        task, _, path = item.partition("=")
+        path = path or DEFAULT_FILES.get(task)
+        if not path:
+            LOG.error("no default file for task %r; give task=path", task)
+            return 2
+        files[task] = data_dir / path
+    checked = check_data_files({f"--tasks {task}": path for task, path in files.items()}, limit=args.n_per_task)
+    tasks = {task: checked[f"--tasks {task}"].records for task in files}
+    resolve_archive(args.archive)
     if args.model == "embedded":
         from ..models.embedded import embedded_model_dir
 
@@ -339,15 +354,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     else:
         model_dir = Path(args.model)
     model, tok = load_causal_lm(model_dir, dtype=args.dtype)
-    data_dir = resolve_data_dir(args.data_dir)
-    tasks = {}
-    for item in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        task, _, path = item.partition("=")
-        path = path or DEFAULT_FILES.get(task)
-        if not path:
-            LOG.error("no default file for task %r; give task=path", task)
-            return 2
-        tasks[task] = load_requests(data_dir / path, limit=args.n_per_task)
     layers = [x.strip() for x in args.layers.split(",")] if args.layers else None
     report = analyze_edit_gradients(model, tok, args.archive, tasks, args.out_dir, layers=layers,
                                     n_per_task=args.n_per_task, with_and_without=not args.no_without,

@@ -58,7 +58,8 @@ from safetensors.torch import save as st_save
 
 from .. import durable
 from ..durable import dumps_json
-from ..errors import HyperParamsError
+from ..errors import HyperParamsError, fix_for
+from ..hparams import training_yaml_hint
 
 LOG = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ _REQUIRED_KEYS = ("layers", "hypernet", "base_model", "plugin_version", "trainin
 #: Default fix for a missing/unusable archive.
 _TRAIN_FIX = ("train an editor first (InstructEditTrainer(...).run(), or EasyEdit's EditTrainer) and point archive "
               "at its best/ folder, or at the EasyEdit archive / its .instructedit folder")
+
+
+def _train_fix(source: str | None = None, python: str = _TRAIN_FIX) -> str:
+    """The fix for a missing/unusable archive: ``python`` in Python, ``instructedit train`` on the command line."""
+    return fix_for(python, f"train an editor with `instructedit train --hparams {training_yaml_hint(source, 'InstructEdit')}` "
+                           "(tasks: --task NAME=FILE, default counterfact, recent and convsent under --data_dir) and pass "
+                           "--archive <folder> (the best_checkpoint it prints)")
 
 
 def plugin_version() -> str:
@@ -178,14 +186,15 @@ def resolve_archive(archive: str | os.PathLike | None, field: str = "archive", s
     ``editor.safetensors``), or an EasyEdit trainer archive file."""
     if archive is None or not str(archive).strip():
         raise HyperParamsError(field, "no trained editor checkpoint is given",
-                               "set it to the folder written by InstructEditTrainer (e.g. results/models/InstructEdit/<model>/best)", source)
+                               _train_fix(source, "set it to the folder written by InstructEditTrainer "
+                                                  "(e.g. results/models/InstructEdit/<model>/best)"), source)
     path = Path(archive).expanduser()
     if path.is_file():
         return path.parent if path.name == EDITOR_FILE or path.suffix == ".safetensors" else path
     has_editor = (path / EDITOR_FILE).is_file() or (path / durable.staged_name(EDITOR_FILE)).is_file()
     if not has_editor or not durable.has_manifest(path, CONFIG_FILE):
         raise HyperParamsError(field, f"no InstructEdit checkpoint at {path} (needs {EDITOR_FILE} and {CONFIG_FILE}, "
-                               "or an EasyEdit trainer archive file)", _TRAIN_FIX, source)
+                               "or an EasyEdit trainer archive file)", _train_fix(source), source)
     return path
 
 
@@ -215,7 +224,7 @@ def _check_manifest(meta: Mapping[str, Any], where: Any, field: str, source: str
     if version >= 2:
         if meta.get("format") != FORMAT_NAME:
             raise HyperParamsError(field, f"{where} is not an InstructEdit editor (format {meta.get('format')!r})",
-                                   _TRAIN_FIX, source)
+                                   _train_fix(source), source)
         missing = [k for k in _REQUIRED_KEYS if k not in meta]
         base = meta.get("base_model")
         if not isinstance(base, Mapping) or not isinstance(base.get("fingerprint"), str):
@@ -331,7 +340,7 @@ def load_easyedit_archive(path: str | os.PathLike, field: str = "archive",
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise HyperParamsError(field, f"{path} is not readable ({type(exc).__name__})", _TRAIN_FIX, source) from None
+        raise HyperParamsError(field, f"{path} is not readable ({type(exc).__name__})", _train_fix(source), source) from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every refusal becomes the same clear error
@@ -342,11 +351,11 @@ def load_easyedit_archive(path: str | os.PathLike, field: str = "archive",
             "next to it, or a folder written by InstructEditTrainer", source) from None
     state = obj.get("model") if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping):
-        raise HyperParamsError(field, f"{path} is not an EasyEdit trainer archive (no 'model' state dict)", _TRAIN_FIX, source)
+        raise HyperParamsError(field, f"{path} is not an EasyEdit trainer archive (no 'model' state dict)", _train_fix(source), source)
     meta = decode_meta(state.get(META_KEY))
     if meta is None or meta.get("alg") != "InstructEdit":
         raise HyperParamsError(field, f"{path} is not an InstructEdit archive (its state dict has no '{META_KEY}' "
-                               "entry; another algorithm's, or saved without the plugin)", _TRAIN_FIX, source)
+                               "entry; another algorithm's, or saved without the plugin)", _train_fix(source), source)
     meta = {k: v for k, v in meta.items() if k not in _WRITER_KEYS}
     meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION,
                 files={path.name: hashlib.sha256(data).hexdigest()}, easyedit_archive=str(path))
@@ -357,7 +366,7 @@ def load_easyedit_archive(path: str | os.PathLike, field: str = "archive",
     tensors = {k: v for k, v in state.items()
                if isinstance(v, torch.Tensor) and (k.startswith("hypernet.") or k == "edit_lrs")}
     if "edit_lrs" not in tensors:
-        raise HyperParamsError(field, f"{path}: the InstructEdit state dict has no edit_lrs", _TRAIN_FIX, source)
+        raise HyperParamsError(field, f"{path}: the InstructEdit state dict has no edit_lrs", _train_fix(source), source)
     return {k: v.contiguous() for k, v in tensors.items()}, meta
 
 
