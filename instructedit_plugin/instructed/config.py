@@ -155,8 +155,8 @@ class InstructEdTrainingHparams(PluginHyperParams):
     grad_clip: float = hp_field(1.0, min=0.0, help="0 disables clipping")
     epochs: int = hp_field(10, min=1)
     max_steps: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs)")
-    max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock budget of run(): stop (and validate/save) once spent; "
-                                            "the linear decay is re-aimed at the step count the budget allows")
+    max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock safety cap of run(): stop (and validate/save) once spent; "
+                                            "the schedule never depends on it (train by max_steps/epochs)")
     batch_size: int = hp_field(6, min=1, help="edit examples per batch (per process and micro-batch)")
     unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch (per process and micro-batch)")
     val_batch_size: int = hp_field(16, min=1)

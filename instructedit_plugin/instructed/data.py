@@ -199,6 +199,11 @@ def fill_unedited_predictions(model: torch.nn.Module, template: InstructionTempl
     model.eval()
     pending = [ex for ex in examples if not ex.is_edit]
     to_generate = [ex for ex in pending if ex.answer_ids is None]
+    if progress and to_generate:
+        from tqdm.auto import tqdm
+
+        to_generate = tqdm(to_generate, desc="unedited answers for the locality examples", unit="example",
+                           dynamic_ncols=True)
     for ex in to_generate:
         ids = torch.tensor([lead + ex.question_ids], device=device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_tokens,

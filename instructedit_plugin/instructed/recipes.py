@@ -1,30 +1,32 @@
 """Reusable training recipes: InstructEd prefixes for the embedded Gemma-3-270M on a CPU budget.
 
-``train_embedded_prefixes(budget_minutes=10)`` is what ``instructedit demo`` and
-``benchmarks/instructed_cpu.py`` call. It
+``train_embedded_prefixes(config=DEFAULT)`` is what ``instructedit demo --train`` calls (and what
+trained the prefixes shipped in the package, :mod:`.shipped`); ``benchmarks/instructed_cpu.py``
+uses :data:`BENCHMARK`. It
 
 1. loads the base model (the embedded Gemma-3-270M, or ``model_dir``) in ``dtype`` (bfloat16 by
    default: on CPU 4-5x faster than float32 with metrics within ~0.03);
-2. builds a training set of ``n_train`` edits from three sources, in equal parts:
+2. builds a training set of ``n_train`` edits, in equal parts from the recipe's ``sources``:
 
-   * ``counterfact/counterfact-train.json`` (MEND format; the instruction is the fact sentence
-     ``"{prompt} {target_new}."`` built by :func:`~.templates.instruction_of`),
-   * the InstructEd CounterFact file ``instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json``
-     and the InstructEd ZsRE file ``.../zsre_mend_eval_portability_gpt4_ins.json``, both *without*
-     their first :data:`EVAL_LIMIT` records (those are the evaluation records). These carry the
-     paper's instruction and a one-hop portability question, which is what teaches the prefixes to
-     reason *from* the instruction rather than only copy it;
+   * :data:`DEFAULT` / :data:`QUICK` (the demo; MIT-licensed files, so the packaged demo data set
+     can carry them): ``counterfact/counterfact-train.json`` (MEND format) and KnowEdit's
+     ``counterfact/train_cf.json``, whose portability questions teach the prefixes to reason *from*
+     the instruction rather than only copy it; instructions are the fact sentences
+     ``"{prompt} {target_new}."`` built by :func:`~.templates.instruction_of`; ZsRE stays unseen;
+   * :data:`BENCHMARK`: ``counterfact-train.json`` plus the InstructEd release's CounterFact and
+     ZsRE ``_ins`` files *without* their first :data:`EVAL_LIMIT` records (the evaluated ones),
+     which carry the release's instructions and one-hop portability questions;
 
    every candidate whose ``case_id`` (CounterFact ids are shared by all CounterFact files), subject
    or question equals one of the evaluation records' is excluded (:func:`evaluation_exclusions`),
    so training and evaluation are disjoint whatever ``--limit`` the benchmark uses;
-3. trains with :class:`~.trainer.InstructEdTrainer` until the wall-clock budget is spent -- the
-   *whole* call (loading, the unedited model's locality labels, training, the final validation
-   and the save) fits in ``budget_minutes``; the trainer re-aims its linear learning-rate decay at
-   the number of steps the budget allows (``max_seconds``);
+3. trains with :class:`~.trainer.InstructEdTrainer` for exactly ``steps`` optimizer steps (the
+   schedule never depends on the clock, so a busy and an idle machine give identical prefixes);
+   ``budget_minutes`` is only a safety cap: a run it stops is recorded (``stopped_by_budget``) and
+   the next call resumes it from its ``last`` checkpoint;
 4. stores the result under ``<plugin cache>/instructed_recipes/<key>/`` where ``key`` hashes the
    model identity (config fingerprint + weight files) and the complete recipe configuration
-   (budget included), and writes ``recipe.json`` (what was reached) last. A later call with the
+   (the safety cap excluded), and writes ``recipe.json`` (what was reached) last. A later call with the
    same key returns the archive at once; ``resume=True`` continues an interrupted run from its
    ``last`` checkpoint.
 
@@ -50,22 +52,35 @@ from ..errors import PluginError
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "RECIPE_VERSION", "EVAL_LIMIT", "EVAL_FILES", "TRAIN_SOURCES", "RecipeConfig", "QUICK", "DEFAULT",
+    "RECIPE_VERSION", "EVAL_LIMIT", "EVAL_FILES", "EVALUATION_SETS", "TRAIN_SOURCES", "RecipeConfig", "QUICK",
+    "DEFAULT", "BENCHMARK", "evaluation_files", "recipe_files", "check_recipe_data",
     "train_embedded_prefixes", "train_quick_prefixes", "recipe_key", "recipe_info", "model_identity",
     "evaluation_records", "evaluation_exclusions", "training_split",
 ]
 
 #: Bump when what a recipe trains changes for an unchanged configuration.
-RECIPE_VERSION = 1
-#: The evaluation uses the first ``EVAL_LIMIT`` records of each file in :data:`EVAL_FILES`.
+RECIPE_VERSION = 2
+#: The evaluation uses the first ``EVAL_LIMIT`` records of each file of its evaluation set.
 EVAL_LIMIT = 100
-EVAL_FILES: dict[str, str] = {
-    "counterfact": "instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json",
-    "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
+#: Evaluation sets: name -> {dataset: file}. ``demo`` uses MIT-licensed files only (the packaged demo
+#: data set is cut from them, :mod:`instructedit_plugin.data.demo_set`); ``benchmark`` is the one of
+#: ``benchmarks/instructed_cpu.py`` (the InstructEd release's portability files, a real data folder).
+EVALUATION_SETS: dict[str, dict[str, str]] = {
+    "demo": {
+        "counterfact": "counterfact/counterfact-edit.json",
+        "zsre": "zsre/ZsRE-test-all.json",
+    },
+    "benchmark": {
+        "counterfact": "instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json",
+        "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
+    },
 }
+#: The benchmark's evaluation files (kept under this name for the benchmark script).
+EVAL_FILES: dict[str, str] = EVALUATION_SETS["benchmark"]
 #: Training sources: name -> (file, records skipped at the start because they are evaluated).
 TRAIN_SOURCES: dict[str, tuple[str, int]] = {
     "counterfact_train": ("counterfact/counterfact-train.json", 0),
+    "counterfact_knowedit": ("counterfact/train_cf.json", 0),
     "counterfact_ins": ("instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json", EVAL_LIMIT),
     "zsre_ins": ("instructed/portability/One_Hop/zsre_mend_eval_portability_gpt4_ins.json", EVAL_LIMIT),
 }
@@ -75,13 +90,20 @@ INFO_FILE = "recipe.json"
 
 @dataclasses.dataclass(frozen=True)
 class RecipeConfig:
-    """Everything that determines what a recipe trains (all of it goes into the cache key)."""
+    """Everything that determines what a recipe trains (all of it goes into the cache key).
+
+    A recipe trains exactly ``steps`` optimizer steps; ``budget_minutes`` is only a wall-clock safety
+    cap (``recipe.json`` says ``stopped_by_budget`` when it ended a run early), so the same recipe
+    gives the same prefixes on a busy and on an idle machine.
+    """
 
     name: str = "default"
-    budget_minutes: float = 10.0
-    n_train: int = 240  # a 10-minute budget on a shared 2-core CPU reaches ~275 steps x 6 edit examples (~2.5 passes)
+    steps: int = 250
+    budget_minutes: float = 40.0  # safety cap on the whole call; never changes the schedule
+    evaluation: str = "demo"  # EVALUATION_SETS key: records the training set must not touch
+    n_train: int = 240
     n_val: int = 16
-    sources: tuple[str, ...] = ("counterfact_train", "counterfact_ins", "zsre_ins")
+    sources: tuple[str, ...] = ("counterfact_train", "counterfact_knowedit")
     max_locality: int = 1  # locality prompts kept per training edit (the InstructEd files carry 10)
     max_question_tokens: int = 40  # edits with a longer question are skipped (short sequences are fast)
     dtype: str = "bfloat16"
@@ -95,7 +117,7 @@ class RecipeConfig:
     batch_size: int = 6
     unmodified_batch_size: int = 6
     val_batch_size: int = 32
-    val_interval: int = 100
+    val_interval: int = 50
     max_length: int = 64
     unrelated_locality: int = 1
     reweight_mode: str = "paper"
@@ -108,9 +130,15 @@ class RecipeConfig:
         return data
 
 
+#: The demo's recipe (and the prefixes shipped in the package): CounterFact only, from MIT-licensed
+#: files (MEND-format CounterFact + KnowEdit WikiData-counterfact train, whose portability questions
+#: teach the prefixes to reason from the instruction); ZsRE stays unseen, as in the paper.
 DEFAULT = RecipeConfig()
-#: The ``--quick`` demo variant: about 2 minutes.
-QUICK = RecipeConfig(name="quick", budget_minutes=2.0, n_train=60, n_val=6, val_interval=1000)
+#: ``instructedit demo --quick --train``: a few minutes.
+QUICK = RecipeConfig(name="quick", steps=40, budget_minutes=15.0, n_train=60, n_val=6, val_interval=1000)
+#: ``benchmarks/instructed_cpu.py``: the InstructEd release's instruction files (a real data folder).
+BENCHMARK = RecipeConfig(name="benchmark", steps=275, budget_minutes=45.0, evaluation="benchmark",
+                         sources=("counterfact_train", "counterfact_ins", "zsre_ins"), val_interval=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,12 +154,28 @@ def _load(data_dir: Path, rel: str, limit: int | None = None) -> list[dict[str, 
     return list(load_requests(data_dir / rel, limit=limit))
 
 
-def evaluation_records(data_dir: str | os.PathLike | None = None, limit: int = EVAL_LIMIT) -> dict[str, list[dict]]:
-    """The first ``limit`` records of each evaluation file (:data:`EVAL_FILES`) as request dicts."""
+def evaluation_files(evaluation: str = "benchmark") -> dict[str, str]:
+    """``{dataset: file}`` of an evaluation set (:data:`EVALUATION_SETS`)."""
+    if evaluation not in EVALUATION_SETS:
+        raise PluginError(f"unknown evaluation set {evaluation!r}. Fix: use one of {', '.join(EVALUATION_SETS)}")
+    return EVALUATION_SETS[evaluation]
+
+
+def evaluation_records(data_dir: str | os.PathLike | None = None, limit: int = EVAL_LIMIT,
+                       evaluation: str = "benchmark") -> dict[str, list[dict]]:
+    """The first ``limit`` records of each file of the evaluation set ``evaluation`` as request dicts."""
     from ..data import resolve_data_dir
 
     root = resolve_data_dir(data_dir)
-    return {name: _load(root, rel, limit=limit) for name, rel in EVAL_FILES.items()}
+    return {name: _load(root, rel, limit=limit) for name, rel in evaluation_files(evaluation).items()}
+
+
+def recipe_files(config: RecipeConfig) -> list[str]:
+    """Every data file (relative to the data folder) a recipe reads: its sources and its evaluation set."""
+    for source in config.sources:
+        if source not in TRAIN_SOURCES:
+            raise PluginError(f"unknown recipe training source {source!r}. Fix: use some of {', '.join(TRAIN_SOURCES)}")
+    return sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(evaluation_files(config.evaluation).values()))
 
 
 def evaluation_exclusions(evaluation: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, set]:
@@ -192,7 +236,7 @@ def training_split(config: RecipeConfig = DEFAULT, data_dir: str | os.PathLike |
 
     root = resolve_data_dir(data_dir)
     if evaluation is None:
-        evaluation = evaluation_records(root)
+        evaluation = evaluation_records(root, evaluation=config.evaluation)
     excl = evaluation_exclusions(evaluation)
     rng = random.Random(config.seed)
     n_val_target = min(config.n_val, max(1, config.n_train // 10)) if config.n_val > 0 else 0
@@ -268,19 +312,21 @@ def model_identity(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _data_identity(data_dir: Path, config: RecipeConfig) -> dict[str, Any]:
-    files = sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(EVAL_FILES.values()))
     out = {}
-    for rel in files:
+    for rel in recipe_files(config):
         path = data_dir / rel
         out[rel] = path.stat().st_size if path.is_file() else None
     return out
 
 
 def recipe_key(config: RecipeConfig, identity: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> str:
-    """Stable key of (model identity, recipe configuration, data files, recipe version)."""
+    """Stable key of (model identity, recipe configuration, data files, recipe version).
+
+    ``budget_minutes`` is not part of it: it is a safety cap that never changes what is trained."""
     from ..models.cache import content_key
 
-    return content_key({"version": RECIPE_VERSION, "model": identity, "config": config.to_dict(), "data": data or {}},
+    trained = {k: v for k, v in config.to_dict().items() if k != "budget_minutes"}
+    return content_key({"version": RECIPE_VERSION, "model": identity, "config": trained, "data": data or {}},
                        length=16)
 
 
@@ -303,25 +349,28 @@ def _say(progress: bool, msg: str, *args: Any) -> None:
         tqdm.write("[recipe] " + (msg % args if args else msg))
 
 
-def train_embedded_prefixes(budget_minutes: float = 10.0, n_train: int | None = None, data_dir: Any = None,
-                            cache_dir: Any = None, dtype: str = "bfloat16", seed: int = 0, progress: bool = True,
-                            resume: bool = True, *, model_dir: Any = None, config: RecipeConfig | None = None,
-                            device: str = "cpu", **overrides: Any) -> Path:
+def train_embedded_prefixes(budget_minutes: float | None = None, n_train: int | None = None, data_dir: Any = None,
+                            cache_dir: Any = None, dtype: str | None = None, seed: int | None = None,
+                            progress: bool = True, resume: bool = True, *, model_dir: Any = None,
+                            config: RecipeConfig | None = None, device: str = "cpu", steps: int | None = None,
+                            **overrides: Any) -> Path:
     """Train (or fetch from the cache) InstructEd prefixes for the embedded Gemma-3-270M; see the module
     docstring. Returns the archive folder for ``InstructEdHyperParams(archive=...)``.
 
     Args:
-        budget_minutes: wall-clock budget of the whole call (model loading included).
+        budget_minutes: wall-clock safety cap of the whole call (model loading included); default the
+            recipe's. A run it stops is cached with ``stopped_by_budget`` and the next call resumes it.
         n_train: training edits (default: ``config.n_train``).
         data_dir: the dataset folder (default ``$INSTRUCTEDIT_DATA_DIR``).
         cache_dir: cache root (default: the plugin cache, ``$INSTRUCTEDIT_CACHE`` or ~/.cache/instructedit_plugin).
-        dtype: ``"bfloat16"`` (default, fast on CPU) or ``"float32"``.
+        dtype: ``"bfloat16"`` (the recipes' default, fast on CPU) or ``"float32"``.
         seed: data sampling and initialisation seed.
-        progress: print progress lines and a tqdm bar.
-        resume: continue an interrupted run of the same key from its last checkpoint.
+        progress: print progress lines and a tqdm bar (step, loss, ETA, latest validation).
+        resume: continue an interrupted or capped run of the same key from its last checkpoint.
         model_dir: another local base model folder (tests use tiny models).
-        config: a :class:`RecipeConfig` (e.g. :data:`QUICK`); ``budget_minutes``/``n_train``/``dtype``/
-            ``seed`` and ``overrides`` replace its fields.
+        config: a :class:`RecipeConfig` (e.g. :data:`QUICK`); ``steps``/``budget_minutes``/``n_train``/
+            ``dtype``/``seed`` and ``overrides`` replace its fields.
+        steps: optimizer steps (default: ``config.steps``).
     """
     from ..data import resolve_data_dir
     from ..models.cache import cache_dir as default_cache_dir
@@ -329,17 +378,20 @@ def train_embedded_prefixes(budget_minutes: float = 10.0, n_train: int | None = 
 
     started = time.perf_counter()
     base = config or DEFAULT
-    fields = dict(budget_minutes=float(budget_minutes), dtype=dtype, seed=int(seed), **overrides)
-    if n_train is not None:
-        fields["n_train"] = int(n_train)
+    given = dict(budget_minutes=budget_minutes, dtype=dtype, seed=seed, n_train=n_train, steps=steps)
+    fields = {k: v for k, v in given.items() if v is not None}
+    fields.update(overrides)
     if "prefix_layers" in fields and fields["prefix_layers"] is not None:
         fields["prefix_layers"] = tuple(fields["prefix_layers"])
     cfg = dataclasses.replace(base, **fields)
     if cfg.dtype not in ("bfloat16", "float32"):
-        raise PluginError(f"dtype must be 'bfloat16' or 'float32', got {cfg.dtype!r}")
-    if cfg.budget_minutes <= 0:
-        raise PluginError(f"budget_minutes must be > 0, got {cfg.budget_minutes}")
+        raise PluginError(f"dtype must be 'bfloat16' or 'float32', got {cfg.dtype!r}. Fix: pass one of them")
+    if not cfg.budget_minutes > 0:
+        raise PluginError(f"budget_minutes must be > 0, got {cfg.budget_minutes}. Fix: pass a positive number")
+    if not (isinstance(cfg.steps, int) and cfg.steps >= 1):
+        raise PluginError(f"steps must be a positive integer, got {cfg.steps!r}. Fix: pass e.g. steps=250")
     root = resolve_data_dir(data_dir)
+    check_recipe_data(cfg, root)
     if model_dir is None:
         from ..models.embedded import embedded_model_dir
 
@@ -353,18 +405,33 @@ def train_embedded_prefixes(budget_minutes: float = 10.0, n_train: int | None = 
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / ".lock"):
         if (folder / INFO_FILE).is_file() and (archive / "manifest.json").is_file():
-            _say(progress, "cached InstructEd prefixes (recipe %s, key %s): %s", cfg.name, key, archive)
-            return archive
+            done = json.loads((folder / INFO_FILE).read_text())
+            if not done.get("stopped_by_budget"):
+                _say(progress, "cached InstructEd prefixes (recipe %s, key %s): %s", cfg.name, key, archive)
+                return archive
+            _say(progress, "recipe %s (key %s) was stopped by its safety cap at step %s of %s: resuming",
+                 cfg.name, key, done.get("steps"), cfg.steps)
         info = _train(cfg, model_dir, identity, root, folder, key, started, progress, resume, device)
-        from .checkpoint import atomic_write_bytes
+        from .. import durable
 
-        atomic_write_bytes(folder / INFO_FILE, (json.dumps(info, indent=2, default=str) + "\n").encode())
+        durable.atomic_write_json(folder / INFO_FILE, info)
+    if not (archive / "manifest.json").is_file():
+        raise PluginError(f"recipe {cfg.name!r}: the {cfg.budget_minutes:g}-minute safety cap stopped training at step "
+                          f"{info['steps']} of {cfg.steps}, before the first validation, so there are no prefixes yet. "
+                          "Fix: call again with a larger budget_minutes (--budget_minutes); training resumes where it stopped")
     return archive
 
 
+def check_recipe_data(config: RecipeConfig, data_dir: str | os.PathLike) -> None:
+    """Fail fast: every file ``config`` reads exists under ``data_dir`` and parses (before any model loads)."""
+    from ..data.preflight import check_data_files
+
+    root = Path(data_dir)
+    check_data_files([root / rel for rel in recipe_files(config)])
+
+
 def train_quick_prefixes(**kwargs: Any) -> Path:
-    """The ~2-minute variant (``instructedit demo --quick``): :data:`QUICK`."""
-    kwargs.setdefault("budget_minutes", QUICK.budget_minutes)
+    """The short variant (``instructedit demo --quick --train``): :data:`QUICK`."""
     return train_embedded_prefixes(config=QUICK, **kwargs)
 
 
@@ -377,12 +444,14 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
     from .trainer import InstructEdTrainer
 
     budget_s = cfg.budget_minutes * 60.0
-    _say(progress, "InstructEd recipe %r: CPU budget %.1f min (whole call), key %s", cfg.name, cfg.budget_minutes, key)
+    _say(progress, "InstructEd recipe %r: %d steps (safety cap %.1f min for the whole call), key %s",
+         cfg.name, cfg.steps, cfg.budget_minutes, key)
     model, tok = load_causal_lm(model_dir, dtype=cfg.dtype)
     model.eval()
     train, val, stats = training_split(cfg, data_dir, tokenizer=tok)
     if not train:
-        raise PluginError(f"recipe {cfg.name!r}: no training edits left in {data_dir} after excluding the evaluation records")
+        raise PluginError(f"recipe {cfg.name!r}: no training edits left in {data_dir} after excluding the evaluation "
+                          "records. Fix: point data_dir at a folder holding the recipe's training files")
     _say(progress, "training edits: %d (+%d validation) from %s", len(train), len(val),
          {k: v["taken"] for k, v in stats["sources"].items()})
     results = folder / "results"
@@ -393,33 +462,34 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
         prefix_len=cfg.prefix_len, encoder=cfg.encoder, reweight_mode=cfg.reweight_mode, init_std=cfg.init_std,
         max_length=cfg.max_length, use_portability=True, unrelated_locality=cfg.unrelated_locality,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, lr_schedule="linear",
-        epochs=1000, batch_size=cfg.batch_size, unmodified_batch_size=cfg.unmodified_batch_size,
+        epochs=1000, max_steps=cfg.steps, batch_size=cfg.batch_size, unmodified_batch_size=cfg.unmodified_batch_size,
         val_batch_size=cfg.val_batch_size, seed=cfg.seed, results_dir=str(results), log_interval=25,
         val_interval=cfg.val_interval, resume=bool(resume and last_ok), progress=progress))
     torch.manual_seed(cfg.seed)
     trainer = InstructEdTrainer(hp, train, val or None, model=model, tokenizer=tok)
     try:
         prep_s = time.perf_counter() - started
-        # keep room for the final validation and the save (a validation pass costs ~1/3 of a step per example)
-        reserve = min(0.15 * budget_s, 3.0 + 0.05 * len(trainer.val_examples))
-        hp.max_seconds = max(1.0, budget_s - prep_s - reserve)
-        _say(progress, "prepared %d edit + %d unmodified examples in %.0fs; training for at most %.0fs",
-             len(trainer.edit_examples), len(trainer.unmod_examples), prep_s, hp.max_seconds)
+        hp.max_seconds = max(1.0, budget_s - prep_s)
+        _say(progress, "prepared %d edit + %d unmodified examples in %.0fs; training %d steps (safety cap %.0fs)",
+             len(trainer.edit_examples), len(trainer.unmod_examples), prep_s, cfg.steps, hp.max_seconds)
         result = trainer.run()
     finally:
         trainer.close()
     total_s = time.perf_counter() - started
     last_val = result["history"][-1] if result["history"] else {}
-    _say(progress, "reached step %d in %.0fs of training (%.0fs in all, budget %.0fs)%s; last validation %s",
-         result["step"], result["seconds"], total_s, budget_s,
-         ", stopped by the budget" if result.get("stopped_by_budget") else "",
+    if result.get("stopped_by_budget"):
+        LOG.warning("recipe %r: the %.0f-minute safety cap stopped training at step %d of %d; the next call resumes it",
+                    cfg.name, cfg.budget_minutes, result["step"], cfg.steps)
+    _say(progress, "reached step %d of %d in %.0fs of training (%.0fs in all)%s; last validation %s",
+         result["step"], cfg.steps, result["seconds"], total_s,
+         ", STOPPED BY THE SAFETY CAP" if result.get("stopped_by_budget") else "",
          {k: round(v, 4) for k, v in last_val.items() if isinstance(v, float)})
     return {
         "recipe": cfg.to_dict(), "recipe_version": RECIPE_VERSION, "key": key, "model_dir": str(model_dir),
         "model_identity": identity, "data_dir": str(data_dir), "data": stats,
         "train_edits": len(trainer.train_requests), "val_edits": len(trainer.val_requests),
         "edit_examples": len(trainer.edit_examples), "unmodified_examples": len(trainer.unmod_examples),
-        "steps": result["step"], "planned_steps": result.get("total_steps"),
+        "steps": result["step"], "planned_steps": cfg.steps,
         "stopped_by_budget": bool(result.get("stopped_by_budget")), "budget_seconds": budget_s,
         "prep_seconds": prep_s, "train_loop_seconds": result["seconds"], "train_seconds": total_s,
         "best_val_loss": result["best_val_loss"], "history": result["history"][-10:],

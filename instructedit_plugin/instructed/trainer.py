@@ -174,7 +174,8 @@ class InstructEdTrainer:
                                       unrelated_locality=config.unrelated_locality, seed=config.seed + 1)
         for examples in (train_examples, val_examples):
             fill_unedited_predictions(self.model, self.template, examples, max_length=config.max_length,
-                                      gen_tokens=config.locality_gen_tokens)
+                                      gen_tokens=config.locality_gen_tokens,
+                                      progress=bool(config.progress and self.runtime.is_main))
             fill_similarities(self.encoder, examples)
         self.edit_examples = [encode_example(e, self.template) for e in train_examples if e.is_edit]
         self.unmod_examples = [encode_example(e, self.template) for e in train_examples if not e.is_edit]
@@ -325,7 +326,7 @@ class InstructEdTrainer:
                     running += loss
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.3f}")
+                        bar.set_postfix(self._bar_postfix(loss), refresh=False)
                     if self.step % cfg.log_interval == 0:
                         if main:
                             LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
@@ -333,14 +334,20 @@ class InstructEdTrainer:
                         running = 0.0
                     if cfg.max_seconds is not None:
                         out_of_time = self._check_budget_on_main(started, started_step)
-                    if out_of_time or self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
-                        stop = self._after_validation_on_main() or out_of_time
+                    if out_of_time:
+                        # the cap only interrupts: `last` keeps the exact state to resume from, and no
+                        # unscheduled validation changes `best`, so a resumed run equals an uninterrupted one
+                        self._save_last_on_main()
+                        stop = True
+                        break
+                    if self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
+                        stop = self._after_validation_on_main()
                     if stop or self.step >= self.total_steps:
                         break
         finally:
             if bar is not None:
                 bar.close()
-        if not self.history or self.history[-1]["step"] != self.step:
+        if not self.stopped_by_budget and (not self.history or self.history[-1]["step"] != self.step):
             self._after_validation_on_main()
         return {
             "step": self.step,
@@ -352,6 +359,16 @@ class InstructEdTrainer:
             "stopped_by_budget": self.stopped_by_budget,
             "total_steps": self.total_steps,
         }
+
+    def _bar_postfix(self, loss: float) -> dict[str, str]:
+        """What the progress bar shows after a step: the step's loss and the latest validation."""
+        shown = {"loss": f"{loss:.3f}"}
+        if self.history:
+            last = self.history[-1]
+            shown["val_loss"] = f"{last.get('loss', math.nan):.3f}@{last['step']}"
+            if "edit_acc" in last:
+                shown["val_edit_acc"] = f"{last['edit_acc']:.2f}"
+        return shown
 
     def _train_step(self, edit_idx: list[int], unmod_idx: list[int]) -> float:
         """One optimizer step on the global batch ``edit_idx`` + ``unmod_idx``; returns its loss.
@@ -414,6 +431,16 @@ class InstructEdTrainer:
         out_of_time, self.total_steps, self.stopped_by_budget = run_on_main(rt, check, "the time-budget check")
         return out_of_time
 
+    def _save_last_on_main(self) -> None:
+        """Save ``last`` (prefixes + optimizer/scheduler state at this step) on the main process."""
+        rt = self.runtime
+        record = {"step": self.step, "interrupted": True}
+        if not rt.distributed:
+            self.save("last", record, with_state=True)
+            return
+        run_on_main(rt, lambda: self.save("last", record, with_state=True) and None, "the interrupted save")
+        rt.wait_for_everyone()
+
     def _after_validation_on_main(self) -> bool:
         """:meth:`_after_validation` (validate, save) on the main process; every process gets the outcome."""
         rt = self.runtime
@@ -427,25 +454,17 @@ class InstructEdTrainer:
         rt.wait_for_everyone()
         return stop
 
-    #: steps timed before the linear decay is re-aimed at the budget
-    BUDGET_CALIBRATION_STEPS = 8
-
     def _check_budget(self, started: float, started_step: int) -> bool:
-        """``max_seconds``: True once spent; after a few steps, aim ``total_steps`` at what fits."""
+        """``max_seconds`` is a safety cap only: True once spent (``stopped_by_budget`` records it).
+
+        The schedule (learning-rate decay, number of steps) never depends on the clock, so the same
+        configuration trains the same prefixes on a busy and on an idle machine."""
         elapsed = time.perf_counter() - started
-        done = self.step - started_step
         if elapsed >= self.config.max_seconds:
             self.stopped_by_budget = True
-            LOG.info("time budget of %.0fs spent after %d steps (step %d)", self.config.max_seconds, done, self.step)
+            LOG.warning("InstructEd training stopped by the %.0fs safety cap after %d steps (step %d of %d)",
+                        self.config.max_seconds, self.step - started_step, self.step, self.total_steps)
             return True
-        if done == self.BUDGET_CALIBRATION_STEPS and self.config.lr_schedule == "linear":
-            per_step = elapsed / done
-            fits = self.step + int((self.config.max_seconds - elapsed) / per_step)
-            if fits < self.total_steps:
-                LOG.info("%.2fs per step: the %.0fs budget allows about %d steps (of %d); decaying the lr towards step %d",
-                         per_step, self.config.max_seconds, fits, self.total_steps, fits)
-                self.total_steps = max(self.step + 1, fits)
-                self.stopped_by_budget = True  # the budget, not the configured schedule, ends this run
         return False
 
     def _after_validation(self) -> bool:

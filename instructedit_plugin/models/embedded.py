@@ -37,6 +37,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -198,12 +199,20 @@ def _dequantised_copy(gguf_model):
     return model
 
 
-def convert_gguf_to_hf(gguf_path: str | Path, target: str | Path) -> Path:
+def _stage(bar: Any, label: str) -> None:
+    """Advance the conversion's progress bar (if any) to the stage ``label``."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix_str(label)
+
+
+def convert_gguf_to_hf(gguf_path: str | Path, target: str | Path, progress: Any = None) -> Path:
     """Convert a GGUF file into a float32 safetensors HF folder at ``target`` (atomically).
 
     Verifies the GGUF digest (raising :class:`EmbeddedModelError` when it is wrong,
     before any slow loading), copies the de-quantised weights into a fresh model,
-    checks logits against the GGUF-loaded model and writes ``manifest.json``.
+    checks logits against the GGUF-loaded model and writes ``manifest.json``. ``progress`` (a tqdm
+    bar, optional) advances by one at each of the three stages.
     """
     import transformers
 
@@ -212,6 +221,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, target: str | Path) -> Path:
     digest = verify_gguf(gguf_path)
     gguf_model, tokenizer = load_gguf_model(gguf_path, verify=False)
     load_s = time.perf_counter() - start
+    _stage(progress, "copying and checking the weights")
 
     logger.info("copying de-quantised weights into a fresh %s", type(gguf_model).__name__)
     model = _dequantised_copy(gguf_model)
@@ -224,6 +234,7 @@ def convert_gguf_to_hf(gguf_path: str | Path, target: str | Path) -> Path:
         )
     del gguf_model
 
+    _stage(progress, "saving the safetensors folder")
     logger.info("saving float32 safetensors folder to %s", target)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -296,6 +307,12 @@ def embedded_model_dir(cache: Path | None = None) -> Path:
         if _is_valid_folder(target, expected):  # built by another process while we waited
             return target
         logger.info("building the embedded %s model folder at %s", EMBEDDED_MODEL_ID, target)
-        gguf = embedded_gguf_path(cache)
-        convert_gguf_to_hf(gguf, target)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=4, desc=f"converting {EMBEDDED_MODEL_ID} (once)", unit="stage") as bar:
+            bar.set_postfix_str("assembling and verifying the GGUF")
+            gguf = embedded_gguf_path(cache)
+            _stage(bar, "loading the GGUF (~30-45 s)")
+            convert_gguf_to_hf(gguf, target, progress=bar)
+            _stage(bar, "done")
     return target
