@@ -21,13 +21,22 @@
 3. Latency: median edit time (EasyEdit's own per-edit ``time``) and median query time of the
    edited model on ``prompt + ' ' + target_new`` inputs, as a ratio to the unedited forward pass.
 
-Writes ``benchmarks/results/instructed_cpu.json`` and ``.md``. Run from the repository root::
+Writes ``benchmarks/results/instructed_cpu.json`` (everything the report shows, the command and,
+with ``--notes``, the notes file's text) and ``.md``, rendered from the JSON alone (see
+``benchmarks/results_io.py``). Run from the repository root::
 
-    nohup python benchmarks/instructed_cpu.py --data_dir ../shared/data --budget_minutes 10 --limit 50 > logs/instructed_cpu.log 2>&1 &
+    nohup python benchmarks/instructed_cpu.py --data_dir ../shared/data --limit 50 \
+        --notes benchmarks/notes/instructed_cpu.md > logs/instructed_cpu.log 2>&1 &
+    python benchmarks/instructed_cpu.py --render                  # rebuild the .md from the .json
+    python benchmarks/instructed_cpu.py --render --notes FILE     # replace the notes, then rebuild
+
+``--latency_only`` re-measures the latency block of the saved results and records itself in the
+JSON's ``merged_runs`` (the markdown says which figures it replaced).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -46,23 +55,37 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import (  # noqa: E402
+    command_line, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today,
+    write_results,
+)
+
 LOG = logging.getLogger("instructed_cpu")
 METHODS = ("unedited", "in_context", "instructed_gold", "instructed_retrieval", "ft", "rome")
 METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
 DATASETS = ("counterfact", "zsre")
-
-
-def _side(out_path: Path, suffix: str) -> Path:
-    """Run details and hand-written notes live in logs/ (the results folder holds only .json/.md)."""
-    return ROOT / "logs" / (out_path.stem + suffix)
+SCRIPT = "benchmarks/instructed_cpu.py"
+#: Every top-level key this script writes into ``instructed_cpu.json`` (nothing else belongs there).
+RESULT_KEYS = frozenset({
+    "model", "train_edits", "train_seconds", "datasets", "latency",  # the figures
+    "date", "command", "args", "wall_minutes",  # the run
+    "recipe",  # the prefixes: recipe config, steps, timing, training sources
+    "n_evaluated", "errors", "base_query_ms", "latency_inputs", "retrieval_hits",  # evaluation details
+    "notes", "merged_runs",  # --notes text; later runs merged in (--latency_only)
+})
+#: Arguments that say what was run (the others only steer this script).
+_UNSAVED_ARGS = ("out", "render", "latency_only", "retime_edits", "notes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
-    p.add_argument("--budget_minutes", type=float, default=10.0, help="CPU budget of the prefix-training recipe")
+    p.add_argument("--budget_minutes", type=float, default=None,
+                   help="wall-clock safety cap of the prefix-training recipe (default: the recipe's; it never "
+                        "changes what is trained: the recipe trains a fixed number of steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the recipe (default: the recipe's)")
     p.add_argument("--n_train", type=int, default=None, help="training edits (default: the recipe's)")
-    p.add_argument("--quick", action="store_true", help="use the ~2-minute quick recipe")
+    p.add_argument("--quick", action="store_true", help="use the short quick recipe (the benchmark's data, QUICK's size)")
     p.add_argument("--limit", type=int, default=100, help="first N records of each evaluation file")
     p.add_argument("--baseline_limit", type=int, default=None,
                    help="first N records for ft/rome only (their edits cost seconds each on CPU); default: --limit")
@@ -78,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retime_edits", default="",
                    help="with --latency_only: comma-separated methods (not rome) whose median edit time is re-measured on "
                         "the latency inputs (EasyEdit's per-edit time), e.g. when the first run shared the CPU")
-    p.add_argument("--render", action="store_true", help="only re-render the .md from the saved .json/.details.json")
+    p.add_argument("--render", action="store_true",
+                   help="only rebuild the .md from the saved .json (with --notes: replace the JSON's notes first)")
+    p.add_argument("--notes", default=None,
+                   help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
+                        "(e.g. benchmarks/notes/instructed_cpu.md)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructed_cpu.json"))
     return p.parse_args(argv)
 
@@ -204,30 +231,49 @@ def check_targets(out: dict) -> list[tuple[str, bool | None, str]]:
     return rows
 
 
-def render_markdown(out: dict, extra: dict, notes: str = "") -> str:
-    rec = extra["recipe"]
-    cfg = rec["recipe"]
-    args = extra["args"]
+def _prefix_training_line(out: dict) -> str:
+    rec = out["recipe"]
+    cfg = rec["config"]
+    if rec.get("planned_steps") is not None:  # a fixed number of steps; the wall clock is only a safety cap
+        head = (f"**{rec['planned_steps']} steps** (safety cap {rec['budget_seconds'] / 60:.1f} min for the whole call)")
+        stop = "stopped by the safety cap" if rec["stopped_by_budget"] else "schedule completed"
+    else:  # recipes before the fixed-step schedule: the budget set the number of steps
+        head = f"CPU budget **{rec['budget_seconds'] / 60:.1f} min** for the whole call"
+        stop = "stopped by the budget" if rec["stopped_by_budget"] else "schedule completed"
+    layers = ("the middle third of the layers" if cfg.get("prefix_layers") is None
+              else "layers " + ", ".join(str(i) for i in cfg["prefix_layers"]))
+    return (f"* Prefix training (`train_embedded_prefixes`, recipe `{cfg['name']}`): {head}; "
+            f"used {out['train_seconds']:.0f} s ({rec['prep_seconds']:.0f} s loading + unedited-model labels + similarities, "
+            f"{rec['train_loop_seconds']:.0f} s of optimisation); reached **step {rec['steps']}** ({stop}), "
+            f"batch {cfg['batch_size']} edit + {cfg['unmodified_batch_size']} unmodified examples, lr {cfg['lr']}, "
+            f"prefix length {cfg['prefix_len']} on {layers}, {cfg['dtype']}.")
+
+
+def render_markdown(out: dict) -> str:
+    """``instructed_cpu.md`` from ``instructed_cpu.json`` alone."""
+    rec = out["recipe"]
+    args = out["args"]
+    wall = f"; wall time of the whole run: {out['wall_minutes']:.1f} min" if out.get("wall_minutes") is not None else ""
     lines = [
         "# InstructEd on CPU: embedded Gemma-3-270M",
         "",
         "Produced by `benchmarks/instructed_cpu.py` (numbers in percent; EasyEdit `BaseEditor.edit` + `compute_edit_quality`,",
         "one edit per call with weights / memory restored afterwards; Rel = rewrite_acc, Gen = rephrase_acc, Loc = locality,",
         "Por = the GPT-4 one-hop portability question; Score = mean, H = harmonic mean of the four).",
+        "Rendered from `instructed_cpu.json` (`python benchmarks/instructed_cpu.py --render`).",
         "",
         "## Configuration",
         "",
-        f"* Model: {out['model']}; torch threads: {args['threads']}; wall time of the whole run: {extra['wall_seconds'] / 60:.1f} min.",
-        f"* Prefix training (`train_embedded_prefixes`, recipe `{cfg['name']}`): CPU budget **{rec['budget_seconds'] / 60:.1f} min** for the whole call; "
-        f"used {rec['train_seconds']:.0f} s ({rec['prep_seconds']:.0f} s loading + unedited-model labels + similarities, "
-        f"{rec['train_loop_seconds']:.0f} s of optimisation); reached **step {rec['steps']}** "
-        f"({'stopped by the budget' if rec['stopped_by_budget'] else 'schedule completed'}), "
-        f"batch {cfg['batch_size']} edit + {cfg['unmodified_batch_size']} unmodified examples, lr {cfg['lr']}, "
-        f"prefix length {cfg['prefix_len']} on the middle third of the layers, {cfg['dtype']}.",
+    ]
+    if out.get("command"):
+        lines.append(f"* Command: `{out['command']}`" + (f" ({out['date']})." if out.get("date") else "."))
+    lines += [
+        f"* Model: {out['model']}; torch threads: {args['threads']}{wall}.",
+        _prefix_training_line(out),
         f"* Training data: {out['train_edits']} edits (+{rec['val_edits']} validation): "
         + ", ".join(f"{k} {v['taken']} (`{v['file']}`, first {v['skipped_first']} records skipped, "
                     f"{v['excluded_eval_overlap']} excluded for sharing a case id / subject / question with the evaluation records)"
-                    for k, v in rec["data"]["sources"].items()) + ".",
+                    for k, v in rec["sources"].items()) + ".",
         f"* Evaluation: the first **{args['limit']}** records of `counterfact_portability_gpt4_ins.json` and of "
         f"`zsre_mend_eval_portability_gpt4.json`" + (f"; FT and ROME on the first {args['baseline_limit']} of them"
                                                       if args.get("baseline_limit") else "") + ".",
@@ -237,37 +283,49 @@ def render_markdown(out: dict, extra: dict, notes: str = "") -> str:
         "## Results",
         "",
     ]
-    n = extra.get("n_evaluated", {})
+    n = out.get("n_evaluated") or {}
     for ds in DATASETS:
         lines += [f"### {ds}", "", "| method | n | Rel | Gen | Loc | Por | Score | H |", "|---|---|---|---|---|---|---|---|"]
         for m, row in out["datasets"].get(ds, {}).items():
             lines.append(f"| {m} | {n.get(ds, {}).get(m, '')} | " + " | ".join(_fmt(row[k]) for k in METRICS) + " |")
         lines.append("")
-    lines += ["### Latency", "", f"Unedited forward (`prompt + target`, median): {extra['base_query_ms']:.1f} ms.", "",
+    lines += ["### Latency", ""]
+    if merged_into(out, "latency") or merged_into(out, "base_query_ms"):
+        lines += ["Measured (in part) by a later run merged into this file; see *Merged into this file* below.", ""]
+    inputs = f" over {out['latency_inputs']} inputs" if out.get("latency_inputs") else ""
+    lines += [f"Unedited forward (`prompt + target`, median{inputs}): {out['base_query_ms']:.1f} ms."
+              + (f" Retrieval: {out['retrieval_hits']} of the {out['latency_inputs']} inputs open the gate."
+                 if out.get("retrieval_hits") is not None and out.get("latency_inputs") else ""), "",
               "| method | median edit (ms) | query / unedited |", "|---|---|---|"]
     for m, row in out["latency"].items():
         lines.append(f"| {m} | {_fmt(row['edit_ms'])} | {_fmt(row['query_ratio'], 2)} |")
     lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
     for name, ok, fig in check_targets(out):
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {fig} |")
-    if extra.get("errors"):
-        lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in extra["errors"].items()]
-    if notes:
-        lines += ["", notes.strip()]
+    if out.get("errors"):
+        lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
+    lines += merged_runs_lines(out)
+    lines += notes_lines(out)
     return "\n".join(lines) + "\n"
+
+
+def recipe_block(info: dict) -> dict:
+    """What the JSON keeps of ``recipe_info(archive)``."""
+    return {"config": info["recipe"], "key": info.get("key"), "steps": info["steps"],
+            "planned_steps": info.get("planned_steps"), "stopped_by_budget": bool(info["stopped_by_budget"]),
+            "budget_seconds": info["budget_seconds"], "prep_seconds": round(float(info["prep_seconds"]), 1),
+            "train_loop_seconds": round(float(info["train_loop_seconds"]), 1), "val_edits": info["val_edits"],
+            "best_val_loss": info.get("best_val_loss"), "sources": info["data"]["sources"]}
 
 
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.render:  # re-render the .md from the saved results (+ notes)
-        out_path = Path(args.out)
-        out = json.loads(out_path.read_text())
-        extra = json.loads(_side(out_path, ".details.json").read_text())
-        notes_path = _side(out_path, ".notes.md")
-        notes = notes_path.read_text() if notes_path.is_file() else ""
-        out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes))
+    if args.render:  # rebuild the .md from the saved .json alone (--notes: replace its notes first)
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
         return 0
+    notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
+    command = command_line(SCRIPT, argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
@@ -285,7 +343,9 @@ def main(argv=None) -> int:
     from instructedit_plugin.evaluation.summary import summarize_metrics
     from instructedit_plugin.instructed import InstructEdHyperParams
     from instructedit_plugin.instructed.editor import apply_instructed_to_model, reset_memory
-    from instructedit_plugin.instructed.recipes import QUICK, evaluation_records, recipe_info, train_embedded_prefixes
+    from instructedit_plugin.instructed.recipes import (
+        BENCHMARK, QUICK, evaluation_records, recipe_info, train_embedded_prefixes,
+    )
     from instructedit_plugin.models.embedded import embedded_model_dir
     from instructedit_plugin.models.loading import load_causal_lm
 
@@ -294,15 +354,18 @@ def main(argv=None) -> int:
     model_dir = str(embedded_model_dir())
 
     # 1. prefixes
-    print(f"InstructEd prefix training: CPU budget {args.budget_minutes:.1f} min "
-          f"({'quick' if args.quick else 'default'} recipe, {args.threads} threads, {args.dtype})", flush=True)
-    recipe_kwargs = dict(budget_minutes=args.budget_minutes, n_train=args.n_train, data_dir=data_dir, dtype=args.dtype)
-    if args.quick:
-        recipe_kwargs["config"] = QUICK
+    recipe = BENCHMARK
+    if args.quick:  # QUICK's size and schedule on the benchmark's training files and evaluation set
+        recipe = dataclasses.replace(QUICK, name="benchmark-quick", sources=BENCHMARK.sources,
+                                     evaluation=BENCHMARK.evaluation)
+    print(f"InstructEd prefix training: recipe {recipe.name!r}, {args.steps or recipe.steps} steps "
+          f"({args.threads} threads, {args.dtype})", flush=True)
+    recipe_kwargs = dict(config=recipe, budget_minutes=args.budget_minutes, steps=args.steps, n_train=args.n_train,
+                         data_dir=data_dir, dtype=args.dtype)
     archive = Path(args.archive) if args.archive else train_embedded_prefixes(**recipe_kwargs)
     info = recipe_info(archive)
-    print(f"prefixes: {archive} ({info['train_edits']} training edits, step {info['steps']}, "
-          f"{info['train_seconds']:.0f}s of a {info['budget_seconds']:.0f}s budget)", flush=True)
+    print(f"prefixes: {archive} ({info['train_edits']} training edits, step {info['steps']} of {info['planned_steps']}, "
+          f"{info['train_seconds']:.0f}s{', STOPPED BY THE SAFETY CAP' if info['stopped_by_budget'] else ''})", flush=True)
 
     # 2. model, data
     model, tok = load_causal_lm(model_dir, dtype=args.dtype)
@@ -327,10 +390,9 @@ def main(argv=None) -> int:
         "ft": lambda: ft_hp,
         "rome": lambda: rome_hp,
     }
-    if args.latency_only:  # re-measure the latency block of saved results (edit times kept)
+    if args.latency_only:  # re-measure the latency block of saved results (edit times kept), marked as merged
         out_path = Path(args.out)
         out = json.loads(out_path.read_text())
-        extra = json.loads(_side(out_path, ".details.json").read_text())
         kept = {m: [v["edit_ms"]] for m, v in out["latency"].items() if v.get("edit_ms") is not None}
         latency_requests = [r for ds in DATASETS for r in evaluation[ds][: args.latency_n]]
         retimed = [m for m in args.retime_edits.split(",") if m]
@@ -347,14 +409,15 @@ def main(argv=None) -> int:
             reset_memory(model)
             kept[method] = [statistics.median(times)]
             LOG.info("re-timed %s edits: median %.1f ms over %d edits", method, kept[method][0], len(times))
-        extra["retimed_edits"] = retimed
         latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, {}, kept)
         out["latency"] = {m: latency[m] for m in METHODS if m in latency}
-        extra.update(base_query_ms=round(base_ms, 2), latency_inputs=len(latency_requests), retrieval_hits=hits)
-        out_path.write_text(json.dumps(out, indent=2) + "\n")
-        _side(out_path, ".details.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-        notes_path = _side(out_path, ".notes.md")
-        out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes_path.read_text() if notes_path.is_file() else ""))
+        out.update(base_query_ms=round(base_ms, 2), latency_inputs=len(latency_requests), retrieval_hits=hits)
+        replaced = ([f"latency.{m}.query_ratio" for m in out["latency"] if m != "unedited"]
+                    + [f"latency.{m}.edit_ms" for m in retimed] + ["base_query_ms", "latency_inputs", "retrieval_hits"])
+        out.setdefault("merged_runs", []).append(merged_run(command, replaced))
+        if notes is not None:
+            out["notes"] = notes
+        write_results(out_path, out, render_markdown, RESULT_KEYS)
         print(json.dumps(out["latency"], indent=2), f"retrieval hits {hits}/{len(latency_requests)}")
         return 0
     latency_texts: list[str] = []
@@ -422,23 +485,19 @@ def main(argv=None) -> int:
         "train_seconds": round(float(info["train_seconds"]), 1),
         "datasets": {ds: {m: {k: results[ds][m][k] for k in METRICS} for m in METHODS if m in results[ds]} for ds in DATASETS},
         "latency": {m: latency[m] for m in METHODS if m in latency},
+        "date": today(),
+        "command": command,
+        "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "recipe": recipe_block(info),
+        "n_evaluated": {ds: {m: results[ds][m].get("n") for m in METHODS if m in results[ds]} for ds in DATASETS},
+        "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
+        "base_query_ms": round(base_ms, 2), "latency_inputs": len(latency_requests), "retrieval_hits": hits,
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    extra = {"args": vars(args), "recipe": {k: info[k] for k in ("recipe", "steps", "planned_steps", "stopped_by_budget",
-                                                                  "budget_seconds", "prep_seconds", "train_loop_seconds",
-                                                                  "train_seconds", "train_edits", "val_edits", "data",
-                                                                  "best_val_loss", "history", "key")},
-             "n_evaluated": {ds: {m: results[ds][m].get("n") for m in results[ds]} for ds in DATASETS},
-             "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
-             "base_query_ms": round(base_ms, 2), "latency_inputs": len(latency_requests), "retrieval_hits": hits, "wall_seconds": round(time.perf_counter() - started, 1)}
-    (_side(out_path, ".details.json")).write_text(json.dumps(extra, indent=2, default=str) + "\n")
-    notes_path = _side(out_path, ".notes.md")
-    notes = notes_path.read_text() if notes_path.is_file() else ""
-    out_path.with_suffix(".md").write_text(render_markdown(out, extra, notes))
-    print(json.dumps(out, indent=2))
-    print(json.dumps({k: v for k, v in extra.items() if k != "recipe"}, indent=2, default=str))
+    if notes:
+        out["notes"] = notes
+    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS)
+    print(md_path.read_text(), end="")
     return 0
 
 

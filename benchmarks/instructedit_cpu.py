@@ -13,44 +13,47 @@ the inputs 3-4x longer), the baselines for the same step count. Then it edits
 the first ``--n_test`` records of each test file (CounterFact: KnowEdit
 ``test_cf``; Recent: a seeded hold-out split of ``recent_train``, never trained
 on; ConvSent: ``blender_test``; hold-out ZsRE: ``zsre_mend_eval_portability_gpt4``)
-and writes ``benchmarks/results/instructedit_cpu.json`` (+ ``.md``).
+and writes ``benchmarks/results/instructedit_cpu.json`` (everything the report shows, the command
+and, with ``--notes``, the notes file's text) and ``.md``, rendered from the JSON alone (see
+``benchmarks/results_io.py``).
 
 Run from the repository root::
 
-    python benchmarks/instructedit_cpu.py --data_dir ../shared/data            # defaults: 15 min budget, 100 records
+    python benchmarks/instructedit_cpu.py --data_dir ../shared/data --notes benchmarks/notes/instructedit_cpu.md
     python benchmarks/instructedit_cpu.py --data_dir ../shared/data --budget_minutes 3 --n_test 10   # quick
+    python benchmarks/instructedit_cpu.py --render      # rebuild the .md from the .json (--notes FILE: new notes)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from instructedit_plugin.data import load_requests, resolve_data_dir
-from instructedit_plugin.instructedit import InstructEditTrainingHparams
-from instructedit_plugin.instructedit.dataset import record_identity, split_tasks
-from instructedit_plugin.instructedit.evaluate import (
-    HOLDOUT_TASK,
-    MethodSpec,
-    evaluate_instructedit,
-    results_markdown,
-    train_editor,
+from benchmarks.results_io import (  # noqa: E402
+    command_line, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
 )
-from instructedit_plugin.models.embedded import embedded_model_dir
-from instructedit_plugin.models.loading import load_causal_lm
 
 LOG = logging.getLogger("instructedit_cpu")
+HOLDOUT_TASK = "zsre_holdout"  # instructedit_plugin.instructedit.evaluate.HOLDOUT_TASK (checked in main)
 TASK_ORDER = ("counterfact", "recent", "convsent", HOLDOUT_TASK)
 METRICS = ("Rel", "Gen", "Loc", "Por")
 TRAIN_YAML = ROOT / "hparams" / "TRAINING" / "InstructEdit" / "gemma-3-270m.yaml"
+SCRIPT = "benchmarks/instructedit_cpu.py"
+#: Every top-level key this script writes into ``instructedit_cpu.json`` (nothing else belongs there).
+RESULT_KEYS = frozenset({
+    "model", "train_steps", "train_seconds", "tasks", "unseen_instruction", "latency",  # the figures
+    "n_edits", "method_notes",  # records edited per task; what the metrics mean (from evaluate_instructedit)
+    "date", "command", "args", "inner_params", "runs", "train_records", "test_records",  # the run
+    "eval_seconds", "wall_seconds",
+    "notes", "merged_runs",  # --notes text; other sources merged in
+})
+_UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,10 +77,101 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="editor checkpoints (default: a fresh temporary folder, outside the repository)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_cpu.json"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true",
+                   help="only rebuild the .md from the saved .json (with --notes: replace the JSON's notes first)")
+    p.add_argument("--notes", default=None,
+                   help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
+                        "(e.g. benchmarks/notes/instructedit_cpu.md)")
     return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------------------------
+# Report (from the JSON alone)
+# ----------------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _score(cell: dict) -> float | None:
+    """InstructEd's Score: the mean of the measured metrics of a cell (as stored)."""
+    values = [max(float(cell[m]), 0.0) for m in METRICS if cell.get(m) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def targets(out: dict) -> list[str]:
+    """One line per target of the brief, with its figures (from the JSON)."""
+    ie, mm = out["tasks"][HOLDOUT_TASK]["instructedit"], out["tasks"][HOLDOUT_TASK]["mend_multitask"]
+    gaps = {t: (out["tasks"][t]["instructedit"]["Rel"] - out["unseen_instruction"][t]["instructedit"]["Rel"])
+            for t in TASK_ORDER if t in out["tasks"] and t in out["unseen_instruction"]}
+    lat_ratio = out["latency"]["instructedit"]["edit_ms"] / out["latency"]["mend_multitask"]["edit_ms"]
+    return [
+        (f"- hold-out ZsRE Rel: InstructEdit {ie['Rel']:.1f} vs multi-task MEND {mm['Rel']:.1f} "
+         f"(difference {ie['Rel'] - mm['Rel']:+.1f}; target >= +10): {'met' if ie['Rel'] - mm['Rel'] >= 10 else 'missed'}"),
+        "- seen minus unseen instruction Rel: " + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items())
+        + f" (target within 5): {'met' if all(abs(g) <= 5 for g in gaps.values()) else 'missed'}",
+        f"- edit latency InstructEdit / MEND: {lat_ratio:.2f}x (target <= 1.1x): {'met' if lat_ratio <= 1.1 else 'missed'}",
+    ]
+
+
+def render_markdown(out: dict) -> str:
+    """``instructedit_cpu.md`` from ``instructedit_cpu.json`` alone."""
+    args, n = out["args"], out.get("n_edits") or {}
+    lines = ["# InstructEdit CPU benchmark (Gemma-3-270M)", "",
+             "Produced by `benchmarks/instructedit_cpu.py`; rendered from `instructedit_cpu.json` "
+             "(`python benchmarks/instructedit_cpu.py --render`). Rel / Gen / Loc / Por in percent as the JSON stores them; "
+             "Score = their mean; n = edited records per task.", ""]
+    for section, heading in (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction")):
+        if not out.get(section):
+            continue
+        lines += [f"## {heading}", "", "| task | method | Rel | Gen | Loc | Por | Score | n |", "|---|---|---|---|---|---|---|---|"]
+        for task, per_method in out[section].items():
+            for method, cell in per_method.items():
+                lines.append(f"| {task} | {method} | " + " | ".join(_fmt(cell.get(m), 2) for m in METRICS)
+                             + f" | {_fmt(_score(cell), 2)} | {n.get(task, '')} |")
+        lines.append("")
+    sent = [(section, method, cell["sentiment"]) for section in ("tasks", "unseen_instruction")
+            for per_method in (out.get(section) or {}).values() for method, cell in per_method.items() if cell.get("sentiment")]
+    if sent:
+        lines += ["## ConvSent sentiment", "",
+                  "| section | method | success pre | success post | margin pre | margin post | flipped to positive |",
+                  "|---|---|---|---|---|---|---|"]
+        for section, method, s in sent:
+            lines.append(f"| {section} | {method} | {_fmt(s['success_pre'])} | {_fmt(s['success_post'])} | "
+                         f"{_fmt(s['margin_pre'], 3)} | {_fmt(s['margin_post'], 3)} | {_fmt(s['flip_to_positive'])} |")
+        lines.append("")
+    if out.get("latency"):
+        lines += ["## Edit latency (median)", "", "| method | edit ms |", "|---|---|"]
+        lines += [f"| {m} | {v['edit_ms']:.1f} |" for m, v in out["latency"].items()]
+        lines.append("")
+    lines += [f"- {key}: {text}" for key, text in (out.get("method_notes") or {}).items()]
+    lines += ["", "## Configuration", ""]
+    if out.get("command"):
+        lines.append(f"- command: `{out['command']}`" + (f" ({out['date']})" if out.get("date") else ""))
+    lines += [
+        f"- model: {out['model']}; edited weights: {', '.join(out['inner_params'])}",
+        (f"- editor: rank {args['rank']}, lr {args['lr']}, edit_lr {args['edit_lr']}, lr_lr {args['lr_lr']}, "
+         f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: AnswerLogitsTrainer (answer-position logits)"),
+        f"- CPU budget {args['budget_minutes']} min ({args['threads']} thread(s)): {out['train_steps']} steps per editor; "
+        + "; ".join(f"{name}: {r['wall_s']:.0f} s ({r['seconds_per_step']:.2f} s/step), tasks {r['tasks']}"
+                    for name, r in out["runs"].items()),
+        (f"- training data: {out['train_records']} (CounterFact: counterfact-train.json minus test "
+         "subjects; Recent: recent_train.json minus the test split; ConvSent: blender_val.json)"),
+        (f"- test data (first {args['n_test']} per file): {out['test_records']}; "
+         f"at most {args['max_pairs']} locality/portability prompts per key and record"),
+        f"- evaluation time {out['eval_seconds']:.0f} s; total wall time {out['wall_seconds']:.0f} s",
+        "", "## Targets", "", *targets(out),
+    ]
+    lines += merged_runs_lines(out, bullet="-")
+    lines += notes_lines(out)
+    return "\n".join(lines) + "\n"
+
+
 def load_data(data_dir: Path, n_test: int, n_train: int, seed: int):
+    from instructedit_plugin.data import load_requests
+    from instructedit_plugin.instructedit.dataset import record_identity, split_tasks
+
     cf_test = load_requests(data_dir / "counterfact" / "test_cf-generate-10.jsonl", limit=n_test)
     test_subjects = {r["subject"] for r in cf_test}
     cf_train = [r for r in load_requests(data_dir / "counterfact" / "counterfact-train.json", limit=n_train + 200)
@@ -99,6 +193,21 @@ def load_data(data_dir: Path, n_test: int, n_train: int, seed: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:  # rebuild the .md from the saved .json alone (--notes: replace its notes first)
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return 0
+    notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
+    command = command_line(SCRIPT, argv)
+    import torch
+
+    from instructedit_plugin.data import resolve_data_dir
+    from instructedit_plugin.instructedit import InstructEditTrainingHparams
+    from instructedit_plugin.instructedit import evaluate as ie_evaluate
+    from instructedit_plugin.instructedit.evaluate import MethodSpec, evaluate_instructedit, train_editor
+    from instructedit_plugin.models.embedded import embedded_model_dir
+    from instructedit_plugin.models.loading import load_causal_lm
+
+    assert ie_evaluate.HOLDOUT_TASK == HOLDOUT_TASK, ie_evaluate.HOLDOUT_TASK
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("instructedit_plugin.instructedit.trainer", "instructedit_plugin.instructedit.checkpoint",
@@ -158,7 +267,11 @@ def main(argv=None) -> int:
     eval_seconds = time.time() - t_eval
 
     def cell(summary):
-        return {m: (None if summary.get(m) is None else round(float(summary[m]), 2)) for m in METRICS}
+        row = {m: (None if summary.get(m) is None else round(float(summary[m]), 2)) for m in METRICS}
+        if summary.get("sentiment"):
+            row["sentiment"] = {k: (v if v is None or k == "n_edits" else round(float(v), 4))
+                                for k, v in summary["sentiment"].items()}
+        return row
 
     out = {
         "model": f"gemma-3-270m (embedded, {args.dtype}, CPU)",
@@ -168,37 +281,23 @@ def main(argv=None) -> int:
         "unseen_instruction": {t: {"instructedit": cell(results["unseen_instruction"][t]["instructedit"])}
                                for t in TASK_ORDER if t in results["unseen_instruction"]},
         "latency": {m: {"edit_ms": round(v["edit_ms"], 2)} for m, v in results["latency"].items()},
+        "n_edits": dict(results["n_edits"]),
+        "method_notes": dict(results.get("notes") or {}),
+        "date": today(),
+        "command": command,
+        "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
+        "inner_params": list(cfg.inner_params),
+        "runs": {name: {"wall_s": round(r["wall_s"], 1), "seconds_per_step": round(r["seconds_per_step"], 3),
+                        "tasks": list(r["tasks"])} for name, r in runs.items()},
+        "train_records": {k: len(v) for k, v in train.items()},
+        "test_records": {k: len(v) for k, v in test.items()},
+        "eval_seconds": round(eval_seconds, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
     }
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-
-    ie, mm = out["tasks"][HOLDOUT_TASK]["instructedit"], out["tasks"][HOLDOUT_TASK]["mend_multitask"]
-    gaps = {t: (out["tasks"][t]["instructedit"]["Rel"] - out["unseen_instruction"][t]["instructedit"]["Rel"])
-            for t in TASK_ORDER}
-    lat_ratio = out["latency"]["instructedit"]["edit_ms"] / out["latency"]["mend_multitask"]["edit_ms"]
-    lines = [results_markdown(results, "InstructEdit CPU benchmark (Gemma-3-270M)").rstrip(), "",
-             "## Configuration", "",
-             f"- model: {out['model']}; edited weights: {', '.join(cfg.inner_params)}",
-             (f"- editor: rank {args.rank}, lr {args.lr}, edit_lr {args.edit_lr}, lr_lr {args.lr_lr}, cedit {args.cedit}, "
-             f"cloc {args.cloc}, batch 1, Adam; trainer: AnswerLogitsTrainer (answer-position logits)"),
-             f"- CPU budget {args.budget_minutes} min ({args.threads} thread(s), shared machine): {steps} steps per editor; "
-             + "; ".join(f"{n}: {r['wall_s']:.0f} s ({r['seconds_per_step']:.2f} s/step), tasks {r['tasks']}"
-                         for n, r in runs.items()),
-             (f"- training data: { {k: len(v) for k, v in train.items()} } (CounterFact: counterfact-train.json minus test "
-             "subjects; Recent: recent_train.json minus the test split; ConvSent: blender_val.json)"),
-             (f"- test data (first {args.n_test} per file): { {k: len(v) for k, v in test.items()} }; "
-             f"at most {args.max_pairs} locality/portability prompts per key and record"),
-             f"- evaluation time {eval_seconds:.0f} s; total wall time {time.time() - t_start:.0f} s",
-             "", "## Targets", "",
-             (f"- hold-out ZsRE Rel: InstructEdit {ie['Rel']:.1f} vs multi-task MEND {mm['Rel']:.1f} "
-             f"(difference {ie['Rel'] - mm['Rel']:+.1f}; target >= +10): {'met' if ie['Rel'] - mm['Rel'] >= 10 else 'missed'}"),
-             "- seen minus unseen instruction Rel: " + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items())
-             + f" (target within 5): {'met' if all(abs(g) <= 5 for g in gaps.values()) else 'missed'}",
-             f"- edit latency InstructEdit / MEND: {lat_ratio:.2f}x (target <= 1.1x): {'met' if lat_ratio <= 1.1 else 'missed'}",
-             ""]
-    out_path.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
-    LOG.info("wrote %s and %s in %.0f s", out_path, out_path.with_suffix(".md"), time.time() - t_start)
+    if notes:
+        out["notes"] = notes
+    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS)
+    LOG.info("wrote %s and %s in %.0f s", args.out, md_path, time.time() - t_start)
     return 0
 
 

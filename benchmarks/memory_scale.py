@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/memory_scale.py [--sizes 1000 10000 100000] [--threads 1] [--out PATH]
+    python benchmarks/memory_scale.py [--sizes 1000 10000 100000] [--threads 1] [--out PATH] [--notes FILE]
+    python benchmarks/memory_scale.py --render [--notes FILE]   # rebuild the .md from the .json
 
 What is measured (CPU, ``torch.set_num_threads(threads)``):
 
@@ -20,7 +21,8 @@ What is measured (CPU, ``torch.set_num_threads(threads)``):
 To keep the run short, only 1,000 synthetic instruction texts are really
 encoded; the 10k and 100k memories tile those 1,000 vectors and add small
 Gaussian jitter (then re-normalise), which the output states. Results go to a
-table on stdout and to ``benchmarks/results/memory_scale.json``.
+table on stdout, to ``benchmarks/results/memory_scale.json`` and to
+``memory_scale.md``, rendered from the JSON alone (see ``benchmarks/results_io.py``).
 """
 from __future__ import annotations
 
@@ -42,8 +44,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from instructedit_plugin.instructed.encoder import SentenceEncoder
-from instructedit_plugin.instructed.memory import InstructionMemory
+from benchmarks.results_io import (  # noqa: E402
+    command_line, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
+)
+
+SCRIPT = "benchmarks/memory_scale.py"
+#: Every top-level key this script writes into ``memory_scale.json`` (nothing else belongs there).
+RESULT_KEYS = frozenset({
+    "benchmark", "torch", "threads", "python", "cpu", "faiss", "load_average_at_start", "encoder", "dim", "note",
+    "edit_cost", "query_encoding_ms", "retrieval_at_1_own_question_1k", "search",  # the figures
+    "date", "command", "notes", "merged_runs",  # the run; --notes text; other sources merged in
+})
 
 RELATIONS = [
     ("The spouse of {} is", "Who is {} married to?"),
@@ -101,7 +112,7 @@ def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(_times_ms(fn, repeats, warmup))
 
 
-def measure(mem: InstructionMemory, q_batch: torch.Tensor, repeats: int) -> dict:
+def measure(mem, q_batch: torch.Tensor, repeats: int) -> dict:
     """Single-query latency (median and min), batched per-query cost and exactness of ``mem.search``."""
     mem.search(q_batch[:1], k=5)  # the first search sets up the index / the prefilter decision
     path = "int8-prefilter" if mem._int8_state == "on" else ("faiss" if mem.use_faiss else "dense")
@@ -116,6 +127,41 @@ def measure(mem: InstructionMemory, q_batch: torch.Tensor, repeats: int) -> dict
             "batch64_ms_per_query": round(batch_ms / len(q_batch), 3), "exact": exact}
 
 
+def render_markdown(out: dict) -> str:
+    """``memory_scale.md`` from ``memory_scale.json`` alone (figures as the JSON stores them)."""
+    edit, enc = out["edit_cost"], out["query_encoding_ms"]
+    lines = ["# Instruction memory at 1k / 10k / 100k instructions", "",
+             "Produced by `benchmarks/memory_scale.py`; rendered from `memory_scale.json` "
+             "(`python benchmarks/memory_scale.py --render`). Wall-clock times on CPU, in milliseconds.", "",
+             "## Configuration", ""]
+    if out.get("command"):
+        lines.append(f"* Command: `{out['command']}`" + (f" ({out['date']})." if out.get("date") else "."))
+    load = out.get("load_average_at_start")
+    lines += [f"* torch {out['torch']}, {out['threads']} thread(s), Python {out['python']}, CPU {out['cpu']}, "
+              f"FAISS {'installed' if out['faiss'] else 'not installed'}"
+              + (f"; load average at the start {', '.join(str(x) for x in load)}" if load else "") + ".",
+              f"* Encoder: `{out['encoder']}` ({out['dim']} dimensions).",
+              f"* {out['note']}",
+              "", "## Edit cost", "",
+              f"`memory.add({edit['edits']:,} edits)`: {edit['add_total_ms']} ms in all, {edit['add_per_edit_ms']} ms per edit; "
+              f"{edit['encoder_calls']} encoder call(s) of {', '.join(str(n) for n in edit['texts_per_call'])} texts.",
+              "", "## Query encoding and retrieval", "",
+              f"One query: {enc['one']} ms; in a batch of 64: {enc['batch64_per_query']} ms per query. "
+              f"Own-question retrieval@1 over the 1k real texts: {out['retrieval_at_1_own_question_1k']}.",
+              "", "## Search (k = 5)", "",
+              "1 query: median (min) over repeated single-query searches; batch64: per-query cost in batches of 64; "
+              "exact: the same top-5 scores as a dense float32 product.", "",
+              "| size | dtype | mode | path | 1 query ms | batch64 ms / query | exact | select(text) ms | append 1k vectors ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["search"]:
+        lines.append(f"| {r['size']:,} | {r['dtype']} | {r['mode']} | {r['path']} | {r['query_ms']} ({r['query_ms_min']}) | "
+                     f"{r['batch64_ms_per_query']} | {'yes' if r['exact'] else 'no'} | {r.get('select_text_ms', '')} | "
+                     f"{r.get('append_1k_vectors_ms', '')} |")
+    lines += merged_runs_lines(out)
+    lines += notes_lines(out)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -123,7 +169,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--jitter", type=float, default=0.02, help="per-coordinate noise std for tiled vectors")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "memory_scale.json"))
+    parser.add_argument("--render", action="store_true",
+                        help="only rebuild the .md from the saved .json (with --notes: replace the JSON's notes first)")
+    parser.add_argument("--notes", default=None,
+                        help="markdown file whose text goes into the JSON as the run's notes and ends the .md")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return json.loads(Path(args.out).read_text(encoding="utf-8"))
+    notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
+    command = command_line(SCRIPT, argv)
+    from instructedit_plugin.instructed.encoder import SentenceEncoder
+    from instructedit_plugin.instructed.memory import InstructionMemory
+
     torch.set_num_threads(args.threads)
     load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
@@ -196,7 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
         "query_encoding_ms": {"one": round(encode_one_ms, 2), "batch64_per_query": round(encode_batch_ms / 64, 2)},
         "retrieval_at_1_own_question_1k": retrieval_at_1,
         "search": rows,
+        "date": today(),
+        "command": command,
     }
+    if notes:
+        result["notes"] = notes
     print(f"\nInstruction memory scale (torch {torch.__version__}, {args.threads} thread(s), faiss={have_faiss})")
     print(result["note"])
     print(f"edit cost: add(1,000 edits) = {edit['add_total_ms']:.0f} ms total "
@@ -214,10 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['batch64_ms_per_query']:>13.3f} {r['exact']!s:>6}"
               + (f"   select(text) {r['select_text_ms']:.1f} ms, append 1k vectors {r['append_1k_vectors_ms']:.1f} ms"
                  if "select_text_ms" in r else ""))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out}")
+    md_path = write_results(args.out, result, render_markdown, RESULT_KEYS)
+    print(f"\nwrote {args.out} and {md_path}")
     return result
 
 

@@ -20,9 +20,11 @@ Methods (``--methods``):
 * ``in_context`` -- the same retrieved facts in the same input layout, no prefixes (plain model);
 * ``unedited`` -- the model without any instruction.
 
-Writes ``<metrics_save_dir>/<name>.json`` (summaries, configuration, command, timing),
-``<name>.md`` (a table) and ``<name>_records.json`` (every question, retrieved facts and answer;
-``--no_records`` skips it). ``--name`` defaults to ``MQuAKE_<model>``.
+Writes ``<metrics_save_dir>/<name>.json`` (summaries, Wilson 95% intervals of Por_Nhop,
+configuration, command, timing and, with ``--notes FILE``, that file's text), ``<name>.md`` (a
+table, rendered from the JSON alone; ``--render --name NAME`` rebuilds it without running anything)
+and ``<name>_records.json`` (every question, retrieved facts and answer; ``--no_records`` skips it).
+``--name`` defaults to ``MQuAKE_<model>``.
 
 Example (CPU, the embedded Gemma-3-270M with the 10-minute CPU prefixes, trained once and then
 cached; about 20 s of one CPU thread per case for the three methods)::
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -59,12 +62,19 @@ LOG = logging.getLogger("run_mquake")
 
 DATA_FILE = "mquake/MQuAKE-hard.json"
 METHODS = ("instructed", "in_context", "unedited")
+#: Every top-level key this script writes into ``<name>.json`` (nothing else belongs there).
+RESULT_KEYS = frozenset({
+    "editing_method", "data", "n_cases", "cases_by_hops", "model", "model_name", "archive", "hparams", "dtype",
+    "threads", "shared_memory", "retrieval_gate", "top_k", "question_aggregation", "match_mode", "max_new_tokens",
+    "evaluation_config", "methods", "por_nhop_95ci_wilson", "seconds", "total_seconds", "command", "notes",
+})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Multi-hop editing on MQuAKE with InstructEd (Por_Nhop, Hop-Acc)")
     p.add_argument("--editing_method", default="InstructEd", help="InstructEd (the only method this script runs)")
-    p.add_argument("--hparams_dir", required=True, help="InstructEd editing YAML (hparams/InstructEd/<model>.yaml)")
+    p.add_argument("--hparams_dir", default=None,
+                   help="InstructEd editing YAML (hparams/InstructEd/<model>.yaml); required unless --render")
     p.add_argument("--archive", default=None, help="trained prefixes (default: the YAML's archive)")
     p.add_argument("--data_dir", default=None,
                    help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR), or an MQuAKE file itself")
@@ -90,8 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no_records", action="store_true", help="do not write <name>_records.json")
     p.add_argument("--records_dir", default=None, help="where <name>_records.json goes (default: --metrics_save_dir)")
-    p.add_argument("--notes", default=None, help="a markdown file appended to <name>.md")
-    return p.parse_args(argv)
+    p.add_argument("--notes", default=None,
+                   help="a markdown file (what the numbers mean) whose text goes into <name>.json and ends <name>.md")
+    p.add_argument("--render", action="store_true",
+                   help="only rebuild <metrics_save_dir>/<name>.md from <name>.json (needs --name; with --notes: "
+                        "replace the JSON's notes first)")
+    args = p.parse_args(argv)
+    if args.render and not args.name:
+        p.error("--render needs --name (the stem of the saved <name>.json)")
+    if not args.render and not args.hparams_dir:
+        p.error("the following arguments are required: --hparams_dir")
+    return args
 
 
 def data_file(args: argparse.Namespace) -> Path:
@@ -153,29 +172,83 @@ def answer_functions(model: Any, tok: Any, hp: Any, args: argparse.Namespace, me
     return fns, editing_state(model).encoder
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> list[float] | None:
+    """Wilson score interval (95% by default) of a proportion, in percent with one decimal."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(100 * max(0.0, centre - half), 1), round(100 * min(1.0, centre + half), 1)]
+
+
+def por_nhop_interval(summary: dict) -> list[float] | None:
+    """Wilson 95% interval of a method's Por_Nhop: ``por`` percent of ``cases`` cases answered right."""
+    cases = int(summary.get("cases") or 0)
+    return wilson_interval(round(summary["por"] * cases / 100), cases) if cases and summary.get("por") is not None else None
+
+
 def render_markdown(out: dict) -> str:
+    """``<name>.md`` from ``<name>.json`` alone."""
     def cell(value: Any) -> str:
         return "–" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
+    def interval(name: str) -> str:
+        ci = (out.get("por_nhop_95ci_wilson") or {}).get(name)
+        return "–" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}"
 
     lines = [f"# MQuAKE multi-hop editing: {out['model']}", "",
              f"{out['n_cases']} cases of `{Path(out['data']).name}` ({', '.join(f'{n} with {h} hops' for h, n in out['cases_by_hops'].items())}); "
              f"{'one memory with every case' if out['shared_memory'] else 'a fresh instruction memory per case'}, "
              f"std gate {out['retrieval_gate']} over the top {out['top_k']}; a case counts when "
              f"{out['question_aggregation']} of its questions gives the new answer or an alias ({out['match_mode']} match).",
-             "", "| method | Por_Nhop | " + " | ".join(f"Por {h}-hop" for h in out["cases_by_hops"])
+             "", "| method | Por_Nhop | Por_Nhop 95% CI | " + " | ".join(f"Por {h}-hop" for h in out["cases_by_hops"])
              + " | Hop-Acc | question acc | facts / question | retrieval recall | seconds |",
-             "|---" * (7 + len(out["cases_by_hops"])) + "|"]
+             "|---" * (8 + len(out["cases_by_hops"])) + "|"]
     for name, s in out["methods"].items():
         by_hops = " | ".join(cell(s["por_by_hops"].get(h)) for h in out["cases_by_hops"])
-        lines.append(f"| {name} | {cell(s['por'])} | {by_hops} | {cell(s['hop_acc'])} | {cell(s['question_acc'])} | "
+        lines.append(f"| {name} | {cell(s['por'])} | {interval(name)} | {by_hops} | {cell(s['hop_acc'])} | {cell(s['question_acc'])} | "
                      f"{cell(s['mean_facts_per_question'])} | {cell(s['retrieval_recall'])} | {cell(out['seconds'][name])} |")
-    lines += ["", f"Prefixes: `{out['archive']}`. Command: `{out['command']}` "
+    lines += ["", f"Por_Nhop 95% CI: Wilson score interval over the {out['n_cases']} cases. "
+                  f"Prefixes: `{out['archive']}`. Command: `{out['command']}` "
                   f"({out['total_seconds'] / 60:.1f} min in all, torch threads {out['threads']}, dtype {out['dtype']})."]
+    if (out.get("notes") or "").strip():
+        lines += ["", out["notes"].strip()]
     return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, name: str, out: dict) -> str:
+    """``<name>.json`` and, rendered from it, ``<name>.md``; returns the markdown."""
+    unknown = sorted(set(out) - RESULT_KEYS)
+    if unknown:
+        raise ValueError(f"run_mquake: keys this script does not write: {', '.join(unknown)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n",
+                                          encoding="utf-8")
+    text = render_markdown(json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8")))
+    (out_dir / f"{name}.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def render_saved(args: argparse.Namespace) -> int:
+    """``--render``: rebuild ``<name>.md`` from ``<name>.json`` (``--notes``: replace its notes first)."""
+    out_dir = Path(args.metrics_save_dir)
+    out = json.loads((out_dir / f"{args.name}.json").read_text(encoding="utf-8"))
+    if args.notes:
+        notes = Path(args.notes).read_text(encoding="utf-8").strip()
+        out["notes"] = notes + "\n" if notes else None
+        if out["notes"] is None:
+            out.pop("notes")
+    write_results(out_dir, args.name, out)
+    print(out_dir / f"{args.name}.md")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render_saved(args)
     if args.editing_method.lower() != "instructed":
         raise SystemExit(f"run_mquake: --editing_method {args.editing_method!r} is not supported; use InstructEd")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -229,17 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         "top_k": hp.top_k, "question_aggregation": args.question_aggregation, "match_mode": args.match_mode,
         "max_new_tokens": args.max_new_tokens, "evaluation_config": config,
         "methods": {name: {"Por_Nhop": s["por"], "Hop-Acc": s["hop_acc"], **s} for name, s in summaries.items()},
+        "por_nhop_95ci_wilson": {name: por_nhop_interval(s) for name, s in summaries.items()},
         "seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
         "command": "python examples/run_mquake.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if notes is not None and notes.strip():
+        out["notes"] = notes.strip() + "\n"
     out_dir = Path(args.metrics_save_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = args.name or f"MQuAKE_{out['model']}"
-    (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    text = render_markdown(out)
-    if notes is not None:
-        text += "\n" + notes.strip() + "\n"
-    (out_dir / f"{name}.md").write_text(text)
+    text = write_results(out_dir, name, out)
     if not args.no_records:
         records_dir = Path(args.records_dir) if args.records_dir else out_dir
         records_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,120 @@
+"""What the benchmark scripts share about their committed results (``benchmarks/results/``).
+
+Every ``benchmarks/results/<name>.json`` is the single source of its ``<name>.md``: the script that
+runs the benchmark writes the JSON, and its ``render_markdown(out)`` builds the markdown from that
+JSON alone (``--render`` rebuilds it without running anything). Prose about a run ("what these
+numbers mean") lives in a committed notes file, ``benchmarks/notes/<name>.md``; ``--notes FILE``
+copies its text into the JSON (``"notes"``), and the markdown shows it last. A later run that
+replaces part of a result (e.g. ``instructed_cpu.py --latency_only``) appends an entry to
+``"merged_runs"``: the command, the keys it replaced (dotted paths) and the date; the markdown
+lists those entries. ``tests/test_benchmark_results.py`` re-renders every committed markdown and
+compares it byte for byte, and checks that each JSON holds only keys its script writes
+(``RESULT_KEYS`` of the script).
+
+Nothing here imports torch or a model: rendering is cheap.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+NOTES_DIR = ROOT / "benchmarks" / "notes"
+
+
+def today() -> str:
+    """The date a run finished, as the JSON records it (UTC, ``YYYY-MM-DD``)."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def command_line(script: str, argv: Iterable[str] | None = None) -> str:
+    """``python <script> <arguments>`` as it was called (``argv`` of ``main``, else ``sys.argv``)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", script, *args])
+
+
+def read_notes(path: str | Path) -> str:
+    """A notes file's markdown, stripped, with one final newline ('' for an empty file)."""
+    text = Path(path).read_text(encoding="utf-8").strip()
+    return text + "\n" if text else ""
+
+
+def notes_lines(out: Mapping[str, Any]) -> list[str]:
+    """The run's notes (from ``--notes``), preceded by an empty line; none without notes."""
+    notes = (out.get("notes") or "").strip()
+    return ["", notes] if notes else []
+
+
+def merged_paths(out: Mapping[str, Any]) -> list[str]:
+    """Every dotted key path that a merged run replaced."""
+    return [key for run in out.get("merged_runs") or [] for key in run.get("keys", [])]
+
+
+def merged_into(out: Mapping[str, Any], prefix: str) -> bool:
+    """Whether a merged run replaced ``prefix`` or a key below it."""
+    return any(key == prefix or key.startswith(prefix + ".") or prefix.startswith(key + ".")
+               for key in merged_paths(out))
+
+
+def merged_runs_lines(out: Mapping[str, Any], bullet: str = "*") -> list[str]:
+    """A '## Merged into this file' section for ``out["merged_runs"]`` (nothing without entries)."""
+    runs = out.get("merged_runs") or []
+    if not runs:
+        return []
+    lines = ["", "## Merged into this file", "",
+             "These keys of the JSON come from somewhere else than the run of this script described above; each "
+             "entry names the command that produced them:", ""]
+    for run in runs:
+        keys = ", ".join(f"`{k}`" for k in run.get("keys", []))
+        lines.append(f"{bullet} `{run['command']}` ({run.get('date') or 'date not recorded'}): {keys}."
+                     + (f" {run['note'].strip()}" if run.get("note") else ""))
+    return lines
+
+
+def merged_run(command: str, keys: Iterable[str], note: str | None = None, date: str | None = None) -> dict[str, Any]:
+    """A ``merged_runs`` entry."""
+    entry: dict[str, Any] = {"command": command, "keys": list(keys), "date": date or today()}
+    if note:
+        entry["note"] = note
+    return entry
+
+
+def unknown_keys(out: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
+    """Top-level keys of ``out`` that its script never writes."""
+    return sorted(set(out) - set(allowed))
+
+
+def dump_json(out: Mapping[str, Any]) -> str:
+    return json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+def write_results(out_path: str | Path, out: Mapping[str, Any], render: Callable[[Mapping[str, Any]], str],
+                  allowed: Iterable[str]) -> Path:
+    """Write ``<out>.json`` and, rendered from it, ``<out>.md``; returns the markdown's path."""
+    extra = unknown_keys(out, allowed)
+    if extra:
+        raise ValueError(f"{out_path}: keys this script does not write: {', '.join(extra)}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(dump_json(out), encoding="utf-8")
+    md_path = out_path.with_suffix(".md")
+    md_path.write_text(render(json.loads(out_path.read_text(encoding="utf-8"))), encoding="utf-8")
+    return md_path
+
+
+def render_saved(out_path: str | Path, render: Callable[[Mapping[str, Any]], str], allowed: Iterable[str],
+                 notes: str | Path | None = None) -> Path:
+    """``--render``: rebuild ``<out>.md`` from ``<out>.json`` alone; with ``notes``, first replace the
+    JSON's notes with that file's text."""
+    out_path = Path(out_path)
+    out = json.loads(out_path.read_text(encoding="utf-8"))
+    if notes is not None:
+        out["notes"] = read_notes(notes)
+        if not out["notes"]:
+            out.pop("notes")
+    return write_results(out_path, out, render, allowed)

@@ -1,0 +1,142 @@
+"""The committed benchmark results (``benchmarks/results/``) are regenerable from their JSON.
+
+Each ``<name>.json`` is the single source of its ``<name>.md``: the script that writes it renders the
+markdown from the JSON alone. For every committed JSON these tests re-render the markdown with that
+script's ``render_markdown`` and compare it byte for byte, check that the JSON holds only keys the
+script writes (its ``RESULT_KEYS``), that the notes in the JSON are the committed notes file's text,
+and that the intervals in it are the ones the script computes. Nothing here loads a model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+NOTES = REPO / "benchmarks" / "notes"
+#: results stem -> the script that writes it
+SCRIPTS = {
+    "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
+    "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
+    "memory_scale": REPO / "benchmarks" / "memory_scale.py",
+    "mquake_cpu": REPO / "examples" / "run_mquake.py",
+}
+RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
+
+
+def _script(stem: str):
+    path = SCRIPTS[stem]
+    name = f"benchmark_script_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _saved(stem: str) -> dict:
+    return json.loads((RESULTS / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+def test_every_result_has_a_script_and_every_markdown_a_json():
+    assert RESULT_STEMS, "no committed results"
+    assert set(RESULT_STEMS) <= set(SCRIPTS), f"results without a known script: {set(RESULT_STEMS) - set(SCRIPTS)}"
+    files = {p.name for p in RESULTS.iterdir()}
+    assert files == {f"{stem}.{ext}" for stem in RESULT_STEMS for ext in ("json", "md")}, sorted(files)
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_markdown_is_the_render_of_the_json(stem):
+    rendered = _script(stem).render_markdown(_saved(stem))
+    committed = (RESULTS / f"{stem}.md").read_bytes()
+    assert rendered.encode("utf-8") == committed, (
+        f"benchmarks/results/{stem}.md is not what its script renders from {stem}.json; rebuild it with the "
+        f"script's --render")
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_json_holds_only_keys_its_script_writes(stem):
+    allowed = _script(stem).RESULT_KEYS
+    extra = sorted(set(_saved(stem)) - set(allowed))
+    assert not extra, f"{stem}.json: keys {SCRIPTS[stem].name} never writes: {extra}"
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_notes_come_from_the_committed_notes_file(stem):
+    from benchmarks.results_io import read_notes
+
+    out, notes_file = _saved(stem), NOTES / f"{stem}.md"
+    if notes_file.is_file():
+        assert out.get("notes") == read_notes(notes_file), f"rebuild with --render --notes {notes_file.relative_to(REPO)}"
+    else:
+        assert not out.get("notes"), f"{stem}.json has notes but there is no {notes_file.relative_to(REPO)}"
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_merged_runs_name_their_command_and_keys(stem):
+    for run in _saved(stem).get("merged_runs") or []:
+        assert run["command"].strip() and run["keys"] and "date" in run, run
+
+
+def test_mquake_intervals_are_the_scripts_wilson_intervals():
+    run = _script("mquake_cpu")
+    out = _saved("mquake_cpu")
+    assert out["por_nhop_95ci_wilson"] == {name: run.por_nhop_interval(s) for name, s in out["methods"].items()}
+    assert set(out["por_nhop_95ci_wilson"]) == set(out["methods"])
+
+
+def test_wilson_interval():
+    run = _script("mquake_cpu")
+    assert run.wilson_interval(19, 25) == [56.6, 88.5]  # the textbook formula, z = 1.96
+    assert run.wilson_interval(0, 10)[0] == 0.0 and run.wilson_interval(10, 10)[1] == 100.0
+    lo, hi = run.wilson_interval(5, 10)
+    assert lo < 50 < hi and lo == pytest.approx(100 - hi, abs=0.1)
+    assert run.wilson_interval(0, 0) is None
+
+
+def _main_render(stem: str, folder: Path, *extra: str) -> Path:
+    """The script's own --render on a copy of the committed JSON in ``folder``; returns the new markdown."""
+    shutil.copy(RESULTS / f"{stem}.json", folder / f"{stem}.json")
+    module = _script(stem)
+    if stem == "mquake_cpu":
+        rc = module.main(["--render", "--metrics_save_dir", str(folder), "--name", stem, *extra])
+    else:
+        rc = module.main(["--render", "--out", str(folder / f"{stem}.json"), *extra])
+    assert rc in (0, None) or isinstance(rc, dict)
+    return folder / f"{stem}.md"
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_render_option_rebuilds_the_committed_markdown(stem, tmp_path):
+    md = _main_render(stem, tmp_path)
+    assert md.read_bytes() == (RESULTS / f"{stem}.md").read_bytes()
+    assert json.loads((tmp_path / f"{stem}.json").read_text(encoding="utf-8")) == _saved(stem)
+
+
+@pytest.mark.parametrize("stem", RESULT_STEMS)
+def test_render_with_notes_puts_the_file_into_the_json_and_the_markdown(stem, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("\n## What these numbers mean\n\n* A sentence only this test writes.\n\n", encoding="utf-8")
+    md = _main_render(stem, tmp_path, "--notes", str(notes))
+    out = json.loads((tmp_path / f"{stem}.json").read_text(encoding="utf-8"))
+    assert out["notes"] == "## What these numbers mean\n\n* A sentence only this test writes.\n"
+    assert md.read_text(encoding="utf-8").endswith("\n\n## What these numbers mean\n\n* A sentence only this test writes.\n")
+    assert {k: v for k, v in out.items() if k != "notes"} == {k: v for k, v in _saved(stem).items() if k != "notes"}
+
+
+def test_merged_runs_are_listed_in_the_markdown():
+    from benchmarks.results_io import merged_into, merged_runs_lines
+
+    out = {"latency": {}, "merged_runs": [{"command": "python x.py --latency_only", "keys": ["latency.ft.edit_ms"],
+                                           "date": "2026-01-02"}]}
+    text = "\n".join(merged_runs_lines(out))
+    assert "`python x.py --latency_only` (2026-01-02): `latency.ft.edit_ms`." in text
+    assert merged_into(out, "latency") and merged_into(out, "latency.ft.edit_ms") and not merged_into(out, "datasets")
+    assert merged_runs_lines({}) == []
