@@ -35,10 +35,9 @@ Examples (from the repository root)::
     python examples/run_instructed.py --editing_method InstructEd --hparams_dir hparams/InstructEd/llama-2-7b.yaml \\
         --data_dir ../shared/data --data_type counterfact --ds_size 1000 --metrics_save_dir ./output
 
-    # CPU, the embedded Gemma-3-270M with the 10-minute CPU prefixes (trained once, then cached)
-    ARCHIVE=$(python -c "from instructedit_plugin.instructed.recipes import train_embedded_prefixes as t; print(t(data_dir='../shared/data', progress=False))")
+    # CPU, the embedded Gemma-3-270M with the prefixes shipped in the package (the demo's default recipe)
     python examples/run_instructed.py --editing_method InstructEd --hparams_dir hparams/InstructEd/gemma-3-270m.yaml \\
-        --model_dir embedded --dtype bfloat16 --archive "$ARCHIVE" --data_dir ../shared/data --data_type zsre \\
+        --model_dir embedded --dtype bfloat16 --archive default --data_dir ../shared/data --data_type zsre \\
         --ds_size 20 --instruction_source retrieval --sequential_edit
 """
 from __future__ import annotations

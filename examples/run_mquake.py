@@ -26,12 +26,11 @@ table, rendered from the JSON alone; ``--render --name NAME`` rebuilds it withou
 and ``<name>_records.json`` (every question, retrieved facts and answer; ``--no_records`` skips it).
 ``--name`` defaults to ``MQuAKE_<model>``.
 
-Example (CPU, the embedded Gemma-3-270M with the 10-minute CPU prefixes, trained once and then
-cached; about 20 s of one CPU thread per case for the three methods)::
+Example (CPU, the embedded Gemma-3-270M with the prefixes shipped in the package; about 20 s of one
+CPU thread per case for the three methods)::
 
-    ARCHIVE=$(python -c "from instructedit_plugin.instructed.recipes import train_embedded_prefixes as t; print(t(data_dir='../shared/data', progress=False))")
     python examples/run_mquake.py --hparams_dir hparams/InstructEd/gemma-3-270m.yaml --model_dir embedded \\
-        --dtype bfloat16 --archive "$ARCHIVE" --data_dir ../shared/data --ds_size 20 --metrics_save_dir ./output
+        --dtype bfloat16 --archive default --data_dir ../shared/data --ds_size 20 --metrics_save_dir ./output
 
 Prefixes are trained with ``examples/run_instructed.py`` or ``instructedit train --hparams
 hparams/TRAINING/InstructEd/<model>.yaml --train FILE``; ``--archive`` (or ``archive:`` in the

@@ -124,7 +124,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     """Run the demo; returns ``{"facts": [...], "table": {...}, "files": {...}, ...}``."""
     from .compat import make_editor, run_edit_requests
     from .data.demo_set import locate_demo_data
-    from .data.preflight import check_data_files
+    from .data.paths import DATA_DIR_ENV
+    from .data.preflight import DataFilesError, check_data_files
     from .evaluation import summarize_metrics
     from .evaluation.report import write_report
     from .instructed.editor import apply_instructed_to_model, release, reset_memory
@@ -142,7 +143,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     needed = set(evaluation_files(recipe.evaluation).values())
     if cfg.train and not cfg.archive:
         needed |= set(recipe_files(recipe))
-    check_data_files([data_dir / rel for rel in sorted(needed)])
+    try:
+        check_data_files([data_dir / rel for rel in sorted(needed)])
+    except DataFilesError as exc:
+        problem = str(exc).split(" Fix: ")[0].rstrip(". ")
+        raise DataFilesError(
+            f"{problem} (demo data from {location.describe()}). Fix: point --data_dir or {DATA_DIR_ENV} at a full "
+            "data folder, or unset both to use the demo data packaged with the plugin",
+            missing=exc.missing, unreadable=exc.unreadable) from None
     LOG.info("demo data: %s", location.describe())
     tqdm.write(f"[demo] data: {location.describe()}")
     mark = _timed(timings, "data_check", started)

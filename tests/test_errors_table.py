@@ -930,6 +930,21 @@ def trig_cli_bad_limit(ctx):
                  str(ctx.data / "counterfact/counterfact-edit.json"), "--limit", "-1"])
 
 
+def trig_cli_demo_data_missing(ctx):
+    return _cli(["demo", "--data_dir", str(ctx.tmp / "empty")])
+
+
+def trig_recipe_capped(ctx):
+    from instructedit_plugin.data.demo_set import demo_data_dir
+    from instructedit_plugin.instructed.recipes import QUICK, train_embedded_prefixes
+    from instructedit_plugin.models.tiny import build_tiny_model_dir
+
+    model = build_tiny_model_dir("llama", root=ctx.tmp / "tiny-models")
+    return _raised(lambda: train_embedded_prefixes(config=QUICK, budget_minutes=1e-6, data_dir=demo_data_dir(),
+                                                   cache_dir=ctx.tmp / "recipes", model_dir=model, dtype="float32",
+                                                   n_train=12, n_val=2, progress=False))
+
+
 TRIGGERS: dict[str, Callable[[Ctx], Outcome]] = {
     name[len("trig_"):].replace("_", "-"): fn for name, fn in sorted(globals().items()) if name.startswith("trig_")
 }

@@ -32,7 +32,10 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     from_env = os.environ.get(DATA_DIR_ENV, "")
     if from_env:
         return Path(from_env).expanduser()
+    from ..errors import fix_for
+
     raise PluginError(
-        "no dataset directory given. Fix: pass data_dir=... (the folder holding e.g. "
-        f"zsre/, counterfact/, mquake/) or set the {DATA_DIR_ENV} environment variable"
+        "no dataset directory given. Fix: "
+        + fix_for("pass data_dir=...", "pass --data_dir FOLDER")
+        + f" (the folder holding e.g. zsre/, counterfact/, mquake/) or set the {DATA_DIR_ENV} environment variable"
     )

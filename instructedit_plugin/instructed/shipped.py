@@ -79,6 +79,8 @@ def regenerate(model_id: str = DEFAULT_MODEL_ID, device: str = "cpu", budget_min
             if k in info}
     keep["data_dir"] = "<packaged demo data set>"
     durable.atomic_write_json(staging / RECIPE_FILE, keep)
+    for path in staging.iterdir():
+        path.chmod(0o644)  # package data: readable by everyone
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
