@@ -279,7 +279,11 @@ class InstructEditTrainer:
                 if self.step % cfg.log_interval == 0:
                     avg = {k: sum(v) / len(v) for k, v in running.items()}
                     running.clear()
-                    bar.set_postfix({"edit": f"{avg['loss/edit']:.3f}", "loc": f"{avg['loss/loc']:.4f}"})
+                    shown = {"edit": f"{avg['loss/edit']:.3f}", "loc": f"{avg['loss/loc']:.4f}"}
+                    if self.history and cfg.early_stop_key in self.history[-1]:
+                        last = self.history[-1]
+                        shown[f"val_{cfg.early_stop_key}"] = f"{last[cfg.early_stop_key]:.4f}@{last['step']}"
+                    bar.set_postfix(shown)
                     if main:
                         LOG.info("step %d: %s", self.step, "; ".join(f"{k}: {v:.5f}" for k, v in sorted(avg.items())))
                 if self.step % cfg.val_interval == 0 or self.step == max_iters:
