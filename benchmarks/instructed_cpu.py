@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline_limit", type=int, default=None,
                    help="first N records for ft/rome only (their edits cost seconds each on CPU); default: --limit")
     p.add_argument("--archive", default=None, help="use these trained prefixes instead of running the recipe")
+    p.add_argument("--model_dir", default=None,
+                   help="another local base model folder instead of the embedded Gemma-3-270M (tests use tiny models)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--threads", type=int, default=1,
@@ -351,7 +353,7 @@ def main(argv=None) -> int:
 
     methods = [m for m in args.methods.split(",") if m]
     data_dir = resolve_data_dir(args.data_dir)
-    model_dir = str(embedded_model_dir())
+    model_dir = args.model_dir or str(embedded_model_dir())
 
     # 1. prefixes
     recipe = BENCHMARK
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
     print(f"InstructEd prefix training: recipe {recipe.name!r}, {args.steps or recipe.steps} steps "
           f"({args.threads} threads, {args.dtype})", flush=True)
     recipe_kwargs = dict(config=recipe, budget_minutes=args.budget_minutes, steps=args.steps, n_train=args.n_train,
-                         data_dir=data_dir, dtype=args.dtype)
+                         data_dir=data_dir, dtype=args.dtype, model_dir=args.model_dir)
     archive = Path(args.archive) if args.archive else train_embedded_prefixes(**recipe_kwargs)
     info = recipe_info(archive)
     print(f"prefixes: {archive} ({info['train_edits']} training edits, step {info['steps']} of {info['planned_steps']}, "
@@ -480,7 +482,7 @@ def main(argv=None) -> int:
     latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, query_models, edit_ms)
 
     out = {
-        "model": "gemma-3-270m (embedded, " + args.dtype + ")",
+        "model": (f"{model_dir} ({args.dtype})" if args.model_dir else "gemma-3-270m (embedded, " + args.dtype + ")"),
         "train_edits": int(info["train_edits"]),
         "train_seconds": round(float(info["train_seconds"]), 1),
         "datasets": {ds: {m: {k: results[ds][m][k] for k in METRICS} for m in METHODS if m in results[ds]} for ds in DATASETS},

@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="editor checkpoints (default: a fresh temporary folder, outside the repository)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_cpu.json"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model_dir", default=None,
+                   help="another local base model folder instead of the embedded Gemma-3-270M (tests use tiny models)")
     p.add_argument("--render", action="store_true",
                    help="only rebuild the .md from the saved .json (with --notes: replace the JSON's notes first)")
     p.add_argument("--notes", default=None,
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
     command = command_line(SCRIPT, argv)
     import torch
+    import yaml
 
     from instructedit_plugin.data import resolve_data_dir
     from instructedit_plugin.instructedit import InstructEditTrainingHparams
@@ -222,12 +225,13 @@ def main(argv=None) -> int:
     train, test = load_data(data_dir, args.n_test, args.n_train, args.seed)
     LOG.info("train records: %s; test records: %s", {k: len(v) for k, v in train.items()}, {k: len(v) for k, v in test.items()})
 
-    model_dir = embedded_model_dir()
+    model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir()
     model, tok = load_causal_lm(model_dir, dtype=args.dtype)
     model.eval()
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
-    cfg = InstructEditTrainingHparams.from_hparams(TRAIN_YAML)
-    cfg.model_name = str(model_dir)
+    # model_name set while loading: the YAML's `model_name: embedded` is then never resolved (no conversion with --model_dir)
+    cfg = InstructEditTrainingHparams.from_dict({**yaml.safe_load(TRAIN_YAML.read_text(encoding="utf-8")),
+                                                 "model_name": str(model_dir)}, source=str(TRAIN_YAML))
     cfg.inner_params = [f"model.layers.{i}.mlp.{w}_proj.weight" for i in layers for w in ("up", "down")]
     cfg.device = "cpu"
     cfg.dtype = args.dtype
@@ -274,7 +278,7 @@ def main(argv=None) -> int:
         return row
 
     out = {
-        "model": f"gemma-3-270m (embedded, {args.dtype}, CPU)",
+        "model": f"{model_dir} ({args.dtype}, CPU)" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype}, CPU)",
         "train_steps": steps,
         "train_seconds": round(train_seconds, 1),
         "tasks": {t: {m: cell(s) for m, s in results["tasks"].get(t, {}).items()} for t in TASK_ORDER},

@@ -1,0 +1,418 @@
+"""Smoke tests: every entry point runs on a tiny model and writes what it promises (issue #11 item 4).
+
+Each test runs one entry point in-process (``main(argv)``), at its smallest setting, on a tiny model
+(``tiny_gpt2_dir`` / ``tiny_llama_dir``, or the pretrained tiny base with trained InstructEd prefixes
+of the session fixture ``instructed_world``), and checks the files it writes (JSON parses with the
+expected keys, markdown tables with the expected rows, PNG magic bytes) and at least one number that
+fails when the entry point is broken (an edit raises Rel, training lowers its loss and runs the
+requested steps, the requested sizes/records are all there).
+
+Covered here (gaps elsewhere):
+
+* ``instructedit train`` (InstructEdit and InstructEd), ``edit`` (InstructEdit), ``evaluate``
+  (InstructEdit), ``analyze`` and ``demo`` (through the CLI's ``main``);
+* ``examples/run_instructedit.py``;
+* ``benchmarks/instructed_cpu.py``, ``benchmarks/instructedit_cpu.py`` (both with ``--model_dir``)
+  and ``benchmarks/memory_scale.py``.
+
+Covered elsewhere with real assertions, not repeated: ``examples/run_instructed.py`` and
+``examples/run_mquake.py`` (tests/test_examples.py), ``instructedit edit`` with InstructEd and the
+shipped prefixes (tests/test_cli_after_install.py), ``instructedit info`` (tests/test_cli.py).
+``benchmarks/demo_timing.py`` clones the repository and builds a venv: not run here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instructedit_plugin.cli import EXIT_OK, main
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: InstructEdit training tasks of the CLI runs (small files of the shared data set).
+IE_TASKS = {"counterfact": "counterfact/counterfact-train.json", "convsent": "convsent/blender_val.json"}
+IE_TRAIN_STEPS = 20
+
+
+def _script(rel: str):
+    """The module of a repository script (``examples/...`` or ``benchmarks/...``), loaded once."""
+    path = REPO / rel
+    name = f"entry_point_{path.parent.name}_{path.stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The body rows of every markdown table in ``markdown`` (header and ``|---|`` lines left out)."""
+    rows, lines = [], markdown.splitlines()
+    for i, line in enumerate(lines):
+        is_header = i + 1 < len(lines) and lines[i + 1].startswith("|---")
+        if line.startswith("|") and not line.startswith("|---") and not is_header:
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _cli(argv: list[str], capsys) -> str:
+    """``instructedit <argv>``; asserts exit code 0 and returns stdout."""
+    rc = main(argv)
+    out = capsys.readouterr().out
+    assert rc == EXIT_OK, out
+    return out
+
+
+def _mend_record(i: int, req: dict) -> dict:
+    """A synthetic-world edit as a MEND-style CounterFact record (the format of counterfact-*.json)."""
+    loc = req["locality"]["neighborhood"]
+    return {"case_id": i, "subject": req["subject"], "prompt": req["prompt"], "target_new": req["target_new"],
+            "ground_truth": req["ground_truth"], "rephrase_prompt": req["rephrase_prompt"],
+            "locality_prompt": loc["prompt"], "locality_ground_truth": loc["ground_truth"]}
+
+
+def _knowedit_record(req: dict) -> dict:
+    """A synthetic-world edit as a KnowEdit record (the format of ZsRE-test-all.json)."""
+    loc = req["locality"]["neighborhood"]
+    return {"subject": req["subject"], "prompt": req["prompt"], "target_new": req["target_new"],
+            "ground_truth": [req["ground_truth"]], "rephrase_prompt": req["rephrase_prompt"],
+            "locality": {"Relation_Specificity": [{"prompt": loc["prompt"], "ground_truth": [loc["ground_truth"]]}]},
+            "portability": {}}
+
+
+# ----------------------------------------------------------------------------------------------
+# instructedit train / edit / evaluate / analyze with InstructEdit on the tiny GPT-2
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def instructedit_trained(tiny_gpt2_dir, shared_data_dir, tmp_path_factory) -> dict:
+    """``instructedit train`` of an InstructEdit editor for 0 and for IE_TRAIN_STEPS steps (same data,
+    same validation split): ``{steps: (printed summary, results_dir)}``."""
+    import io
+    from contextlib import redirect_stdout
+
+    root = tmp_path_factory.mktemp("instructedit-train")
+    runs = {}
+    for steps in (0, IE_TRAIN_STEPS):
+        argv = ["train", "--hparams", str(REPO / "hparams/TRAINING/InstructEdit/tiny.yaml"),
+                "--model_name", str(tiny_gpt2_dir), "--data_dir", str(shared_data_dir), "--limit", "12",
+                "--max_steps", str(steps), "--results_dir", str(root / f"steps{steps}")]
+        for name, rel in IE_TASKS.items():
+            argv += ["--task", f"{name}={rel}"]
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(argv) == EXIT_OK
+        runs[steps] = (yaml.safe_load(out.getvalue()), root / f"steps{steps}")
+    return runs
+
+
+def test_cli_train_instructedit_runs_the_steps_and_lowers_the_loss(instructedit_trained):
+    untrained, _ = instructedit_trained[0]
+    summary, results = instructedit_trained[IE_TRAIN_STEPS]
+    assert summary["steps"] == IE_TRAIN_STEPS and summary["best_step"] == IE_TRAIN_STEPS
+    assert untrained["steps"] == 0
+    # the validation edit loss after training is below the one of the untrained editor (step 0)
+    assert math.isfinite(summary["best_value"]) and math.isfinite(untrained["best_value"])
+    assert summary["best_value"] < untrained["best_value"] - 0.5, (summary, untrained)
+    best, last = Path(summary["best_checkpoint"]), Path(summary["last_checkpoint"])
+    assert best.parent.parent.parent.parent == results  # <results_dir>/models/InstructEdit/<model>/best
+    assert (best / "editor.safetensors").is_file() and (last / "editor.safetensors").is_file()
+    config = json.loads((best / "editor_config.json").read_text())
+    assert config["alg"] == "InstructEdit" and config["step"] == IE_TRAIN_STEPS
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]] == [IE_TRAIN_STEPS]
+    assert state["history"][-1]["loss/total_edit_val"] == pytest.approx(summary["best_value"])
+
+
+def test_cli_edit_with_instructedit_raises_rel(instructedit_trained, tiny_gpt2_dir, shared_data_dir, capsys):
+    summary, _ = instructedit_trained[IE_TRAIN_STEPS]
+    fact = json.loads((shared_data_dir / IE_TASKS["counterfact"]).read_text())[0]
+    out = _cli(["edit", "--hparams", str(REPO / "hparams/InstructEdit/tiny.yaml"), "--model_name", str(tiny_gpt2_dir),
+                "--archive", summary["best_checkpoint"], "--prompt", fact["prompt"], "--target_new", fact["target_new"],
+                "--rephrase", fact["rephrase_prompt"], "--task", "counterfact"], capsys)
+    assert out.startswith(f"{fact['prompt']!r} -> {fact['target_new']!r}\n"), out
+    lines = re.findall(r"^  (\w+): ([\d.]+) -> ([\d.]+)$", out, re.M)
+    scores = {name: (float(pre), float(post)) for name, pre, post in lines}
+    assert set(scores) == {"Rel", "Gen"}, out
+    pre, post = scores["Rel"]
+    assert post > pre, out
+
+
+def test_cli_evaluate_with_instructedit_writes_results_and_raises_rel(instructedit_trained, tiny_gpt2_dir,
+                                                                     shared_data_dir, tmp_path, capsys):
+    summary, _ = instructedit_trained[IE_TRAIN_STEPS]
+    out_dir = tmp_path / "metrics"
+    out = _cli(["evaluate", "--hparams", str(REPO / "hparams/InstructEdit/tiny.yaml"),
+                "--model_name", str(tiny_gpt2_dir), "--archive", summary["best_checkpoint"],
+                "--data", IE_TASKS["counterfact"], "--data_dir", str(shared_data_dir), "--limit", "2",
+                "--metrics_save_dir", str(out_dir), "--name", "smoke"], capsys)
+    assert "written: " in out
+    payload = json.loads((out_dir / "smoke.json").read_text())
+    assert payload["alg_name"] == "InstructEdit" and payload["n_edits"] == 2 and len(payload["per_edit"]) == 2
+    assert set(payload["summary"]) == {"pre-edit", "InstructEdit"}
+    assert all({"pre", "post"} <= set(record) for record in payload["per_edit"])
+    pre, post = payload["summary"]["pre-edit"], payload["summary"]["InstructEdit"]
+    assert post["Rel"] > pre["Rel"], payload["summary"]
+    assert [row[0] for row in _table_rows((out_dir / "smoke.md").read_text())] == ["pre-edit", "InstructEdit"]
+    assert (out_dir / "smoke.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_analyze_writes_separation_figures_and_png(instructedit_trained, tiny_gpt2_dir, shared_data_dir, tmp_path,
+                                                      capsys):
+    summary, _ = instructedit_trained[IE_TRAIN_STEPS]
+    out_dir = tmp_path / "analysis"
+    n_per_task = 3
+    out = _cli(["analyze", "--archive", summary["best_checkpoint"], "--model", str(tiny_gpt2_dir), "--data_dir",
+                str(shared_data_dir), "--tasks", "counterfact,convsent", "--n_per_task", str(n_per_task),
+                "--project_dim", "256", "--out_dir", str(out_dir)], capsys)
+    assert f"wrote {out_dir / 'edit_gradients.png'}" in out
+    assert (out_dir / "edit_gradients.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((out_dir / "edit_gradients.json").read_text())
+    # every requested edit, with and without its instruction
+    assert report["n_edits"] == 2 * 2 * n_per_task and report["n_per_task"] == n_per_task
+    assert sorted(report["tasks"]) == ["convsent", "counterfact"] and report["project_dim"] == 256
+    assert set(report["groups"]) == {"all", "with_instruction", "without_instruction"}
+    for name, group in report["groups"].items():
+        assert group["n_edits"] == (2 * 2 if name == "all" else 2) * n_per_task, name
+        pair = group["pairs"]["convsent|counterfact"]
+        assert all(math.isfinite(pair[k]) for k in ("intra_cosine", "inter_cosine", "separation")), pair
+        assert pair["separation"] == pytest.approx(pair["intra_cosine"] - pair["inter_cosine"])
+        assert -1.0 <= group["silhouette"]["pca"] <= 1.0
+    # gradients of one task's edits point more alike than across tasks
+    assert report["groups"]["all"]["pairs"]["convsent|counterfact"]["separation"] > 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# examples/run_instructedit.py
+# ----------------------------------------------------------------------------------------------
+def test_run_instructedit_example_trains_editors_and_edits_every_task(tiny_gpt2_dir, shared_data_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = _script("examples/run_instructedit.py").main(
+        ["--data_dir", str(shared_data_dir), "--hparams_dir", str(REPO / "hparams/TRAINING/InstructEdit/tiny.yaml"),
+         "--model_dir", str(tiny_gpt2_dir), "--ds_size", "2", "--train_size", "8", "--max_iters", "10",
+         "--metrics_save_dir", str(out)])
+    assert rc == 0
+    methods = ["instructedit", "mend_multitask", "mend_single_task"]
+    tasks = ["counterfact", "recent", "convsent", "zsre_holdout"]
+    for method in methods:  # every editor was trained and kept its best checkpoint
+        assert list((out / "editors" / method).glob("models/InstructEdit/*/best/editor.safetensors")), method
+    results = json.loads((out / "InstructEdit_results.json").read_text())
+    assert results["n_edits"] == {task: 2 for task in tasks}
+    assert {task: sorted(per_method) for task, per_method in results["tasks"].items()} == \
+        {t: sorted(methods) for t in tasks}
+    assert {task: list(per_method) for task, per_method in results["unseen_instruction"].items()} == \
+        {t: ["instructedit"] for t in tasks}
+    for task in tasks:
+        for method, cell in results["tasks"][task].items():
+            assert cell["n_edits"] == 2 and {"Rel", "Gen", "Loc", "Por", "Score"} <= set(cell), (task, method)
+    rows = [(row[0], row[1]) for row in _table_rows((out / "InstructEdit_results.md").read_text()) if row[0] in tasks]
+    assert rows == [(t, m) for t in tasks for m in methods] + [(t, "instructedit") for t in tasks]
+    # each trained editor raises the edits' rewrite accuracy on average (EasyEdit's pre/post metrics)
+    for method in methods:
+        records = [r for per_task in results["records"]["tasks"].values() for r in per_task[method]]
+        assert len(records) == 2 * len(tasks)
+        pre = sum(r["pre"]["rewrite_acc"][0] for r in records) / len(records)
+        post = sum(r["post"]["rewrite_acc"][0] for r in records) / len(records)
+        assert post > pre, (method, pre, post)
+
+
+# ----------------------------------------------------------------------------------------------
+# instructedit train (InstructEd) and instructedit demo on the tiny world
+# ----------------------------------------------------------------------------------------------
+def test_cli_train_instructed_runs_the_steps_and_lowers_the_validation_loss(instructed_world, tmp_path, capsys):
+    steps = 8
+    config = yaml.safe_load((REPO / "hparams/TRAINING/InstructEd/tiny.yaml").read_text())
+    config.update(val_interval=1, warmup_steps=0, progress=False)  # a validation after every step
+    hparams = tmp_path / "train.yaml"
+    hparams.write_text(yaml.safe_dump(config))
+    train = tmp_path / "counterfact-train.json"
+    train.write_text(json.dumps([_mend_record(i, r) for i, r in enumerate(instructed_world["train"])]))
+    results = tmp_path / "prefixes"
+    out = _cli(["train", "--hparams", str(hparams), "--model_name", str(instructed_world["base_dir"]), "--train",
+                str(train), "--max_steps", str(steps), "--results_dir", str(results)], capsys)
+    summary = yaml.safe_load(out)
+    assert summary["step"] == steps == summary["total_steps"] and summary["stopped_by_budget"] is False
+    assert Path(summary["best_dir"]) == results / "best" and (results / "best" / "manifest.json").is_file()
+    history = json.loads((results / "last" / "trainer_state.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))
+    losses = [h["loss"] for h in history]
+    assert all(math.isfinite(x) for x in losses) and summary["best_val_loss"] == pytest.approx(min(losses))
+    assert losses[-1] < losses[0], losses
+
+
+def test_cli_demo_on_the_tiny_world_edits_the_answers(instructed_world, tmp_path, monkeypatch, capsys):
+    import instructedit_plugin.models.embedded as embedded
+
+    # The demo's model is the embedded Gemma-3-270M; here the tiny world's base stands in for it,
+    # with the tiny model's InstructEd and FT settings under the names the demo reads.
+    monkeypatch.setattr(embedded, "embedded_model_dir", lambda *args, **kwargs: instructed_world["base_dir"])
+    hparams = tmp_path / "hparams"
+    for alg, src in (("InstructEd", "InstructEd/tiny.yaml"), ("FT", "FT/tiny-llama.yaml")):
+        (hparams / alg).mkdir(parents=True)
+        (hparams / alg / "gemma-3-270m.yaml").write_text((REPO / "hparams" / src).read_text())
+    data = tmp_path / "data"  # the world's held-out edits where the demo looks for CounterFact and ZsRE
+    (data / "counterfact").mkdir(parents=True)
+    (data / "zsre").mkdir()
+    held_out = instructed_world["test"]
+    cf_records = [_mend_record(i, r) for i, r in enumerate(held_out[:4])]
+    (data / "counterfact/counterfact-edit.json").write_text(json.dumps(cf_records))
+    (data / "zsre/ZsRE-test-all.json").write_text(json.dumps([_knowedit_record(r) for r in held_out[4:]]))
+    out_dir = tmp_path / "demo"
+    out = _cli(["demo", "--data_dir", str(data), "--out_dir", str(out_dir),
+                "--archive", str(instructed_world["archive"]), "--hparams_dir", str(hparams), "--n_facts", "2"], capsys)
+    assert f"InstructEd prefixes: given (--archive): {instructed_world['archive']}" in out
+    assert out.count("\n- [counterfact] ") == 2 and out.count("\n- [zsre] ") == 2, out
+    assert "EasyEdit metrics over 4 edits" in out
+    labels = ["in-context (no prefixes)", "InstructEd (gold)", "InstructEd (retrieval, sequential)", "EasyEdit FT"]
+    assert [row[0] for row in _table_rows((out_dir / "demo.md").read_text())] == labels
+    assert (out_dir / "demo.png").read_bytes()[:8] == PNG_MAGIC
+    payload = json.loads((out_dir / "demo.json").read_text())
+    assert sorted(payload["table"]) == sorted(labels) and all(row["n_edits"] == 4 for row in payload["table"].values())
+    assert payload["model"] == str(instructed_world["base_dir"]) and payload["n_facts"] == 4
+    facts = payload["facts"]
+    assert [f["prompt"] for f in facts] == [r["prompt"] for r in held_out[:2] + held_out[4:6]]
+    # with the fact given as an instruction the greedy answer becomes the new object
+    after = sum(f["after"].startswith(f["target_new"]) for f in facts)
+    before = sum(f["before"].startswith(f["target_new"]) for f in facts)
+    assert after > before, facts
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/
+# ----------------------------------------------------------------------------------------------
+#: ``benchmarks/instructed_cpu.py`` edits with ``max_length: 40`` (Gemma's tokens); EasyEdit fails a
+#: record whose prompt + answer the tiny tokenizer makes longer.
+INSTRUCTED_CPU_MAX_LENGTH = 40
+
+
+def _short_records_first(src: Path, dst: Path, tokenizer, n: int, within: int = 100) -> None:
+    """``src`` (a JSON list) written to ``dst`` with the first ``n`` records, among the first ``within``,
+    whose every prompt + answer fits INSTRUCTED_CPU_MAX_LENGTH tiny-tokenizer tokens moved to the front
+    (the records from ``within`` on, which recipes train on, keep their places)."""
+    from instructedit_plugin.data import load_requests
+
+    raw = json.loads(src.read_text())
+    requests = load_requests(src, limit=within)
+    assert len(requests) == within
+
+    def pairs(req):
+        yield req["prompt"], req["target_new"]
+        if req.get("rephrase_prompt"):
+            yield req["rephrase_prompt"], req["target_new"]
+        for field in ("locality", "portability"):
+            for group in (req.get(field) or {}).values():
+                prompts, answers = group["prompt"], group["ground_truth"]
+                if not isinstance(prompts, list):
+                    prompts, answers = [prompts], [answers]
+                yield from zip(prompts, answers)
+
+    short = [i for i, req in enumerate(requests)
+             if all(len(tokenizer(f"{p} {a}")["input_ids"]) <= INSTRUCTED_CPU_MAX_LENGTH for p, a in pairs(req))][:n]
+    assert len(short) == n
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps([raw[i] for i in short] + [r for i, r in enumerate(raw) if i not in short]))
+
+
+def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(tiny_llama_dir, shared_data_dir,
+                                                                               tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from instructedit_plugin.instructed.recipes import BENCHMARK, EVAL_FILES, recipe_files
+
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))  # the recipe's prefixes go there
+    limit, steps = 2, 2
+    data = tmp_path / "data"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for rel in recipe_files(BENCHMARK):
+        if rel in EVAL_FILES.values():
+            _short_records_first(shared_data_dir / rel, data / rel, tok, limit)
+        else:
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).symlink_to(shared_data_dir / rel)
+    methods = ["unedited", "in_context", "instructed_gold", "instructed_retrieval"]  # FT/ROME: Gemma layer settings
+    out_json = tmp_path / "results" / "instructed_cpu.json"
+    bench = _script("benchmarks/instructed_cpu.py")
+    assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--quick", "--steps", str(steps),
+                       "--n_train", "4", "--limit", str(limit), "--methods", ",".join(methods), "--dtype", "float32",
+                       "--latency_n", "1", "--out", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert set(out) <= bench.RESULT_KEYS
+    assert out["model"] == f"{tiny_llama_dir} (float32)" and out["args"]["model_dir"] == str(tiny_llama_dir)
+    # the recipe trained exactly the requested steps, here, into the test's cache
+    assert out["recipe"]["steps"] == steps == out["recipe"]["planned_steps"] and not out["recipe"]["stopped_by_budget"]
+    assert out["recipe"]["config"]["name"] == "benchmark-quick" and out["train_edits"] > 0
+    assert list((tmp_path / "cache").glob("instructed_recipes/*/results/best/manifest.json"))
+    # every method edited every record (a failing record is counted in errors, not in n)
+    assert out["errors"] == {}
+    assert out["n_evaluated"] == {ds: {m: limit for m in methods} for ds in ("counterfact", "zsre")}
+    for ds, per_method in out["datasets"].items():
+        assert list(per_method) == methods, ds
+        assert per_method["unedited"]["Loc"] == 100.0
+    assert out["latency_inputs"] == 2 and list(out["latency"]) == methods
+    assert all(v["query_ratio"] > 0 for v in out["latency"].values())
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    rows = _table_rows(md)
+    for method in methods:  # one row per dataset in the results tables, one in the latency table
+        assert sum(row[0] == method and row[1] == str(limit) for row in rows) == 2, method
+        assert sum(row[0] == method and len(row) == 3 for row in rows) == 1, method
+
+
+def test_instructedit_cpu_benchmark_trains_three_editors_the_same_steps(tiny_llama_dir, shared_data_dir, tmp_path):
+    n_test = 2
+    out_json = tmp_path / "results" / "instructedit_cpu.json"
+    bench = _script("benchmarks/instructedit_cpu.py")
+    # a budget below the 3 timed calibration steps: every editor trains exactly those 3 steps
+    assert bench.main(["--data_dir", str(shared_data_dir), "--model_dir", str(tiny_llama_dir),
+                       "--budget_minutes", "1e-6", "--n_test", str(n_test), "--n_train", "8", "--layers", "2,3",
+                       "--rank", "16", "--dtype", "float32", "--max_pairs", "1", "--work_dir", str(tmp_path / "work"),
+                       "--out", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert set(out) <= bench.RESULT_KEYS
+    assert out["model"] == f"{tiny_llama_dir} (float32, CPU)"
+    assert out["train_steps"] == 3
+    methods = ["instructedit", "mend_multitask", "mend_single_task"]
+    assert list(out["runs"]) == methods
+    assert out["inner_params"] == [f"model.layers.{i}.mlp.{w}_proj.weight" for i in (2, 3) for w in ("up", "down")]
+    for method in methods:
+        assert list((tmp_path / "work" / method).glob("models/InstructEdit/*/best/editor.safetensors")), method
+    tasks = list(bench.TASK_ORDER)
+    assert out["n_edits"] == {t: n_test for t in tasks} and out["test_records"] == {t: n_test for t in tasks}
+    assert {t: list(per_method) for t, per_method in out["tasks"].items()} == {t: methods for t in tasks}
+    assert list(out["unseen_instruction"]) == tasks
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    rows = [(row[0], row[1], row[-1]) for row in _table_rows(md) if row[0] in tasks]
+    assert rows == ([(t, m, str(n_test)) for t in tasks for m in methods]
+                    + [(t, "instructedit", str(n_test)) for t in tasks])
+
+
+def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):
+    sizes = [1000, 2000]
+    out_json = tmp_path / "memory_scale.json"
+    bench = _script("benchmarks/memory_scale.py")
+    result = bench.main(["--sizes", *map(str, sizes), "--repeats", "3", "--out", str(out_json)])
+    out = json.loads(out_json.read_text())
+    assert out == json.loads(json.dumps(result)) and set(out) <= bench.RESULT_KEYS
+    assert out["edit_cost"]["edits"] == 1000 and out["edit_cost"]["encoder_calls"] == 1
+    assert out["edit_cost"]["texts_per_call"] == [1000]
+    # rows: every size x {float32, float16} x {auto, dense} (+ FAISS in float32 when installed)
+    per_size = 4 + (1 if out["faiss"] else 0)
+    assert [r["size"] for r in out["search"]] == [s for s in sizes for _ in range(per_size)]
+    assert all(r["exact"] for r in out["search"]), out["search"]
+    assert [r["tiled_from_1k"] for r in out["search"]] == [s > 1000 for s in sizes for _ in range(per_size)]
+    assert sum("select_text_ms" in r for r in out["search"]) == len(sizes)
+    # a question retrieves its own instruction among the 1,000 real ones
+    assert out["retrieval_at_1_own_question_1k"] >= 0.8
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    table = [row for row in _table_rows(md) if len(row) == 9]
+    assert [int(row[0].replace(",", "")) for row in table] == [s for s in sizes for _ in range(per_size)]
