@@ -45,11 +45,40 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[flo
     return wall, proc.returncode, tail[0]
 
 
+RESULT_KEYS = ("commit", "machine", "setup", "runs", "date", "command", "notes", "merged_runs")
+
+
+def render_markdown(result: dict) -> str:
+    """The markdown table of a saved result (rendered from the JSON alone)."""
+    from benchmarks.results_io import merged_runs_lines, notes_lines
+
+    lines = [f"# Main-job wall time on a fresh clone (commit {result['commit'][:10]})", "",
+             f"{result['setup']}; {result['machine']['cpus']} CPUs. Written by `python benchmarks/demo_timing.py`; "
+             "rendered from `demo_timing.json` (`python benchmarks/demo_timing.py --render`).", "",
+             "| run | command | wall time | exit | demo phases (s) |", "|---|---|---|---|---|"]
+    for row in result["runs"]:
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in (row.get("demo_phase_seconds") or {}).items()) or "-"
+        lines.append(f"| {row['run']} | `{row['command']}` | {row['wall_seconds'] / 60:.1f} min ({row['wall_seconds']:.0f} s) "
+                     f"| {row['exit_code']} | {phases} |")
+    lines += merged_runs_lines(result)
+    lines += notes_lines(result)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.results_io import command_line, read_notes, render_saved, today, write_results
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--work", default=None, help="folder for the clone, venv and cache (default: a new temp folder)")
-    parser.add_argument("--out", default=str(RESULTS / "demo_timing"), help="results stem (.json and .md are added)")
+    parser.add_argument("--out", default=str(RESULTS / "demo_timing.json"), help="results JSON (the .md goes beside it)")
+    parser.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
+    parser.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON and ends the .md")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return 0
+    notes = read_notes(args.notes) if args.notes else None
     work = Path(args.work or tempfile.mkdtemp(prefix="demo-timing-"))
     work.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -79,18 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"commit": commit, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                             "python": platform.python_version()},
               "setup": "git clone with no ../shared, new virtualenv, empty INSTRUCTEDIT_CACHE, INSTRUCTEDIT_DATA_DIR unset",
-              "runs": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Main-job wall time on a fresh clone (commit {commit[:10]})", "",
-             f"{result['setup']}; {os.cpu_count()} CPUs. Written by `python benchmarks/demo_timing.py`.", "",
-             "| run | command | wall time | exit |", "|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['run']} | `{row['command']}` | {row['wall_seconds'] / 60:.1f} min ({row['wall_seconds']:.0f} s) "
-                     f"| {row['exit_code']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+              "runs": rows, "date": today(), "command": command_line("benchmarks/demo_timing.py", argv)}
+    if notes:
+        result["notes"] = notes
+    print(write_results(args.out, result, render_markdown, RESULT_KEYS))
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 

@@ -25,6 +25,7 @@ SCRIPTS = {
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
+    "demo_timing": REPO / "benchmarks" / "demo_timing.py",
 }
 RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 
