@@ -103,3 +103,16 @@ def test_cli_arguments_parse():
     parser = add_analyze_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--archive", "x", "--n_per_task", "3", "--layers", "a,b"])
     assert args.archive == "x" and args.n_per_task == 3 and args.model == "embedded"
+
+
+def test_all_zero_directions_are_a_clear_error_not_a_crash(tmp_path):
+    """An editor whose output is zero gives all-zero directions; t-SNE used to crash the process on them."""
+    import pytest
+
+    from instructedit_plugin.errors import PluginError
+    from instructedit_plugin.instructedit.analysis import analyze_gradient_vectors
+
+    with pytest.raises(PluginError, match="all zero.*Fix:"):
+        analyze_gradient_vectors(np.zeros((8, 5)), ["a", "b"] * 4, [True, False] * 4, tmp_path)
+    with pytest.raises(PluginError, match="not finite"):
+        analyze_gradient_vectors(np.full((8, 5), np.nan), ["a", "b"] * 4, [True, False] * 4, tmp_path)

@@ -198,6 +198,14 @@ def analyze_gradient_vectors(
     import matplotlib.pyplot as plt
 
     vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.ndim != 2 or not np.isfinite(vectors).all() or not np.abs(vectors).sum(axis=1).any():
+        # all-zero or non-finite directions (an editor whose output is zero, a broken checkpoint) make the
+        # projections meaningless, and scikit-learn's Barnes-Hut t-SNE crashes the process on them
+        from ..errors import PluginError
+
+        problem = "not finite" if vectors.ndim == 2 and not np.isfinite(vectors).all() else "all zero"
+        raise PluginError(f"the editing-gradient directions of {len(vectors)} edits are {problem}, so there is nothing "
+                          "to project. Fix: check the editor (archive): an untrained or broken editor makes no edit")
     tasks = list(tasks)
     instructed = [bool(x) for x in instructed]
     out_dir = Path(out_dir)
