@@ -8,13 +8,13 @@ and that the intervals in it are the ones the script computes. Nothing here load
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from ._scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -31,15 +31,7 @@ RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 
 
 def _script(stem: str):
-    path = SCRIPTS[stem]
-    name = f"benchmark_script_{path.stem}"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPTS[stem], f"benchmark_script_{SCRIPTS[stem].stem}")
 
 
 def _saved(stem: str) -> dict:

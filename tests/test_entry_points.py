@@ -22,14 +22,14 @@ shipped prefixes (tests/test_cli_after_install.py), ``instructedit info`` (tests
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from ._scripts import load_script
 import yaml
 
 from instructedit_plugin.cli import EXIT_OK, main
@@ -44,14 +44,7 @@ IE_TRAIN_STEPS = 20
 def _script(rel: str):
     """The module of a repository script (``examples/...`` or ``benchmarks/...``), loaded once."""
     path = REPO / rel
-    name = f"entry_point_{path.parent.name}_{path.stem}"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_script(path, f"entry_point_{path.parent.name}_{path.stem}")
 
 
 def _table_rows(markdown: str) -> list[list[str]]:

@@ -7,13 +7,13 @@ KnowEdit / MQuAKE files.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from ._scripts import load_script
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +22,7 @@ SUMMARY_KEYS = {"Rel", "Gen", "Loc", "Por", "Score", "H", "n_edits"}
 
 
 def _load_example(name: str):
-    module = sys.modules.get(f"example_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / f"{name}.py", f"example_{name}")
 
 
 def _knowedit(req: dict) -> dict:

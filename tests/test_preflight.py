@@ -7,14 +7,14 @@ under 2 seconds with exit code 1 and one line naming the file and the fix, and n
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from ._scripts import load_script
 
 import instructedit_plugin
 from instructedit_plugin.cli import EXIT_ERROR, main, run_script
@@ -32,13 +32,7 @@ def _registered():
 
 
 def _load_example(name: str):
-    module = sys.modules.get(f"example_{name}")
-    if module is None:
-        spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / f"{name}.py", f"example_{name}")
 
 
 def _boom(*args, **kwargs):
