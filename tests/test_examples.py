@@ -1,18 +1,20 @@
 """The EasyEdit-style example scripts ``examples/run_instructed.py`` and ``examples/run_mquake.py``.
 
-Both run in-process (``main(argv)``) on the session's tiny world of ``test_instructed_training``: a
-tiny LLaMA pretrained to follow ``Instructions: {fact}\\nInput: {question}`` plus InstructEd prefixes
-trained on 40 synthetic edits. The edits evaluated here are the world's 8 held-out edits, written as
-KnowEdit / MQuAKE files.
+Both run in-process (``main(argv)``) on the session's tiny world (``test_instructed_training``,
+:mod:`tests._instructed_world`): a tiny LLaMA that cannot use an ``Instructions: {fact}\\nInput:
+{question}`` instruction by itself, plus the InstructEd prefixes the plugin's trainer produced for it
+from 40 synthetic edits. The edits evaluated here are the world's 8 held-out edits, written as a
+KnowEdit file, and two-hop cases built from the world's people, written as an MQuAKE file; the
+answers are the real model's.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
+from ._instructed_world import chain_rewrites, distractor_rewrites, make_chain, mquake_record
 from ._scripts import load_script
 
 
@@ -72,27 +74,38 @@ def test_run_instructed_edits_with_trained_prefixes(instructed_world, knowedit_d
     post, pre = summary["summary"]["InstructEd"], summary["summary"]["pre-edit"]
     print("run_instructed gold:", pre, post)
     assert summary["n_edits"] == 8 and summary["training"] is None and summary["instruction_source"] == "gold"
-    assert post["Rel"] >= 90 and post["Gen"] >= 75 and post["Loc"] >= 90, post
-    assert pre["Rel"] < 50
+    # measured: post 100/100/100, pre Rel/Gen 0 (8 edits: one miss is 12.5 points)
+    assert post["Rel"] >= 87.5 and post["Gen"] >= 87.5 and post["Loc"] >= 87.5, post
+    assert pre["Rel"] <= 12.5 and pre["Gen"] <= 12.5, pre
 
     seq = _run_instructed(instructed_world, knowedit_dir, tmp_path / "seq", "--archive", str(instructed_world["archive"]),
                           "--instruction_source", "retrieval", "--sequential_edit")
     post = seq["summary"]["InstructEd"]
     print("run_instructed retrieval, sequential:", post)
     assert seq["instruction_source"] == "retrieval" and seq["sequential_edit"] is True
-    assert post["Rel"] >= 90, post
+    # measured: 100/100/87.5 (a locality question retrieves another person's edit of its relation)
+    assert post["Rel"] >= 87.5 and post["Gen"] >= 87.5 and post["Loc"] >= 75, post
+
+
+#: prefix-training steps of the example's own training (from a random bank, 20-odd training edits)
+TRAIN_STEPS = 40
 
 
 def test_run_instructed_trains_prefixes_without_archive(instructed_world, knowedit_dir, tmp_path):  # noqa: F811
     summary = _run_instructed(instructed_world, knowedit_dir, tmp_path / "out", "--train_data", "train_knowedit.json",
-                              "--max_steps", "20", "--results_dir", str(tmp_path / "prefixes"))
+                              "--max_steps", str(TRAIN_STEPS), "--results_dir", str(tmp_path / "prefixes"))
     training = summary["training"]
-    assert training["steps"] == 20 and Path(training["archive"]) == tmp_path / "prefixes" / "best"
+    assert training["steps"] == TRAIN_STEPS and Path(training["archive"]) == tmp_path / "prefixes" / "best"
     assert (tmp_path / "prefixes" / "best" / "manifest.json").is_file() and summary["archive"] == training["archive"]
     # training edits sharing a subject or a question with an evaluated record were left out
     test_subjects = {r["subject"] for r in instructed_world["test"]}
     assert training["train_edits"] == sum(r["subject"] not in test_subjects for r in instructed_world["train"]) > 0
-    assert summary["summary"]["InstructEd"]["Rel"] > summary["summary"]["pre-edit"]["Rel"]
+    # the untrained bank scores 0 on this world (test_instructed_ablation); these few steps already
+    # find prefixes that work (measured: Rel/Gen/Loc 100/87.5/100; 20 steps gave 75/87.5/100)
+    post, pre = summary["summary"]["InstructEd"], summary["summary"]["pre-edit"]
+    print("run_instructed, prefixes trained here:", post)
+    assert post["Rel"] >= 75 and post["Gen"] >= 75 and post["Loc"] >= 75, post
+    assert pre["Rel"] <= 12.5, pre
 
 
 def test_run_instructed_refuses_bad_arguments(tmp_path):
@@ -107,34 +120,18 @@ def test_run_instructed_refuses_bad_arguments(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # run_mquake.py
 # ----------------------------------------------------------------------------------------------
-def _rewrite(prompt: str, subject: str, new: str, true: str, question: str) -> dict:
-    return {"prompt": prompt, "relation_id": "P0", "target_new": {"str": new, "id": "Q1"},
-            "target_true": {"str": true, "id": "Q2"}, "subject": subject, "question": question}
-
-
-COMPOSER = _rewrite("The composer of {} is", "Moonlight Sonata", "Mozart", "Beethoven", "Who composed Moonlight Sonata?")
-RESIDENCE = _rewrite("{} lives in", "Mozart", "Tokyo", "Vienna", "Where does Mozart live?")
-OTHERS = [_rewrite("{} lives in", s, c, "Paris", f"Where does {s} live?")
-          for s, c in (("Tiger Woods", "Rome"), ("Marie Curie", "Madrid"), ("Leo Tolstoy", "London"))]
-TWO_HOP = "Where does the composer of Moonlight Sonata live?"
-FACT1, FACT2 = "The composer of Moonlight Sonata is Mozart.", "Mozart lives in Tokyo."
-
-
-def _case(case_id: int, edits: list[dict]) -> dict:
-    def hop(question, cloze, answer):
-        return {"question": question, "cloze": cloze, "answer": answer, "answer_alias": []}
-
-    return {"case_id": case_id, "requested_rewrite": edits, "questions": [TWO_HOP], "answer": "Vienna",
-            "answer_alias": [], "new_answer": "Tokyo", "new_answer_alias": [], "single_hops": [],
-            "new_single_hops": [hop("Who composed Moonlight Sonata?", "The composer of Moonlight Sonata is", "Mozart"),
-                                hop("Where does Mozart live?", "Mozart lives in", "Tokyo")]}
+CHAIN = make_chain("Mozart")  # Mozart's best friend becomes Tim Cook; Tim Cook moves to London
+FIRST, SECOND = chain_rewrites(CHAIN)
+OTHERS = distractor_rewrites(CHAIN)  # three other people's new cities
+FACT1, FACT2 = CHAIN.fact1, CHAIN.fact2
 
 
 @pytest.fixture
 def mquake_file(tmp_path) -> Path:
-    """Three versions of one hand-built two-hop case (each case gets its own memory): both facts,
-    the second hop's fact missing, the first hop's fact missing; other edits as distractors."""
-    cases = [_case(1, [COMPOSER, RESIDENCE, *OTHERS]), _case(2, [COMPOSER, *OTHERS]), _case(3, [RESIDENCE, *OTHERS])]
+    """Three versions of one two-hop case of the world (each case gets its own memory): both facts,
+    the first fact missing, the second fact missing; other people's city edits as distractors."""
+    cases = [mquake_record(1, CHAIN, [FIRST, SECOND, *OTHERS]), mquake_record(2, CHAIN, [SECOND, *OTHERS]),
+             mquake_record(3, CHAIN, [FIRST, *OTHERS])]
     path = tmp_path / "mquake_two_hop.json"
     path.write_text(json.dumps(cases))
     return path
@@ -156,49 +153,33 @@ def _run_mquake(world, data: Path, out: Path, *extra: str) -> tuple[dict, dict]:
 def test_run_mquake_retrieves_one_fact_per_hop_and_applies_edits(instructed_world, mquake_file, tmp_path):  # noqa: F811
     summary, records = _run_mquake(instructed_world, mquake_file, tmp_path)
     assert list(summary["methods"]) == ["instructed", "in_context", "unedited"]
-    full, no_second, no_first = records["instructed"]
+    full, no_first, no_second = records["instructed"]
     # one fact per hop, from the question alone: the bridge fact first, then the fact it leads to
     assert full["questions"][0]["instructions"] == [FACT1, FACT2]
     assert FACT1 not in no_first["questions"][0]["instructions"]
     assert FACT2 not in no_second["questions"][0]["instructions"]
-    # the tiny model with its prefixes answers the edited single-hop fact; unedited it does not
+    # the tiny model with its trained prefixes composes the two facts; with the second fact alone
+    # (nobody says Tim Cook is Mozart's friend) it keeps the answer it knew
+    assert full["correct"] and not no_first["correct"], (full["questions"], no_first["questions"])
+    assert all(CHAIN.old_city in q["prediction"] for q in no_first["questions"]), no_first["questions"]
+    # the edited single hop "Where does Tim Cook live?" is answered from its fact; unedited it is not
     hop = full["single_hops"][1]
     assert hop["instructions"] == [FACT2] and hop["correct"], hop
     assert not records["unedited"][0]["single_hops"][1]["correct"]
-    assert summary["methods"]["instructed"]["Hop-Acc"] > summary["methods"]["unedited"]["Hop-Acc"]
+    # the same facts in context without the prefixes: the plain model does not answer from them
+    assert not records["in_context"][0]["single_hops"][1]["correct"]
+    assert all(q["prediction"].startswith("Output:") for q in records["in_context"][0]["questions"])
+    methods = summary["methods"]
+    assert methods["instructed"]["Hop-Acc"] > max(methods["unedited"]["Hop-Acc"], methods["in_context"]["Hop-Acc"])
 
 
-_LINK = re.compile(r"^(?:The composer of )?(?P<subject>.+?) (?:is|lives in) (?P<object>.+)\.$")
-
-
-def _chain_reader(question: str, instructions) -> str:
-    """Stand-in for an LM that composes facts (the tiny test models cannot): follows the given facts
-    from the question's entity; answers the closed-book 'Vienna' unless two facts chain."""
-    links = {}
-    for fact in instructions:
-        match = _LINK.match(fact)
-        if match:
-            links[match["subject"]] = match["object"]
-    entity, hops = "Moonlight Sonata", 0
-    while entity in links and hops < 4:
-        entity, hops = links[entity], hops + 1
-    return entity if hops >= 2 else "Vienna"
-
-
-def test_run_mquake_two_hop_answer_needs_both_facts_in_memory(instructed_world, mquake_file, tmp_path,  # noqa: F811
-                                                              monkeypatch):
-    import instructedit_plugin.instructed.answering as answering
-
-    seen = []
-
-    def answer_fn(lm, tok, max_new_tokens=8):
-        def answer(question, instructions):
-            seen.append((question, list(instructions)))
-            return _chain_reader(question, instructions)
-        return answer
-
-    monkeypatch.setattr(answering, "instructed_answer_fn", answer_fn)
+def test_run_mquake_two_hop_answer_needs_both_facts_in_memory(instructed_world, mquake_file, tmp_path):  # noqa: F811
+    """Por_Nhop over the three cases with the real model: only the case with both facts counts. (The
+    first-fact-only case is scored too but not asserted: its answer, the new friend's known city,
+    needs a fact from the context composed with one from the weights, which the tiny world does not
+    teach; see test_instructed_multihop.)"""
     summary, records = _run_mquake(instructed_world, mquake_file, tmp_path, "--methods", "instructed", "--no_single_hops")
-    assert [r["correct"] for r in records["instructed"]] == [True, False, False]
-    assert summary["methods"]["instructed"]["Por_Nhop"] == pytest.approx(100 / 3, abs=0.01)
-    assert seen[0] == (TWO_HOP, [FACT1, FACT2])
+    full, no_first, _ = records["instructed"]
+    assert full["correct"] and not no_first["correct"], records["instructed"]
+    assert full["questions"][0]["instructions"] == [FACT1, FACT2]
+    assert summary["methods"]["instructed"]["Por_Nhop"] >= 100 / 3 - 0.01

@@ -1,6 +1,11 @@
 """InstructEd through EasyEdit: hparams validation, gold and retrieval editing, memory semantics.
 
-Uses the session-cached pretrained tiny base and trained prefixes of ``test_instructed_training``.
+Uses the session's world (``test_instructed_training``, :mod:`tests._instructed_world`): a tiny base
+that cannot use an instruction by itself (Rel, Gen and Loc are 0 without trained prefixes, see
+``test_instructed_ablation``) and the prefixes the plugin's trainer produced for it. Every quality
+figure asserted here therefore depends on the training having worked. The locality questions are the
+world's own (other people, half of them with the edited relation), so retrieval does find edits for
+them and the model has to tell that the retrieved fact is about someone else.
 """
 from __future__ import annotations
 
@@ -134,26 +139,24 @@ def test_gold_instruction_edits_held_out_facts(easyedit, instructed_world):
     pre = summarize_metrics(metrics, phase="pre")
     post = summarize_metrics(metrics)
     print("InstructEd gold, held-out tiny facts: pre", pre, "post", post)
-    assert post["Rel"] >= 90 and post["Loc"] >= 90 and post["Gen"] >= 75, post
-    assert pre["Rel"] < 50
+    # measured: post 100/100/100, pre Rel/Gen 0 (8 edits: one miss is 12.5 points)
+    assert post["Rel"] >= 87.5 and post["Gen"] >= 87.5 and post["Loc"] >= 87.5, post
+    assert pre["Rel"] <= 12.5 and pre["Gen"] <= 12.5, pre
     assert len(editing_state(editor.model).entries) == 0  # each edit was forgotten after its evaluation
     for key, value in editor.model.state_dict().items():  # never a weight touched
         assert torch.equal(value, original[key]), key
 
 
-GENERIC_QUESTIONS = [("What is the capital of France?", "Paris"), ("What is the capital city of Italy?", "Rome"),
-                     ("Which company makes the iPhone?", "Apple"), ("Who founded Microsoft?", "Bill Gates"),
-                     ("What is the name of the river that flows through Paris?", "The Seine"),
-                     ("Which city is the capital of Japan?", "Tokyo"), ("How are you today?", "I am fine"),
-                     ("Do you have any pets?", "Yes")]
+#: questions about nothing in the world, for which retrieval finds nothing (the gate stays shut; "What is the
+#: capital of France?" would retrieve "Where does Mozart live? Paris." from the held-out edits)
+OFF_WORLD_QUESTIONS = ["Who is the CEO of Apple?", "Which company makes the iPhone?"]
 
 
-def _generic_locality(requests):
-    """Copies of ``requests`` whose locality question concerns nothing in the edited world. (In
-    sequential retrieval editing, a question about another edited person or relation may retrieve
-    that edit -- the tiny base then answers from it -- so the unrelated questions are generic.)"""
-    return [dict(req, locality={"neighborhood": {"prompt": q, "ground_truth": a}})
-            for req, (q, a) in zip(requests, GENERIC_QUESTIONS * (len(requests) // len(GENERIC_QUESTIONS) + 1))]
+def _unaffected(metrics, requests):
+    """The metrics of the requests whose locality question no request of the run edits (an edited
+    question cannot keep its answer; the world's held-out edits have one such pair)."""
+    edited_questions = {q for r in requests for q in (r["prompt"], r["rephrase_prompt"])}
+    return [m for m, r in zip(metrics, requests) if r["locality"]["neighborhood"]["prompt"] not in edited_questions]
 
 
 def _mode(easyedit, sequential: bool) -> dict:
@@ -167,13 +170,15 @@ def test_retrieval_sequential_editing_and_unrelated_questions(easyedit, instruct
     from easyeditor import BaseEditor
 
     editor = BaseEditor.from_hparams(_hparams(instructed_world, instruction_source="retrieval"))
-    requests = _generic_locality(instructed_world["test"])
+    requests = instructed_world["test"]
     metrics, edited, _ = editor.edit(**_edit_kwargs(requests), **_mode(easyedit, True), verbose=False)
     post = summarize_metrics(metrics)
     print("InstructEd retrieval, sequential, held-out tiny facts:", post)
     state = editing_state(editor.model)
     assert len(state.entries) == len(instructed_world["test"])  # the memory accumulated every edit
-    assert post["Rel"] >= 90 and post["Loc"] >= 90, post
+    # measured: 100/100/87.5; the locality questions are about other people, and retrieval hands the
+    # model an edit of the same relation for half of them (it keeps its answer for 7 of 8)
+    assert post["Rel"] >= 87.5 and post["Gen"] >= 87.5 and post["Loc"] >= 75, post
     # after all edits, every edit is still answered (retrieved from the memory) ...
     tok = editor.tok
     for req in instructed_world["test"]:
@@ -181,7 +186,7 @@ def test_retrieval_sequential_editing_and_unrelated_questions(easyedit, instruct
         pred = edited(**enc).logits[0, -2].argmax().item()
         assert pred == enc["input_ids"][0, -1].item(), req
     # ... and a question about nothing edited retrieves nothing: exactly the unedited model
-    enc = tok(["Who is the CEO of Apple?", "What is the capital of France?"], return_tensors="pt", padding=True)
+    enc = tok(OFF_WORLD_QUESTIONS, return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(edited(**enc).logits, editor.model(**enc).logits)
     # generation through the edited model answers with the new target
@@ -226,8 +231,7 @@ def test_easyedit_main_sequential_and_single_editing(instructed_world):
         from instructedit_plugin.evaluation.summary import summarize_metrics
         out = {{"flavour": info.flavour}}
         for source in ("gold", "retrieval"):
-            reqs = json.loads({json.dumps(json.dumps(instructed_world["test"]))} if source == "gold"
-                              else {json.dumps(json.dumps(_generic_locality(instructed_world["test"])))})
+            reqs = json.loads({json.dumps(json.dumps(instructed_world["test"]))})
             hp = InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name={str(instructed_world["base_dir"])!r},
                 archive={str(instructed_world["archive"])!r}, device="cpu", instruction_source=source))
             editor = BaseEditor.from_hparams(hp)
@@ -238,7 +242,9 @@ def test_easyedit_main_sequential_and_single_editing(instructed_world):
                                   "ground_truth": [r["locality"]["neighborhood"]["ground_truth"] for r in reqs]}}}})
                 metrics, edited, _ = editor.edit(**kwargs, sequential_edit=sequential, verbose=False)
                 s = summarize_metrics(metrics)
-                out[f"{{source}}_{{sequential}}"] = dict(Rel=s["Rel"], Gen=s["Gen"], Loc=s["Loc"],
+                kept = [m for m, r in zip(metrics, reqs) if r["locality"]["neighborhood"]["prompt"] not in
+                        {{q for x in reqs for q in (x["prompt"], x["rephrase_prompt"])}}]
+                out[f"{{source}}_{{sequential}}"] = dict(Rel=s["Rel"], Gen=s["Gen"], Loc=summarize_metrics(kept)["Loc"],
                                                          memory=len(editing_state(editor.model).entries))
                 from instructedit_plugin.instructed.editor import reset_memory
                 reset_memory(editor.model)
@@ -257,7 +263,8 @@ def test_easyedit_main_sequential_and_single_editing(instructed_world):
         assert out[f"{source}_True"]["memory"] == n  # sequential: accumulates
         for sequential in (False, True):
             got = out[f"{source}_{sequential}"]
-            assert got["Rel"] >= 90 and got["Loc"] >= 90, (source, sequential, got)
+            assert got["Rel"] >= 87.5 and got["Gen"] >= 87.5, (source, sequential, got)
+            assert got["Loc"] >= (85 if source == "gold" else 70), (source, sequential, got)  # over 7 questions
 
 
 @pytest.mark.parametrize("source,locality_form", [("gold", "inputs"), ("retrieval", "inputs"), ("gold", "lists")])
@@ -271,9 +278,7 @@ def test_batch_edit_adds_every_request_of_a_batch_to_the_memory(easyedit, instru
 
     if locality_form == "lists" and easyedit.flavour != "pypi":
         pytest.skip("locality_prompts/locality_ground_truth lists are PyPI batch_edit's signature")
-    # gold gives a locality question its edit's instruction: the tiny prefixes were trained to ignore
-    # it for the world's own unrelated questions (as in the single-edit gold test)
-    requests = instructed_world["test"] if source == "gold" else _generic_locality(instructed_world["test"])
+    requests = instructed_world["test"]
     editor = BaseEditor.from_hparams(_hparams(instructed_world, instruction_source=source, batch_size=len(requests)))
     original = {k: v.clone() for k, v in editor.model.state_dict().items()}
     sizes: list[int] = []
@@ -299,13 +304,15 @@ def test_batch_edit_adds_every_request_of_a_batch_to_the_memory(easyedit, instru
     assert sizes == [len(requests)]  # one chunk, all of it in the memory at once
     assert len(metrics) == len(requests)
     assert all(m["post"]["locality"] for m in metrics)  # the locality questions reached the metrics
-    assert post["Rel"] >= 90, post
+    assert post["Rel"] >= 87.5 and post["Gen"] >= 87.5, post
     # a locality question that another edit of the batch changes cannot keep its answer: Loc is
-    # measured on the others (the tiny world has one such pair: Obama's mother tongue)
-    edited_questions = {q for r in requests for q in (r["prompt"], r["rephrase_prompt"])}
-    unaffected = [m for m, r in zip(metrics, requests) if r["locality"]["neighborhood"]["prompt"] not in edited_questions]
-    assert len(unaffected) >= len(requests) - 2
-    assert summarize_metrics(unaffected)["Loc"] >= 90, summarize_metrics(unaffected)
+    # measured on the others (the world's held-out edits have one such pair: Tiger Woods' city)
+    unaffected = _unaffected(metrics, requests)
+    assert len(unaffected) == len(requests) - 1
+    kept = summarize_metrics(unaffected)["Loc"]
+    print("Loc over the unaffected locality questions:", kept)
+    # measured over the 7: gold 100, retrieval (every edit in memory, the nearest retrieved) 100
+    assert kept >= (85 if source == "gold" else 70), summarize_metrics(unaffected)
     assert len(editing_state(editor.model).entries) == 0  # restored after the batch
     for key, value in editor.model.state_dict().items():
         assert torch.equal(value, original[key]), key

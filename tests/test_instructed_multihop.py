@@ -1,4 +1,11 @@
-"""MQuAKE multi-hop evaluation helpers: instructions, retrieval per hop, Por/Hop-Acc, answer matching."""
+"""MQuAKE multi-hop evaluation: a real tiny model answering two-hop questions from its memory, and the
+helpers (instructions, retrieval per hop, Por/Hop-Acc, answer matching).
+
+The first tests run InstructEd for real: the session's world model (:mod:`tests._instructed_world`)
+with the prefixes the plugin's trainer produced, real retrieval from an instruction memory, real
+greedy answers. The helper tests further down use :func:`reader`, a fake answerer, because they are
+about the retrieval and scoring plumbing, not about a model.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +30,8 @@ from instructedit_plugin.instructed.multihop import (
     normalize_answer,
     retrieve_facts_for_question,
 )
+
+from ._instructed_world import chain_rewrites, distractor_rewrites, make_chain, mquake_record, world_lm
 
 SPOUSE = "The spouse of Alice Vermeer is Bruno Castellanos."
 CITIZEN = "Bruno Castellanos is a citizen of Chile."
@@ -61,7 +70,8 @@ def two_hop_case(single_hops: list[Hop] | None = None) -> MQuAKECase:
 
 
 def reader(question: str, instructions: list[str]) -> str:
-    """A fake LM: answers with the object of the LAST instruction it was given, else the unedited answer."""
+    """A fake LM for the plumbing tests: answers with the object of the LAST instruction it was given,
+    else the unedited answer."""
     if not instructions:
         return "Netherlands"
     last = instructions[-1].rstrip(".")
@@ -71,6 +81,71 @@ def reader(question: str, instructions: list[str]) -> str:
     return last
 
 
+# ---------------------------------------------------------------------------- the real thing
+#: people whose best friend and the new friend's city are edited (distinct chains of the world)
+CHAIN_SUBJECTS = ("Mozart", "Tiger Woods", "Marie Curie", "Beethoven")
+
+
+@pytest.fixture(scope="module")
+def world_cases(tmp_path_factory):
+    """Per chain: a case with both facts in memory and one with only the second fact (the new
+    friend's city; without the first fact nobody says that person is X's friend), each with three
+    other people's city edits as distractors, loaded through :func:`load_mquake`."""
+    records = []
+    for i, subject in enumerate(CHAIN_SUBJECTS):
+        chain = make_chain(subject)
+        first, second = chain_rewrites(chain)
+        others = distractor_rewrites(chain)
+        records += [mquake_record(2 * i, chain, [first, second, *others]), mquake_record(2 * i + 1, chain, [second, *others])]
+    path = tmp_path_factory.mktemp("world-mquake") / "two_hop.json"
+    path.write_text(json.dumps(records))
+    cases = load_mquake(path)
+    return cases[0::2], cases[1::2]
+
+
+def test_tiny_model_composes_two_chained_facts_and_not_one(instructed_world, world_cases, encoder):
+    """Two chained facts in memory ("The best friend of X is B.", "B lives in C.") give the composed
+    answer C to "Where does the best friend of X live?" (both phrasings), retrieved hop by hop from the
+    question; the second fact alone (B lives in C, but nobody says B is X's friend) does not: the model
+    keeps the answer it knew. Not asserted: the first fact alone (its answer, B's city, needs a fact
+    from the context composed with one from the weights, which the tiny world does not teach) and the
+    first single hop, "Who is the best friend of X?" (the world's instruction-following data asks
+    for cities, sports, languages and jobs, never for a person)."""
+    from instructedit_plugin.instructed.answering import instructed_answer_fn
+
+    both, second_only = world_cases
+    lm, tok = world_lm(instructed_world)
+    answer = instructed_answer_fn(lm, tok)
+    full = evaluate_multihop(both, answer, lambda: InstructionMemory(encoder), question_aggregation="all")
+    for case, record in zip(both, full.records):
+        seen = [(q.question, q.instructions, q.prediction) for q in record.questions]
+        assert record.questions[0].instructions == [edit_instruction(e) for e in case.edits[:2]], seen
+        assert record.correct, (case.new_answer, seen)
+        hop = record.single_hops[1]  # "Where does B live?" with "B lives in C." retrieved
+        assert hop.correct and hop.instructions == [edit_instruction(case.edits[1])], hop
+    assert full.summary["por"] == 100.0, full.summary
+    one = evaluate_multihop(second_only, answer, lambda: InstructionMemory(encoder), single_hops=False)
+    for case, record in zip(second_only, one.records):
+        seen = [(q.question, q.instructions, q.prediction) for q in record.questions]
+        assert not record.correct, seen
+        assert all(answer_matches(q.prediction, [case.answer]) for q in record.questions), seen  # what it knew
+
+
+def test_without_trained_prefixes_the_facts_are_not_used(instructed_world, world_cases, encoder):
+    """The same retrieved facts in the same layout on the plain model (the in-context baseline): the
+    base continues with "Output: ..." instead of answering, for every question and sub-question."""
+    from instructedit_plugin.instructed.answering import instructed_answer_fn
+
+    both, _ = world_cases
+    lm, tok = world_lm(instructed_world, prefixes="none")
+    result = evaluate_multihop(both, instructed_answer_fn(lm, tok), lambda: InstructionMemory(encoder),
+                               match_mode="prefix")
+    predictions = [q.prediction for r in result.records for q in r.questions + r.single_hops]
+    assert all(p.startswith("Output:") for p in predictions), predictions
+    assert result.summary["por"] == 0.0 and result.summary["hop_acc"] == 0.0, result.summary
+
+
+# ---------------------------------------------------------------------------- plumbing (fake answerer)
 def test_edit_instruction_text():
     case = two_hop_case()
     assert [edit_instruction(e) for e in case.edits] == [SPOUSE, CITIZEN]
@@ -81,6 +156,8 @@ def test_edit_instruction_text():
 
 
 def test_two_hop_case_por_and_hop_acc(encoder):
+    """Scoring and retrieval plumbing (fake answerer): Por / Hop-Acc / recall of one hand-built case,
+    alone and in a shared memory with distractors. A real model's answers: the tests above."""
     case = two_hop_case()
     result = evaluate_multihop([case], reader, lambda: InstructionMemory(encoder))
     record = result.records[0]
@@ -142,6 +219,7 @@ def test_retrieval_never_reads_the_gold_decomposition(encoder):
 
 
 def test_aggregation_and_json_round_trip(encoder, tmp_path):
+    """Question aggregation and the result's JSON round trip (plumbing; fake answerer)."""
     case = two_hop_case()
     # answers only the first phrasing correctly
     def first_only(question, instructions):

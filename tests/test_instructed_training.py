@@ -1,20 +1,19 @@
-"""InstructEd prefix training on a synthetic fact world: training, best checkpoint, round trip, resume.
+"""InstructEd prefix training on the tiny world: training, best checkpoint, round trip, resume.
 
-The tiny models are randomly initialised: a 4-layer random transformer cannot read anything from
-its context, and 2 x 5 prefix vectors cannot give it that ability (tried: held-out accuracy stays
-at chance). InstructEd assumes an LLM that can already follow an instruction in its input, so the
-session fixture first *pretrains* the tiny LLaMA (all weights, ~500 steps) on a small world:
-closed-book questions about 16 people, ``Instructions: {fact}\\nInput: {question}`` with a fact
-about the question (answer: the fact's object) and with a fact about another person and relation
-(answer: the closed-book one). That model is then frozen and InstructEd's prefixes are trained on
-40 *edits* (new facts) with the plugin's trainer; held-out edits are used by the editing tests.
-Everything is cached once per session (:func:`instructed_world`).
+The world (:mod:`tests._instructed_world`) is a tiny LLaMA pretrained so that it knows 12 people's
+facts but cannot use an ``Instructions: {fact}\nInput: {question}`` instruction on its own (it
+writes ``\nOutput:`` instead of answering, with no prefix or with a random bank), while prefixes in
+layers 1-2 can switch on an instruction-following mode planted in it. The session fixture
+:func:`instructed_world` trains InstructEd's prefixes with the plugin's trainer from the trainer's
+own random bank on 40 edits (new facts); the 8 held-out edits are used by the editing, example,
+ablation and demo tests. The validation at step 0 (the untrained bank) is part of the result, so
+that the tests see the loss fall. Everything is built once per session (the pretrained base is
+cached under the models cache when ``$INSTRUCTEDIT_CACHE`` is set).
 """
 from __future__ import annotations
 
 import functools
 import json
-import random
 import time
 from pathlib import Path
 
@@ -25,149 +24,76 @@ from instructedit_plugin.errors import PluginError
 from instructedit_plugin.instructed.checkpoint import load_checkpoint, save_checkpoint
 from instructedit_plugin.instructed.config import InstructEdTrainingHparams
 from instructedit_plugin.instructed.model import InstructedLM
+from instructedit_plugin.instructed.templates import instruction_of
 from instructedit_plugin.instructed.trainer import InstructEdTrainer
 
-SUBJECTS = ["Lionel Messi", "Tiger Woods", "Mozart", "Beethoven", "Marie Curie", "Tim Cook", "Leo Tolstoy",
-            "Michael Jordan", "Roger Federer", "Albert Einstein", "Pablo Picasso", "Danielle Darrieux",
-            "Barack Obama", "Isaac Newton", "Serena Williams", "LeBron James"]
-RELATIONS = {
-    "city": (["Paris", "Berlin", "Rome", "Madrid", "Tokyo", "London", "Ottawa"],
-             "{} lives in {}.", ["Where does {} live?", "In which city does {} live?"]),
-    "sport": (["soccer", "basketball", "tennis", "golf"],
-              "{} plays {}.", ["Which sport does {} play?", "What sport does {} play?"]),
-    "language": (["French", "Spanish", "German", "English"],
-                 "The mother tongue of {} is {}.", ["What is the mother tongue of {}?", "What is the native language of {}?"]),
-    "job": (["physicist", "chemist", "painter", "composer"],
-            "{} works as a {}.", ["What is the occupation of {}?", "What does {} work as?"]),
-}
-TEMPLATE = "Instructions: {}\nInput: {}"
-PRETRAIN_STEPS = 500
-N_TRAIN_EDITS, N_TEST_EDITS = 40, 8
+from ._instructed_world import N_TEST_EDITS, N_TRAIN_EDITS, make_edits, world_base_dir
 
-
-def world() -> dict[tuple[str, str], str]:
-    rng = random.Random(0)
-    return {(s, r): rng.choice(RELATIONS[r][0]) for s in SUBJECTS for r in RELATIONS}
-
-
-def make_edits(n: int, seed: int = 1) -> list[dict]:
-    """``n`` edit requests (distinct subject/relation pairs, new object != the world's) with an
-    instruction, a rephrase and a locality question about another person and relation."""
-    facts = world()
-    rng = random.Random(seed)
-    pairs = [(s, r) for s in SUBJECTS for r in RELATIONS]
-    rng.shuffle(pairs)
-    out = []
-    for s, r in pairs[:n]:
-        objects, statement, questions = RELATIONS[r]
-        new = rng.choice([o for o in objects if o != facts[(s, r)]])
-        s2 = rng.choice([x for x in SUBJECTS if x != s])
-        r2 = rng.choice([x for x in RELATIONS if x != r])
-        out.append(dict(prompt=questions[0].format(s), rephrase_prompt=questions[1].format(s), target_new=new,
-                        ground_truth=facts[(s, r)], subject=s, instruction=statement.format(s, new),
-                        locality={"neighborhood": {"prompt": RELATIONS[r2][2][0].format(s2), "ground_truth": facts[(s2, r2)]}}))
-    return out
-
-
-def _pretrain(src: Path, dst: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src)
-    facts = world()
-    rng = random.Random(0)
-
-    def sample() -> tuple[str, str]:
-        s, r = rng.choice(SUBJECTS), rng.choice(list(RELATIONS))
-        objects, statement, questions = RELATIONS[r]
-        q = rng.choice(questions).format(s)
-        u = rng.random()
-        if u < 0.4:
-            return q, facts[(s, r)]
-        if u < 0.75:
-            o = rng.choice(objects)
-            return TEMPLATE.format(statement.format(s, o), q), o
-        s2 = rng.choice([x for x in SUBJECTS if x != s])
-        r2 = rng.choice([x for x in RELATIONS if x != r])
-        return TEMPLATE.format(RELATIONS[r2][1].format(s2, rng.choice(RELATIONS[r2][0])), q), facts[(s, r)]
-
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.02, 1 - s / PRETRAIN_STEPS))
-    model.train()
-    for _ in range(PRETRAIN_STEPS):
-        items = [sample() for _ in range(32)]
-        seqs = [tok(p + " " + a)["input_ids"] for p, a in items]
-        cut = [len(tok(p)["input_ids"]) for p, _ in items]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, (seq, c) in enumerate(zip(seqs, cut)):
-            n = width - len(seq)
-            ids[i, n:] = torch.tensor(seq)
-            mask[i, n:] = 1
-            labels[i, n + c:] = torch.tensor(seq[c:])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    model.save_pretrained(dst)
-    tok.save_pretrained(dst)
+#: The world's prefix training: the tiny YAML with fewer steps (the validation loss is flat after
+#: step 50 on this world: 10.5 at step 0, 0.16 at 50, 0.21 at 150).
+WORLD_TRAINING = dict(max_steps=150, val_interval=50, warmup_steps=10)
 
 
 def training_config(base_dir: Path, results_dir: Path, **overrides) -> InstructEdTrainingHparams:
-    """The tiny training YAML with test paths (and overrides)."""
+    """The tiny training YAML with the world's step counts, test paths (and overrides)."""
     repo = Path(__file__).resolve().parents[1]
     cfg = InstructEdTrainingHparams.from_hparams(repo / "hparams/TRAINING/InstructEd/tiny.yaml")
     data = cfg.to_dict()
-    data.update(model_name=str(base_dir), results_dir=str(results_dir), progress=False, **overrides)
+    data.update(model_name=str(base_dir), results_dir=str(results_dir), progress=False, **{**WORLD_TRAINING, **overrides})
     return InstructEdTrainingHparams.from_dict(data)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_world(root: str, tiny_llama: str) -> dict:
+def _build_world(root: str, tiny_llama: str, cache_root: str) -> dict:
     root_path = Path(root)
-    base_dir = root_path / "base"
     t0 = time.perf_counter()
-    _pretrain(Path(tiny_llama), base_dir)
+    base_dir = world_base_dir(Path(cache_root), Path(tiny_llama))
     pretrain_s = time.perf_counter() - t0
     edits = make_edits(N_TRAIN_EDITS + N_TEST_EDITS)
     train, test = edits[:N_TRAIN_EDITS], edits[N_TRAIN_EDITS:]
     cfg = training_config(base_dir, root_path / "results")
     t0 = time.perf_counter()
     trainer = InstructEdTrainer(cfg, train)  # validation: val_fraction of the training edits
+    step0 = {"step": 0, **trainer.validate()}  # the trainer's own untrained bank
+    initial_bank = trainer.bank.embeddings.detach().clone()
     result = trainer.run()
     trainer.close()
+    result["step0"] = step0
     result["train_s"] = time.perf_counter() - t0
     result["pretrain_s"] = pretrain_s
-    (root_path / "training_result.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1, default=str))
+    (root_path / "training_result.json").write_text(json.dumps(result, indent=1, default=str))
     return {"base_dir": base_dir, "archive": Path(result["best_dir"]), "results_dir": root_path / "results",
-            "train": train, "test": test, "val": trainer.val_requests, "result": result}
+            "train": train, "test": test, "val": trainer.val_requests, "result": result, "initial_bank": initial_bank}
 
 
 @pytest.fixture(scope="session")
-def instructed_world(tmp_path_factory, tiny_llama_dir) -> dict:
-    """Pretrained tiny base + InstructEd prefixes trained on synthetic edits (built once per session)."""
-    return _build_world(str(tmp_path_factory.getbasetemp() / "instructed-world"), str(tiny_llama_dir))
+def instructed_world(tmp_path_factory, tiny_llama_dir, models_cache_root) -> dict:
+    """World base + InstructEd prefixes trained on its edits (built once per session). Keys: ``base_dir``,
+    ``archive``, ``results_dir``, ``train``, ``test``, ``val``, ``result`` (the trainer's result plus
+    ``step0``, the validation of the untrained bank) and ``initial_bank`` (that bank's embeddings)."""
+    return _build_world(str(tmp_path_factory.getbasetemp() / "instructed-world"), str(tiny_llama_dir),
+                        str(models_cache_root))
 
 
 # ----------------------------------------------------------------------------------------------
 def test_training_runs_validates_and_keeps_the_best(instructed_world):
     result = instructed_world["result"]
-    history = result["history"]
+    history, step0 = result["history"], result["step0"]
     cfg = training_config(instructed_world["base_dir"], instructed_world["results_dir"])
+    print("validation:", step0, *history, sep="\n  ")
     assert result["step"] == cfg.max_steps
     assert [h["step"] for h in history] == list(range(cfg.val_interval, cfg.max_steps + 1, cfg.val_interval))
     assert result["best_val_loss"] == min(h["loss"] for h in history)
-    # the validation edits are held out from training, and the prefixes answer them from the instruction
+    # the validation edits are held out from training
     val_prompts = {r["prompt"] for r in instructed_world["val"]}
     assert val_prompts and not val_prompts & {r["prompt"] for r in instructed_world["train"] if r not in instructed_world["val"]}
+    # the untrained bank cannot make the base answer (it writes "\nOutput:"); training can.
+    # Measured: step 0 loss 10.5, edit_acc 0, loc_acc 0; best loss 0.155 at step 50 (1/68 of step 0),
+    # edit_acc 1.0, loc_acc 0.875 (validation: 4 held-out training edits; answer-token accuracies).
+    assert step0["edit_acc"] <= 0.1 and step0["loc_acc"] <= 0.25, step0
     best = min(history, key=lambda h: h["loss"])
-    assert best["edit_acc"] >= 0.75 and best["loc_acc"] >= 0.9, history
+    assert best["loss"] <= 0.5 * step0["loss"], (step0, best)
+    assert best["edit_acc"] >= 0.85 and best["loc_acc"] >= 0.75, history
     ckpt = load_checkpoint(instructed_world["archive"])
     assert ckpt.config["prefix_layers"] == [1, 2] and ckpt.config["prefix_len"] == 5
     assert ckpt.config["info"]["loss"] == pytest.approx(result["best_val_loss"])
@@ -198,9 +124,9 @@ def test_checkpoint_round_trip_gives_identical_logits(instructed_world, tmp_path
     assert torch.equal(again.bank.embeddings, ckpt.bank.embeddings)
     req = instructed_world["test"][0]
     enc = tok([req["prompt"] + " " + req["target_new"], req["rephrase_prompt"]], return_tensors="pt", padding=True)
-    first = lm(**enc, instructions=[req["instruction"]] * 2).logits
+    first = lm(**enc, instructions=[instruction_of(req)] * 2).logits
     lm2, _ = _lm(instructed_world["base_dir"], again.bank)
-    assert torch.equal(first, lm2(**enc, instructions=[req["instruction"]] * 2).logits)
+    assert torch.equal(first, lm2(**enc, instructions=[instruction_of(req)] * 2).logits)
     # a damaged file is detected through the manifest
     data = bytearray((copy_dir / "prefixes.safetensors").read_bytes())
     data[-1] ^= 0xFF

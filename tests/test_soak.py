@@ -1,15 +1,22 @@
 """Soak: 2,000 sequential InstructEd edits through the editor's own apply function.
 
-The tiny LLaMA stays frozen; every edit goes through ``apply_instructed_to_model`` (what EasyEdit's
-``BaseEditor`` calls, sequential semantics: the memory accumulates) with retrieval over the
-instruction memory. Checked along the way and at the end:
+The model is the session's tiny world (:mod:`tests._instructed_world`) with the prefixes the plugin's
+trainer produced for it, frozen; every edit goes through ``apply_instructed_to_model`` (what
+EasyEdit's ``BaseEditor`` calls, sequential semantics: the memory accumulates) with retrieval over
+the instruction memory. The first edits are held-out edits of the world (one per person: facts the
+model knows, changed); the other ~1,995 are about invented people. Checked along the way and at the end:
 
 * the memory grows by exactly one entry per edit, and its bytes grow linearly (in RAM and on disk);
 * every edit stays retrievable: for the first 100 edits, the retrieved instruction and the
   teacher-forced rewrite predictions (EasyEdit's ``rewrite_acc`` tokens) right after the edit are
   the same after all 2,000 edits, and the instruction retrieved is the edit's own;
-* locality does not drift: fixed unrelated questions give bit-identical logits (the gate stays
-  shut: the unedited model answers) before the first edit, after it and after the 2,000th;
+* the edits work and keep working: the world edits are answered with their new objects right after
+  they are made and after the 2,000th edit (the untrained bank would answer none of them);
+* locality at scale: questions about the world's other facts (about other people, half with an
+  edited relation; retrieval may hand the model any of the 2,000 facts) keep the unedited model's
+  answer after all edits;
+* questions that retrieve nothing (checked: the gate stays shut for them) give bit-identical logits
+  before the first edit, after it and after the 2,000th -- a property of the gate, not of the model;
 * the model's weights never change.
 
 The sentence encoder is a deterministic word-hashing encoder passed through ``hparams.encoder``
@@ -21,16 +28,15 @@ same-relation facts crowd together), a property of the method's gate rather than
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 
 import pytest
 import torch
 
-from instructedit_plugin.instructed.checkpoint import save_checkpoint
-from instructedit_plugin.instructed.config import DEFAULT_TEMPLATE, InstructEdHyperParams
+from instructedit_plugin.instructed.config import InstructEdHyperParams
 from instructedit_plugin.instructed.editor import apply_instructed_to_model, editing_state
-from instructedit_plugin.instructed.prefix import PrefixBank
 from instructedit_plugin.instructed.templates import instruction_of
 
 N_EDITS = 2000
@@ -129,23 +135,36 @@ def unrelated_logits(lm, tok) -> torch.Tensor:
         return lm(**enc).logits
 
 
+#: of the world's locality questions, the share that must keep the unedited answer after 2,000 edits
+#: (measured: 36 of 36, 13 of them with a fact retrieved)
+LOCALITY_KEPT = 0.85
+
+
 @pytest.mark.slow
-def test_two_thousand_sequential_edits(tiny_llama_dir, tmp_path):
+def test_two_thousand_sequential_edits(instructed_world, tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # every apply warns that the archive was trained with another encoder (true, and meant: see above)
+    caplog.set_level(logging.ERROR, logger="instructedit_plugin.instructed.editor")
     started = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    base_dir = instructed_world["base_dir"]
+    tok = AutoTokenizer.from_pretrained(base_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(0)
-    bank = PrefixBank([1, 2], 5, model.config.hidden_size, init_std=0.5)
-    archive = save_checkpoint(tmp_path / "prefixes", bank, reweight_mode="paper", template=DEFAULT_TEMPLATE,
-                              encoder=HashingEncoder().identity, model_config=model.config)
-    hparams = InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=str(tiny_llama_dir),
-                                                   archive=str(archive), device="cpu", instruction_source="retrieval"))
+    hparams = InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=str(base_dir),
+                                                   archive=str(instructed_world["archive"]), device="cpu",
+                                                   instruction_source="retrieval"))
     hparams.encoder = HashingEncoder()  # any encoder object works; see the module docstring
-    requests = make_requests(N_EDITS)
+    # one held-out edit per person (the hashing encoder weighs relation words down, so two edits of
+    # one person would compete at retrieval)
+    world_edits = list({r["subject"]: r for r in reversed(instructed_world["test"])}.values())[::-1]
+    requests = world_edits + make_requests(N_EDITS - len(world_edits))
+    edited_questions = {q for r in instructed_world["test"] for q in (r["prompt"], r["rephrase_prompt"])}
+    locality = [{"prompt": r["locality"]["neighborhood"]["prompt"], "target_new": r["locality"]["neighborhood"]["ground_truth"]}
+                for r in instructed_world["train"] + world_edits
+                if r["locality"]["neighborhood"]["prompt"] not in edited_questions]
+    unedited = [rewrite_predictions(model, tok, q)[0] for q in locality]
     with torch.no_grad():
         base_unrelated = model(**tok(UNRELATED, return_tensors="pt", padding=True)).logits
 
@@ -177,15 +196,24 @@ def test_two_thousand_sequential_edits(tiny_llama_dir, tmp_path):
         hit = memory.select(requests[i]["prompt"], gate=hparams.retrieval_gate, top_k=hparams.top_k)
         assert hit is not None and hit.id == hit_id == i, (i, hit)
         assert rewrite_predictions(lm, tok, requests[i]) == (preds, acc), i
-    # the retrieved instruction is really used: predictions differ from the unedited model's
-    changed = sum(rewrite_predictions(model, tok, requests[i])[0] != preds for i, (_, preds, _) in enumerate(tracked))
-    assert changed >= N_TRACKED // 10, changed  # (random prefixes on a tiny model: often, not always)
-    # ... and the edits after them too (one batched search)
+    # the world's edits were answered with their new objects then, and still are (measured: 4 of 5; the
+    # hashing encoder's similarities are not the ones the prefixes were trained with)
+    world_acc = [acc for _, _, acc in tracked[: len(world_edits)]]
+    assert sum(a == 1.0 for a in world_acc) >= len(world_edits) - 1, world_acc
+    # ... and the edits after them are retrieved too (one batched search)
     sample = list(range(N_TRACKED, N_EDITS, 37))
     found = memory.select_many([requests[i]["prompt"] for i in sample])
     assert [None if h is None else h.id for h in found] == sample
 
-    # locality: unrelated questions keep the unedited model's logits, bit for bit
+    # locality: the world's other facts keep their answers among 2,000 retrievable facts
+    kept = sum(rewrite_predictions(lm, tok, q)[0] == u for q, u in zip(locality, unedited)) / len(locality)
+    retrieved = sum(memory.select(q["prompt"], gate=hparams.retrieval_gate, top_k=hparams.top_k) is not None
+                    for q in locality)
+    print(f"locality: {retrieved} of {len(locality)} questions retrieve a fact; kept {kept:.3f}")
+    assert retrieved >= len(locality) // 4, retrieved  # the gate does hand many of them a fact
+    assert kept >= LOCALITY_KEPT, (kept, len(locality))
+    # questions that retrieve nothing are answered by the unedited model, bit for bit
+    assert all(memory.select(q, gate=hparams.retrieval_gate, top_k=hparams.top_k) is None for q in UNRELATED)
     assert torch.equal(first_unrelated, base_unrelated)
     assert torch.equal(unrelated_logits(lm, tok), base_unrelated)
 
@@ -203,4 +231,5 @@ def test_two_thousand_sequential_edits(tiny_llama_dir, tmp_path):
     for key, value in model.state_dict().items():  # never a weight touched
         assert torch.equal(value, weights[key]), key
     print(f"{N_EDITS} sequential edits in {edit_seconds:.1f}s (total {time.perf_counter() - started:.1f}s); "
+          f"world edits answered: {world_acc}; locality kept {kept:.3f} of {len(locality)} questions; "
           f"rewrite acc of the first {N_TRACKED}: {sum(a for _, _, a in tracked) / N_TRACKED:.3f}")
