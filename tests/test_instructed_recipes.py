@@ -182,6 +182,11 @@ def test_recipe_gives_identical_prefixes_on_a_busy_and_an_idle_machine(tiny_llam
     for archive in (idle, busy):
         info = recipe_info(archive)
         assert info["steps"] == 16 and not info["stopped_by_budget"]
+    # and the steps did train: one step of the same recipe leaves different prefixes (a no-op optimizer
+    # would make every run equal to the initial bank, and the equalities above would hold trivially)
+    one = train_embedded_prefixes(cache_dir=tmp_path / "one", **dict(kwargs, steps=1, val_interval=1))
+    moved = _prefix_tensors(one)
+    assert any(not torch.equal(ref[name], moved[name]) for name in ref if ref[name].is_floating_point())
 
 
 def test_safety_cap_is_recorded_and_the_next_call_resumes_to_the_same_prefixes(tiny_llama_dir, tmp_path):
