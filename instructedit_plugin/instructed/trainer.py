@@ -435,11 +435,13 @@ class InstructEdTrainer:
         """Save ``last`` (prefixes + optimizer/scheduler state at this step) on the main process."""
         rt = self.runtime
         record = {"step": self.step, "interrupted": True}
-        if not rt.distributed:
+
+        def save_last() -> None:
             self.save("last", record, with_state=True)
-            return
-        run_on_main(rt, lambda: self.save("last", record, with_state=True) and None, "the interrupted save")
-        rt.wait_for_everyone()
+
+        run_on_main(rt, save_last, "the interrupted save")  # runs save_last directly in a single process
+        if rt.distributed:
+            rt.wait_for_everyone()
 
     def _after_validation_on_main(self) -> bool:
         """:meth:`_after_validation` (validate, save) on the main process; every process gets the outcome."""
