@@ -170,20 +170,40 @@ def test_edit_prompt_modes_and_helpers():
     assert lp["position_ids"].tolist() == [[0, 0, 1, 2], [0, 0, 0, 1]]
 
 
-def test_plugin_metrics_match_easyedit_compute_edit_quality(setup):
+@pytest.fixture(scope="module")
+def llama_setup(tiny_llama_dir, tmp_path_factory):
+    """One InstructEdit editor on a rotary (LLaMA) model, where EasyEdit's left padding
+    without position ids shifts every position by the same amount and so changes nothing."""
+    torch.set_num_threads(1)
+    model, tok = load_causal_lm(tiny_llama_dir)
+    cfg = InstructEditTrainingHparams.from_hparams(TRAIN_YAML)
+    cfg.model_name = str(tiny_llama_dir)
+    cfg.inner_params = ["model.layers.3.mlp.up_proj.weight", "model.layers.3.mlp.down_proj.weight"]
+    cfg.max_iters, cfg.val_interval, cfg.val_steps, cfg.progress = 40, 40, 2, False
+    cfg.edit_lr = 1e-1
+    cfg.results_dir = str(tmp_path_factory.mktemp("eval_llama") / "instructedit")
+    train = {t: [_record(i, t) for i in range(10)] for t in TASKS}
+    run = train_editor(cfg, train, tok, model, use_instructions=True, val_size=2)
+    test = {"counterfact": [_record(100 + i, "counterfact") for i in range(3)],
+            "zsre_holdout": [_record(200 + i, "zsre") for i in range(3)]}
+    return {"model": model, "tok": tok, "spec": MethodSpec("instructedit", run["best_checkpoint"], True), "test": test}
+
+
+def test_plugin_metrics_match_easyedit_compute_edit_quality(llama_setup):
+    """Every metric, Loc included, agrees with EasyEdit's ``compute_edit_quality`` to 1e-3."""
     from types import SimpleNamespace
 
     import instructedit_plugin
 
     instructedit_plugin.register()
-    spec = setup["methods"][0]
-    test = {"counterfact": setup["test"]["counterfact"], "zsre_holdout": setup["test"]["zsre_holdout"]}
-    hp = SimpleNamespace(alg_name="InstructEdit", model_name=str(setup["model"].name_or_path), max_length=40, device="cpu")
-    ours = evaluate_instructedit(setup["model"], setup["tok"], [spec], test, unseen=False)
-    theirs = evaluate_instructedit(setup["model"], setup["tok"], [spec], test, unseen=False,
+    s = llama_setup
+    hp = SimpleNamespace(alg_name="InstructEdit", model_name=str(s["model"].name_or_path), max_length=40, device="cpu")
+    ours = evaluate_instructedit(s["model"], s["tok"], [s["spec"]], s["test"], unseen=False)
+    theirs = evaluate_instructedit(s["model"], s["tok"], [s["spec"]], s["test"], unseen=False,
                                    metric_backend="easyedit", easyedit_hparams=hp)
-    for task in test:
+    # the edits are strong enough that Loc is not trivially 100 (it is 22 and 56 on this seed)
+    assert min(ours["tasks"][t]["instructedit"]["Loc"] for t in s["test"]) < 90.0
+    for task in s["test"]:
         a, b = ours["tasks"][task]["instructedit"], theirs["tasks"][task]["instructedit"]
-        for m in ("Rel", "Gen", "Por"):
+        for m in ("Rel", "Gen", "Loc", "Por"):
             assert a[m] == pytest.approx(b[m], abs=1e-3), (task, m, a, b)
-        assert abs(a["Loc"] - b["Loc"]) <= 25.0  # EasyEdit left-pads without position ids; GPT-2 positions shift
