@@ -167,7 +167,7 @@ def median_query_ms(model, tok, texts: list[str], repeats: int = 1) -> float:
 def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms):
     """Median query time of each method's edited model on ``prompt + ' ' + target_new`` of ``requests``
     as a ratio to the unedited forward, and the median edit time (EasyEdit's per-edit ``time``)."""
-    from instructedit_plugin.instructed.editor import apply_instructed_to_model, editing_state, reset_memory
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
 
     texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
     base_ms = median_query_ms(model, tok, texts)
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     from instructedit_plugin.data import resolve_data_dir
     from instructedit_plugin.evaluation.summary import summarize_metrics
     from instructedit_plugin.instructed import InstructEdHyperParams
-    from instructedit_plugin.instructed.editor import apply_instructed_to_model, reset_memory
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, reset_memory
     from instructedit_plugin.instructed.recipes import (
         BENCHMARK, QUICK, evaluation_records, recipe_info, train_embedded_prefixes,
     )

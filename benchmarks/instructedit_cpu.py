@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("instructedit_plugin.instructedit.trainer", "instructedit_plugin.instructedit.checkpoint",
-                  "instructedit_plugin.models.loading", "instructedit_plugin.instructedit.apply"):
+                  "instructedit_plugin.models.loading", "instructedit_plugin.instructedit.instructedit_main"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t_start = time.time()
     if args.work_dir is None:

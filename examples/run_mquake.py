@@ -156,7 +156,7 @@ def answer_functions(model: Any, tok: Any, hp: Any, args: argparse.Namespace, me
     """``{method: answer_fn}`` and the sentence encoder of the instruction memory."""
     from instructedit_plugin.instructed import InstructedEditor
     from instructedit_plugin.instructed.answering import instructed_answer_fn
-    from instructedit_plugin.instructed.editor import editing_state
+    from instructedit_plugin.instructed.instructed_main import editing_state
 
     instructed = InstructedEditor(model, tok, hp).model_with_memory()  # loads the prefixes and the encoder
     answer = instructed_answer_fn(instructed, tok, max_new_tokens=args.max_new_tokens)

@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
     from .errors import PluginError
-    from .hparams import check_model_name
+    from .core.config import check_model_name
     from .registry import load_hparams
 
     # the data first: a missing or broken file fails in a second, before `model_name: embedded`

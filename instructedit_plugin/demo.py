@@ -95,7 +95,7 @@ def _answer(model: Any, tok: Any, prompt: str, n_tokens: int) -> str:
 
 def _method_hparams(method: str, hparams_dir: Path, model_dir: str, archive: str) -> Any:
     from .compat import load_easyedit_hparams
-    from .instructed.config import InstructEdHyperParams
+    from .instructed.instructed_hparams import InstructEdHyperParams
 
     if method in ("instructed", "in_context", "retrieval"):
         hp = InstructEdHyperParams.from_hparams(hparams_dir / "InstructEd" / "gemma-3-270m.yaml")
@@ -128,7 +128,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     from .data.preflight import DataFilesError, check_data_files
     from .evaluation import summarize_metrics
     from .evaluation.report import write_report
-    from .instructed.editor import apply_instructed_to_model, release, reset_memory
+    from .instructed.instructed_main import apply_instructed_to_model, release, reset_memory
     from .instructed.recipes import DEFAULT, QUICK, evaluation_files, evaluation_records, recipe_files, train_embedded_prefixes
     from .models.loading import load_causal_lm
 

@@ -169,7 +169,7 @@ def load_hparams(path: str, training: bool = False, **overrides: Any) -> Any:
 
     from .compat.hparams_bridge import load_easyedit_hparams
     from .errors import HyperParamsError
-    from .hparams import PluginHyperParams
+    from .core.config import PluginHyperParams
 
     if not str(path).endswith((".yaml", ".yml")):
         path = f"{path}.yaml"

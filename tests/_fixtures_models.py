@@ -22,7 +22,7 @@ import pytest
 
 from instructedit_plugin.models import embedded as _embedded
 from instructedit_plugin.models.cache import CACHE_ENV_VAR
-from instructedit_plugin.models.tiny import build_tiny_model_dir
+from tests.support.tiny_models import build_tiny_model_dir
 
 __all__ = [
     "models_cache_root",

@@ -233,7 +233,7 @@ def world_lm(world_dict: dict, prefixes: str = "trained"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from instructedit_plugin.instructed.checkpoint import load_checkpoint
-    from instructedit_plugin.instructed.model import InstructedLM, load_encoder
+    from instructedit_plugin.instructed.lm import InstructedLM, load_encoder
 
     tok = AutoTokenizer.from_pretrained(world_dict["base_dir"])
     tok.padding_side = "left"
@@ -374,7 +374,7 @@ class _Similarity:
     InstructEd computes at inference), every text encoded once."""
 
     def __init__(self):
-        from instructedit_plugin.instructed.model import load_encoder
+        from instructedit_plugin.instructed.lm import load_encoder
 
         self.encoder = load_encoder("default")
         self.vectors: dict[str, torch.Tensor] = {}

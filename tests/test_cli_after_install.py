@@ -151,7 +151,7 @@ def test_model_name_embedded_resolves_in_every_loader(embedded_model_dir):
 
 
 def test_archive_default_only_means_the_shipped_prefixes_for_instructed():
-    from instructedit_plugin.hparams import resolve_named_values
+    from instructedit_plugin.core.config import resolve_named_values
     from instructedit_plugin.instructed.shipped import shipped_prefixes_dir
 
     data = {"model_name": "/some/folder", "archive": "default"}

@@ -2,7 +2,7 @@
 
 One ``accelerate launch --multi_gpu --num_processes 2`` (on a machine without GPUs: two CPU
 processes) runs the ``instructedit train`` command of ``instructedit_plugin.cli`` -- the documented
-launch (see :mod:`instructedit_plugin.distributed`) -- for both trainers on the tiny GPT-2, with
+launch (see :mod:`instructedit_plugin.core.distributed`) -- for both trainers on the tiny GPT-2, with
 per-process batches. The same command runs in this process with the equivalent global batches, and
 the trained parameters in the ``last/`` checkpoints must agree (float32, up to the order of
 floating-point sums):
@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from instructedit_plugin.cli import EXIT_OK, main
-from instructedit_plugin.distributed import launched_world_size, micro_batch_index, resolve_mixed_precision, shard
+from instructedit_plugin.core.distributed import launched_world_size, micro_batch_index, resolve_mixed_precision, shard
 from instructedit_plugin.instructed.checkpoint import load_checkpoint
 from instructedit_plugin.instructedit.checkpoint import load_editor
 

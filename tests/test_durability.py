@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructedit_plugin import durable
+from instructedit_plugin.core import durable
 from instructedit_plugin.errors import HyperParamsError, PluginError
 from instructedit_plugin.instructed import checkpoint as ckpt_mod
 from instructedit_plugin.instructed.checkpoint import (

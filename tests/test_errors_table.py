@@ -116,7 +116,7 @@ def _instructed_yaml(ctx: Ctx, name: str, replace: dict[str, str] | None = None,
 
 
 def _load_instructed(ctx: Ctx, name: str, **kwargs) -> Callable[[], object]:
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
     path = _instructed_yaml(ctx, name, **kwargs)
     return lambda: InstructEdHyperParams.from_hparams(path)
@@ -138,7 +138,7 @@ def _data_error(ctx: Ctx, relpath: str, fmt: str, mutate: Callable[[list], None]
 
 
 def _validate(**kwargs) -> Callable[[], object]:
-    from instructedit_plugin.requests import validate_edit_arguments
+    from instructedit_plugin.compat.edit_arguments import validate_edit_arguments
 
     return lambda: validate_edit_arguments(**kwargs)
 
@@ -255,7 +255,7 @@ def trig_hp_unknown_key_no_match(ctx):
 
 
 def trig_hp_missing_key(ctx):
-    from instructedit_plugin.instructed.config import InstructEdTrainingHparams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdTrainingHparams
 
     path = ctx.write("train-missing.yaml", "alg: InstructEd\nprefix_len: 5\n")
     return _raised(lambda: InstructEdTrainingHparams.from_hparams(path))
@@ -309,8 +309,8 @@ def trig_hp_layers_vs_archive(ctx):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
-    from instructedit_plugin.instructed.editor import apply_instructed_to_model
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model
 
     from instructedit_plugin.instructed.checkpoint import save_checkpoint
     from instructedit_plugin.instructed.prefix import PrefixBank
@@ -497,20 +497,20 @@ def trig_hp_encoder_folder(ctx):
 
 
 def trig_hp_file_missing(ctx):
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
     return _raised(lambda: InstructEdHyperParams.from_hparams(ctx.tmp / "nope.yaml"))
 
 
 def trig_hp_yaml_syntax(ctx):
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
     path = ctx.write("syntax.yaml", "alg_name: [InstructEd\nmodel_name: x\n")
     return _raised(lambda: InstructEdHyperParams.from_hparams(path))
 
 
 def trig_hp_not_mapping(ctx):
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
     path = ctx.write("list.yaml", "- alg_name\n- model_name\n")
     return _raised(lambda: InstructEdHyperParams.from_hparams(path))
@@ -937,7 +937,7 @@ def trig_cli_demo_data_missing(ctx):
 def trig_recipe_capped(ctx):
     from instructedit_plugin.data.demo_set import demo_data_dir
     from instructedit_plugin.instructed.recipes import QUICK, train_embedded_prefixes
-    from instructedit_plugin.models.tiny import build_tiny_model_dir
+    from tests.support.tiny_models import build_tiny_model_dir
 
     model = build_tiny_model_dir("llama", root=ctx.tmp / "tiny-models")
     return _raised(lambda: train_embedded_prefixes(config=QUICK, budget_minutes=1e-6, data_dir=demo_data_dir(),

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from instructedit_plugin.instructed.checkpoint import load_checkpoint
-from instructedit_plugin.instructed.model import InstructedLM, load_encoder
+from instructedit_plugin.instructed.lm import InstructedLM, load_encoder
 from instructedit_plugin.instructed.prefix import PrefixBank
 
 from ._instructed_world import gold_scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from instructedit_plugin.instructed.answering import instructed_answer_fn, join_instructions
-from instructedit_plugin.instructed.model import InstructedLM
+from instructedit_plugin.instructed.lm import InstructedLM
 
 from .test_instructed_model import FixedEncoder, _bank, tiny  # noqa: F401 - fixtures
 

@@ -27,7 +27,7 @@ from instructedit_plugin.instructed.prefix import (
     find_attention_modules,
     get_instructed_handle,
 )
-from instructedit_plugin.models.tiny import TINY_ARCHS, tiny_config
+from tests.support.tiny_models import TINY_ARCHS, tiny_config
 
 ARCHS = list(TINY_ARCHS)
 PREFIX_LAYERS = [1, 2]  # a contiguous middle block of the 4-layer tiny models

@@ -62,7 +62,7 @@ from instructedit_plugin.instructed.attention import (
 )
 from instructedit_plugin.instructed.context import instruction_context
 from instructedit_plugin.instructed.prefix import attach_instructed, detach_instructed, find_attention_modules
-from instructedit_plugin.models.tiny import TINY_ARCHS, tiny_config
+from tests.support.tiny_models import TINY_ARCHS, tiny_config
 
 ARCHS = list(TINY_ARCHS)
 MODES = list(REWEIGHT_MODES)

@@ -23,7 +23,7 @@ import instructedit_plugin
 from instructedit_plugin.errors import HyperParamsError
 from instructedit_plugin.evaluation.summary import summarize_metrics
 from instructedit_plugin.instructed import InstructEdHyperParams, InstructEdTrainingHparams
-from instructedit_plugin.instructed.editor import apply_instructed_to_model, editing_state
+from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_easyedit_main_sequential_and_single_editing(instructed_world):
         instructedit_plugin.register()
         from easyeditor import BaseEditor
         from instructedit_plugin.instructed import InstructEdHyperParams
-        from instructedit_plugin.instructed.editor import editing_state
+        from instructedit_plugin.instructed.instructed_main import editing_state
         from instructedit_plugin.evaluation.summary import summarize_metrics
         out = {{"flavour": info.flavour}}
         for source in ("gold", "retrieval"):
@@ -246,7 +246,7 @@ def test_easyedit_main_sequential_and_single_editing(instructed_world):
                         {{q for x in reqs for q in (x["prompt"], x["rephrase_prompt"])}}]
                 out[f"{{source}}_{{sequential}}"] = dict(Rel=s["Rel"], Gen=s["Gen"], Loc=summarize_metrics(kept)["Loc"],
                                                          memory=len(editing_state(editor.model).entries))
-                from instructedit_plugin.instructed.editor import reset_memory
+                from instructedit_plugin.instructed.instructed_main import reset_memory
                 reset_memory(editor.model)
         print("RESULT " + json.dumps(out))
     """)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from instructedit_plugin.instructed.model import InstructedLM
+from instructedit_plugin.instructed.lm import InstructedLM
 from instructedit_plugin.instructed.templates import InstructionTemplate
 
 from .test_instructed_model import PROMPTS, FixedEncoder, _bank, tiny  # noqa: F401 - fixtures

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructedit_plugin.errors import RequestError
 from instructedit_plugin.instructed.context import instruction_context
-from instructedit_plugin.instructed.model import GoldInstructions, InstructedLM, RetrievedInstructions
+from instructedit_plugin.instructed.lm import GoldInstructions, InstructedLM, RetrievedInstructions
 from instructedit_plugin.instructed.prefix import PrefixBank, attach_instructed, get_instructed_handle
 from instructedit_plugin.instructed.templates import InstructionTemplate, instruction_of, request_prompts
 

@@ -22,8 +22,8 @@ import torch
 
 from instructedit_plugin.errors import PluginError
 from instructedit_plugin.instructed.checkpoint import load_checkpoint, save_checkpoint
-from instructedit_plugin.instructed.config import InstructEdTrainingHparams
-from instructedit_plugin.instructed.model import InstructedLM
+from instructedit_plugin.instructed.instructed_hparams import InstructEdTrainingHparams
+from instructedit_plugin.instructed.lm import InstructedLM
 from instructedit_plugin.instructed.templates import instruction_of
 from instructedit_plugin.instructed.trainer import InstructEdTrainer
 
@@ -106,7 +106,7 @@ def test_training_runs_validates_and_keeps_the_best(instructed_world):
 def _lm(base_dir, bank):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from instructedit_plugin.instructed.model import load_encoder
+    from instructedit_plugin.instructed.lm import load_encoder
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.padding_side = "left"

@@ -19,7 +19,7 @@ from instructedit_plugin.instructedit.analysis import (
     analyze_gradient_vectors,
     gradient_separation,
 )
-from instructedit_plugin.instructedit.apply import load_editor_for
+from instructedit_plugin.instructedit.instructedit_main import load_editor_for
 from instructedit_plugin.models.loading import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]

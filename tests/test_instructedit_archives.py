@@ -46,7 +46,7 @@ from instructedit_plugin.instructedit.checkpoint import (
 )
 from instructedit_plugin.instructedit.editable import edit_step_stats
 from instructedit_plugin.instructedit.trainer import run_dir
-from instructedit_plugin.instructedit.hparams import config_dict
+from instructedit_plugin.instructedit.instructedit_hparams import config_dict
 from instructedit_plugin.models.loading import load_causal_lm
 
 from .test_instructedit_editing import EDIT_YAML, synthetic_tasks, training_config

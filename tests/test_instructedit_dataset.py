@@ -10,7 +10,7 @@ import torch
 from instructedit_plugin.errors import PluginError
 from instructedit_plugin.instructedit.dataset import InstructEditDataset, record_identity, split_tasks
 from instructedit_plugin.instructions import default_library
-from instructedit_plugin.models.tokenizer import load_tokenizer
+from tests.support.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,9 @@ from instructedit_plugin.instructedit import (
     make_datasets,
     save_editor,
 )
-from instructedit_plugin.instructedit.apply import build_edit_batch
+from instructedit_plugin.instructedit.instructedit_main import build_edit_batch
 from instructedit_plugin.models.loading import load_causal_lm
-from instructedit_plugin.models.tiny import build_tiny_model_dir
+from tests.support.tiny_models import build_tiny_model_dir
 
 LOG = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

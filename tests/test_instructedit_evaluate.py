@@ -10,7 +10,7 @@ import torch
 
 from instructedit_plugin.instructedit import InstructEditTrainingHparams
 from instructedit_plugin.instructedit import evaluate as ev
-from instructedit_plugin.instructedit.apply import instructed_prompt
+from instructedit_plugin.instructedit.instructedit_main import instructed_prompt
 from instructedit_plugin.instructedit.dataset import InstructEditDataset
 from instructedit_plugin.instructedit.evaluate import (
     MethodSpec,

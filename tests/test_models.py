@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from instructedit_plugin.models import cache as cache_mod
 from instructedit_plugin.models import embedded as emb
-from instructedit_plugin.models import tiny
-from instructedit_plugin.models import tokenizer as tokmod
+from tests.support import tiny_models as tiny
+from tests.support import tokenizer as tokmod
 
 TINY_FIXTURES = {
     "gpt2": "tiny_gpt2_dir",

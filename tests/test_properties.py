@@ -1,6 +1,6 @@
 """Property tests (hypothesis): bad input never crashes with a raw exception, good input never changes.
 
-* request normalisation (:func:`instructedit_plugin.requests.validate_edit_arguments`);
+* request normalisation (:func:`instructedit_plugin.compat.edit_arguments.validate_edit_arguments`);
 * instruction templating of both methods: InstructEd ``Instructions: {fact}\\nInput: {question}``
   (:mod:`instructedit_plugin.instructed.templates`) and InstructEdit
   ``Task: ...\\nDescription: ...\\nInput: ...`` (:mod:`instructedit_plugin.instructions`), with any
@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 
 from instructedit_plugin.errors import PluginError, RequestError
 from instructedit_plugin.evaluation.summary import harmonic_mean, score, summarize_metrics
-from instructedit_plugin.instructed.config import DEFAULT_TEMPLATE
+from instructedit_plugin.instructed.instructed_hparams import DEFAULT_TEMPLATE
 from instructedit_plugin.instructed.memory import InstructionMemory, gate_spread
 from instructedit_plugin.instructed.templates import InstructionTemplate, instruction_of, request_prompts
 from instructedit_plugin.instructions import default_library, format_instruction
-from instructedit_plugin.models.tokenizer import load_tokenizer
-from instructedit_plugin.requests import validate_edit_arguments
+from tests.support.tokenizer import load_tokenizer
+from instructedit_plugin.compat.edit_arguments import validate_edit_arguments
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -114,7 +114,7 @@ def test_locality_entries_must_be_text(prompts, index, part, bad):
                        | st.none() | st.integers() | st.booleans() | any_text, junk, max_size=6))
 def test_any_hparams_dict_loads_or_raises_hyperparams_error(data):
     from instructedit_plugin.errors import HyperParamsError
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
     base = {"alg_name": "InstructEd", "model_name": "some/model", "archive": "run/best"}
     try:

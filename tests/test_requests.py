@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import instructedit_plugin
 from instructedit_plugin.errors import RequestError
-from instructedit_plugin.requests import validate_edit_arguments
+from instructedit_plugin.compat.edit_arguments import validate_edit_arguments
 
 
 @pytest.mark.parametrize(

@@ -64,8 +64,8 @@ def _gen_on_demo_facts(gemma, use_prefixes: bool) -> dict:
     from instructedit_plugin.compat import make_editor, run_edit_requests
     from instructedit_plugin.data import load_requests
     from instructedit_plugin.evaluation import summarize_metrics
-    from instructedit_plugin.instructed.config import InstructEdHyperParams
-    from instructedit_plugin.instructed.editor import reset_memory
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import reset_memory
 
     model_dir, model, tok = gemma
     requests = load_requests(demo_data_dir() / "counterfact/counterfact-edit.json", limit=N_FACTS)

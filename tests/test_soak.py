@@ -35,8 +35,8 @@ import time
 import pytest
 import torch
 
-from instructedit_plugin.instructed.config import InstructEdHyperParams
-from instructedit_plugin.instructed.editor import apply_instructed_to_model, editing_state
+from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
+from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state
 from instructedit_plugin.instructed.templates import instruction_of
 
 N_EDITS = 2000
@@ -145,7 +145,7 @@ def test_two_thousand_sequential_edits(instructed_world, tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # every apply warns that the archive was trained with another encoder (true, and meant: see above)
-    caplog.set_level(logging.ERROR, logger="instructedit_plugin.instructed.editor")
+    caplog.set_level(logging.ERROR, logger="instructedit_plugin.instructed.instructed_main")
     started = time.perf_counter()
     base_dir = instructed_world["base_dir"]
     tok = AutoTokenizer.from_pretrained(base_dir)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from instructedit_plugin.hparams import EditingHyperParams, hp_field
+from instructedit_plugin.core.config import EditingHyperParams, hp_field
 from instructedit_plugin.registry import AlgorithmSpec
 
 

@@ -26,7 +26,7 @@ def _complete(request: Mapping[str, Any]) -> dict[str, Any]:
 def run_edit_requests(editor: Any, requests: Sequence[Mapping[str, Any]], sequential: bool = False,
                       verbose: bool = False, **kwargs: Any) -> tuple[list[dict], Any, Any]:
     """Edit and evaluate ``requests`` with ``editor``; returns EasyEdit's ``(metrics, model, weights_copy)``."""
-    from ..requests import validate_edit_arguments
+    from .edit_arguments import validate_edit_arguments
 
     requests = [_complete(r) for r in requests]
     validate_edit_arguments([r.get("prompt") for r in requests], [r.get("target_new") for r in requests])

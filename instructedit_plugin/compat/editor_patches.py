@@ -33,8 +33,8 @@ from typing import Any
 
 from ..models.loading import is_local_model_dir, load_causal_lm
 from ..errors import RequestError
-from ..hparams import check_model_name
-from ..requests import validate_edit_arguments
+from ..core.config import check_model_name
+from .edit_arguments import validate_edit_arguments
 from .devices import cuda_strings_to_cpu, needs_cpu_redirect
 
 LOG = logging.getLogger(__name__)

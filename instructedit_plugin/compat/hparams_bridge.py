@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..errors import HyperParamsError
-from ..hparams import resolve_named_values
+from ..core.config import resolve_named_values
 
 LOG = logging.getLogger(__name__)
 

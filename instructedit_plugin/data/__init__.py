@@ -28,7 +28,7 @@ from .common import Request
 from .convsent import load_convsent
 from .counterfact_rome import load_counterfact_rome
 from .guess import guess_format
-from .instructed import (
+from .instructed_release import (
     load_counterfact_rome_ins,
     load_counterfact_subject_replace,
     load_zsre_inverse_relation,

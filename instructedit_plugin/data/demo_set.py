@@ -128,7 +128,7 @@ def _dump(records: list[dict[str, Any]]) -> str:
 
 def cut_demo_set(source: str | os.PathLike, target: str | os.PathLike = DEMO_DATA_DIR) -> dict[str, Any]:
     """Write the demo data set into ``target`` from the full data folder ``source``; returns a summary."""
-    from .. import durable
+    from ..core import durable
     from ..instructed.recipes import DEFAULT, EVAL_LIMIT, _excluded, evaluation_exclusions, evaluation_records
     from . import load_requests
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..durable import atomic_write_bytes, atomic_write_json
+from ..core.durable import atomic_write_bytes, atomic_write_json
 
 TABLE_COLUMNS: tuple[str, ...] = ("Rel", "Gen", "Loc", "Por", "Score", "H")
 

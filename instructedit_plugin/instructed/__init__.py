@@ -22,8 +22,8 @@ Importing this package registers ``InstructEd`` with the plugin registry (and wi
 from __future__ import annotations
 
 from ..registry import AlgorithmSpec, register_algorithm
-from .config import InstructEdHyperParams, InstructEdTrainingHparams
-from .editor import (
+from .instructed_hparams import InstructEdHyperParams, InstructEdTrainingHparams
+from .instructed_main import (
     InstructedEditor,
     apply_instructed_to_model,
     load_memory,
@@ -31,7 +31,7 @@ from .editor import (
     reset_memory,
     save_memory,
 )
-from .model import GoldInstructions, InstructedLM, RetrievedInstructions
+from .lm import GoldInstructions, InstructedLM, RetrievedInstructions
 from .trainer import InstructEdTrainer, InstructEdTrainModule
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .model import InstructedLM
+from .lm import InstructedLM
 
 __all__ = ["first_line", "instructed_answer_fn", "join_instructions"]
 

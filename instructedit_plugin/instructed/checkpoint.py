@@ -18,7 +18,7 @@ Nothing is ever unpickled: tensors are read with safetensors, everything else is
 Crash safety
 ------------
 A save replaces several files, which no single rename can do, so it is a small journal
-(:func:`instructedit_plugin.durable.commit_folder`, shared with InstructEdit's editor checkpoints):
+(:func:`instructedit_plugin.core.durable.commit_folder`, shared with InstructEdit's editor checkpoints):
 
 1. every new file is written (temp file in the same folder, flush, fsync, :func:`os.replace`)
    under a *staged* name, ``<name>.staged``; the current files are untouched;
@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import durable
+from ..core import durable
 from ..errors import HyperParamsError, PluginError, fix_for
 from .prefix import PrefixBank
 
@@ -110,7 +110,7 @@ def _model_type(config: Any) -> str | None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Crash-safe write (see :mod:`instructedit_plugin.durable`); returns the data's sha256."""
+    """Crash-safe write (see :mod:`instructedit_plugin.core.durable`); returns the data's sha256."""
     durable.atomic_write_bytes(path, data)
     return durable.sha256_bytes(data)
 

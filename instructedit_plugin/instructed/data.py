@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import RequestError
-from .model import cosine, pad_left
+from .lm import cosine, pad_left
 from .templates import InstructionTemplate, instruction_of
 
 LOG = logging.getLogger(__name__)

@@ -98,7 +98,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .. import durable
+from ..core import durable
 from ..errors import MissingDependencyError, PluginError, RequestError
 from ..models.cache import atomic_write_file  # noqa: F401 - re-exported: tests simulate a torn write with it
 

@@ -412,7 +412,7 @@ def train_embedded_prefixes(budget_minutes: float | None = None, n_train: int | 
             _say(progress, "recipe %s (key %s) was stopped by its safety cap at step %s of %s: resuming",
                  cfg.name, key, done.get("steps"), cfg.steps)
         info = _train(cfg, model_dir, identity, root, folder, key, started, progress, resume, device)
-        from .. import durable
+        from ..core import durable
 
         durable.atomic_write_json(folder / INFO_FILE, info)
     if not (archive / "manifest.json").is_file():
@@ -440,7 +440,7 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
     import torch
 
     from ..models.loading import load_causal_lm
-    from .config import InstructEdTrainingHparams
+    from .instructed_hparams import InstructEdTrainingHparams
     from .trainer import InstructEdTrainer
 
     budget_s = cfg.budget_minutes * 60.0

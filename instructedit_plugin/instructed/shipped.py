@@ -58,7 +58,7 @@ def shipped_recipe_info(model_id: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
 
 def regenerate(model_id: str = DEFAULT_MODEL_ID, device: str = "cpu", budget_minutes: float | None = None) -> Path:
     """Train the default recipe on the packaged demo data set and copy its archive into the package."""
-    from .. import durable
+    from ..core import durable
     from ..data.demo_set import demo_data_dir
     from .recipes import DEFAULT, recipe_info, train_embedded_prefixes
 

@@ -7,7 +7,7 @@ token ids are appended unchanged, so that
 * the instruction's token span is exact (the span attention re-weights by ``sim``), and
 * the question keeps the very token ids the caller passed: EasyEdit's metrics tokenise
   ``prompt + ' ' + target`` themselves and read logits at those positions, so the question is
-  never re-tokenised (:class:`~instructedit_plugin.instructed.model.InstructedLM` slices the
+  never re-tokenised (:class:`~instructedit_plugin.instructed.lm.InstructedLM` slices the
   logits back onto the caller's positions).
 
 When the tokenizer adds a BOS token (LLaMA, Gemma), the instructed sequence starts with one BOS
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RequestError
-from .config import DEFAULT_TEMPLATE
+from .instructed_hparams import DEFAULT_TEMPLATE
 
 __all__ = ["InstructionTemplate", "instruction_of", "request_prompts"]
 

@@ -25,7 +25,7 @@ What ``run()`` does
 * ``<results_dir>/last`` holds prefixes + optimizer/scheduler state (safetensors + JSON, no pickle)
   at every validation; ``resume: true`` continues from it at the saved step with the same batches.
 * ``gradient_accumulation_steps`` micro-batches per step, and several processes under
-  ``accelerate launch`` (DDP on the prefix bank only; :mod:`instructedit_plugin.distributed`): the
+  ``accelerate launch`` (DDP on the prefix bank only; :mod:`instructedit_plugin.core.distributed`): the
   epochs are cut into global batches of ``(batch_size + unmodified_batch_size) x micro-batches x
   processes`` examples, each process takes its slices, and the step's loss is the token mean over the
   whole global batch -- the same step as one process with the whole batch. ``mixed_precision: bf16``
@@ -44,11 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import make_runtime, micro_batch_index, run_on_main, shard
+from ..core.distributed import make_runtime, micro_batch_index, run_on_main, shard
 from ..errors import PluginError
-from ..hparams import num_layers_of
+from ..core.config import num_layers_of
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, save_trainer_state
-from .config import InstructEdTrainingHparams
+from .instructed_hparams import InstructEdTrainingHparams
 from .data import (
     MixedBatches,
     TrainBatch,
@@ -60,7 +60,7 @@ from .data import (
     split_requests,
     build_examples,
 )
-from .model import InstructedLM, encoder_identity, load_encoder
+from .lm import InstructedLM, encoder_identity, load_encoder
 from .prefix import attach_instructed, default_prefix_layers
 from .templates import InstructionTemplate, request_prompts
 
@@ -147,7 +147,7 @@ class InstructEdTrainer:
         if not self.train_requests:
             raise PluginError("no training requests (after the validation split)")
 
-        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.distributed`)
+        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.core.distributed`)
         self.runtime = make_runtime(resolve_device(config.device), config.gradient_accumulation_steps,
                                     config.mixed_precision, config.dtype)
         self.device = self.runtime.device

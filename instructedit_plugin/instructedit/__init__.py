@@ -14,11 +14,11 @@ Public API:
 from __future__ import annotations
 
 from ..registry import AlgorithmSpec, register_algorithm
-from .apply import apply_to_model, editor_for, instructed_prompt, load_editor_for
+from .instructedit_main import apply_to_model, editor_for, instructed_prompt, load_editor_for
 from .checkpoint import load_editor, save_editor
 from .dataset import InstructEditDataset, encode_pairs, make_datasets, split_tasks
 from .editable import InstructEditModel, compute_edited_weights, token_nll_metrics
-from .hparams import ALG_NAME, InstructEditHyperParams, InstructEditTrainingHparams
+from .instructedit_hparams import ALG_NAME, InstructEditHyperParams, InstructEditTrainingHparams
 from .hypernet import InstructEditHypernet, LayerSpec
 from .trainer import InstructEditTrainer
 

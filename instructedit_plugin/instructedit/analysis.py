@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..instructions import InstructionLibrary, default_library
-from .apply import LoadedEditor, load_editor_for
+from .instructedit_main import LoadedEditor, load_editor_for
 from .dataset import encode_pairs
 from .editable import compute_edited_weights
 from .evaluate import edit_prompt, family_for

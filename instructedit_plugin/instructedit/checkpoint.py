@@ -13,7 +13,7 @@ A checkpoint folder holds
   every other file in the folder (the trainer state's too).
 
 Crash safety: a save replaces several files as one step with
-:func:`instructedit_plugin.durable.commit_folder` (shared with InstructEd's
+:func:`instructedit_plugin.core.durable.commit_folder` (shared with InstructEd's
 prefix checkpoints): the new files are written as ``<name>.staged``, then the
 new manifest as ``editor_config.next.json`` -- the single commit point --, then
 everything is renamed into place. A save killed at any moment leaves the
@@ -56,10 +56,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import durable
-from ..durable import dumps_json
+from ..core import durable
+from ..core.durable import dumps_json
 from ..errors import HyperParamsError, fix_for
-from ..hparams import training_yaml_hint
+from ..core.config import training_yaml_hint
 
 LOG = logging.getLogger(__name__)
 

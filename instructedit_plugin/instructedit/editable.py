@@ -41,7 +41,7 @@ from .checkpoint import (
     save_editor,
     verify_base_model,
 )
-from .hparams import config_dict
+from .instructedit_hparams import config_dict
 from .hypernet import InstructEditHypernet, LayerSpec
 
 LOG = logging.getLogger(__name__)

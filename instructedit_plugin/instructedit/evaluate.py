@@ -58,7 +58,7 @@ from torch import nn
 from ..evaluation.convsent import sentiment_pairs, sentiment_scores, summarize_sentiment
 from ..evaluation.summary import METRIC_NAMES, summarize_metrics
 from ..instructions import InstructionLibrary, default_library
-from .apply import LoadedEditor, load_editor_for
+from .instructedit_main import LoadedEditor, load_editor_for
 from .dataset import encode_pairs, make_datasets, split_tasks
 from .editable import (
     answer_logits,

@@ -16,7 +16,7 @@ Per step (``accumulate_bs`` micro-batches of ``batch_size`` edits each)::
 
 Under ``accelerate launch`` each of N processes runs ``accumulate_bs`` micro-batches per step and DDP
 averages the gradients of the hypernetwork and edit lrs (the base model is not synchronised): the
-step of one process with ``N * accumulate_bs`` micro-batches (see :mod:`instructedit_plugin.distributed`).
+step of one process with ``N * accumulate_bs`` micro-batches (see :mod:`instructedit_plugin.core.distributed`).
 ``mixed_precision: bf16`` trains under bf16 autocast.
 
 Checkpoints go to ``<results_dir>/models/InstructEdit/<model folder name>/``:
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed import StandardizerSync, make_runtime, micro_batch_index, run_on_main
+from ..core.distributed import StandardizerSync, make_runtime, micro_batch_index, run_on_main
 from ..models.loading import is_local_model_dir, load_causal_lm
 from .checkpoint import load_editor, load_trainer_state, save_editor, trainer_state_files, verify_base_model
 from .dataset import _torch_device
@@ -78,7 +78,7 @@ class InstructEditTrainer:
         self.config = config
         self.train_set = train_set
         self.val_set = val_set
-        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.distributed`)
+        #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.core.distributed`)
         self.runtime = make_runtime(torch.device(_torch_device(config.device)), int(config.accumulate_bs),
                                     getattr(config, "mixed_precision", None), getattr(config, "dtype", None))
         self.device = self.runtime.device

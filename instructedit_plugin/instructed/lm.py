@@ -35,7 +35,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import MissingDependencyError, PluginError, RequestError
-from .config import DEFAULT_TEMPLATE
+from .instructed_hparams import DEFAULT_TEMPLATE
 from .context import instruction_context
 from .prefix import PrefixBank, attach_instructed, get_instructed_handle
 from .templates import InstructionTemplate

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import PluginError
+from ..errors import PluginError
 
 LOG = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class StandardizerSync:
     """
 
     def __init__(self, module: nn.Module, runtime: LocalRuntime):
-        from .instructedit.hypernet import RunningStandardizer
+        from ..instructedit.hypernet import RunningStandardizer
 
         self.runtime = runtime
         self.standardizers = [m for m in module.modules() if isinstance(m, RunningStandardizer)]

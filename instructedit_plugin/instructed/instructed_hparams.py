@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import fix_for
-from ..hparams import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
+from ..core.config import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
 
 ALG_NAME = "InstructEd"
 #: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.

@@ -38,8 +38,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from .cache import atomic_dir, cache_dir, content_key, read_json, write_json
-from .tokenizer import (
+from instructedit_plugin.models.cache import atomic_dir, cache_dir, content_key, read_json, write_json
+from tests.support.tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     PAD_TOKEN_ID,
@@ -175,7 +175,7 @@ def build_tiny_model(
 
 def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, seed: int) -> None:
     """Train ``model`` briefly on :func:`tokenizer_corpus` (deterministic, single thread)."""
-    from .tokenizer import tokenizer_corpus
+    from tests.support.tokenizer import tokenizer_corpus
 
     if TINY_PRETRAIN_STEPS <= 0:
         return

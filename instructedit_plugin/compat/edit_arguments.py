@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import RequestError
+from ..errors import RequestError
 
 
 def _as_list(name: str, value: Any, allow_none: bool = False) -> list[Any] | None:

@@ -5,7 +5,7 @@ import dataclasses
 import json
 from typing import Any, Optional, Union
 
-from ..hparams import EditingHyperParams, PluginHyperParams, hp_field
+from ..core.config import EditingHyperParams, PluginHyperParams, hp_field
 
 ALG_NAME = "InstructEdit"
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
-from .errors import HyperParamsError, fix_for
+from ..errors import HyperParamsError, fix_for
 
 _MISSING = dataclasses.MISSING
 
@@ -50,11 +50,11 @@ def resolve_named_values(data: dict[str, Any], *, shipped_archive: bool = False)
     """
     out = dict(data)
     if is_embedded_name(out.get("model_name")):
-        from .models.embedded import embedded_model_dir
+        from ..models.embedded import embedded_model_dir
 
         out["model_name"] = str(embedded_model_dir())
     if shipped_archive and "archive" in out:
-        from .instructed.shipped import is_default_archive, shipped_prefixes_dir
+        from ..instructed.shipped import is_default_archive, shipped_prefixes_dir
 
         if is_default_archive(out["archive"]):
             out["archive"] = str(shipped_prefixes_dir(must_exist=False))

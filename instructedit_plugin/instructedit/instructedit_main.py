@@ -100,7 +100,7 @@ _EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LoadedEditor]]" = we
 def _checkpoint_key(path: Path) -> tuple:
     """Changes whenever a save commits: keyed on the manifest in force (a committed save whose renames
     were interrupted has only its pending manifest and staged files)."""
-    from ..durable import manifest_path
+    from ..core.durable import manifest_path
 
     stat = (path if path.is_file() else manifest_path(path, CONFIG_FILE)).stat()
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .cache import atomic_dir, cache_dir, content_key, read_json, write_json
+from instructedit_plugin.models.cache import atomic_dir, cache_dir, content_key, read_json, write_json
 
 logger = logging.getLogger(__name__)
 

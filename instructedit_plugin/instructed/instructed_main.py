@@ -5,7 +5,7 @@
 1. loads the trained prefixes from ``hparams.archive`` (cached per base model and archive),
 2. adds each request's instruction (``request['instruction']``, else built from prompt and
    ``target_new``) to the instruction memory of this base model, and
-3. returns an :class:`~instructedit_plugin.instructed.model.InstructedLM` whose instruction source
+3. returns an :class:`~instructedit_plugin.instructed.lm.InstructedLM` whose instruction source
    is ``gold`` (the requests' own instructions) or ``retrieval`` (the memory, gated).
 
 State lives *on the base model object* (``model._instructed_edit_state``): two editors with two
@@ -38,8 +38,8 @@ from torch import nn
 
 from ..errors import HyperParamsError, PluginError
 from .checkpoint import Checkpoint, load_checkpoint, resolve_archive
-from .config import InstructEdHyperParams
-from .model import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
+from .instructed_hparams import InstructEdHyperParams
+from .lm import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
 from .templates import instruction_of, request_prompts
 
 LOG = logging.getLogger(__name__)
