@@ -31,6 +31,11 @@ when a ``sim`` is given):
     after the softmax, without renormalisation, the probabilities of the prefix columns (prefix layers,
     example's prefix active -- also for an example without instruction) and of the instruction columns
     (absolute key position in ``[start, end)``, every layer) are multiplied by ``s``.
+``pre_softmax`` (Eq. 11/15 read literally)
+    the same columns as ``paper``, but their raw scores (after soft-capping) are multiplied by ``s`` before
+    the mask and the softmax, which renormalises.
+``none`` (Table 4's "w/o re-weight")
+    no re-weighting: ``sim`` is ignored, prefixes still join.
 ``release``
     before the softmax and before the mask, the scores of the query *rows* with absolute position in
     ``[start, end + P)`` (prefix layer with the example's prefix active) or ``[start, end)`` (otherwise)
@@ -74,7 +79,7 @@ SPANS = [(4, 8), None, (1, 6)]  # example 0: inside its real tokens; 1: no instr
 SIM = [0.6, 0.45, -0.8]  # the negative one acts as 0
 ATOL = 1e-5
 MARGIN = 100 * ATOL  # a dropped ingredient must move the expected output by far more than the tolerance
-KNOWN_MODES = {"paper", "release"}
+KNOWN_MODES = {"paper", "release", "pre_softmax", "none"}
 
 # (use_prefix, handle.prefix_enabled, sim) per scenario; spans are always SPANS
 SCENARIOS = {
@@ -290,6 +295,12 @@ def reference_attention(q, k, v, visible, prefix, spans, sim, mode, scaling, sof
             if mode == "release" and s is not None and end > start:
                 scaled_rows = (rows >= start) & (rows < end + n_prefix)
                 scores = torch.where(scaled_rows[:, None], scores * s, scores)
+            if mode == "pre_softmax" and s is not None:
+                col = torch.ones(n_prefix + t)
+                col[:n_prefix] = s
+                if end > start:
+                    col[n_prefix + start : n_prefix + end] = s
+                scores = scores * col  # the raw scores of prefix and instruction columns, before mask and softmax
             probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
             probs = torch.where(seen.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # sees nothing: zeros
             if mode == "paper" and s is not None:
@@ -409,13 +420,18 @@ def test_reference_is_sensitive_to_prefix_sim_and_clamp(model_of, arch, mode):
                 for b in range(len(PADS)):
                     assert _max_diff(want, no_prefix, mask, b) > MARGIN, f"{where}: prefix, example {b}"
                     assert _max_diff(got, no_prefix, mask, b) > MARGIN, f"{where}: prefix, example {b}"
+            if mode == "none":  # sim is ignored: dropping it (or its clamp) changes nothing, anywhere
+                for b in range(len(PADS)):
+                    assert _max_diff(want, no_sim, mask, b) == 0.0, where  # got == want to ATOL is checked above
+                    assert _max_diff(want, unclamped, mask, b) == 0.0, where
+                continue
             # sim dropped: example 0 (sim 0.6, has a span) changes in every layer and mode
             assert _max_diff(want, no_sim, mask, 0) > MARGIN, f"{where}: sim"
             assert _max_diff(got, no_sim, mask, 0) > MARGIN, f"{where}: sim"
             # a negative sim not clamped to 0: example 2 (sim -0.8, has a span) changes
             assert _max_diff(want, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
             assert _max_diff(got, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
-            if mode == "paper" and layer in PREFIX_LAYERS:
+            if mode in ("paper", "pre_softmax") and layer in PREFIX_LAYERS:
                 # paper mode scales the prefix columns of an example without instruction too (sim 0.45)
                 assert _max_diff(want, no_sim, mask, 1) > MARGIN, f"{where}: sim on prefix columns"
             if mode == "release" or layer not in PREFIX_LAYERS:

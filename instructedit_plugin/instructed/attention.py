@@ -77,6 +77,16 @@ position rather than by index in the current chunk (the release's rule scales
 whichever single row a cached decoding step has), so cached generation matches a
 full forward.
 
+``mode="pre_softmax"`` (Eq. 11 and 15 read literally: ``S = QK^T / sqrt(C)`` is the *score*, and
+Eq. 15 multiplies its prefix and instruction parts by ``sim``): the raw pre-softmax scores of the same
+columns ``paper`` re-weights (prefix columns in prefix layers for examples whose prefix is active,
+instruction columns in every layer) are multiplied by ``sim``, before the mask is added and before the
+softmax, which then renormalises. ``sim = 0`` gives those columns a score of 0 (not ``-inf``): they keep
+``exp(0)`` weight relative to the rest. Offered for the paper's ablation (#15); ``paper`` stays the default.
+
+``mode="none"`` (the paper's Table 4 "w/o re-weight"): no re-weighting at all; the prefixes still join
+keys/values, ``sim`` is ignored (a layer without an active prefix is stock attention).
+
 Prefix details
 --------------
 * Prefix keys/values are computed from the frozen projections of the layer:
@@ -130,7 +140,7 @@ __all__ = [
 #: Name under which the attention and mask functions are registered.
 INSTRUCTED_ATTENTION = "instructed"
 #: Supported re-weighting modes (see the module docstring).
-REWEIGHT_MODES = ("paper", "release")
+REWEIGHT_MODES = ("paper", "release", "pre_softmax", "none")
 
 _OFFSETS_ATTR = "_instructed_offsets"  # tag set on masks built by instructed_attention_mask
 HANDLE_ATTR = "_instructed_handle"  # set on attention modules (and the model) by prefix.attach_instructed
@@ -340,7 +350,14 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
         start, end = plan.spans[:, 0:1], plan.spans[:, 1:2]  # [batch, 1]
         non_empty = end > start
         sim = plan.sim[:, None]  # [batch, 1]
-        if plan.mode == "release":
+        if plan.mode == "pre_softmax":
+            inst_cols = non_empty & (k_pos[None, :] >= start) & (k_pos[None, :] < end)  # [batch, kv_len]
+            col_scale = torch.where(inst_cols, sim, 1.0)
+            if n_prefix:
+                prefix_s = torch.where(plan.prefix_active[:, None], sim, 1.0).expand(batch, n_prefix)
+                col_scale = torch.cat([prefix_s, col_scale], dim=-1)
+            scores = scores * col_scale[:, None, None, :].to(scores.dtype)
+        elif plan.mode == "release":
             extra = 0
             if n_prefix:
                 extra = torch.where(plan.prefix_active[:, None], n_prefix, 0)
@@ -395,7 +412,8 @@ def instructed_attention_forward(
     prefix_layer = handle is not None and handle.attached and layer_idx in handle.layer_set
     default_on = bool(handle.prefix_enabled) if handle is not None else False
     use_prefix = prefix_layer and (ctx.prefix_any(default_on) if ctx is not None else default_on)
-    reweight = ctx is not None and ctx.sim is not None and (ctx.has_instruction or use_prefix)
+    mode = handle.mode if handle is not None else "paper"
+    reweight = mode != "none" and ctx is not None and ctx.sim is not None and (ctx.has_instruction or use_prefix)
 
     if not use_prefix and not reweight:
         base = handle.base_implementation if handle is not None else "sdpa"
@@ -414,7 +432,6 @@ def instructed_attention_forward(
     else:
         spans = torch.zeros(batch, 2, dtype=torch.long, device=device)
         sim = torch.ones(batch, dtype=torch.float32, device=device)
-    mode = handle.mode if handle is not None else "paper"
     plan = _Plan(prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight)
     return _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan)
 
