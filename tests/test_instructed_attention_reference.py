@@ -34,6 +34,9 @@ when a ``sim`` is given):
 ``pre_softmax`` (Eq. 11/15 read literally)
     the same columns as ``paper``, but their raw scores (after soft-capping) are multiplied by ``s`` before
     the mask and the softmax, which renormalises.
+``question_rows``
+    ``paper``'s column weights, applied only to rows at or after the instruction's end (every row when the
+    example has no instruction).
 ``none`` (Table 4's "w/o re-weight")
     no re-weighting: ``sim`` is ignored, prefixes still join.
 ``release``
@@ -79,7 +82,7 @@ SPANS = [(4, 8), None, (1, 6)]  # example 0: inside its real tokens; 1: no instr
 SIM = [0.6, 0.45, -0.8]  # the negative one acts as 0
 ATOL = 1e-5
 MARGIN = 100 * ATOL  # a dropped ingredient must move the expected output by far more than the tolerance
-KNOWN_MODES = {"paper", "release", "pre_softmax", "none"}
+KNOWN_MODES = {"paper", "release", "pre_softmax", "none", "question_rows"}
 
 # (use_prefix, handle.prefix_enabled, sim) per scenario; spans are always SPANS
 SCENARIOS = {
@@ -303,11 +306,14 @@ def reference_attention(q, k, v, visible, prefix, spans, sim, mode, scaling, sof
                 scores = scores * col  # the raw scores of prefix and instruction columns, before mask and softmax
             probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
             probs = torch.where(seen.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # sees nothing: zeros
-            if mode == "paper" and s is not None:
+            if mode in ("paper", "question_rows") and s is not None:
                 col = torch.ones(n_prefix + t)
                 col[:n_prefix] = s
                 if end > start:
                     col[n_prefix + start : n_prefix + end] = s
+                if mode == "question_rows":  # only rows at or after the instruction's end
+                    first = end if end > start else 0
+                    col = torch.where((rows >= first)[:, None], col[None, :], torch.ones(1))
                 probs = probs * col
             out[b, :, h] = probs @ values
     return out.reshape(batch, t, n_heads * d)
@@ -431,7 +437,7 @@ def test_reference_is_sensitive_to_prefix_sim_and_clamp(model_of, arch, mode):
             # a negative sim not clamped to 0: example 2 (sim -0.8, has a span) changes
             assert _max_diff(want, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
             assert _max_diff(got, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
-            if mode in ("paper", "pre_softmax") and layer in PREFIX_LAYERS:
+            if mode in ("paper", "pre_softmax", "question_rows") and layer in PREFIX_LAYERS:
                 # paper mode scales the prefix columns of an example without instruction too (sim 0.45)
                 assert _max_diff(want, no_sim, mask, 1) > MARGIN, f"{where}: sim on prefix columns"
             if mode == "release" or layer not in PREFIX_LAYERS:

@@ -73,7 +73,8 @@ def test_attached_without_prefix_and_sim_one_matches_base(tiny):
     """Prefix off + sim 1 + the plain input: the instructed attention path equals stock attention."""
     model, tok = tiny
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    base = model(**enc).logits
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # what run() gives left-padded rows
+    base = model(**enc, position_ids=positions).logits
     lm = InstructedLM(model, tok, _bank(model), encoder=FixedEncoder(1.0))
     out = lm.run(enc["input_ids"], enc["attention_mask"], [None, None], 1.0, False).logits
     mask = enc["attention_mask"].bool()
@@ -189,3 +190,20 @@ def test_template_with_bos_tokenizer(tiny_llama_dir):
     prefix = template.encode_instruction("Fact.")
     assert prefix.ids[0] == 2 and prefix.ids.count(2) == 1
     assert template.strip_bos([2, 5, 6]) == [5, 6]
+
+
+@pytest.mark.parametrize("mode", ["paper", "release"])
+def test_a_rows_logits_do_not_depend_on_the_padding_of_its_batch(tiny_llama_dir, mode):
+    """Prefix keys carry no rotary embedding: with positions counted from the padded start, a row's
+    attention to them would change with the padding its batch gives it (it did, by up to 0.2 in logits,
+    until ``InstructedLM.run`` passed positions that skip the padding)."""
+    model, tok = _load(tiny_llama_dir)
+    bank = _bank(model)
+    lm = InstructedLM(model, tok, bank, encoder=FixedEncoder(0.6), mode=mode)
+    facts = ["The capital of France is Rome.", "Tim Cook leads Apple, a company in California, since 2011."]
+    question = "What is the capital of France? Paris"
+    with torch.no_grad():
+        alone = lm(**tok([question], return_tensors="pt"), instructions=facts[:1]).logits[0]
+        enc = tok([question, question], return_tensors="pt", padding=True)
+        batched = lm(**enc, instructions=facts).logits  # row 0's instruction is shorter: it gets padding
+    torch.testing.assert_close(batched[0][enc["attention_mask"][0].bool()], alone, atol=2e-5, rtol=0)

@@ -87,6 +87,14 @@ softmax, which then renormalises. ``sim = 0`` gives those columns a score of 0 (
 ``mode="none"`` (the paper's Table 4 "w/o re-weight"): no re-weighting at all; the prefixes still join
 keys/values, ``sim`` is ignored (a layer without an active prefix is stock attention).
 
+``mode="question_rows"``: ``paper``'s re-weighting applied only to the query rows at or after the end of
+the instruction (the template's tail, the question and the answer; every row of an example without an
+instruction). The rows of the template's head and of the instruction itself attend as without ``sim``, so
+their hidden states, keys and values depend on the instruction and the prefixes only, not on the question:
+they can be computed once per instruction and reused (``InstructedLM(instruction_cache_size=...)``), which
+makes a query cost its own tokens only. Not in the paper; offered for #15's query-cost target and
+benchmarked beside ``paper``.
+
 Prefix details
 --------------
 * Prefix keys/values are computed from the frozen projections of the layer:
@@ -140,7 +148,7 @@ __all__ = [
 #: Name under which the attention and mask functions are registered.
 INSTRUCTED_ATTENTION = "instructed"
 #: Supported re-weighting modes (see the module docstring).
-REWEIGHT_MODES = ("paper", "release", "pre_softmax", "none")
+REWEIGHT_MODES = ("paper", "release", "pre_softmax", "none", "question_rows")
 
 _OFFSETS_ATTR = "_instructed_offsets"  # tag set on masks built by instructed_attention_mask
 HANDLE_ATTR = "_instructed_handle"  # set on attention modules (and the model) by prefix.attach_instructed
@@ -370,6 +378,10 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
             if n_prefix:
                 prefix_w = torch.where(plan.prefix_active[:, None], sim, 1.0).expand(batch, n_prefix)
                 col_weight = torch.cat([prefix_w, col_weight], dim=-1)
+            col_weight = col_weight[:, None, None, :]  # [batch, 1, 1, P + kv_len]
+            if plan.mode == "question_rows":  # rows before the instruction's end keep their probabilities
+                after = q_pos[None, :] >= torch.where(non_empty, end, 0)  # [batch, q_len]
+                col_weight = torch.where(after[:, None, :, None], col_weight, 1.0)
 
     probs = torch.softmax(scores.float() + bias, dim=-1)
     # A query row that may attend to nothing (a left-padding row outside prefix layers) gets all-zero
@@ -378,7 +390,7 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
     fully_masked = (bias <= torch.finfo(torch.float32).min / 2).all(dim=-1, keepdim=True)
     probs = probs.masked_fill(fully_masked, 0.0)
     if col_weight is not None:
-        probs = probs * col_weight[:, None, None, :]
+        probs = probs * col_weight
     probs = probs.to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()

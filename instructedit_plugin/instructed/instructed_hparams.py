@@ -20,7 +20,7 @@ from ..core.config import EditingHyperParams, PluginHyperParams, hp_field, train
 ALG_NAME = "InstructEd"
 #: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.
 DEFAULT_TEMPLATE = "Instructions: {instruction}\nInput: "
-REWEIGHT_CHOICES = ("paper", "release", "pre_softmax", "none")
+REWEIGHT_CHOICES = ("paper", "release", "pre_softmax", "none", "question_rows")
 SOURCE_CHOICES = ("gold", "retrieval")
 
 TRAIN_HINT = (

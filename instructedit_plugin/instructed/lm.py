@@ -38,9 +38,12 @@ from ..errors import MissingDependencyError, PluginError, RequestError
 from .instructed_hparams import DEFAULT_TEMPLATE
 from .context import instruction_context
 from .prefix import PrefixBank, attach_instructed, get_instructed_handle
+from .instruction_cache import InstructionKVCache
 from .templates import InstructionTemplate
 
 LOG = logging.getLogger(__name__)
+#: Instructions whose keys/values an ``InstructedLM`` in mode ``question_rows`` keeps by default.
+DEFAULT_INSTRUCTION_CACHE = 1024
 
 __all__ = [
     "Selection",
@@ -241,7 +244,9 @@ class InstructedLM(nn.Module):
         provider: :class:`GoldInstructions`, :class:`RetrievedInstructions` or anything with
             ``choose(texts) -> list[Selection | None]``; ``None``: only explicit ``instructions=``.
         template / instruction_max_length: the input layout (see :mod:`.templates`).
-        mode: re-weighting mode, ``"paper"`` or ``"release"``.
+        mode: re-weighting mode (:data:`~.attention.REWEIGHT_MODES`).
+        instruction_cache_size: instructions whose keys/values are kept for reuse (:mod:`.instruction_cache`);
+            ``None``: 1024 in mode ``question_rows`` (where reuse is exact), else 0 (off).
 
     Attribute access that the wrapper does not define (``config``, ``generation_config``,
     ``device``...) and ``named_parameters``/``parameters``/``state_dict`` are the base model's, so
@@ -261,6 +266,7 @@ class InstructedLM(nn.Module):
         instruction_max_length: int = 128,
         mode: str = "paper",
         use_prefixes: bool = True,
+        instruction_cache_size: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -273,6 +279,13 @@ class InstructedLM(nn.Module):
         self.__dict__["provider"] = provider
         self.__dict__["template"] = InstructionTemplate(tokenizer, template, instruction_max_length)
         self.mode = mode
+        if instruction_cache_size is None:
+            instruction_cache_size = DEFAULT_INSTRUCTION_CACHE if mode == "question_rows" else 0
+        if instruction_cache_size and mode != "question_rows":
+            raise PluginError(f"an instruction key/value cache is exact only with reweight_mode 'question_rows', "
+                              f"not {mode!r}. Fix: set reweight_mode: question_rows, or instruction_cache_size=0")
+        #: instruction keys/values reused across questions (``question_rows`` only, inference only)
+        self.__dict__["instruction_cache"] = InstructionKVCache(instruction_cache_size) if instruction_cache_size else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -371,7 +384,15 @@ class InstructedLM(nn.Module):
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
             sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
-        """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph)."""
+        """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph).
+
+        Rows are left-padded; unless the caller passes ``position_ids``, each row's real tokens get the
+        positions ``0, 1, ...`` (padding not counted), so a row's result does not depend on how much
+        padding its batch gave it: the prefix keys carry no rotary embedding, so with positions counted
+        from the padded start a rotary query's attention to them would shift with the padding.
+        """
+        if "position_ids" not in kwargs:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if not self.use_prefixes:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         with self.activated(), instruction_context(spans=list(spans), sim=sim, use_prefix=use_prefix):
@@ -391,9 +412,12 @@ class InstructedLM(nn.Module):
         rows = self._rows(input_ids, attention_mask)
         selections = self.select(rows, instructions)
         chosen = [i for i, s in enumerate(selections) if s is not None]
+        logits = None
         if not chosen:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-        else:
+        elif self.instruction_cache is not None and self.use_prefixes and not torch.is_grad_enabled():
+            logits = self._forward_cached(input_ids, attention_mask, rows, selections, chosen, kwargs)
+        if logits is None:
             plain = [i for i, s in enumerate(selections) if s is None]
             batch = self.build([rows[i] for i in chosen], [selections[i] for i in chosen])
             # Only the caller's positions reach the output layer: rows are left-padded, so they are
@@ -416,6 +440,43 @@ class InstructedLM(nn.Module):
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = nn.functional.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[list[int]],
+                        selections: list[Selection | None], chosen: list[int], kwargs: dict) -> torch.Tensor | None:
+        """Logits of the instructed rows from their instructions' cached keys/values plus their own tokens;
+        ``None`` when an instruction does not fit a sliding-window layer's cache (then the full forward runs)."""
+        window = getattr(self.model.config, "sliding_window", None)
+        entries, tails = [], []
+        questions = [selections[i].question for i in chosen]
+        instructions = [selections[i].instruction for i in chosen]
+        sim = cosine(self.encoder, questions, instructions)
+        with self.activated():
+            for i in chosen:
+                encoded = self.template.encode_instruction(selections[i].instruction)
+                head = encoded.ids[: encoded.span[1]]
+                if window and len(head) + len(rows[i]) + len(encoded.ids) - encoded.span[1] > int(window):
+                    return None  # a sliding layer would drop cached keys the full forward still sees
+                entries.append(self.instruction_cache.entry(self.model, head, encoded.span, self.bank))
+                tails.append(encoded.ids[encoded.span[1]:] + self.template.strip_bos(rows[i]))
+            inputs = InstructionKVCache.assemble(self.model, entries, tails, self.pad_id)
+            width = min(inputs["input_ids"].shape[1], max(len(rows[i]) for i in chosen))
+            total = inputs["input_ids"].shape[1]
+            keep = torch.arange(total - width, total, device=inputs["input_ids"].device)
+            with instruction_context(spans=inputs["spans"], sim=sim, use_prefix=True):
+                out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 position_ids=inputs["position_ids"], past_key_values=inputs["past_key_values"],
+                                 use_cache=False, logits_to_keep=keep)
+        logits = out.logits.new_zeros((*input_ids.shape, out.logits.shape[-1]))
+        plain = [i for i, s in enumerate(selections) if s is None]
+        if plain:
+            logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
+        for j, i in enumerate(chosen):
+            positions = attention_mask[i].bool().nonzero().flatten()
+            stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])
+            question_start = inputs["tail_start"][j] + len(tails[j]) - len(self.template.strip_bos(rows[i]))
+            first = question_start - (1 if stripped else 0) - (total - width)
+            logits[i, positions] = out.logits[j, first : first + len(positions)]
+        return logits
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
