@@ -400,7 +400,7 @@ def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):
     assert [r["active_index"] for r in out["rows"]] == ["dense", "flat", "dense (too small for IVF)",
                                                         "dense", "flat", "ivf"]
     for r in out["rows"]:
-        assert r["timed_queries"] >= 5 and r["query_ms"] > 0 and r["build_s"] >= 0
+        assert r["timed_queries"] >= 5 and r["query_ms"] > 0 and 0 < r["query_cpu_ms"] and r["build_s"] >= 0
         assert r["recall_at_1"] == 1.0 or (r["kind"] == "ivf" and r["recall_at_1"] >= 0.9), r
         # RAM: the float32 matrix, plus a float32 copy (flat) or 8-bit codes, ids and centroids (ivf)
         extra = {"dense": 0, "flat": 1536}.get(r["active_index"], 0)
@@ -412,5 +412,5 @@ def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):
     assert out["targets"] == []  # 100k and 1M were not run
     md = out_json.with_suffix(".md").read_text()
     assert md == bench.render_markdown(out)
-    table = [row for row in _table_rows(md) if len(row) == 9 and row[0][0].isdigit()]
+    table = [row for row in _table_rows(md) if len(row) == 10 and row[0][0].isdigit()]
     assert [(int(row[0].replace(",", "")), row[1]) for row in table] == [(s, k) for s in sizes for k in kinds]
