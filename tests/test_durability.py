@@ -422,7 +422,7 @@ def test_malicious_file_in_a_memory_is_refused(tmp_path, kind, victim, forge_has
     save_memory_gen(folder, 3)
     marker = tmp_path / "pwned"
     data = _evil_bytes(marker, kind, tmp_path)
-    path = folder / "manifest.json" if victim == "manifest" else next(folder.glob(f"{victim}-*"))
+    path = folder / "manifest.json" if victim == "manifest" else next(folder.glob(f"{victim}.*"))
     path.write_bytes(data)
     if forge_hash and victim != "manifest":
         _set_manifest_hash(folder / "manifest.json", path.name, data)
@@ -460,8 +460,9 @@ def test_manifest_records_identity_hashes_and_hparams(tmp_path):
     save_memory_gen(tmp_path / "mem", 2)
     mem_manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
     assert mem_manifest["plugin_version"] == __version__ and mem_manifest["info"] == {"generation": 2}
-    for name, entry in mem_manifest["files"].items():
-        assert durable.sha256_bytes((tmp_path / "mem" / name).read_bytes()) == entry["sha256"]
+    assert set(mem_manifest["files"]) == {"embeddings.safetensors", "records.jsonl"}
+    for name, digest in mem_manifest["files"].items():
+        assert durable.sha256_bytes((tmp_path / "mem" / name).read_bytes()) == digest
 
 
 def test_no_unsafe_deserialisation_in_the_package():

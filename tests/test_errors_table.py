@@ -828,7 +828,7 @@ def trig_mem_tampered(ctx):
     from instructedit_plugin.instructed.memory import InstructionMemory
 
     folder = _saved_memory(ctx, "tampered-memory")
-    victim = next(folder.glob("records-*"))
+    victim = folder / "records.jsonl"
     victim.write_text(victim.read_text().replace("Rome", "Lyon"))
     return _raised(lambda: InstructionMemory.load(folder))
 
@@ -849,7 +849,7 @@ def trig_dep_faiss(ctx):
     saved = sys.modules.get("faiss", "absent")
     sys.modules["faiss"] = None  # an import of faiss fails as if it were not installed
     try:
-        return _raised(lambda: InstructionMemory(None, use_faiss=True))
+        return _raised(lambda: InstructionMemory(None, index="flat"))
     finally:
         if saved == "absent":
             del sys.modules["faiss"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from instructedit_plugin.errors import PluginError
-from instructedit_plugin.instructed import memory as memory_mod
+from instructedit_plugin.core import durable
+from instructedit_plugin.instructed.memory import index as memory_index
 from instructedit_plugin.instructed.encoder import SentenceEncoder
 from instructedit_plugin.instructed.memory import (
     EncoderMismatchError,
@@ -163,46 +164,101 @@ def test_search_with_text_queries(encoder):
     assert scores[0, 0] == pytest.approx(float(ref.max()), abs=1e-5)
 
 
-def test_int8_prefilter_is_exact():
-    """The large-memory fast path (int8 coarse pass + float32 re-scoring) returns the dense top-k."""
-    gen = torch.Generator().manual_seed(2)
-    centres = torch.nn.functional.normalize(torch.randn(300, DIM, generator=gen), dim=1)
-    noise = 0.6 * torch.randn(8000, DIM, generator=gen) / math.sqrt(DIM)
-    vecs = torch.nn.functional.normalize(centres[torch.arange(8000) % 300] + noise, dim=1)  # many near-ties
-    queries = torch.cat([vecs[:20] + 0.01 * torch.randn(20, DIM, generator=gen),
-                         torch.randn(12, DIM, generator=gen)])
-    queries = torch.nn.functional.normalize(queries, dim=1)
-    for dtype in (torch.float32, torch.float16):
-        memory = InstructionMemory(None, dtype=dtype, prefilter=True)
-        memory.add([f"t{i}" for i in range(8000)], embeddings=vecs)
-        # small batches take the int8 path (larger ones use the dense GEMM)
-        found = [memory.search(queries[i:i + 4], k=5) for i in range(0, len(queries), 4)]
-        scores, ids = torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
-        ref = (queries @ memory.embeddings.to(torch.float32).T).topk(5, dim=1)
-        assert torch.allclose(scores, ref.values, atol=1e-5)
-        exact_at_ids = (queries[:, None, :] * memory.embeddings.to(torch.float32)[ids]).sum(-1)
-        assert torch.allclose(exact_at_ids, ref.values, atol=1e-5)  # same items up to exact ties
-        assert memory._int8_state == ("on" if memory_mod._int8_kernel_safe(DIM) else "off")
-        if memory._int8_state == "on":  # the kernel is available here: the bound must hold
-            approx, bound = memory._int8.coarse(queries)
-            exact = queries @ memory.embeddings.to(torch.float32).T
-            assert bool(((approx - exact).abs() <= bound[:, None]).all())
-        memory.add(["extra"], embeddings=queries[:1])  # the int8 copy grows with the memory
-        assert memory.search(queries[:1], k=1)[1].item() == 8000
+def clustered(n: int, dim: int = DIM, seed: int = 2, queries: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` unit vectors in clusters of ~50 (many near neighbours) and queries near stored items."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(max(1, n // 50), dim, generator=gen), dim=1)
+    vecs = centres[torch.randint(0, centres.shape[0], (n,), generator=gen)]
+    vecs = torch.nn.functional.normalize(vecs + 0.8 * torch.randn(n, dim, generator=gen) / math.sqrt(dim), dim=1)
+    src = torch.randint(0, n, (queries,), generator=gen)
+    q = torch.nn.functional.normalize(vecs[src] + 0.7 * torch.randn(queries, dim, generator=gen) / math.sqrt(dim), dim=1)
+    return vecs, q
 
 
-def test_faiss_path_matches_dense():
-    pytest.importorskip("faiss")
-    gen = torch.Generator().manual_seed(3)
-    vecs = torch.nn.functional.normalize(torch.randn(500, 32, generator=gen), dim=1)
-    dense = InstructionMemory(None)
-    flat = InstructionMemory(None, use_faiss=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_faiss_flat_index_matches_dense(dtype):
+    """FAISS IndexFlatIP returns the torch product's top-k ids, and its scores to 1e-6 (after removals too)."""
+    vecs, q = clustered(3000, 64, seed=3, queries=70)
+    dense = InstructionMemory(None, dtype=dtype, index="dense")
+    flat = InstructionMemory(None, dtype=dtype, index="flat")
     for memory in (dense, flat):
-        memory.add([f"t{i}" for i in range(500)], embeddings=vecs)
-        memory.remove([3, 4])
-    q = vecs[:10]
-    (s1, i1), (s2, i2) = dense.search(q, 4), flat.search(q, 4)
-    assert torch.equal(i1, i2) and torch.allclose(s1, s2, atol=1e-5)
+        memory.add([f"t{i}" for i in range(3000)], embeddings=vecs)
+        memory.remove([3, 4, 100])
+    (s1, i1), (s2, i2) = dense.search(q, 7), flat.search(q, 7)
+    assert dense.active_index == "dense" and flat.active_index == "flat"
+    assert torch.equal(i1, i2) and torch.allclose(s1, s2, atol=1e-6, rtol=0)
+    for memory in (dense, flat):  # grows in step with the memory
+        memory.add(["extra"], embeddings=q[:1])
+    assert dense.search(q[:1], 1)[1].item() == flat.search(q[:1], 1)[1].item() == 3000
+
+
+def test_auto_index_switches_to_faiss_at_the_threshold_with_identical_results():
+    vecs, q = clustered(600, 64, seed=5, queries=50)
+    auto = InstructionMemory(None, faiss_threshold=400)
+    dense = InstructionMemory(None, index="dense")
+    for memory in (auto, dense):
+        memory.add([f"t{i}" for i in range(399)], embeddings=vecs[:399])
+    before = auto.search(q, 5)
+    assert auto.active_index == "dense" and auto.index_bytes == 0
+    assert torch.equal(before[1], dense.search(q, 5)[1])
+    for memory in (auto, dense):
+        memory.add([f"t{i}" for i in range(399, 600)], embeddings=vecs[399:])
+    (s_auto, i_auto), (s_dense, i_dense) = auto.search(q, 5), dense.search(q, 5)
+    assert auto.active_index == "flat" and auto.index_bytes == 600 * 64 * 4
+    assert torch.equal(i_auto, i_dense) and torch.allclose(s_auto, s_dense, atol=1e-6, rtol=0)
+    hits = [(h.id, h.spread) if h else None for h in auto.select_many(q)]
+    ref = [(h.id, h.spread) if h else None for h in dense.select_many(q)]
+    assert [h and h[0] for h in hits] == [h and h[0] for h in ref]
+    assert all(a is None or abs(a[1] - b[1]) < 1e-6 for a, b in zip(hits, ref))
+    auto.remove(list(range(300)))  # back under the threshold: the torch product again
+    assert auto.active_index == "dense"
+
+
+def test_ivf_index_recall_at_default_parameters():
+    """The approximate index finds the exact top-1 for >= 99% of queries near stored items; scores are exact."""
+    vecs, q = clustered(20000, seed=6, queries=300)
+    memory = InstructionMemory(None, index="ivf")
+    memory.add([f"t{i}" for i in range(20000)], embeddings=vecs)
+    scores, ids = memory.search(q, 5)
+    assert memory.active_index == "ivf" and memory._index.nlist == 500 and memory._index.nprobe == 11
+    recall = memory_index.recall_at_1(memory._index, q, memory.embeddings)
+    assert recall >= 0.99, recall
+    exact_at_ids = (q[:, None, :] * vecs[ids]).sum(-1)  # the returned scores are exact cosines of the returned ids
+    assert torch.allclose(scores, exact_at_ids, atol=1e-6)
+    ref = (q @ vecs.T).topk(5, dim=1)
+    assert float((ids[:, 0] == ref.indices[:, 0]).float().mean()) >= 0.99
+    assert memory.index_bytes < memory.allocated_bytes  # 8-bit codes: a quarter of the float32 matrix
+    # a wrong index is caught by the recall measurement
+    broken = memory_index.DenseIndex()
+    broken.search = lambda queries, k, emb: (torch.zeros(len(queries), k), torch.zeros(len(queries), k, dtype=torch.long))
+    assert memory_index.recall_at_1(broken, q, memory.embeddings) < 0.05
+
+
+def test_ivf_index_is_exact_below_its_minimum_size_and_retrains_after_growth():
+    vecs, q = clustered(12000, 64, seed=7, queries=40)
+    memory = InstructionMemory(None, index="ivf")
+    memory.add([f"t{i}" for i in range(2000)], embeddings=vecs[:2000])
+    exact = InstructionMemory(None, index="dense")
+    exact.add([f"t{i}" for i in range(2000)], embeddings=vecs[:2000])
+    assert torch.equal(memory.search(q, 5)[1], exact.search(q, 5)[1])  # < IVF_MIN_ITEMS: exact
+    assert memory._index.nlist is None
+    memory.add([f"t{i}" for i in range(2000, 5000)], embeddings=vecs[2000:5000])
+    memory.search(q, 5)
+    assert memory._index.trained_on == 5000
+    memory.add([f"t{i}" for i in range(5000, 12000)], embeddings=vecs[5000:])
+    memory.search(q, 5)
+    assert memory._index.trained_on == 12000 and int(memory._index.index.ntotal) == 12000
+
+
+def test_unknown_index_and_removed_options_are_clear_errors():
+    with pytest.raises(PluginError, match=r"index: expected one of auto, dense, flat, ivf, got 'hnsw'.*Fix:"):
+        InstructionMemory(None, index="hnsw")
+    with pytest.raises(PluginError, match=r"prefilter: the int8 prefilter was removed\. Fix:"):
+        InstructionMemory(None, prefilter=True)
+    with pytest.raises(PluginError, match=r"use_faiss: .*Fix: pass index='flat'"):
+        InstructionMemory(None, use_faiss=True)
+    with pytest.raises(TypeError):
+        InstructionMemory(None, no_such_option=1)
 
 
 def test_ids_remove_clear_and_metadata():
@@ -300,7 +356,7 @@ def test_save_load_bit_identical(encoder, tmp_path, dtype):
     memory.add(["Boris Kahn is a citizen of Canada."])
     memory.save(tmp_path / "mem")
     manifest = _manifest(tmp_path / "mem")
-    assert manifest["count"] == 2 and manifest["dim"] == DIM and manifest["format_version"] == 1
+    assert manifest["count"] == 2 and manifest["dim"] == DIM and manifest["format_version"] == 2
     assert manifest["dtype"] == str(dtype).replace("torch.", "") and manifest["encoder"] == encoder.identity
     loaded = InstructionMemory.load(tmp_path / "mem", encoder)
     assert loaded.embeddings.dtype == dtype and torch.equal(loaded.embeddings, memory.embeddings)
@@ -321,7 +377,7 @@ def test_tampered_file_is_refused(tmp_path, victim):
     memory = InstructionMemory(TableEncoder())
     memory.add(["alpha fact", "beta fact"])
     memory.save(tmp_path)
-    path = next(tmp_path.glob(f"{victim}-*"))
+    path = next(tmp_path.glob(f"{victim}.*"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
@@ -352,7 +408,7 @@ def test_encoder_identity_mismatch_is_refused(encoder, tmp_path):
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3])
 def test_interrupted_save_keeps_previous_memory_loadable(tmp_path, monkeypatch, fail_at):
-    """A save that dies while writing file 1 (embeddings), 2 (records) or 3 (manifest)."""
+    """A save that dies while writing file 1 (embeddings), 2 (records) or 3 (the manifest: the commit point)."""
     enc = TableEncoder()
     memory = InstructionMemory(enc)
     memory.add(["first fact", "second fact"])
@@ -360,31 +416,114 @@ def test_interrupted_save_keeps_previous_memory_loadable(tmp_path, monkeypatch, 
     before = InstructionMemory.load(tmp_path, enc)
 
     memory.add(["third fact"])
-    real = memory_mod._write_bytes
+    real = durable.atomic_write_bytes
     count = {"n": 0}
 
-    def flaky(final, data):
+    def flaky(path, data):
         count["n"] += 1
-        if count["n"] == fail_at:
-            def half_write(tmp):
-                Path(tmp).write_bytes(data[: len(data) // 2])
-                raise OSError("disk full (simulated)")
+        if count["n"] == fail_at:  # a temp file holding half the bytes is left behind, as by a killed writer
+            Path(path).with_name(f".{Path(path).name}.x1y2z3.tmp").write_bytes(data[: len(data) // 2])
+            raise OSError("disk full (simulated)")
+        return real(path, data)
 
-            memory_mod.atomic_write_file(final, half_write)
-        return real(final, data)
-
-    monkeypatch.setattr(memory_mod, "_write_bytes", flaky)
+    monkeypatch.setattr(durable, "atomic_write_bytes", flaky)
     with pytest.raises(OSError, match="simulated"):
         memory.save(tmp_path)
-    monkeypatch.setattr(memory_mod, "_write_bytes", real)
+    monkeypatch.setattr(durable, "atomic_write_bytes", real)
 
     after = InstructionMemory.load(tmp_path, enc)
     assert after.texts == ["first fact", "second fact"] == before.texts
     assert torch.equal(after.embeddings, before.embeddings)
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp files left behind
-    memory.save(tmp_path)  # the next save succeeds and cleans up orphaned data files
+    memory.save(tmp_path)  # the next save succeeds and cleans up temp and staged files
     assert InstructionMemory.load(tmp_path, enc).texts == ["first fact", "second fact", "third fact"]
-    assert len(list(tmp_path.iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.safetensors", "manifest.json", "records.jsonl"]
+
+
+def _search_everything(memory: InstructionMemory, q: torch.Tensor) -> tuple:
+    scores, ids = memory.search(q, 5)
+    hits = [(h.id, h.text, h.score, h.spread, h.metadata) if h else None for h in memory.select_many(q)]
+    return scores, ids, hits
+
+
+@pytest.mark.parametrize("kind", ["auto", "dense", "flat", "ivf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_load_is_bit_identical_for_every_index(tmp_path, kind, dtype):
+    n = 6000 if kind == "ivf" else 700
+    vecs, q = clustered(n, 64, seed=8, queries=60)
+    memory = InstructionMemory(None, dtype=dtype, index=kind, faiss_threshold=500)
+    memory.add([f"fact {i} ☃" for i in range(n)], [{"i": i, "nested": [i, "ü"]} for i in range(n)], embeddings=vecs)
+    memory.remove([0, 17, n - 1])
+    scores, ids, hits = _search_everything(memory, q)
+    memory.save(tmp_path / "mem", info={"run": kind})
+    names = sorted(p.name for p in (tmp_path / "mem").iterdir())
+    assert names == sorted(["embeddings.safetensors", "manifest.json", "records.jsonl"]
+                           + (["index.faiss"] if kind == "ivf" else []))
+    loaded = InstructionMemory.load(tmp_path / "mem")
+    assert loaded.index_kind == kind and loaded.faiss_threshold == 500 and loaded.info == {"run": kind}
+    assert loaded.embeddings.dtype == dtype and torch.equal(loaded.embeddings, memory.embeddings)
+    assert loaded.ids == memory.ids and loaded.texts == memory.texts and loaded.metadata == memory.metadata
+    assert loaded.next_id == memory.next_id == n
+    l_scores, l_ids, l_hits = _search_everything(loaded, q)
+    assert torch.equal(l_ids, ids) and torch.equal(l_scores, scores) and l_hits == hits
+    if kind == "ivf":  # the trained index came from the file, not from retraining
+        assert loaded._index.trained_on == len(memory) and loaded._index.nlist == memory._index.nlist
+    assert loaded.add(["new"], embeddings=q[:1]) == [n]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "flipped", "manifest-cut"])
+@pytest.mark.parametrize("victim", ["embeddings.safetensors", "records.jsonl", "index.faiss"])
+def test_damaged_memory_folder_is_a_clear_error(tmp_path, damage, victim):
+    vecs, _ = clustered(5000, 32, seed=9, queries=1)
+    memory = InstructionMemory(None, index="ivf")
+    memory.add([f"t{i}" for i in range(5000)], embeddings=vecs)
+    memory.save(tmp_path)
+    path = tmp_path / ("manifest.json" if damage == "manifest-cut" else victim)
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "flipped":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MemoryFormatError) as info:
+        InstructionMemory.load(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message and "Fix:" in message, message
+    if damage != "manifest-cut":
+        assert victim in message and ("sha256" in message if damage != "missing" else "unreadable" in message)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_memory_saved_by_the_previous_format_loads(tmp_path, dtype):
+    """A folder written by the old single-module memory (format 1, commit 56905b9) loads to the same
+    contents and search results; saving it again rewrites it as format 2 and drops the old files."""
+    expected = json.loads((FIXTURES / "memory_v1_expected.json").read_text(encoding="utf-8"))
+    want = expected[dtype]
+    queries = torch.tensor(expected["queries"])
+    folder = FIXTURES / f"memory_v1_{dtype}"
+    assert _manifest(folder)["format_version"] == 1
+    memory = InstructionMemory.load(folder)
+    assert memory.texts == want["texts"] and memory.ids == want["ids"] and memory.metadata == want["metadata"]
+    assert memory.info == want["info"] and memory.embeddings.dtype == getattr(torch, dtype)
+    assert torch.equal(memory.embeddings, torch.tensor(want["embeddings"]).to(getattr(torch, dtype)))
+    scores, ids = memory.search(queries, k=4)
+    assert ids.tolist() == want["search_ids"] and scores.tolist() == want["search_scores"]
+    hits = [None if h is None else {"id": h.id, "score": h.score, "spread": h.spread}
+            for h in memory.select_many(queries, gate=0.1, top_k=5)]
+    assert hits == want["select"]
+    assert memory.add(["after"], embeddings=queries[:1]) == [12]
+    # re-saved in place (a copy): format 2, the content-named v1 files removed
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    memory.save(copy)
+    assert _manifest(copy)["format_version"] == 2
+    assert sorted(p.name for p in copy.iterdir()) == ["embeddings.safetensors", "manifest.json", "records.jsonl"]
+    assert InstructionMemory.load(copy).texts == want["texts"] + ["after"]
 
 
 def test_retrieve_chain_follows_bridge_entities(encoder):

@@ -224,7 +224,7 @@ def test_two_thousand_sequential_edits(instructed_world, tmp_path, caplog):
         part.add(memory.texts[:n], memory.metadata[:n], embeddings=memory.embeddings[:n])
         folder = tmp_path / f"mem-{n}"
         part.save(folder)
-        sizes[n] = sum(p.stat().st_size for p in folder.glob("embeddings-*"))
+        sizes[n] = sum(p.stat().st_size for p in folder.glob("embeddings.*"))
     per_row = (sizes[N_EDITS] - sizes[N_EDITS // 2]) / (N_EDITS - N_EDITS // 2)
     assert abs(per_row - (bytes_per_row + 8)) < 0.1  # float32 vector + int64 id per edit
 

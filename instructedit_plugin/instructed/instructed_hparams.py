@@ -71,8 +71,10 @@ class InstructEdHyperParams(EditingHyperParams):
     ``prefix_layers`` / ``prefix_len`` may be left null: they are taken from the archive (when
     given they must match it). ``instruction_source: gold`` feeds every evaluated input its own
     request's instruction (the paper's single-edit setting); ``retrieval`` looks the instruction up
-    in the instruction memory that accumulates the applied edits and leaves inputs whose best match
-    scores below ``retrieval_gate`` unedited (sequential and multi-hop editing).
+    in the instruction memory that accumulates the applied edits and leaves an input unedited unless
+    the standard deviation of its ``top_k`` best retrieval scores exceeds ``retrieval_gate`` (the
+    gate: a relevant instruction stands out from its neighbours; it is not a minimum cosine score),
+    see :mod:`.memory.gate` (sequential and multi-hop editing).
     """
 
     ALG_NAME = ALG_NAME
@@ -85,8 +87,9 @@ class InstructEdHyperParams(EditingHyperParams):
     encoder: str = hp_field("default", help="sentence encoder: 'default', a name or a local path")
     reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
     instruction_source: str = hp_field("gold", choices=SOURCE_CHOICES)
-    retrieval_gate: float = hp_field(0.1, min=-1.0, max=1.0, help="minimum cosine score to use a retrieved instruction")
-    top_k: int = hp_field(5, min=1, help="candidates the memory search considers")
+    retrieval_gate: float = hp_field(0.1, min=-1.0, max=1.0, help="gate threshold on the standard deviation of the top_k retrieval "
+                                                                      "scores: the top-1 instruction is used when that spread exceeds it")
+    top_k: int = hp_field(5, min=1, help="number of best retrieval scores whose spread the gate measures")
     template: str = hp_field(DEFAULT_TEMPLATE)
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
     use_prefixes: bool = hp_field(True, help="false: the instruction in context only (no prefixes, no re-weighting), "

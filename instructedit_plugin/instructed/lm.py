@@ -178,7 +178,11 @@ class GoldInstructions:
 
 
 class RetrievedInstructions:
-    """Inputs look their instruction up in an instruction memory; a score below ``gate`` means none.
+    """Inputs look their instruction up in an instruction memory, through its std gate.
+
+    An input gets the top-1 instruction only when the standard deviation of its ``top_k`` best
+    retrieval scores exceeds ``gate`` (a threshold on their spread, not on a score), else none.
+
 
     ``memory`` follows the ``InstructionMemory`` interface (``select(query, gate, top_k)`` returning
     an object with ``.text`` or ``None``). ``prompts`` are known questions (see :class:`_PromptMatcher`).
