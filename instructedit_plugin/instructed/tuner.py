@@ -178,6 +178,7 @@ class InstructEdModel(BaseTuner):
         config.hidden_size = bank.hidden_size
         config.base_model_fingerprint = identity["fingerprint"]
         config.base_model_type = identity["model_type"]
+        bank.requires_grad_(not config.inference_mode)  # PeftModel.from_pretrained(is_trainable=False): frozen
         self._banks()[adapter_name] = bank
         self.__dict__["_instructed_handle"] = handle
         self._layer()._active_adapter = adapter_name
