@@ -136,8 +136,7 @@ def load_generation(root: Path, kind: str) -> int:
         has_state = "trainer_state.json" in ckpt.manifest["files"]
         assert has_state == bool(g % 2)
         if has_state:
-            hashes = ckpt.manifest["files"]
-            state = json.loads(ckpt_mod._verified_bytes(ckpt.folder, "trainer_state.json", hashes))
+            state = json.loads(ckpt_mod.core.read_file(ckpt.folder, ckpt.manifest, "trainer_state.json"))
             assert state["step"] == g
         return g
     if kind == "editor":
@@ -246,7 +245,7 @@ def test_sigkill_during_saves_never_loses_or_mixes_versions(tmp_path):
     assert _leftovers(tmp_path / "data") == set()
 
 
-PENDING = {"checkpoint": "manifest.next.json", "editor": "editor_config.next.json"}
+PENDING = {"checkpoint": "manifest.next.json", "editor": "manifest.next.json"}
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "editor"])
@@ -380,7 +379,7 @@ def test_the_pickle_really_is_malicious(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch"])
-@pytest.mark.parametrize("victim", ["prefixes.safetensors", "instructed_config.json", "manifest.json",
+@pytest.mark.parametrize("victim", ["adapter_model.safetensors", "adapter_config.json", "manifest.json",
                                     "trainer_state.safetensors"])
 @pytest.mark.parametrize("forge_hash", [False, True])
 def test_malicious_file_in_a_checkpoint_is_refused(tmp_path, kind, victim, forge_hash):
@@ -451,9 +450,10 @@ def test_manifest_records_identity_hashes_and_hparams(tmp_path):
     save_checkpoint_gen(tmp_path / "ckpt", 1)
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["plugin_version"] == __version__
-    assert manifest["base_model"] == {"fingerprint": ckpt_mod.model_fingerprint(MODEL_CONFIG), "model_type": "tiny-test"}
+    assert manifest["base_model"] == {"fingerprint": ckpt_mod.model_fingerprint(MODEL_CONFIG), "model_type": "tiny-test",
+                                      "name": None}
     assert manifest["hparams"] == {"lr": 0.01, "generation": 1}
-    assert set(manifest["files"]) == {"prefixes.safetensors", "instructed_config.json", "trainer_state.safetensors",
+    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "trainer_state.safetensors",
                                       "trainer_state.json"}
     for name, digest in manifest["files"].items():
         assert durable.sha256_bytes((tmp_path / "ckpt" / name).read_bytes()) == digest

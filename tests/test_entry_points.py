@@ -118,7 +118,7 @@ def test_cli_train_instructedit_runs_the_steps_and_lowers_the_loss(instructedit_
     best, last = Path(summary["best_checkpoint"]), Path(summary["last_checkpoint"])
     assert best.parent.parent.parent.parent == results  # <results_dir>/models/InstructEdit/<model>/best
     assert (best / "editor.safetensors").is_file() and (last / "editor.safetensors").is_file()
-    config = json.loads((best / "editor_config.json").read_text())
+    config = json.loads((best / "manifest.json").read_text())
     assert config["alg"] == "InstructEdit" and config["step"] == IE_TRAIN_STEPS
     state = json.loads((last / "trainer_state.json").read_text())
     assert [h["step"] for h in state["history"]] == [IE_TRAIN_STEPS]

@@ -151,9 +151,9 @@ def _tampered_checkpoint(ctx: Ctx) -> Path:
     save_checkpoint(folder, PrefixBank([1, 2], 5, 32), reweight_mode="paper",
                     template="Instructions: {instruction}\nInput: ", encoder="default",
                     model_config={"model_type": "llama", "hidden_size": 32})
-    data = bytearray((folder / "prefixes.safetensors").read_bytes())
+    data = bytearray((folder / "adapter_model.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (folder / "prefixes.safetensors").write_bytes(bytes(data))
+    (folder / "adapter_model.safetensors").write_bytes(bytes(data))
     return folder
 
 
@@ -212,7 +212,7 @@ def _ie_checkpoint(ctx: Ctx) -> Path:
 
     cfg = _ie_training_config(ctx, ctx.tmp / "ie-results")
     last = run_dir(cfg) / "last"
-    if not (last / "editor_config.json").is_file():
+    if not (last / "manifest.json").is_file():
         InstructEditTrainer(cfg, None, None, model=_ie_model()).save("last", None)
     return last
 
@@ -394,11 +394,11 @@ def trig_ckpt_pickle(ctx):
 
     shutil.copytree(_archive(ctx), folder, dirs_exist_ok=True)
     data = b"\x80\x04\x95 not safetensors: a pickle"
-    (folder / "prefixes.safetensors").write_bytes(data)
+    (folder / "adapter_model.safetensors").write_bytes(data)
     manifest = json.loads((folder / "manifest.json").read_text())
     import hashlib
 
-    manifest["files"]["prefixes.safetensors"] = hashlib.sha256(data).hexdigest()
+    manifest["files"]["adapter_model.safetensors"] = hashlib.sha256(data).hexdigest()
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return _raised(lambda: load_checkpoint(folder))
 

@@ -128,9 +128,9 @@ def test_checkpoint_round_trip_gives_identical_logits(instructed_world, tmp_path
     lm2, _ = _lm(instructed_world["base_dir"], again.bank)
     assert torch.equal(first, lm2(**enc, instructions=[instruction_of(req)] * 2).logits)
     # a damaged file is detected through the manifest
-    data = bytearray((copy_dir / "prefixes.safetensors").read_bytes())
+    data = bytearray((copy_dir / "adapter_model.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (copy_dir / "prefixes.safetensors").write_bytes(bytes(data))
+    (copy_dir / "adapter_model.safetensors").write_bytes(bytes(data))
     with pytest.raises(PluginError, match="sha256"):
         load_checkpoint(copy_dir)
 

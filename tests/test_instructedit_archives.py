@@ -5,7 +5,7 @@
   the archive itself (read with ``weights_only=True`` only). Both give identical edits through
   ``BaseEditor``, on the PyPI flavour and on EasyEdit main (``EASYEDIT_SRC``), each in a subprocess.
 * A crafted pickle given as ``archive`` is refused and its payload never runs.
-* ``editor_config.json`` holds the sha256 of every file, the plugin version, the base model's
+* ``manifest.json`` holds the sha256 of every file, the plugin version, the base model's
   identity and the hparams; a tampered file or an editor of another base model is refused.
 * Resuming (``resume: true``) from a ``last/`` folder that fails verification is an error naming
   the folder and the fix, never a silent fresh start; without a ``last/`` training starts fresh.
@@ -226,12 +226,12 @@ def test_manifest_holds_file_hashes_plugin_version_base_model_and_hparams(traine
             assert {"trainer_state.safetensors", "trainer_state.json"} <= set(on_disk)
         for name, digest in meta["files"].items():
             assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
-        assert meta["format"] == "instructedit_plugin/InstructEdit-editor" and meta["format_version"] == 2
+        assert meta["format"] == "instructedit_plugin/InstructEdit-editor" and meta["format_version"] == 3
         assert meta["plugin_version"] == instructedit_plugin.__version__
         assert meta["base_model"]["fingerprint"] == model_fingerprint(AutoConfig.from_pretrained(tiny_gpt2_dir))
         assert meta["base_model"]["model_type"] == "gpt2"
-        assert meta["training_config"] == config_dict(trained_tiny["cfg"])
-        assert meta["training_config"]["inner_params"] == list(trained_tiny["cfg"].inner_params)
+        assert meta["hparams"] == config_dict(trained_tiny["cfg"])  # the core manifest's name for them
+        assert meta["hparams"]["inner_params"] == list(trained_tiny["cfg"].inner_params)
         assert meta["step"] == 2 and meta["layers"] and meta["hypernet"]["rank"] == trained_tiny["cfg"].rank
 
 

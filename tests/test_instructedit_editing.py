@@ -143,9 +143,9 @@ def test_training_writes_best_and_last_safetensors_checkpoints(trained):
     assert result["best_step"] is not None
     for folder in (best, Path(result["last_checkpoint"])):
         names = {p.name for p in folder.iterdir()}
-        assert {"editor.safetensors", "editor_config.json"} <= names
+        assert {"editor.safetensors", "manifest.json"} <= names
         assert not [n for n in names if n.endswith((".pt", ".bin", ".pkl", ".tmp"))]
-    meta = json.loads((best / "editor_config.json").read_text())
+    meta = json.loads((best / "manifest.json").read_text())
     assert meta["step"] == result["best_step"]
     assert meta["val_stats"][trained["cfg"].early_stop_key] == pytest.approx(result["best_value"])
     assert (Path(result["last_checkpoint"]) / "trainer_state.safetensors").is_file()
@@ -206,7 +206,7 @@ def test_checkpoint_round_trip_gives_identical_edits(trained, world_model_dir, t
         assert torch.equal(a[name], b[name])
         assert torch.allclose(a[name], edited.new_weights[name].detach(), atol=1e-6)
     # the checkpoint is plain safetensors + JSON
-    assert json.loads((tmp_path / "copy" / "editor_config.json").read_text())["layers"] == meta["layers"]
+    assert json.loads((tmp_path / "copy" / "manifest.json").read_text())["layers"] == meta["layers"]
 
 
 def test_two_editors_in_one_process_do_not_interfere(trained, world_model_dir, tmp_path):

@@ -8,13 +8,15 @@ the attention to the prefixes and the instruction, so an unrelated question is b
 Modules (one job each):
 
 * :mod:`.attention`, :mod:`.prefix`, :mod:`.context` -- attention with prefixes and re-weighting;
-* :mod:`.config` -- :class:`InstructEdHyperParams` (editing) and :class:`InstructEdTrainingHparams`;
+* :mod:`.tuner` -- the prefixes as a PEFT method (``get_peft_model(model, InstructEdConfig(...))``);
+* :mod:`.instructed_hparams` -- :class:`InstructEdHyperParams` (editing) and :class:`InstructEdTrainingHparams`;
 * :mod:`.templates` -- the input layout and the instruction of a request;
-* :mod:`.model` -- :class:`InstructedLM`, the wrapper EasyEdit evaluates;
+* :mod:`.lm` -- :class:`InstructedLM`, the wrapper EasyEdit evaluates;
 * :mod:`.data` -- training examples and the 1:1 batch mix;
-* :mod:`.checkpoint` -- safetensors + JSON checkpoints, written atomically;
+* :mod:`.checkpoint` -- checkpoints: a PEFT adapter folder plus the plugin's manifest (format in
+  :mod:`instructedit_plugin.core.checkpoint`);
 * :mod:`.trainer` -- :class:`InstructEdTrainer` (``(config, train_set, val_set).run()``);
-* :mod:`.editor` -- EasyEdit's apply function and the per-model instruction memory.
+* :mod:`.instructed_main` -- EasyEdit's apply function and the per-model instruction memory.
 
 Importing this package registers ``InstructEd`` with the plugin registry (and with EasyEdit once
 ``instructedit_plugin.register()`` has run).

@@ -1,8 +1,9 @@
 """InstructEd prefixes shipped inside the package.
 
 The default demo recipe's prefixes for the embedded Gemma-3-270M are a few kilobytes, so the
-package carries them (``instructedit_plugin/assets/instructed/<model id>/``: ``prefixes.safetensors``,
-``instructed_config.json``, ``manifest.json`` with the base-model fingerprint, and ``recipe.json``
+package carries them (``instructedit_plugin/assets/instructed/<model id>/``: the checkpoint's files --
+the format-1 ``prefixes.safetensors`` + ``instructed_config.json`` today, a PEFT adapter folder once
+regenerated --, ``manifest.json`` with the base-model fingerprint, and ``recipe.json``
 with the recipe key and what training reached). ``archive: default`` in an InstructEd YAML and
 ``instructedit demo`` (without ``--train``) use them.
 
@@ -72,7 +73,9 @@ def regenerate(model_id: str = DEFAULT_MODEL_ID, device: str = "cpu", budget_min
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    for name in ("prefixes.safetensors", "instructed_config.json", "manifest.json"):
+    from .checkpoint import MANIFEST_FILE, read_manifest
+
+    for name in [*read_manifest(archive)["files"], MANIFEST_FILE]:  # a best/ folder: no trainer state
         shutil.copy2(archive / name, staging / name)
     keep = {k: info[k] for k in ("key", "recipe", "recipe_version", "model_identity", "steps", "planned_steps",
                                  "stopped_by_budget", "best_val_loss", "history", "train_edits", "val_edits", "data")

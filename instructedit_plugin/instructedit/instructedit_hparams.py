@@ -26,8 +26,8 @@ class InstructEditHyperParams(EditingHyperParams):
     """Editing with a trained InstructEdit editor (``alg_name: InstructEdit``).
 
     ``archive`` is the checkpoint written by the trainer: a folder holding
-    ``editor.safetensors`` + ``editor_config.json`` (or that ``.safetensors``
-    file), or the archive EasyEdit's ``EditTrainer`` saved (read with
+    ``editor.safetensors`` + ``manifest.json`` (``editor_config.json`` in folders
+    of earlier plugins; or that ``.safetensors`` file), or the archive EasyEdit's ``EditTrainer`` saved (read with
     ``torch.load(weights_only=True)`` only) / the ``.instructedit`` folder the
     plugin writes next to it. The editor must have been trained for the base
     model being edited (checked against the checkpoint's manifest).

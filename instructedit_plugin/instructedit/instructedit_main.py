@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import HyperParamsError, RequestError
 from ..instructions import DEFAULT_TEMPLATE, InstructionLibrary, default_library, load_instruction_library
-from .checkpoint import CONFIG_FILE, load_editor, resolve_archive, verify_base_model
+from .checkpoint import load_editor, manifest_file, resolve_archive, verify_base_model
 from .dataset import encode_pairs
 from .editable import compute_edited_weights, resolve_layer_specs
 from .hypernet import InstructEditHypernet, LayerSpec, layer_specs_from_json
@@ -100,9 +100,7 @@ _EDITORS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, LoadedEditor]]" = we
 def _checkpoint_key(path: Path) -> tuple:
     """Changes whenever a save commits: keyed on the manifest in force (a committed save whose renames
     were interrupted has only its pending manifest and staged files)."""
-    from ..core.durable import manifest_path
-
-    stat = (path if path.is_file() else manifest_path(path, CONFIG_FILE)).stat()
+    stat = (path if path.is_file() else manifest_file(path)).stat()
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
