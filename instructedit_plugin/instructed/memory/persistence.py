@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ...core import durable
+from ...core.checkpoint import plugin_version
 from ...errors import PluginError
 
 __all__ = [
@@ -82,12 +83,6 @@ class SavedMemory:
     index_bytes: bytes | None = None
 
 
-def _plugin_version() -> str:
-    from ... import __version__
-
-    return __version__
-
-
 # ---------------------------------------------------------------------------- writing
 def write_folder(folder: str | os.PathLike[str], saved: SavedMemory) -> Path:
     """Save ``saved`` into ``folder`` as one crash-safe commit; returns the manifest path."""
@@ -109,7 +104,7 @@ def write_folder(folder: str | os.PathLike[str], saved: SavedMemory) -> Path:
     manifest = {
         "format": MEMORY_FORMAT,
         "format_version": MEMORY_FORMAT_VERSION,
-        "plugin_version": _plugin_version(),
+        "plugin_version": plugin_version(),
         "count": len(saved.ids),
         "dim": saved.dim,
         "dtype": saved.dtype,
