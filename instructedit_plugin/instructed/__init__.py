@@ -16,7 +16,11 @@ Modules (one job each):
 * :mod:`.checkpoint` -- checkpoints: a PEFT adapter folder plus the plugin's manifest (format in
   :mod:`instructedit_plugin.core.checkpoint`);
 * :mod:`.trainer` -- :class:`InstructEdTrainer` (``(config, train_set, val_set).run()``);
-* :mod:`.instructed_main` -- EasyEdit's apply function and the per-model instruction memory.
+* :mod:`.instructed_main` -- EasyEdit's apply function and the per-model instruction memory;
+* :mod:`.memory` -- the instruction memory (store, std gate, dense/FAISS index, persistence, chains);
+* :mod:`.instruction_cache` -- instruction keys/values reused across questions (``question_rows`` mode);
+* :mod:`.encoder`, :mod:`.multihop`, :mod:`.answering` -- sentence encoder, MQuAKE evaluation;
+* :mod:`.recipes`, :mod:`.shipped` -- CPU training recipes for the embedded Gemma, the shipped prefixes.
 
 Importing this package registers ``InstructEd`` with the plugin registry (and with EasyEdit once
 ``instructedit_plugin.register()`` has run).
@@ -35,8 +39,11 @@ from .instructed_main import (
 )
 from .lm import GoldInstructions, InstructedLM, RetrievedInstructions
 from .trainer import InstructEdTrainer, InstructEdTrainModule
+from .tuner import InstructEdConfig, InstructEdModel
 
 __all__ = [
+    "InstructEdConfig",
+    "InstructEdModel",
     "InstructEdHyperParams",
     "InstructEdTrainingHparams",
     "InstructEdTrainer",
