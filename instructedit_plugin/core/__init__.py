@@ -1,1 +1,2 @@
-"""What both methods share: configuration (YAML + validated hparams), durable file writing, distributed training."""
+"""What both methods share: configuration (YAML + validated hparams), device resolution, durable file writing,
+distributed training."""
