@@ -67,11 +67,9 @@ def test_the_trainers_and_the_pypi_shim_use_the_one_resolver(monkeypatch):
     from instructedit_plugin.compat import devices as compat_devices
     from instructedit_plugin.instructed import trainer as instructed_trainer
     from instructedit_plugin.instructedit import dataset as instructedit_dataset
-    from instructedit_plugin.instructedit import trainer as instructedit_trainer
 
     assert instructed_trainer.resolve_device is devices.resolve_device
     assert instructedit_dataset.resolve_device is devices.resolve_device
-    assert instructedit_trainer._torch_device is devices.resolve_device
     assert not hasattr(instructedit_dataset, "_torch_device")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compat_devices.map_device("cuda:cpu") == "cpu"  # PyPI's f"cuda:{device}" on `device: cpu`
