@@ -201,8 +201,8 @@ def main(argv=None) -> int:
     notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
     command = command_line(SCRIPT, argv)
     import torch
-    import yaml
 
+    from instructedit_plugin.core.config import read_yaml
     from instructedit_plugin.data import resolve_data_dir
     from instructedit_plugin.instructedit import InstructEditTrainingHparams
     from instructedit_plugin.instructedit import evaluate as ie_evaluate
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     model.eval()
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
     # model_name set while loading: the YAML's `model_name: embedded` is then never resolved (no conversion with --model_dir)
-    cfg = InstructEditTrainingHparams.from_dict({**yaml.safe_load(TRAIN_YAML.read_text(encoding="utf-8")),
+    cfg = InstructEditTrainingHparams.from_dict({**read_yaml(TRAIN_YAML)[0],
                                                  "model_name": str(model_dir)}, source=str(TRAIN_YAML))
     cfg.inner_params = [f"model.layers.{i}.mlp.{w}_proj.weight" for i in layers for w in ("up", "down")]
     cfg.device = "cpu"

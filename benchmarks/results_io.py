@@ -11,7 +11,9 @@ lists those entries. ``tests/test_benchmark_results.py`` re-renders every commit
 compares it byte for byte, and checks that each JSON holds only keys its script writes
 (``RESULT_KEYS`` of the script).
 
-Nothing here imports torch or a model: rendering is cheap.
+Nothing here imports torch or a model at import time: rendering is cheap. Files are written
+through :mod:`instructedit_plugin.core.durable` (imported when writing), so an interrupted run leaves
+the previous result in place.
 """
 from __future__ import annotations
 
@@ -95,15 +97,19 @@ def dump_json(out: Mapping[str, Any]) -> str:
 
 def write_results(out_path: str | Path, out: Mapping[str, Any], render: Callable[[Mapping[str, Any]], str],
                   allowed: Iterable[str]) -> Path:
-    """Write ``<out>.json`` and, rendered from it, ``<out>.md``; returns the markdown's path."""
+    """Write ``<out>.json`` and, rendered from it, ``<out>.md`` (each crash-safely, through
+    :mod:`instructedit_plugin.core.durable`); returns the markdown's path."""
     extra = unknown_keys(out, allowed)
     if extra:
         raise ValueError(f"{out_path}: keys this script does not write: {', '.join(extra)}")
+    from instructedit_plugin.core.durable import atomic_write_text
+
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(dump_json(out), encoding="utf-8")
+    text = dump_json(out)
+    markdown = render(json.loads(text))  # rendered from the JSON text alone, before either file changes
+    atomic_write_text(out_path, text)
     md_path = out_path.with_suffix(".md")
-    md_path.write_text(render(json.loads(out_path.read_text(encoding="utf-8"))), encoding="utf-8")
+    atomic_write_text(md_path, markdown)
     return md_path
 
 

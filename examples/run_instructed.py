@@ -155,8 +155,9 @@ def disjoint_from(records: list[dict], evaluated: list[dict]) -> list[dict]:
 def training_yaml(args: argparse.Namespace) -> Path:
     if args.train_hparams:
         return Path(args.train_hparams)
-    name = Path(args.hparams_dir).name
-    return ROOT / "hparams" / "TRAINING" / "InstructEd" / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+    from instructedit_plugin.core.config import yaml_path
+
+    return yaml_path(ROOT / "hparams" / "TRAINING" / "InstructEd" / Path(args.hparams_dir).name)
 
 
 def training_root(args: argparse.Namespace) -> Path:
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     instructedit_plugin.register()
     from instructedit_plugin.compat import make_editor, run_edit_requests
+    from instructedit_plugin.core.durable import atomic_write_text
     from instructedit_plugin.evaluation.report import markdown_table
     from instructedit_plugin.models.loading import load_causal_lm
 
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"InstructEd_{data_type}_{Path(str(hp.model_name)).name}"
     results_path = out_dir / f"{stem}_results.json"
-    results_path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    atomic_write_text(results_path, json.dumps(metrics, indent=2, default=str) + "\n")
     summary = {
         "editing_method": "InstructEd", "data_type": data_type, "data": str(path), "n_edits": len(metrics),
         "model_name": str(hp.model_name), "archive": str(hp.archive), "hparams": str(args.hparams_dir),
@@ -331,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.perf_counter() - started, 1), "results": str(results_path),
         "command": "python examples/run_instructed.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    (out_dir / f"{stem}_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out_dir / f"{stem}_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     table = markdown_table(rows, columns=METRICS)
-    (out_dir / f"{stem}_summary.md").write_text(
+    atomic_write_text(
+        out_dir / f"{stem}_summary.md",
         f"# InstructEd on {path.name} ({len(metrics)} edits, instruction source {hp.instruction_source}"
         f"{', sequential' if args.sequential_edit else ''})\n\nModel: `{hp.model_name}`; prefixes: `{hp.archive}`.\n\n"
         + table)

@@ -33,10 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from instructedit_plugin.core.devices import resolve_device
 from instructedit_plugin.data import resolve_data_dir
 from instructedit_plugin.data.preflight import check_data_files
 from instructedit_plugin.instructedit import InstructEditTrainingHparams
-from instructedit_plugin.instructedit.dataset import _torch_device, split_tasks
+from instructedit_plugin.instructedit.dataset import split_tasks
 from instructedit_plugin.instructedit.evaluate import (
     HOLDOUT_TASK,
     MethodSpec,
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
 
     train, test = load_tasks(data_dir, args.ds_size, args.train_size, cfg.seed, loaded)
     model, tok = load_causal_lm(cfg.model_name, dtype=cfg.dtype)
-    model.to(_torch_device(cfg.device))
+    model.to(resolve_device(cfg.device))
     model.eval()
 
     archives = {}

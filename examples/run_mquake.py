@@ -145,13 +145,6 @@ def editing_hparams(args: argparse.Namespace, **extra: Any):
     return hp
 
 
-def torch_device(device: Any) -> torch.device:
-    """EasyEdit's ``device`` field (a CUDA index, 'cuda:N' or 'cpu') as a torch device; CPU without CUDA."""
-    if not torch.cuda.is_available() or str(device) == "cpu":
-        return torch.device("cpu")
-    return torch.device(f"cuda:{device}" if str(device).isdigit() else str(device))
-
-
 def answer_functions(model: Any, tok: Any, hp: Any, args: argparse.Namespace, methods: list[str]) -> tuple[dict, Any]:
     """``{method: answer_fn}`` and the sentence encoder of the instruction memory."""
     from instructedit_plugin.instructed import InstructedEditor
@@ -222,11 +215,12 @@ def write_results(out_dir: Path, name: str, out: dict) -> str:
     unknown = sorted(set(out) - RESULT_KEYS)
     if unknown:
         raise ValueError(f"run_mquake: keys this script does not write: {', '.join(unknown)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n",
-                                          encoding="utf-8")
-    text = render_markdown(json.loads((out_dir / f"{name}.json").read_text(encoding="utf-8")))
-    (out_dir / f"{name}.md").write_text(text, encoding="utf-8")
+    from instructedit_plugin.core.durable import atomic_write_text
+
+    data = json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n"
+    text = render_markdown(json.loads(data))
+    atomic_write_text(out_dir / f"{name}.json", data)
+    atomic_write_text(out_dir / f"{name}.md", text)
     return text
 
 
@@ -261,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started = time.perf_counter()
 
+    from instructedit_plugin.core.devices import resolve_device
+    from instructedit_plugin.core.durable import atomic_write_text
     from instructedit_plugin.data import load_mquake
     from instructedit_plugin.data.preflight import check_data_files
     from instructedit_plugin.instructed.memory import InstructionMemory
@@ -277,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"run_mquake: no cases in {path}")
     hp = editing_hparams(args)
     model, tok = load_causal_lm(hp.model_name, dtype=args.dtype)
-    model.to(torch_device(hp.device)).eval()
+    model.to(resolve_device(hp.device)).eval()
     fns, encoder = answer_functions(model, tok, hp, args, methods)
 
     summaries, records, seconds, config = {}, {}, {}, {}
@@ -313,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_records:
         records_dir = Path(args.records_dir) if args.records_dir else out_dir
         records_dir.mkdir(parents=True, exist_ok=True)
-        (records_dir / f"{name}_records.json").write_text(json.dumps(records, indent=1, default=str) + "\n")
+        atomic_write_text(records_dir / f"{name}_records.json", json.dumps(records, indent=1, default=str) + "\n")
     print(text, end="")
     LOG.info("wrote %s and %s", out_dir / f"{name}.json", out_dir / f"{name}.md")
     return 0

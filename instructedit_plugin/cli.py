@@ -99,14 +99,12 @@ def _check_data(files: dict[str, str], args: argparse.Namespace) -> dict[str, An
 
 def _peek_alg(path: str) -> str | None:
     """The ``alg:`` of a training YAML without validating it (None when unreadable: load_hparams reports it)."""
-    import yaml
+    from .core.config import read_yaml
+    from .errors import HyperParamsError
 
-    if not str(path).endswith((".yaml", ".yml")):
-        path = f"{path}.yaml"
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError):
+        data, _ = read_yaml(path)
+    except HyperParamsError:
         return None
     return str(data.get("alg")) if isinstance(data, dict) and data.get("alg") is not None else None
 
@@ -201,14 +199,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_editor(args: argparse.Namespace) -> Any:
-    from .registry import load_hparams, register
-
-    register()
-    from easyeditor import BaseEditor
+    from .compat import make_editor
+    from .registry import load_hparams
 
     overrides = {k: v for k, v in (("model_name", args.model_name), ("archive", getattr(args, "archive", None)),
                                     ("device", args.device)) if v}
-    return BaseEditor.from_hparams(load_hparams(args.hparams, **overrides))
+    return make_editor(load_hparams(args.hparams, **overrides))
 
 
 def cmd_edit(args: argparse.Namespace) -> int:

@@ -134,7 +134,7 @@ def register() -> Any:
         info = load_easyeditor()
         for module in BUILTIN_ALGORITHM_MODULES:
             importlib.import_module(module)
-        install_editor_patches(info.flavour, _batchable_names)
+        install_editor_patches(info.flavour, _batchable_names, _SPECS.keys)
         for spec in _SPECS.values():
             _push(spec)
         _REGISTERED = True
@@ -165,24 +165,16 @@ def hparams_class_for(alg_name: str, training: bool = False) -> type:
 
 def load_hparams(path: str, training: bool = False, **overrides: Any) -> Any:
     """Load any hparams YAML with the class its ``alg_name`` (``alg`` for training files) names."""
-    import yaml
-
     from .compat.hparams_bridge import load_easyedit_hparams
+    from .core.config import PluginHyperParams, read_yaml
     from .errors import HyperParamsError
-    from .core.config import PluginHyperParams
 
-    if not str(path).endswith((".yaml", ".yml")):
-        path = f"{path}.yaml"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path", source=str(path)) from None
+    data, path = read_yaml(path)
     key = "alg" if training else "alg_name"
-    if not isinstance(data, dict) or key not in data:
-        raise HyperParamsError(key, "missing", f"add `{key}: <algorithm>` to the YAML", source=str(path))
+    if key not in data:
+        raise HyperParamsError(key, "missing", f"add `{key}: <algorithm>` to the YAML", source=path)
     cls = hparams_class_for(str(data[key]), training=training)
     if issubclass(cls, PluginHyperParams):
         data.update(overrides)
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=path)
     return load_easyedit_hparams(cls, path, **overrides)

@@ -357,12 +357,11 @@ def trig_hp_archive_default_missing(ctx):
 
 
 def trig_hp_model_missing(ctx):
-    from easyeditor import BaseEditor
-
+    from instructedit_plugin.compat import make_editor
     from instructedit_plugin.registry import load_hparams
 
     hparams = load_hparams(str(REPO / "hparams/FT/tiny-gpt2.yaml"), model_name=str(ctx.tmp / "no-model"))
-    return _raised(lambda: BaseEditor.from_hparams(hparams))
+    return _raised(lambda: make_editor(hparams))
 
 
 def trig_hp_archive_not_a_checkpoint(ctx):

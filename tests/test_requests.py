@@ -1,8 +1,6 @@
 """Edit-request validation: clear errors for malformed input, nothing valid rejected."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -61,14 +59,19 @@ def test_length_mismatch_always_raises(prompts, targets):
 
 
 def test_base_editor_raises_request_error_before_editing(tiny_gpt2_dir):
-    from easyeditor import BaseEditor, FTHyperParams
+    """A plugin algorithm's ``BaseEditor.edit`` validates its arguments (EasyEdit's own algorithms are left
+    to EasyEdit: see tests/test_bridges.py)."""
+    from easyeditor import BaseEditor
 
-    from instructedit_plugin.compat import load_easyedit_hparams
+    from tests.toy_algorithm import TOY_SPEC, ToyEditHyperParams
 
     instructedit_plugin.register()
-
-    hparams = load_easyedit_hparams(FTHyperParams, Path(__file__).parents[1] / "hparams/FT/tiny-gpt2.yaml",
-                                    model_name=str(tiny_gpt2_dir))
-    editor = BaseEditor.from_hparams(hparams)
-    with pytest.raises(RequestError, match="`target_new` has 1 item"):
-        editor.edit(prompts=["a", "b"], target_new=["x"])
+    instructedit_plugin.register_algorithm(TOY_SPEC)
+    try:
+        hparams = ToyEditHyperParams.from_dict({"alg_name": "ToyEdit", "model_name": str(tiny_gpt2_dir),
+                                                "device": "cpu", "layer": 3})
+        editor = BaseEditor.from_hparams(hparams)
+        with pytest.raises(RequestError, match="`target_new` has 1 item"):
+            editor.edit(prompts=["a", "b"], target_new=["x"])
+    finally:
+        instructedit_plugin.unregister_algorithm(TOY_SPEC.name)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..core.devices import resolve_device
+
 _LOCK = threading.RLock()
 _DEPTH = 0
 _SAVED: list[tuple[Any, str, Any]] = []
@@ -33,22 +35,23 @@ _FACTORIES = (
 
 
 def map_device(device: Any) -> Any:
-    """Rewrite a device spec that cannot work here; return anything else unchanged."""
-    cuda_ok = torch.cuda.is_available()
-    if isinstance(device, torch.device):
-        if device.type == "cuda" and not cuda_ok:
-            return torch.device("cpu")
-        return device
-    if isinstance(device, int) and not isinstance(device, bool):
-        return device if cuda_ok else "cpu"
+    """Rewrite a device argument PyPI EasyEdit built that cannot work here; return anything else unchanged.
+
+    ``"cuda:cpu"`` (PyPI's ``f"cuda:{hparams.device}"`` on ``device: cpu``) loses its bogus prefix;
+    without CUDA, any CUDA argument goes where :func:`~instructedit_plugin.core.devices.resolve_device`
+    puts it (the CPU). Nothing else is touched: this maps arguments, it does not resolve settings.
+    """
     if isinstance(device, str):
         spec = device.strip()
         while spec.startswith("cuda:") and not spec[5:].isdigit():
             spec = spec[5:]  # "cuda:cpu" -> "cpu", "cuda:cuda:0" -> "cuda:0"
-        if spec.startswith("cuda") and not cuda_ok:
-            return "cpu"
-        return spec
-    return device
+        device = spec
+    if torch.cuda.is_available():
+        return device
+    is_cuda = (isinstance(device, torch.device) and device.type == "cuda") or (
+        isinstance(device, int) and not isinstance(device, bool)) or (
+        isinstance(device, str) and (device.startswith("cuda") or device.isdigit()))
+    return resolve_device(device) if is_cuda else device
 
 
 def _map_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -1,4 +1,5 @@
-"""Run a list of ready-made request dicts through EasyEdit's ``BaseEditor``, either flavour.
+"""Build EasyEdit editors for the plugin's entry points (:func:`make_editor`) and run ready-made
+request dicts through them (:func:`run_edit_requests`), either flavour.
 
 ``BaseEditor.edit(prompts=..., target_new=...)`` rebuilds requests from lists and
 drops extra fields (an InstructEd ``instruction``, an InstructEdit ``task``).
@@ -36,29 +37,30 @@ def run_edit_requests(editor: Any, requests: Sequence[Mapping[str, Any]], sequen
 
 
 def make_editor(hparams: Any, model: Any = None, tok: Any = None) -> Any:
-    """``BaseEditor.from_hparams(hparams)``, optionally on an already loaded ``(model, tok)``.
+    """An EasyEdit ``BaseEditor`` for ``hparams``, any algorithm (the plugin's or EasyEdit's own).
 
-    Several methods evaluated on one model (benchmarks, the demo) should not load
-    it once per method. EasyEdit accepts a ``(model, tok)`` pair as ``model_name``
-    but its metrics then need the name back as a string, which this restores.
+    What the plugin's entry points (command line, demo, benchmarks, examples) use instead of
+    ``BaseEditor.from_hparams``: a ``model_name`` that names no loadable model, or hparams that are
+    not ready (``check_ready``), fail first with a ``HyperParamsError`` naming the field; a local
+    Hugging Face folder is loaded with the Auto classes (EasyEdit sniffs model names and refuses
+    e.g. Gemma, Qwen2 or neutrally named folders); and several methods evaluated on one model can
+    share an already loaded ``(model, tok)``. Afterwards ``model_name`` is the name again, as
+    EasyEdit's metrics expect a string.
     """
-    from .easyeditor_loader import load_easyeditor
-
-    load_easyeditor()
     from ..registry import register
+    from .editor_patches import check_editor_hparams, init_on_pair, load_local_model
 
     register()
     import easyeditor
 
-    if model is None:
-        return easyeditor.BaseEditor.from_hparams(hparams)
-    if tok is None:
+    if model is not None and tok is None:
         raise ValueError("pass the tokenizer together with the model")
-    name = hparams.model_name
-    hparams.model_name = (model, tok)
-    try:
-        editor = easyeditor.BaseEditor.from_hparams(hparams)
-    finally:
-        hparams.model_name = name
-    editor.model_name = name
+    if model is None:
+        check_editor_hparams(hparams)
+        pair = load_local_model(hparams)
+        if pair is None:
+            return easyeditor.BaseEditor.from_hparams(hparams)
+        model, tok = pair
+    editor = easyeditor.BaseEditor.__new__(easyeditor.BaseEditor)
+    init_on_pair(easyeditor.BaseEditor.__init__, editor, hparams, (model, tok))
     return editor

@@ -1,26 +1,39 @@
 """Small, idempotent adjustments to EasyEdit classes so plugin algorithms run through them.
 
-* ``BaseEditor.__init__``: a local Hugging Face folder is loaded with the Auto
-  classes (EasyEdit sniffs names and refuses e.g. Gemma or Qwen2 folders on
-  PyPI), then handed to EasyEdit as its ``(model, tokenizer)`` pair; afterwards
-  ``model_name`` is the path again, as EasyEdit's metrics expect a string. A ``model_name``
-  that is no loadable model (a placeholder path) is a ``HyperParamsError`` naming the field
-  before EasyEdit runs.
-* PyPI flavour only: the editing and training entry points run inside
-  :func:`~instructedit_plugin.compat.devices.cuda_strings_to_cpu`.
-* ``edit``/``batch_edit`` arguments are validated first (clear ``RequestError``
-  instead of EasyEdit's bare asserts), in both flavours.
-* PyPI ``batch_edit`` hands its ``locality_prompts``/``locality_ground_truth``
-  positionally to ``_prepare_requests``, whose slots there are ``locality_inputs``/
-  ``portability_inputs``: strings lists crash and ``locality_inputs=`` collides.
-  The wrapper accepts both forms (lists of strings, or EasyEdit's
-  ``locality_inputs``/``portability_inputs`` dicts as in ``edit``) and passes dicts
-  to the right slots.
-* ``BatchEditor.is_batchable_method`` (a closed enum in both flavours) also
-  accepts the plugin's batchable algorithms.
+Importing the plugin changes nothing it does not need to. The ``BaseEditor`` wrappers act only
+when the editor's (or the hparams') ``alg_name`` is one of the plugin's registered algorithms
+(:func:`~instructedit_plugin.registry.registered_algorithms`); for every other algorithm (FT,
+ROME, ...) they call EasyEdit's own function with the caller's arguments untouched, except for
+the PyPI-only changes listed last. For plugin algorithms:
+
+* ``BaseEditor.__init__``: ``model_name`` must name a loadable model (else a ``HyperParamsError``
+  naming the field, before EasyEdit runs) and ``check_ready()`` runs (e.g. a missing trained
+  archive); a local Hugging Face folder is loaded with the Auto classes and handed to EasyEdit as
+  its ``(model, tokenizer)`` pair; afterwards ``model_name`` is the path again, as EasyEdit's
+  metrics expect a string.
+* ``edit``/``batch_edit`` arguments are validated first (clear ``RequestError`` instead of
+  EasyEdit's bare asserts).
+* PyPI ``batch_edit`` hands its ``locality_prompts``/``locality_ground_truth`` positionally to
+  ``_prepare_requests``, whose slots there are ``locality_inputs``/``portability_inputs``: strings
+  lists crash and ``locality_inputs=`` collides. The wrapper accepts both forms (lists of strings,
+  or EasyEdit's ``locality_inputs``/``portability_inputs`` dicts as in ``edit``) and passes dicts to
+  the right slots.
+
+Changes that apply to every algorithm, and why:
+
+* ``BatchEditor.is_batchable_method`` (a closed enum in both flavours) also accepts the plugin's
+  batchable algorithms; for any other name it returns EasyEdit's own answer.
 * ``BaseTrainer.save_state`` (both flavours) runs inside the trained module's
-  ``on_easyedit_save_state(trainer, stats)`` context if it has one (InstructEdit
-  adds its manifest to the archive and writes a safetensors checkpoint folder next to it).
+  ``on_easyedit_save_state(trainer, stats)`` context if it has one (InstructEdit adds its manifest
+  to the archive and writes a safetensors checkpoint folder next to it); modules without that
+  method (EasyEdit's own) are saved by EasyEdit's function directly.
+* PyPI flavour only, because ``easyeditor==0.0.1.dev0`` cannot run on a CPU otherwise: the editing
+  and training entry points run inside
+  :func:`~instructedit_plugin.compat.devices.cuda_strings_to_cpu` (its hard-coded ``cuda:``
+  devices), and ``BaseEditor.__init__`` loads a local Hugging Face folder with the Auto classes
+  (its name sniffing refuses Gemma or Qwen2 folders and loads any ``llama`` folder with the
+  sentencepiece-only ``LlamaTokenizer``). On EasyEdit main neither is needed, and FT's metrics and
+  edited weights are identical with and without the plugin imported (``tests/test_bridges.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +41,7 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..models.loading import is_local_model_dir, load_causal_lm
@@ -108,8 +121,9 @@ def _pypi_batch_edit_arguments(bound: inspect.BoundArguments) -> tuple[tuple, di
     return positional, {**args, **extra}
 
 
-def _validating(flavour: str, name: str = "edit") -> Callable[[Callable], Callable]:
-    """Validate ``edit``/``batch_edit`` arguments (both flavours), then run with the PyPI redirect."""
+def _validating(flavour: str, name: str, is_plugin_alg: Callable[[Any], bool]) -> Callable[[Callable], Callable]:
+    """For plugin algorithms, validate ``edit``/``batch_edit`` arguments (both flavours); every call
+    runs with the PyPI redirect (a no-op on main)."""
 
     def make(method: Callable) -> Callable:
         signature = inspect.signature(method)
@@ -117,6 +131,9 @@ def _validating(flavour: str, name: str = "edit") -> Callable[[Callable], Callab
 
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
+            if not is_plugin_alg(getattr(self, "alg_name", None)):  # EasyEdit's own algorithms: as EasyEdit runs them
+                with cuda_strings_to_cpu(needs_cpu_redirect(flavour, _device_of(self))):
+                    return method(self, *args, **kwargs)
             bound = signature.bind_partial(self, *args, **kwargs)
             if fix_pypi_batch:
                 call_args, call_kwargs = _pypi_batch_edit_arguments(bound)
@@ -138,27 +155,51 @@ def _validating(flavour: str, name: str = "edit") -> Callable[[Callable], Callab
     return make
 
 
-def _editor_init(flavour: str) -> Callable[[Callable], Callable]:
+def check_editor_hparams(hparams: Any) -> None:
+    """Checks that fail fast, by field, before EasyEdit loads anything: ``model_name`` names a loadable
+    model (not EasyEdit's ``NotImplementedError``), and the hparams' own ``check_ready()`` (e.g. a
+    missing trained archive)."""
+    check_model_name(getattr(hparams, "model_name", None), getattr(hparams, "_source", None))
+    check_ready = getattr(hparams, "check_ready", None)
+    if callable(check_ready):
+        check_ready()
+
+
+def load_local_model(hparams: Any) -> tuple[Any, Any] | None:
+    """``(model, tokenizer)`` loaded with the Auto classes when ``hparams.model_name`` is a local
+    Hugging Face folder (EasyEdit sniffs model names and refuses e.g. Gemma, Qwen2 or neutrally named
+    folders), else None."""
+    name = getattr(hparams, "model_name", None)
+    if not is_local_model_dir(name):
+        return None
+    dtype = "float16" if getattr(hparams, "fp16", False) else getattr(hparams, "dtype", None)
+    return load_causal_lm(name, dtype=dtype, alg_name=getattr(hparams, "alg_name", None))
+
+
+def init_on_pair(init: Callable, editor: Any, hparams: Any, pair: tuple[Any, Any], *args, **kwargs) -> None:
+    """Run EasyEdit's ``BaseEditor.__init__`` on an already loaded ``(model, tokenizer)``; afterwards
+    ``hparams.model_name`` and ``editor.model_name`` are the name again (EasyEdit's metrics expect a string)."""
+    name = hparams.model_name
+    hparams.model_name = pair
+    try:
+        init(editor, hparams, *args, **kwargs)
+    finally:
+        hparams.model_name = name
+    editor.model_name = name
+
+
+def _editor_init(flavour: str, is_plugin_alg: Callable[[Any], bool]) -> Callable[[Callable], Callable]:
     def make(original_init: Callable) -> Callable:
         @functools.wraps(original_init)
         def __init__(self, hparams, *args, **kwargs):
-            name = getattr(hparams, "model_name", None)
-            check_model_name(name, getattr(hparams, "_source", None))  # not EasyEdit's NotImplementedError
-            check_ready = getattr(hparams, "check_ready", None)
-            if callable(check_ready):
-                check_ready()  # e.g. a missing trained archive fails before the model loads
-            redirect = needs_cpu_redirect(flavour, getattr(hparams, "device", None))
-            with cuda_strings_to_cpu(redirect):
-                if not is_local_model_dir(name):
+            with cuda_strings_to_cpu(needs_cpu_redirect(flavour, getattr(hparams, "device", None))):
+                if not is_plugin_alg(getattr(hparams, "alg_name", None)):  # EasyEdit's own algorithms: untouched
                     return original_init(self, hparams, *args, **kwargs)
-                dtype = "float16" if getattr(hparams, "fp16", False) else getattr(hparams, "dtype", None)
-                pair = load_causal_lm(name, dtype=dtype, alg_name=getattr(hparams, "alg_name", None))
-                hparams.model_name = pair
-                try:
-                    original_init(self, hparams, *args, **kwargs)
-                finally:
-                    hparams.model_name = name
-                self.model_name = name
+                check_editor_hparams(hparams)
+                pair = load_local_model(hparams)
+                if pair is None:
+                    return original_init(self, hparams, *args, **kwargs)
+                init_on_pair(original_init, self, hparams, pair, *args, **kwargs)
 
         return __init__
 
@@ -193,13 +234,22 @@ def _batchable(original: Callable, extra: Callable[[], set[str]]) -> staticmetho
     return staticmethod(is_batchable_method)
 
 
-def install_editor_patches(flavour: str, batchable_names: Callable[[], set[str]]) -> None:
-    """Apply every adjustment once; calling again is a no-op."""
+def install_editor_patches(flavour: str, batchable_names: Callable[[], set[str]],
+                           plugin_names: Callable[[], Collection[str]]) -> None:
+    """Apply every adjustment once; calling again is a no-op.
+
+    ``plugin_names()`` gives the plugin's algorithm names at call time (algorithms registered
+    later count too); the ``BaseEditor`` wrappers act on those only (see the module docstring).
+    """
+
+    def is_plugin_alg(alg_name: Any) -> bool:
+        return isinstance(alg_name, str) and alg_name in plugin_names()
+
     editor_mod = sys.modules["easyeditor.editors.editor"]
     base_editor = editor_mod.BaseEditor
-    _wrap(base_editor, "__init__", _editor_init(flavour))
+    _wrap(base_editor, "__init__", _editor_init(flavour, is_plugin_alg))
     for name in VALIDATED_ENTRY_POINTS:
-        _wrap(base_editor, name, _validating(flavour, name))
+        _wrap(base_editor, name, _validating(flavour, name, is_plugin_alg))
     if flavour == "pypi":
         for name in EDITOR_ENTRY_POINTS:
             _wrap(base_editor, name, _redirecting(flavour, lambda self, *a, **k: _device_of(self)))

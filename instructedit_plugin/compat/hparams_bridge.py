@@ -15,10 +15,8 @@ import os
 import re
 from typing import Any
 
-import yaml
-
 from ..errors import HyperParamsError
-from ..core.config import resolve_named_values
+from ..core.config import read_yaml, resolve_named_values
 
 LOG = logging.getLogger(__name__)
 
@@ -32,16 +30,7 @@ FLAVOUR_DEFAULTS: dict[str, dict[str, Any]] = {
 def _read(source: str | os.PathLike | dict) -> tuple[dict[str, Any], str]:
     if isinstance(source, dict):
         return dict(source), "<dict>"
-    path = str(source)
-    if not path.endswith((".yaml", ".yml")):
-        path += ".yaml"
-    if not os.path.isfile(path):
-        raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path", source=path)
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
-    if not isinstance(data, dict):
-        raise HyperParamsError("<file>", "top level is not a mapping", "write one `key: value` per line", source=path)
-    return data, path
+    return read_yaml(source)
 
 
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")

@@ -7,6 +7,10 @@ and declare their constraints next to each field with :func:`hp_field`; loading
 checks unknown and missing keys, types, ranges, choices and layer indices
 against the model's config, and raises one :class:`HyperParamsError` that names
 the field and the fix.
+
+:func:`read_yaml` is the one YAML reader of every hparams loader (the plugin's, EasyEdit's own
+classes through the bridge, the command line): ``.yaml`` is appended when the suffix is missing,
+and a missing or unparsable file is a :class:`HyperParamsError` on ``<file>``.
 """
 from __future__ import annotations
 
@@ -69,6 +73,43 @@ def training_yaml_hint(source: str | os.PathLike | None, alg: str) -> str:
         if path.suffix in (".yaml", ".yml") and path.parent.name == alg:
             name = path.name
     return f"hparams/TRAINING/{alg}/{name}"
+
+
+#: Suffixes a hparams file may have; any other path gets ``.yaml`` appended, as in EasyEdit.
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def yaml_path(path: str | os.PathLike) -> Path:
+    """``path`` with ``.yaml`` appended unless it already ends in ``.yaml``/``.yml``."""
+    path = Path(path)
+    return path if path.suffix in YAML_SUFFIXES else path.with_name(path.name + ".yaml")
+
+
+def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The mapping in the YAML file ``path`` (``.yaml`` appended when missing) and the path read.
+
+    The one YAML reader of every hparams loader (:meth:`PluginHyperParams.from_hparams`,
+    :func:`~instructedit_plugin.registry.load_hparams`, the command line and
+    :func:`~instructedit_plugin.compat.hparams_bridge.load_easyedit_hparams`). A missing file,
+    invalid YAML or a top level that is not a mapping is a :class:`HyperParamsError` on ``<file>``.
+    """
+    file = yaml_path(path)
+    where = str(file)
+    if not file.is_file():
+        raise HyperParamsError("<file>", f"no hparams file at {file}",
+                               "check the path (relative paths are resolved from the current directory)", source=where)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise HyperParamsError("<file>", f"not valid YAML ({exc})", "fix the YAML syntax at the position shown",
+                               source=where) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HyperParamsError("<file>", f"unreadable ({exc})", "check the file's permissions and that it is UTF-8 text",
+                               source=where) from exc
+    if not isinstance(data, dict):
+        raise HyperParamsError("<file>", f"top level is {type(data).__name__}, not a mapping",
+                               "write one `key: value` per line", source=where)
+    return data, where
 
 
 def _is_cached_hub_name(name: str) -> bool:
@@ -233,18 +274,8 @@ class PluginHyperParams:
     @classmethod
     def from_hparams(cls, hparams_name_or_path: str | os.PathLike) -> PluginHyperParams:
         """Load and validate a YAML file (``.yaml`` is appended when missing, as in EasyEdit)."""
-        path = Path(hparams_name_or_path)
-        if path.suffix not in (".yaml", ".yml"):
-            path = path.with_name(path.name + ".yaml")
-        if not path.is_file():
-            raise HyperParamsError("<file>", f"no hparams file at {path}", "check the path (relative paths are resolved from the current directory)", source=str(path))
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise HyperParamsError("<file>", f"not valid YAML ({exc})", "fix the YAML syntax at the position shown", source=str(path)) from exc
-        if not isinstance(data, dict):
-            raise HyperParamsError("<file>", f"top level is {type(data).__name__}, not a mapping", "write one `key: value` per line", source=str(path))
-        return cls.from_dict(data, source=str(path))
+        data, path = read_yaml(hparams_name_or_path)
+        return cls.from_dict(data, source=path)
 
     @classmethod
     def from_json(cls, fpath: str | os.PathLike) -> PluginHyperParams:

@@ -10,19 +10,31 @@ A checkpoint is usually *several* files that must change together (tensors, thei
 trainer state), which no single rename can do; :func:`commit_folder` saves such a folder as a
 small journal whose single commit point is one atomic rename (see "Folders of several files"
 below), and :func:`manifest_path` / :func:`read_verified` are what its loaders use.
+
+A folder that is built by other code (``save_pretrained``, a tokenizer, shipped package data) is
+written with :func:`atomic_dir`: built under a temporary sibling name, fsynced, then swapped in
+with one atomic exchange of the two names (Linux ``renameat2``; elsewhere the old folder is moved
+aside first). :func:`atomic_write_file` does the same for one file that a callback writes.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+LOG = logging.getLogger(__name__)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -95,6 +107,153 @@ def dumps_json(data: Any) -> str:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_bytes(path, dumps_json(data).encode("utf-8"))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` like :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders that a callback builds
+# ----------------------------------------------------------------------------------------------
+#: Marks the temporary sibling a file or folder is built under (``.<name>.tmp-<random>``).
+TEMP_MARKER = ".tmp-"
+#: Marks where a replaced folder waits for deletion (``.<name>.old-<random>``).
+OLD_MARKER = ".old-"
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under ``folder``, then every folder bottom-up (so their entries are durable)."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                _fsync_file(path)
+        fsync_dir(root)
+
+
+def atomic_write_file(final: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Create file ``final`` crash-safely from ``write(tmp_path)``, which fills a temporary sibling
+    (for writers that want a path, not bytes); then fsync, :func:`os.replace` and fsync the folder."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{TEMP_MARKER}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange_paths(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False, changing nothing, where the platform or file system cannot do it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(second))
+
+
+def publish_folder(built: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make the complete folder ``built`` (a sibling of ``final``) appear as ``final`` in one step.
+
+    Its files are made readable (0644) and fsynced first. A missing ``final`` is created by one
+    rename; an existing one is exchanged with ``built`` atomically and then deleted, so a crash
+    leaves the old or the new folder under ``final``, never a mix. Without an atomic exchange the
+    old folder is moved aside first (a crash there leaves it under ``.<name>.old-*``). When another
+    process published ``final`` concurrently, its folder is kept and ``built`` is discarded.
+    """
+    built, final = Path(built), Path(final)
+    for path in built.rglob("*"):  # some writers (safetensors) create 0600 files
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o644)
+    fsync_tree(built)
+    try:
+        os.replace(built, final)  # fails unless final is missing or an empty folder
+        fsync_dir(final.parent)
+        return
+    except OSError:
+        if not final.exists():
+            shutil.rmtree(built, ignore_errors=True)
+            raise
+    if exchange_paths(built, final):  # ``built`` now holds the old folder
+        fsync_dir(final.parent)
+        shutil.rmtree(built, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}{OLD_MARKER}", dir=final.parent))
+    old = aside / "dir"
+    try:
+        os.replace(final, old)
+    except OSError:  # vanished meanwhile: fine
+        pass
+    try:
+        os.replace(built, final)
+    except OSError:
+        shutil.rmtree(built, ignore_errors=True)
+        if not final.exists():  # our rename failed: put the old folder back and report it
+            if old.exists():
+                os.replace(old, final)
+            fsync_dir(final.parent)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        LOG.info("%s was published concurrently; discarding this build", final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name, then :func:`publish_folder` it as ``final``.
+
+    Usage::
+
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+        # here ``target`` exists and is complete
+
+    If the body (or the publishing) raises, the temporary folder is deleted and ``final`` is left
+    as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARKER}", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a published folder should be readable
+    try:
+        yield tmp
+        publish_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_bytes(data: bytes) -> str:

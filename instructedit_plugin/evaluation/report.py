@@ -1,4 +1,10 @@
-"""Results as JSON, a readable markdown table, and a PNG bar chart."""
+"""Results as JSON, a readable markdown table, and a PNG bar chart.
+
+Every file is written crash-safely through :mod:`instructedit_plugin.core.durable`, and
+:func:`write_report` renders all of a report (table and chart) before it writes the first file, so
+a failure while rendering leaves the previous report untouched, and an interrupted write leaves
+each file either whole and old or whole and new.
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.durable import atomic_write_bytes, atomic_write_json
+from ..core.durable import atomic_write_bytes, dumps_json
 
 TABLE_COLUMNS: tuple[str, ...] = ("Rel", "Gen", "Loc", "Por", "Score", "H")
 
@@ -28,9 +34,9 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str = "",
-              columns: Sequence[str] = TABLE_COLUMNS) -> Path:
-    """Grouped bars: metrics on the x axis, one bar per row (method); written atomically."""
+def bar_chart_png(rows: Mapping[str, Mapping[str, Any]], title: str = "",
+                  columns: Sequence[str] = TABLE_COLUMNS) -> bytes:
+    """Grouped bars: metrics on the x axis, one bar per row (method); the PNG's bytes."""
     import io
 
     import matplotlib
@@ -56,8 +62,14 @@ def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, ti
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()
+
+
+def bar_chart(rows: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str = "",
+              columns: Sequence[str] = TABLE_COLUMNS) -> Path:
+    """:func:`bar_chart_png` written atomically to ``path``."""
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, bar_chart_png(rows, title=title, columns=columns))
     return path
 
 
@@ -65,11 +77,12 @@ def write_report(folder: str | os.PathLike, name: str, payload: Mapping[str, Any
                  rows: Mapping[str, Mapping[str, Any]] | None = None, title: str = "") -> dict[str, Path]:
     """``<name>.json`` (payload), ``<name>.md`` and ``<name>.png`` (when ``rows`` is given)."""
     folder = Path(folder)
-    written = {"json": folder / f"{name}.json"}
-    atomic_write_json(written["json"], payload)
+    contents = {"json": dumps_json(payload).encode("utf-8")}
     if rows:
-        text = (f"# {title}\n\n" if title else "") + markdown_table(rows)
-        written["md"] = folder / f"{name}.md"
-        atomic_write_bytes(written["md"], text.encode("utf-8"))
-        written["png"] = bar_chart(rows, folder / f"{name}.png", title=title)
+        contents["md"] = ((f"# {title}\n\n" if title else "") + markdown_table(rows)).encode("utf-8")
+        contents["png"] = bar_chart_png(rows, title=title)
+    written = {}
+    for kind, data in contents.items():
+        written[kind] = folder / f"{name}.{kind}"
+        atomic_write_bytes(written[kind], data)
     return written

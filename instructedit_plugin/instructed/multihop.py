@@ -60,11 +60,10 @@ import os
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ..core.durable import atomic_write_text
 from ..errors import PluginError, RequestError
-from ..models.cache import atomic_write_file
 from .memory import (
     DEFAULT_GATE,
     DEFAULT_TOP_K,
@@ -278,13 +277,7 @@ class MultiHopResult:
         """The result as JSON; also written (atomically) to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False, default=str)
         if path is not None:
-            def write(tmp: Path) -> None:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(text + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-
-            atomic_write_file(path, write)
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod

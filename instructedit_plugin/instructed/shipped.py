@@ -12,7 +12,9 @@ Regenerate them whenever the recipe changes::
     python -m instructedit_plugin.instructed.shipped --regenerate
 
 which trains the default recipe (:data:`~.recipes.DEFAULT`, a fixed number of steps) on the
-packaged demo data set and copies the result here.
+packaged demo data set and puts the result here in one atomic folder swap
+(:func:`~instructedit_plugin.core.durable.atomic_dir`): interrupted, the package keeps the previous
+prefixes, whole.
 """
 from __future__ import annotations
 
@@ -68,25 +70,17 @@ def regenerate(model_id: str = DEFAULT_MODEL_ID, device: str = "cpu", budget_min
     archive = train_embedded_prefixes(config=DEFAULT, data_dir=demo_data_dir(), device=device, progress=True,
                                       budget_minutes=budget_minutes)
     info = recipe_info(archive)
-    target = ASSETS_DIR / model_id
-    staging = target.with_name(target.name + ".new")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    from .checkpoint import MANIFEST_FILE, read_manifest
-
-    for name in [*read_manifest(archive)["files"], MANIFEST_FILE]:  # a best/ folder: no trainer state
-        shutil.copy2(archive / name, staging / name)
     keep = {k: info[k] for k in ("key", "recipe", "recipe_version", "model_identity", "steps", "planned_steps",
                                  "stopped_by_budget", "best_val_loss", "history", "train_edits", "val_edits", "data")
             if k in info}
     keep["data_dir"] = "<packaged demo data set>"
-    durable.atomic_write_json(staging / RECIPE_FILE, keep)
-    for path in staging.iterdir():
-        path.chmod(0o644)  # package data: readable by everyone
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    target = ASSETS_DIR / model_id
+    from .checkpoint import MANIFEST_FILE, read_manifest
+
+    with durable.atomic_dir(target) as staging:  # the old folder stays whole until the new one is swapped in
+        for name in [*read_manifest(archive)["files"], MANIFEST_FILE]:  # a best/ folder: no trainer state
+            shutil.copy2(archive / name, staging / name)
+        durable.atomic_write_json(staging / RECIPE_FILE, keep)
     LOG.info("shipped prefixes written to %s (recipe key %s)", target, info.get("key"))
     return target
 

@@ -47,6 +47,7 @@ from torch import nn
 from ..core.distributed import make_runtime, micro_batch_index, run_on_main, shard
 from ..errors import PluginError
 from ..core.config import num_layers_of
+from ..core.devices import resolve_device  # re-exported: callers import it from here
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, save_trainer_state
 from .instructed_hparams import InstructEdTrainingHparams
 from .data import (
@@ -67,16 +68,6 @@ from .templates import InstructionTemplate, request_prompts
 LOG = logging.getLogger(__name__)
 
 __all__ = ["InstructEdTrainer", "InstructEdTrainModule", "resolve_device", "main"]
-
-
-def resolve_device(device: Any) -> torch.device:
-    """``'cpu'``/``'cuda'``/``'cuda:N'``/an index -> a torch device (CPU when CUDA is absent)."""
-    if isinstance(device, int) or (isinstance(device, str) and device.isdigit()):
-        return torch.device(f"cuda:{int(device)}") if torch.cuda.is_available() else torch.device("cpu")
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 class InstructEdTrainModule(nn.Module):

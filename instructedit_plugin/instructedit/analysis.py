@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.durable import atomic_write_file, atomic_write_text
 from ..instructions import InstructionLibrary, default_library
 from .instructedit_main import LoadedEditor, load_editor_for
 from .dataset import encode_pairs
@@ -258,12 +259,12 @@ def analyze_gradient_vectors(
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     png = out_dir / f"{name}.png"
-    fig.savefig(png, dpi=110)
+    atomic_write_file(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     report["png"] = str(png)
     json_path = out_dir / f"{name}.json"
     report["json"] = str(json_path)
-    json_path.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=float) + "\n")
     return report
 
 

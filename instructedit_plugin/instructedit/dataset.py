@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..core.devices import resolve_device
 from ..errors import PluginError
 from ..instructions import InstructionLibrary, default_library
 
@@ -251,7 +252,7 @@ class InstructEditDataset(Dataset):
         """What EasyEdit's trainers call for causal LMs (moves the batch to ``config.device``)."""
         device = getattr(self.config, "device", None) if self.config is not None else None
         batch = self.collate(items)
-        return batch_to(batch, _torch_device(device)) if device is not None else batch
+        return batch_to(batch, resolve_device(device)) if device is not None else batch
 
     collate_fn = collate_gpt_fn
 
@@ -309,16 +310,6 @@ def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]], max_length: int) ->
     return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t}
 
 
-def _torch_device(device: Any) -> Any:
-    if isinstance(device, int) and not isinstance(device, bool):
-        return f"cuda:{device}" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, str) and device.isdigit():
-        return f"cuda:{device}" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
-    return device
-
-
 def batch_to(batch: Any, device: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -346,7 +337,7 @@ def make_datasets(
     common = dict(
         library=library, max_length=config.max_length, instruct_rephrase=config.instruct_rephrase,
         instruct_locality=config.instruct_locality, raw_edit_loss=config.raw_edit_loss, seed=config.seed,
-        device=_torch_device(config.device), config=config,
+        device=resolve_device(config.device), config=config,
         use_instructions=bool(getattr(config, "use_instructions", True)),
     )
     # EasyEdit's trainers size epochs by len(train_set) (PyPI rounds max_iters / len to whole epochs, so a

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.durable import atomic_write_text
 from ..evaluation.convsent import sentiment_pairs, sentiment_scores, summarize_sentiment
 from ..evaluation.summary import METRIC_NAMES, summarize_metrics
 from ..instructions import InstructionLibrary, default_library
@@ -660,8 +661,7 @@ def results_markdown(results: Mapping[str, Any], title: str = "InstructEdit eval
 
 def save_results(results: Mapping[str, Any], json_path: str | Path, md_path: str | Path | None = None,
                  title: str = "InstructEdit evaluation") -> None:
-    json_path = Path(json_path)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    """``json_path`` (the results) and, with ``md_path``, their markdown; each written crash-safely."""
+    atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
     if md_path is not None:
-        Path(md_path).write_text(results_markdown(results, title), encoding="utf-8")
+        atomic_write_text(md_path, results_markdown(results, title))

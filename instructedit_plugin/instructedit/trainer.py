@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..core.distributed import StandardizerSync, make_runtime, micro_batch_index, run_on_main
 from ..models.loading import is_local_model_dir, load_causal_lm
 from .checkpoint import load_editor, load_trainer_state, save_editor, trainer_state_files, verify_base_model
-from .dataset import _torch_device
+from ..core.devices import resolve_device as _torch_device
 from .editable import InstructEditModel, edit_step_stats, kl_locality, token_nll_metrics
 
 LOG = logging.getLogger(__name__)
