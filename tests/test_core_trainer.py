@@ -77,6 +77,7 @@ class ToyTrainer(Trainer):
         self.x, self.y = _data()
         self.val_losses = list(val_losses) if val_losses is not None else None  # scripted validation values
         self.validations = 0
+        self.steps_trained = 0
         self.saves: list[tuple[str, int]] = []
 
     def planned_steps(self) -> int:
@@ -84,6 +85,7 @@ class ToyTrainer(Trainer):
 
     def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
+        self.steps_trained += 1
         size = cfg.batch_size * cfg.accumulate_bs
         rows = [(self.step * size + i) % N_ROWS for i in range(size)]
         return [(self.x[rows[m * cfg.batch_size:(m + 1) * cfg.batch_size]], self.y[rows[m * cfg.batch_size:(m + 1) * cfg.batch_size]])
@@ -154,12 +156,14 @@ def test_accumulated_micro_batches_are_one_step_on_their_union(tmp_path):
 
 def test_resume_from_last_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     full = ToyTrainer(ToyConfig(str(tmp_path / "full"), max_iters=10))
+    initial = _weights(full)
     full_result = full.run()
+    assert not _equal(_weights(full), initial)  # it trained (else any two runs are "identical")
     first = ToyTrainer(ToyConfig(str(tmp_path / "split"), max_iters=4))  # validates at 3 and 4, `last` at 4
     assert first.run()["step"] == 4
     second = ToyTrainer(ToyConfig(str(tmp_path / "split"), max_iters=10, resume=True))
     result = second.run()
-    assert result["step"] == 10
+    assert result["step"] == 10 and second.steps_trained == 6
     assert _equal(_weights(second), _weights(full))  # Adam's state came back too: bit-identical
     # the split run validated at its end (step 4) too; every validation of the full run is the same
     assert [h["step"] for h in result["history"]] == [3, 4, 6, 9, 10]
@@ -185,7 +189,9 @@ def test_early_stop_after_patience_validations_without_improvement(tmp_path):
 
 def test_the_time_cap_saves_last_and_the_resumed_run_finishes_identically(tmp_path):
     reference = ToyTrainer(ToyConfig(str(tmp_path / "ref"), max_iters=9))
+    initial = _weights(reference)
     ref_result = reference.run()
+    assert not _equal(_weights(reference), initial)
     capped = ToyTrainer(ToyConfig(str(tmp_path / "capped"), max_iters=9, max_seconds=0.0))
     result = capped.run()
     # the cap stops after the first step: `last` holds that step, no validation ran, no `best`
@@ -196,7 +202,7 @@ def test_the_time_cap_saves_last_and_the_resumed_run_finishes_identically(tmp_pa
     assert not (tmp_path / "capped" / "best").exists()
     resumed = ToyTrainer(ToyConfig(str(tmp_path / "capped"), max_iters=9, resume=True))
     out = resumed.run()
-    assert not out["stopped_by_budget"] and out["step"] == 9
+    assert not out["stopped_by_budget"] and out["step"] == 9 and resumed.steps_trained == 8  # from step 1
     assert _equal(_weights(resumed), _weights(reference))
     assert out["history"] == ref_result["history"]
 
@@ -226,7 +232,9 @@ def test_validation_and_saving_run_on_the_main_process_only(tmp_path):
     scripted = [3.0, 2.0, 2.5, 2.6]
     cfg = dict(max_iters=20, val_interval=2, early_stop_patience=2)
     main = ToyTrainer(ToyConfig(str(tmp_path / "main"), **cfg), runtime=_ReplayRuntime(True, channel), val_losses=scripted)
+    initial = _weights(main)
     main_result = main.run()
+    assert not _equal(_weights(main), initial)
     other = ToyTrainer(ToyConfig(str(tmp_path / "other"), **cfg), runtime=_ReplayRuntime(False, channel), val_losses=[])
     other_result = other.run()
     assert main.validations == 4 and main_result["step"] == 8 and main_result["stopped_early"]

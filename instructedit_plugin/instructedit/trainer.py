@@ -339,7 +339,8 @@ class InstructEditTrainer(Trainer):
         return False
 
     def needs_final_validation(self) -> bool:
-        return self.best_step is None or self.planned_steps() == 0
+        """Validate after the loop when nothing was kept yet (or with ``eval_only``), unless the cap stopped it."""
+        return not self.stopped_by_budget and (self.best_step is None or self.planned_steps() == 0)
 
     def show_progress(self) -> bool:
         return bool(self.config.progress) and not self.config.silent and self.runtime.is_main
