@@ -154,7 +154,7 @@ def render_markdown(out: dict) -> str:
     lines += [
         f"- model: {out['model']}; edited weights: {', '.join(out['inner_params'])}",
         (f"- editor: rank {args['rank']}, lr {args['lr']}, edit_lr {args['edit_lr']}, lr_lr {args['lr_lr']}, "
-         f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: InstructEditTrainer(answer_logits=True): answer-position logits"),
+         f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: InstructEditTrainer with answer_logits=True (answer-position logits)"),
         f"- CPU budget {args['budget_minutes']} min ({args['threads']} thread(s)): {out['train_steps']} steps per editor; "
         + "; ".join(f"{name}: {r['wall_s']:.0f} s ({r['seconds_per_step']:.2f} s/step), tasks {r['tasks']}"
                     for name, r in out["runs"].items()),
