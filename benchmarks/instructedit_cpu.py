@@ -1,7 +1,7 @@
 """CPU benchmark: InstructEdit vs MEND without instructions on the embedded Gemma-3-270M.
 
 Trains, on the same data with the same editor network and trainer
-(:class:`~instructedit_plugin.instructedit.evaluate.AnswerLogitsTrainer`):
+(:class:`~instructedit_plugin.instructedit.trainer.InstructEditTrainer` with ``answer_logits=True``):
 
 * ``instructedit``: multi-task (counterfact, recent, convsent), instruction-prefixed inputs;
 * ``mend_multitask``: the same tasks, instructions switched off (plain multi-task MEND);
@@ -154,7 +154,7 @@ def render_markdown(out: dict) -> str:
     lines += [
         f"- model: {out['model']}; edited weights: {', '.join(out['inner_params'])}",
         (f"- editor: rank {args['rank']}, lr {args['lr']}, edit_lr {args['edit_lr']}, lr_lr {args['lr_lr']}, "
-         f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: AnswerLogitsTrainer (answer-position logits)"),
+         f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: InstructEditTrainer with answer_logits=True (answer-position logits)"),
         f"- CPU budget {args['budget_minutes']} min ({args['threads']} thread(s)): {out['train_steps']} steps per editor; "
         + "; ".join(f"{name}: {r['wall_s']:.0f} s ({r['seconds_per_step']:.2f} s/step), tasks {r['tasks']}"
                     for name, r in out["runs"].items()),

@@ -104,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training file relative to --data_dir (repeatable; default: counterfact/counterfact-train.json)")
     p.add_argument("--val_data", default=None, help="validation file (default: a split of the training data)")
     p.add_argument("--train_size", type=int, default=None, help="at most N training edits")
-    p.add_argument("--max_steps", type=int, default=None, help="override the training YAML's schedule")
+    p.add_argument("--max_iters", "--max_steps", dest="max_iters", type=int, default=None,
+                   help="override the training YAML's max_iters (--max_steps: its earlier name)")
     p.add_argument("--results_dir", default=None, help="where the prefixes go (default: the training YAML's results_dir)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
@@ -211,10 +212,10 @@ def train_prefixes(args: argparse.Namespace, hparams: Any, model: Any, tok: Any,
         data["dtype"] = args.dtype
     if args.results_dir:
         data["results_dir"] = args.results_dir
-    if args.max_steps is not None:
-        data["max_steps"] = args.max_steps
-        data["val_interval"] = min(cfg.val_interval, args.max_steps)
-        data["warmup_steps"] = min(cfg.warmup_steps, max(0, args.max_steps // 10))
+    if args.max_iters is not None:
+        data["max_iters"] = args.max_iters
+        data["val_interval"] = min(cfg.val_interval, args.max_iters)
+        data["warmup_steps"] = min(cfg.warmup_steps, max(0, args.max_iters // 10))
     cfg = InstructEdTrainingHparams.from_dict(data, source=str(training_yaml(args)))
 
     if edits is None:

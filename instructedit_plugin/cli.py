@@ -179,10 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = peeked[0](args) if peeked is not None else None
     overrides = {k: v for k, v in (("model_name", args.model_name), ("results_dir", args.results_dir)) if v}
     config = load_hparams(args.hparams, training=True, **overrides)
-    if args.max_steps is not None:
-        for name in ("max_steps", "max_iters"):
-            if hasattr(config, name):
-                setattr(config, name, args.max_steps)
+    if args.max_iters is not None:
+        config.max_iters = args.max_iters
     entry = TRAINERS.get(config.alg)
     if entry is None:
         raise PluginError(f"no plugin trainer for alg '{config.alg}'. Fix: use one of {', '.join(TRAINERS)}")
@@ -320,7 +318,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="read only the first N records of each file")
     p.add_argument("--model_name", help="override model_name")
     p.add_argument("--results_dir", help="override results_dir (checkpoints go below it)")
-    p.add_argument("--max_steps", type=int, help="override the number of training steps")
+    p.add_argument("--max_iters", "--max_steps", dest="max_iters", type=int,
+                   help="override max_iters, the number of training steps (--max_steps: its earlier name)")
 
 
 def _add_edit_args(p: argparse.ArgumentParser) -> None:

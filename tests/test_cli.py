@@ -36,7 +36,7 @@ def fact_file(tmp_path):
 def test_train_then_evaluate_round_trip(tmp_path, fact_file, tiny_llama_dir, capsys):
     results = tmp_path / "run"
     rc = main(["train", "--hparams", str(REPO / "hparams/TRAINING/InstructEd/tiny.yaml"), "--model_name",
-               str(tiny_llama_dir), "--train", str(fact_file), "--max_steps", "4", "--results_dir", str(results)])
+               str(tiny_llama_dir), "--train", str(fact_file), "--max_iters", "4", "--results_dir", str(results)])
     assert rc == EXIT_OK
     best = results / "best"
     assert (best / "manifest.json").is_file()

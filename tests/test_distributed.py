@@ -49,11 +49,11 @@ FACTS = [
 
 #: single-process (in this process) and two-process (launched) runs: name -> (alg, overrides)
 INSTRUCTED = {"batch": dict(batch_size=4, unmodified_batch_size=4),
-              "accum": dict(batch_size=2, unmodified_batch_size=2, gradient_accumulation_steps=2),
+              "accum": dict(batch_size=2, unmodified_batch_size=2, accumulate_bs=2),
               "half": dict(batch_size=2, unmodified_batch_size=2),  # a different global batch: must differ
               "half_bf16": dict(batch_size=2, unmodified_batch_size=2, mixed_precision="bf16")}
 INSTRUCTED_2P = {"ddp": dict(batch_size=2, unmodified_batch_size=2),
-                 "ddp_accum": dict(batch_size=1, unmodified_batch_size=1, gradient_accumulation_steps=2)}
+                 "ddp_accum": dict(batch_size=1, unmodified_batch_size=1, accumulate_bs=2)}
 INSTRUCTEDIT = {"accum2": dict(accumulate_bs=2), "accum4": dict(accumulate_bs=4),
                 "accum2_bf16": dict(accumulate_bs=2, mixed_precision="bf16")}
 INSTRUCTEDIT_2P = {"ddp": dict(accumulate_bs=1), "ddp_accum": dict(accumulate_bs=2)}
@@ -72,7 +72,7 @@ def runs(tmp_path_factory, tiny_gpt2_dir):
         data = yaml.safe_load((REPO / "hparams" / "TRAINING" / alg / "tiny.yaml").read_text())
         data.update(model_name=str(tiny_gpt2_dir), results_dir=str(root / alg / name), progress=False, seed=0)
         if alg == "InstructEd":  # 18 edit examples: 6 steps of 4 cross the epoch's end (its 5th batch has 2)
-            data.update(max_steps=6, warmup_steps=2, val_interval=1000, val_fraction=0.25, log_interval=1)
+            data.update(max_iters=6, warmup_steps=2, val_interval=1000, val_fraction=0.25, log_interval=1)
         else:
             data.update(max_iters=3, batch_size=1, val_interval=1000, val_steps=2, rank=32, log_interval=1)
         data.update(overrides)

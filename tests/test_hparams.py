@@ -78,3 +78,24 @@ def test_yaml_suffix_is_optional_and_scientific_strings_become_floats(tmp_path):
 def test_unknown_alg_name_lists_known_algorithms(tmp_path):
     with pytest.raises(PluginError, match=r"unknown alg_name 'NoSuchAlg'.*FT"):
         load_hparams(_write(tmp_path, "alg_name: NoSuchAlg\nmodel_name: m\n"))
+
+
+def test_instructed_training_reads_its_earlier_field_names_with_a_deprecation_warning(tmp_path, caplog):
+    """EasyEdit's names (max_iters, accumulate_bs) are canonical; YAMLs written with InstructEd's earlier
+    names (max_steps, gradient_accumulation_steps) still load, with a warning, into the same fields."""
+    from instructedit_plugin.instructed.instructed_hparams import InstructEdTrainingHparams
+
+    shipped = (REPO / "hparams" / "TRAINING" / "InstructEd" / "tiny.yaml").read_text()
+    with caplog.at_level("WARNING"):
+        current = InstructEdTrainingHparams.from_hparams(_write(tmp_path, shipped))
+    assert "deprecated" not in caplog.text  # the shipped YAMLs use the canonical names
+    old = shipped.replace("max_iters: 300", "max_steps: 77").replace("accumulate_bs: 1", "gradient_accumulation_steps: 3")
+    assert old != shipped
+    with caplog.at_level("WARNING"):
+        loaded = InstructEdTrainingHparams.from_hparams(_write(tmp_path, old))
+    assert (loaded.max_iters, loaded.accumulate_bs) == (77, 3) and (current.max_iters, current.accumulate_bs) == (300, 1)
+    assert "'max_steps' is deprecated" in caplog.text and "'gradient_accumulation_steps' is deprecated" in caplog.text
+    # both names with different values: which one is meant is unclear
+    with pytest.raises(HyperParamsError) as info:
+        InstructEdTrainingHparams.from_hparams(_write(tmp_path, old + "max_iters: 5\n"))
+    assert info.value.field == "max_steps" and "Fix: keep only `max_iters:`" in str(info.value)

@@ -31,7 +31,7 @@ from ._instructed_world import N_TEST_EDITS, N_TRAIN_EDITS, make_edits, world_ba
 
 #: The world's prefix training: the tiny YAML with fewer steps (the validation loss is flat after
 #: step 50 on this world: 10.5 at step 0, 0.16 at 50, 0.21 at 150).
-WORLD_TRAINING = dict(max_steps=150, val_interval=50, warmup_steps=10)
+WORLD_TRAINING = dict(max_iters=150, val_interval=50, warmup_steps=10)
 
 
 def training_config(base_dir: Path, results_dir: Path, **overrides) -> InstructEdTrainingHparams:
@@ -81,8 +81,8 @@ def test_training_runs_validates_and_keeps_the_best(instructed_world):
     history, step0 = result["history"], result["step0"]
     cfg = training_config(instructed_world["base_dir"], instructed_world["results_dir"])
     print("validation:", step0, *history, sep="\n  ")
-    assert result["step"] == cfg.max_steps
-    assert [h["step"] for h in history] == list(range(cfg.val_interval, cfg.max_steps + 1, cfg.val_interval))
+    assert result["step"] == cfg.max_iters
+    assert [h["step"] for h in history] == list(range(cfg.val_interval, cfg.max_iters + 1, cfg.val_interval))
     assert result["best_val_loss"] == min(h["loss"] for h in history)
     # the validation edits are held out from training
     val_prompts = {r["prompt"] for r in instructed_world["val"]}
@@ -137,7 +137,7 @@ def test_checkpoint_round_trip_gives_identical_logits(instructed_world, tmp_path
 
 def test_resume_continues_from_the_saved_step(instructed_world, tmp_path):
     reqs = instructed_world["train"][:8]
-    common = dict(max_steps=4, val_interval=2, warmup_steps=2, batch_size=2, unmodified_batch_size=2, val_fraction=0.25)
+    common = dict(max_iters=4, val_interval=2, warmup_steps=2, batch_size=2, unmodified_batch_size=2, val_fraction=0.25)
     first = InstructEdTrainer(training_config(instructed_world["base_dir"], tmp_path, **common), reqs)
     out = first.run()
     first.close()
@@ -146,15 +146,14 @@ def test_resume_continues_from_the_saved_step(instructed_world, tmp_path):
     saved_bank = first.bank.embeddings.detach().clone()
     saved_lr = first.scheduler.get_last_lr()
 
-    second = InstructEdTrainer(training_config(instructed_world["base_dir"], tmp_path, **dict(common, max_steps=6, resume=True)), reqs)
-    second._resume()
+    second = InstructEdTrainer(training_config(instructed_world["base_dir"], tmp_path, **dict(common, max_iters=6, resume=True)), reqs)
+    second.resume_once()
     assert second.step == 4
     assert torch.equal(second.bank.embeddings, saved_bank)
     for key, value in second.optimizer.state[second.bank.embeddings].items():
         if torch.is_tensor(value):
             assert torch.equal(value, saved_state[key]), key
     assert second.scheduler.get_last_lr() == saved_lr
-    second.config.resume = False  # already resumed above
     out = second.run()
     second.close()
     assert out["step"] == 6
@@ -174,6 +173,6 @@ def test_easyedit_edit_trainer_is_pointed_to_the_plugin_trainer():
 
 def test_val_set_must_be_disjoint(instructed_world):
     reqs = instructed_world["train"][:4]
-    cfg = training_config(instructed_world["base_dir"], Path("/nonexistent-unused"), max_steps=1)
+    cfg = training_config(instructed_world["base_dir"], Path("/nonexistent-unused"), max_iters=1)
     with pytest.raises(PluginError, match="shares"):
         InstructEdTrainer(cfg, reqs, reqs[:1])

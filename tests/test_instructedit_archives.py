@@ -398,3 +398,24 @@ def test_edit_step_stats_helper():
                                    "outer/acc": 0.5, "loc/acc": 1.0, "edit/loss_pre": 7.0})
     assert edit_step_stats(one, {"nll": one, "acc": one}, one, {"acc": one},
                            torch.tensor([True, False]), {})["loc/acc"] == 0.5
+
+
+def test_the_time_cap_saves_last_and_a_resumed_run_equals_an_uncapped_one(tiny_gpt2_dir, tmp_path):
+    """``max_seconds`` (the shared loop's safety cap) stops after the step it expires in and saves
+    ``last`` there without validating; ``resume: true`` then finishes exactly the uncapped run."""
+    torch.set_num_threads(1)
+    _, tok = load_causal_lm(tiny_gpt2_dir)
+    cfg = training_config(tiny_gpt2_dir, tmp_path / "full", max_iters=3, val_interval=3, val_steps=1, progress=False)
+    train_set, val_set = make_datasets(synthetic_tasks(), tok, cfg)
+    full = InstructEditTrainer(cfg, train_set, val_set).run()
+    capped_cfg = dataclasses.replace(cfg, results_dir=str(tmp_path / "capped"), max_seconds=0.0)
+    capped = InstructEditTrainer(capped_cfg, train_set, val_set).run()
+    assert capped["stopped_by_budget"] and capped["steps"] == 1 and capped["best_step"] is None
+    assert not Path(capped["best_checkpoint"]).exists()
+    assert load_editor(capped["last_checkpoint"])[1]["step"] == 1
+    resumed = InstructEditTrainer(dataclasses.replace(capped_cfg, max_seconds=None, resume=True), train_set, val_set).run()
+    assert resumed["steps"] == 3 and not resumed["stopped_by_budget"] and resumed["best_value"] == full["best_value"]
+    a, b = load_editor(full["last_checkpoint"])[0], load_editor(resumed["last_checkpoint"])[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    initial = InstructEditTrainer(dataclasses.replace(cfg, results_dir=str(tmp_path / "fresh")), None, None)
+    assert any(not torch.equal(initial.editor.state_dict()[k], a[k]) for k in a)  # it trained

@@ -10,12 +10,15 @@ saying how to train one, instead of failing halfway through an editing run.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
-from ..errors import fix_for
+from ..errors import HyperParamsError, fix_for
 from ..core.config import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
+
+LOG = logging.getLogger(__name__)
 
 ALG_NAME = "InstructEd"
 #: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.
@@ -128,6 +131,10 @@ class InstructEdTrainingHparams(PluginHyperParams):
 
     ALG_NAME = ALG_NAME
     ALG_KEY = "alg"
+    #: Earlier names of fields (EasyEdit's ``TrainingHparams`` names are the canonical ones):
+    #: still read from YAML, with a deprecation warning.
+    FIELD_ALIASES: ClassVar[dict[str, str]] = {"max_steps": "max_iters",
+                                               "gradient_accumulation_steps": "accumulate_bs"}
 
     alg: str = hp_field(help="must be InstructEd")
     model_name: str = hp_field(help="local Hugging Face folder of the (frozen) base model")
@@ -157,14 +164,16 @@ class InstructEdTrainingHparams(PluginHyperParams):
     lr_schedule: str = hp_field("linear", choices=("linear", "constant"), help="after warm-up: linear decay to 0 or constant")
     grad_clip: float = hp_field(1.0, min=0.0, help="0 disables clipping")
     epochs: int = hp_field(10, min=1)
-    max_steps: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs)")
-    max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock safety cap of run(): stop (and validate/save) once spent; "
-                                            "the schedule never depends on it (train by max_steps/epochs)")
+    max_iters: Optional[int] = hp_field(None, min=1, help="stop after this many steps (overrides epochs); "
+                                                          "formerly max_steps")
+    max_seconds: Optional[float] = hp_field(None, min=0.0, help="wall-clock safety cap of run(): save last and stop once "
+                                            "spent; the schedule never depends on it (train by max_iters/epochs)")
     batch_size: int = hp_field(6, min=1, help="edit examples per batch (per process and micro-batch)")
     unmodified_batch_size: int = hp_field(6, min=0, help="unmodified examples per batch (per process and micro-batch)")
     val_batch_size: int = hp_field(16, min=1)
-    gradient_accumulation_steps: int = hp_field(1, min=1, help="micro-batches per optimizer step; the step's loss is "
-                                                 "the token mean over all of them (and over all processes)")
+    accumulate_bs: int = hp_field(1, min=1, help="micro-batches per optimizer step; the step's loss is the token mean "
+                                                 "over all of them (and over all processes); formerly "
+                                                 "gradient_accumulation_steps")
     mixed_precision: Optional[str] = hp_field(None, choices=(None, "no", "bf16"),
                                               help="bf16: autocast where the device supports it; null: accelerate "
                                                    "launch's --mixed_precision, else no")
@@ -177,6 +186,23 @@ class InstructEdTrainingHparams(PluginHyperParams):
     early_stop_patience: Optional[int] = hp_field(None, min=1, help="stop after N validations without improvement")
     resume: bool = hp_field(False, help="continue from <results_dir>/last")
     progress: bool = hp_field(True, help="tqdm progress bar")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> InstructEdTrainingHparams:
+        """As :meth:`PluginHyperParams.from_dict`, reading the earlier field names (:attr:`FIELD_ALIASES`) too."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for old, new in cls.FIELD_ALIASES.items():
+                if old not in data:
+                    continue
+                value = data.pop(old)
+                if new in data and data[new] != value:
+                    raise HyperParamsError(old, f"is the earlier name of {new}, which is also given, with another "
+                                           f"value ({value!r} vs {data[new]!r})", f"keep only `{new}:`", source)
+                LOG.warning("%s: the training field '%s' is deprecated; it is read as '%s' (rename it in the YAML)",
+                            source or "InstructEd training hparams", old, new)
+                data[new] = value
+        return super().from_dict(data, source)
 
     def validate_fields(self) -> None:
         super().validate_fields()

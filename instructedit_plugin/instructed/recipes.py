@@ -462,7 +462,7 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
         prefix_len=cfg.prefix_len, encoder=cfg.encoder, reweight_mode=cfg.reweight_mode, init_std=cfg.init_std,
         max_length=cfg.max_length, use_portability=True, unrelated_locality=cfg.unrelated_locality,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, lr_schedule="linear",
-        epochs=1000, max_steps=cfg.steps, batch_size=cfg.batch_size, unmodified_batch_size=cfg.unmodified_batch_size,
+        epochs=1000, max_iters=cfg.steps, batch_size=cfg.batch_size, unmodified_batch_size=cfg.unmodified_batch_size,
         val_batch_size=cfg.val_batch_size, seed=cfg.seed, results_dir=str(results), log_interval=25,
         val_interval=cfg.val_interval, resume=bool(resume and last_ok), progress=progress))
     torch.manual_seed(cfg.seed)

@@ -20,11 +20,14 @@ What ``run()`` does
   ``val_fraction`` of the edits, split by edit with ``seed``. The validation loss is the mean of the
   edit-token loss and the unmodified-token loss; the best value keeps ``<results_dir>/best``.
 * AdamW on the prefix embeddings only, linear warm-up, then linear decay (or constant), gradient
-  clipping; ``max_steps`` or ``epochs``; early stopping after ``early_stop_patience`` validations
-  without improvement.
+  clipping; ``max_iters`` (else ``epochs``); early stopping after ``early_stop_patience`` validations
+  without improvement; ``max_seconds`` is a wall-clock safety cap that saves ``last`` and stops.
 * ``<results_dir>/last`` holds prefixes + optimizer/scheduler state (safetensors + JSON, no pickle)
   at every validation; ``resume: true`` continues from it at the saved step with the same batches.
-* ``gradient_accumulation_steps`` micro-batches per step, and several processes under
+* The loop (steps, accumulation, validation and saving on the main process, resume, early stop,
+  the time cap, progress bar) is :class:`instructedit_plugin.core.trainer.Trainer`'s; this module
+  adds the batches, the loss, the validation metrics and the checkpoint contents.
+* ``accumulate_bs`` micro-batches per step, and several processes under
   ``accelerate launch`` (DDP on the prefix bank only; :mod:`instructedit_plugin.core.distributed`): the
   epochs are cut into global batches of ``(batch_size + unmodified_batch_size) x micro-batches x
   processes`` examples, each process takes its slices, and the step's loss is the token mean over the
@@ -44,7 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import make_runtime, micro_batch_index, run_on_main, shard
+from ..core.distributed import make_runtime, micro_batch_index, shard
+from ..core.trainer import Trainer
 from ..errors import PluginError
 from ..core.config import num_layers_of
 from ..core.devices import resolve_device  # re-exported: callers import it from here
@@ -97,21 +101,33 @@ def _left_pad(batch: TrainBatch, width: int, pad_id: int) -> TrainBatch:
 
 
 class _PrefixTrainable(nn.Module):
-    """What DDP wraps: the prefix bank. ``forward(batch, mean)``: the batch's token loss (mean or sum)."""
+    """What DDP wraps: the prefix bank. ``forward(batch)``: ``(loss to backpropagate, {"sum": token-loss sum})``.
+
+    With one micro-batch per step the loss is the batch's token mean; otherwise it is the
+    micro-batch's token-loss sum scaled so that the step's gradients are those of the token mean
+    over the whole global batch (:meth:`InstructEdTrainer.step_batches` sets the scale).
+    """
 
     def __init__(self, trainer: "InstructEdTrainer"):
         super().__init__()
         self.bank = trainer.bank
         self._trainer = [trainer]  # a plain reference: the trainer (and its base model) is not a submodule
 
-    def forward(self, batch: Any, mean: bool) -> torch.Tensor:
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        trainer = self._trainer[0]
         if batch is None:  # this process has no example in this micro-batch: a zero that still reaches DDP
-            return self.bank.embeddings.sum() * 0.0
-        losses, mask, _ = self._trainer[0]._token_losses(batch)
-        return losses[mask].mean() if mean else losses[mask].sum()
+            total = self.bank.embeddings.sum() * 0.0
+        else:
+            losses, mask, _ = trainer._token_losses(batch)
+            if trainer._loss_scale is None:
+                loss = losses[mask].mean()
+                return loss, {"loss": loss.item()}
+            total = losses[mask].sum()
+        # backward divides by the accumulation steps and DDP averages over the processes
+        return total * trainer._loss_scale, {"sum": float(total.detach())}
 
 
-class InstructEdTrainer:
+class InstructEdTrainer(Trainer):
     """Trains InstructEd prefixes; see the module docstring.
 
     Args:
@@ -122,9 +138,11 @@ class InstructEdTrainer:
         encoder: a sentence encoder object (default: ``config.encoder``).
     """
 
+    name = "InstructEd"
+
     def __init__(self, config: InstructEdTrainingHparams, train_set: Any, val_set: Any = None, *,
                  model: nn.Module | None = None, tokenizer: Any = None, encoder: Any = None):
-        self.config = config
+        super().__init__(config)
         requests = normalise_requests(train_set)
         if val_set is None:
             self.train_requests, self.val_requests = split_requests(requests, config.val_fraction, config.seed)
@@ -139,7 +157,7 @@ class InstructEdTrainer:
             raise PluginError("no training requests (after the validation split)")
 
         #: one process, or DDP under ``accelerate launch`` (see :mod:`instructedit_plugin.core.distributed`)
-        self.runtime = make_runtime(resolve_device(config.device), config.gradient_accumulation_steps,
+        self.runtime = make_runtime(resolve_device(config.device), config.accumulate_bs,
                                     config.mixed_precision, config.dtype)
         self.device = self.runtime.device
         if model is None:
@@ -183,20 +201,23 @@ class InstructEdTrainer:
                                instruction_max_length=config.instruction_max_length, mode=config.reweight_mode)
         # One optimizer step covers `micro_batches` micro-batches of batch_size + unmodified_batch_size
         # examples (gradient accumulation x processes); the epochs are cut into such global batches.
-        self.micro_batches = self.runtime.num_processes * config.gradient_accumulation_steps
+        self.micro_batches = self.runtime.num_processes * config.accumulate_bs
         self.batches = MixedBatches(len(self.edit_examples), len(self.unmod_examples),
                                     config.batch_size * self.micro_batches,
                                     config.unmodified_batch_size * self.micro_batches, config.seed)
-        self.total_steps = config.max_steps or config.epochs * self.batches.steps_per_epoch
+        self.total_steps = config.max_iters or config.epochs * self.batches.steps_per_epoch
         self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # What DDP wraps: the prefix bank only (the frozen base model stays out of it).
-        self.train_module, self._opt_step = self.runtime.prepare(_PrefixTrainable(self), self.optimizer)
-        self.results_dir = Path(config.results_dir)
-        self.step = 0
-        self.best: float | None = None
-        self.bad_validations = 0
-        self.history: list[dict[str, Any]] = []
+        self.train_module, self.prepared_optimizer = self.runtime.prepare(_PrefixTrainable(self), self.optimizer)
+        self.results_dir = self.out_dir = Path(config.results_dir)
+        self._epoch: tuple[int, list] | None = None  # (epoch, its batches): computed once per epoch
+        self._loss_scale: float | None = None
+
+    @property
+    def best(self) -> float | None:
+        """The best validation loss so far (:attr:`best_value`)."""
+        return self.best_value
 
     # ------------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -242,7 +263,7 @@ class InstructEdTrainer:
         state = None
         if with_state:
             state = save_trainer_state(self.optimizer, self.scheduler, {
-                "step": self.step, "best": self.best, "bad_validations": self.bad_validations,
+                "step": self.step, "best": self.best_value, "bad_validations": self.bad_validations,
                 "history": self.history[-50:]})
         return save_checkpoint(self.results_dir / which, self.bank, info=info, trainer_state=state,
                                **self._checkpoint_meta())
@@ -274,7 +295,21 @@ class InstructEdTrainer:
         out["loss"] = sum(parts) / len(parts) if parts else math.nan
         return out
 
-    def _resume(self) -> None:
+    # ---------------------------------------------------------------------- the base loop's hooks
+    def planned_steps(self) -> int:
+        return self.total_steps
+
+    def validation_metrics(self) -> dict[str, float]:
+        """:meth:`validate` (the mean of the edit and unmodified token losses is ``loss``)."""
+        return self.validate() if self.val_examples else {"loss": math.nan}
+
+    def monitored_value(self, metrics: dict[str, float]) -> float:
+        return metrics.get("loss", math.nan)
+
+    def save_checkpoint(self, which: str, record: dict[str, Any]) -> Path:
+        return self.save(which, record, with_state=which == "last")
+
+    def load_last(self) -> None:
         last = self.results_dir / "last"
         if not (last / "manifest.json").is_file():
             LOG.warning("resume requested but %s holds no checkpoint; starting from scratch", last)
@@ -286,200 +321,62 @@ class InstructEdTrainer:
             self.bank.embeddings.copy_(ckpt.bank.embeddings)
         info = load_trainer_state(last, self.optimizer, self.scheduler)
         self.step = int(info["step"])
-        self.best = info.get("best")
+        self.best_value = info.get("best")
         self.bad_validations = int(info.get("bad_validations", 0))
         self.history = list(info.get("history", []))
         LOG.info("resumed InstructEd training from %s at step %d", last, self.step)
 
-    def run(self) -> dict[str, Any]:
-        """Train; returns ``{'step', 'best_val_loss', 'best_dir', 'last_dir', 'history', 'seconds'}``."""
-        cfg = self.config
-        if cfg.resume:
-            self._resume()
-        started = time.perf_counter()
-        bar = None
-        main = self.runtime.is_main
-        if cfg.progress and main:
-            from tqdm.auto import tqdm
+    def after_optimizer_step(self) -> None:
+        self.scheduler.step()
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="InstructEd", dynamic_ncols=True)
-        stop = False
-        out_of_time = False
-        started_step = self.step
-        self.stopped_by_budget = False
-        running = 0.0
-        try:
-            while self.step < self.total_steps and not stop:
-                epoch, offset = divmod(self.step, self.batches.steps_per_epoch)
-                for edit_idx, unmod_idx in self.batches.epoch(epoch)[offset:]:
-                    loss = self._train_step(edit_idx, unmod_idx)
-                    self.step += 1
-                    running += loss
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(self._bar_postfix(loss), refresh=False)
-                    if self.step % cfg.log_interval == 0:
-                        if main:
-                            LOG.info("step %d/%d loss %.4f lr %.2e", self.step, self.total_steps,
-                                     running / cfg.log_interval, self.scheduler.get_last_lr()[0])
-                        running = 0.0
-                    if cfg.max_seconds is not None:
-                        out_of_time = self._check_budget_on_main(started, started_step)
-                    if out_of_time:
-                        # the cap only interrupts: `last` keeps the exact state to resume from, and no
-                        # unscheduled validation changes `best`, so a resumed run equals an uninterrupted one
-                        self._save_last_on_main()
-                        stop = True
-                        break
-                    if self.step % cfg.val_interval == 0 or self.step >= self.total_steps:
-                        stop = self._after_validation_on_main()
-                    if stop or self.step >= self.total_steps:
-                        break
-        finally:
-            if bar is not None:
-                bar.close()
-        if not self.stopped_by_budget and (not self.history or self.history[-1]["step"] != self.step):
-            self._after_validation_on_main()
-        return {
-            "step": self.step,
-            "best_val_loss": self.best,
-            "best_dir": str(self.results_dir / "best"),
-            "last_dir": str(self.results_dir / "last"),
-            "history": self.history,
-            "seconds": time.perf_counter() - started,
-            "stopped_by_budget": self.stopped_by_budget,
-            "total_steps": self.total_steps,
-        }
+    def log_extra(self) -> str:
+        return f"; lr {self.scheduler.get_last_lr()[0]:.2e}"
 
-    def _bar_postfix(self, loss: float) -> dict[str, str]:
-        """What the progress bar shows after a step: the step's loss and the latest validation."""
-        shown = {"loss": f"{loss:.3f}"}
-        if self.history:
-            last = self.history[-1]
-            shown["val_loss"] = f"{last.get('loss', math.nan):.3f}@{last['step']}"
-            if "edit_acc" in last:
-                shown["val_edit_acc"] = f"{last['edit_acc']:.2f}"
-        return shown
-
-    def _train_step(self, edit_idx: list[int], unmod_idx: list[int]) -> float:
-        """One optimizer step on the global batch ``edit_idx`` + ``unmod_idx``; returns its loss.
+    def step_batches(self) -> list[Any]:
+        """This process's micro-batches of the step's global batch (edit + unmodified examples).
 
         The loss is the mean token loss of the whole global batch. With one process and no
         accumulation that is ``losses[mask].mean()`` of the batch; otherwise this process's
         micro-batches (its slices of the global batch) contribute their token-loss sums divided by
         the global batch's token count, so the summed gradients equal the one-batch gradient.
         """
-        cfg = self.config
         rt = self.runtime
+        epoch, offset = divmod(self.step, self.batches.steps_per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.batches.epoch(epoch))
+        edit_idx, unmod_idx = self._epoch[1][offset]
         if self.micro_batches == 1:
-            batch = collate([self.edit_examples[i] for i in edit_idx] + [self.unmod_examples[i] for i in unmod_idx],
-                            self.lm.pad_id, self.device)
-            with rt.autocast():
-                loss = self.train_module(batch, True)
-            self.optimizer.zero_grad(set_to_none=True)
-            rt.backward(loss)
-            value = loss.item()
-        else:
-            accum = cfg.gradient_accumulation_steps
-            # every row keeps the place it has in the one global batch: left-padded to its width (models
-            # with absolute positions see a left-padded row at shifted positions)
-            width = max(len(e.input_ids) for e in [self.edit_examples[i] for i in edit_idx] +
-                        [self.unmod_examples[i] for i in unmod_idx])
-            batches = []
-            for micro in range(accum):
-                part = micro_batch_index(micro, rt.process_index, rt.num_processes)
-                rows = [self.edit_examples[i] for i in shard(edit_idx, part, self.micro_batches)]
-                rows += [self.unmod_examples[i] for i in shard(unmod_idx, part, self.micro_batches)]
-                batches.append(_left_pad(collate(rows, self.lm.pad_id, self.device), width, self.lm.pad_id)
-                               if rows else None)
-            local_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches if b is not None)
-            tokens = max(rt.reduce_sum(local_tokens), 1.0)
-            self.optimizer.zero_grad(set_to_none=True)
-            local_sum = 0.0
-            for micro, batch in enumerate(batches):
-                with rt.micro_step(self.train_module, last=micro == accum - 1):
-                    with rt.autocast():
-                        total = self.train_module(batch, False)
-                    # backward divides by the accumulation steps and DDP averages over the processes
-                    rt.backward(total * (self.micro_batches / tokens))
-                local_sum += float(total.detach())
-            value = rt.reduce_sum(local_sum) / tokens
-        if cfg.grad_clip > 0:
-            rt.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
-        self._opt_step.step()
-        self.scheduler.step()
-        return value
+            self._loss_scale = None
+            return [collate([self.edit_examples[i] for i in edit_idx] + [self.unmod_examples[i] for i in unmod_idx],
+                            self.lm.pad_id, self.device)]
+        # every row keeps the place it has in the one global batch: left-padded to its width (models
+        # with absolute positions see a left-padded row at shifted positions)
+        width = max(len(e.input_ids) for e in [self.edit_examples[i] for i in edit_idx] +
+                    [self.unmod_examples[i] for i in unmod_idx])
+        batches = []
+        for micro in range(self.config.accumulate_bs):
+            part = micro_batch_index(micro, rt.process_index, rt.num_processes)
+            rows = [self.edit_examples[i] for i in shard(edit_idx, part, self.micro_batches)]
+            rows += [self.unmod_examples[i] for i in shard(unmod_idx, part, self.micro_batches)]
+            batches.append(_left_pad(collate(rows, self.lm.pad_id, self.device), width, self.lm.pad_id)
+                           if rows else None)
+        local_tokens = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches if b is not None)
+        self._step_tokens = max(rt.reduce_sum(local_tokens), 1.0)
+        self._loss_scale = self.micro_batches / self._step_tokens
+        return batches
 
-    def _check_budget_on_main(self, started: float, started_step: int) -> bool:
-        """:meth:`_check_budget` on the main process's clock; every process gets its decision."""
-        rt = self.runtime
-        if not rt.distributed:
-            return self._check_budget(started, started_step)
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.bank.parameters())
 
-        def check() -> tuple:
-            return self._check_budget(started, started_step), self.total_steps, self.stopped_by_budget
+    def step_stats(self, micro_stats: list[dict[str, float]]) -> dict[str, float]:
+        """The step's loss: the token mean over the whole global batch."""
+        if self._loss_scale is None:
+            return {"loss": micro_stats[0]["loss"]}
+        return {"loss": self.runtime.reduce_sum(sum(s["sum"] for s in micro_stats)) / self._step_tokens}
 
-        out_of_time, self.total_steps, self.stopped_by_budget = run_on_main(rt, check, "the time-budget check")
-        return out_of_time
-
-    def _save_last_on_main(self) -> None:
-        """Save ``last`` (prefixes + optimizer/scheduler state at this step) on the main process."""
-        rt = self.runtime
-        record = {"step": self.step, "interrupted": True}
-
-        def save_last() -> None:
-            self.save("last", record, with_state=True)
-
-        run_on_main(rt, save_last, "the interrupted save")  # runs save_last directly in a single process
-        if rt.distributed:
-            rt.wait_for_everyone()
-
-    def _after_validation_on_main(self) -> bool:
-        """:meth:`_after_validation` (validate, save) on the main process; every process gets the outcome."""
-        rt = self.runtime
-        if not rt.distributed:
-            return self._after_validation()
-
-        def validate() -> tuple:
-            return self._after_validation(), self.best, self.bad_validations, self.history
-
-        stop, self.best, self.bad_validations, self.history = run_on_main(rt, validate, "validation")
-        rt.wait_for_everyone()
-        return stop
-
-    def _check_budget(self, started: float, started_step: int) -> bool:
-        """``max_seconds`` is a safety cap only: True once spent (``stopped_by_budget`` records it).
-
-        The schedule (learning-rate decay, number of steps) never depends on the clock, so the same
-        configuration trains the same prefixes on a busy and on an idle machine."""
-        elapsed = time.perf_counter() - started
-        if elapsed >= self.config.max_seconds:
-            self.stopped_by_budget = True
-            LOG.warning("InstructEd training stopped by the %.0fs safety cap after %d steps (step %d of %d)",
-                        self.config.max_seconds, self.step - started_step, self.step, self.total_steps)
-            return True
-        return False
-
-    def _after_validation(self) -> bool:
-        metrics = self.validate() if self.val_examples else {"loss": math.nan}
-        record = {"step": self.step, **metrics}
-        self.history.append(record)
-        value = metrics["loss"]
-        improved = self.best is None or math.isnan(self.best) or (not math.isnan(value) and value < self.best)
-        if improved:
-            self.best = value
-            self.bad_validations = 0
-            self.save("best", record, with_state=False)
-        else:
-            self.bad_validations += 1
-        self.save("last", record, with_state=True)
-        LOG.info("validation at step %d: %s%s", self.step, {k: round(v, 4) for k, v in metrics.items()},
-                 " (best)" if improved else "")
-        patience = self.config.early_stop_patience
-        if patience is not None and self.bad_validations >= patience:
-            LOG.info("early stop: %d validations without improvement", self.bad_validations)
-            return True
-        return False
+    def result(self, total: int, train_seconds: float, seconds: float) -> dict[str, Any]:
+        """The base result plus ``best_val_loss`` (the best validation loss)."""
+        return {**super().result(total, train_seconds, seconds), "best_val_loss": self.best_value}
 
     def close(self) -> None:
         """Detach the prefixes (restores the base model's ``requires_grad`` and attention)."""

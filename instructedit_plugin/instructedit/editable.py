@@ -175,6 +175,25 @@ def _capture(model: nn.Module, specs: Sequence[LayerSpec]):
             handle.remove()
 
 
+def left_pad(enc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded :func:`~.dataset.encode_pairs` rows turned left-padded, with explicit ``position_ids``.
+
+    Answers then end at the last position of every row, so the union of answer
+    positions is as short as the longest answer (cheap ``logits_to_keep``).
+    """
+    mask = enc["attention_mask"]
+    width = mask.shape[1]
+    lengths = mask.sum(1)
+    out = {k: v.clone() for k, v in enc.items()}
+    for r in range(mask.shape[0]):
+        shift = int(width - lengths[r])
+        if shift:
+            for key in ("input_ids", "attention_mask", "labels"):
+                out[key][r] = torch.roll(enc[key][r], shift)
+    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp_min(0)
+    return out
+
+
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
     """Positions ``p`` whose logits predict a labelled token (``labels[:, p + 1] != -100`` in some row)."""
     return (labels[:, 1:] != -100).any(0).nonzero().squeeze(-1)

@@ -61,13 +61,7 @@ from ..evaluation.summary import METRIC_NAMES, summarize_metrics
 from ..instructions import InstructionLibrary, default_library
 from .instructedit_main import LoadedEditor, load_editor_for
 from .dataset import encode_pairs, make_datasets, split_tasks
-from .editable import (
-    answer_logits,
-    compute_edited_weights,
-    edit_step_stats,
-    kept_nll_metrics,
-    kl_locality,
-)
+from .editable import answer_logits, compute_edited_weights, left_pad
 from .trainer import InstructEditTrainer
 
 LOG = logging.getLogger(__name__)
@@ -83,7 +77,6 @@ __all__ = [
     "HOLDOUT_TASK",
     "METHODS",
     "TRAIN_TASKS",
-    "AnswerLogitsTrainer",
     "EditEvaluator",
     "MethodSpec",
     "edit_prompt",
@@ -100,62 +93,7 @@ def family_for(task: str) -> str:
     return TASK_FAMILY.get(task, task)
 
 
-# ------------------------------------------------------------------------ batches
-def left_pad(enc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Right-padded :func:`encode_pairs` rows turned left-padded, with explicit ``position_ids``.
-
-    Answers then end at the last position of every row, so the union of answer
-    positions is as short as the longest answer (cheap ``logits_to_keep``).
-    """
-    mask = enc["attention_mask"]
-    width = mask.shape[1]
-    lengths = mask.sum(1)
-    out = {k: v.clone() for k, v in enc.items()}
-    for r in range(mask.shape[0]):
-        shift = int(width - lengths[r])
-        if shift:
-            for key in ("input_ids", "attention_mask", "labels"):
-                out[key][r] = torch.roll(enc[key][r], shift)
-    out["position_ids"] = (out["attention_mask"].cumsum(1) - 1).clamp_min(0)
-    return out
-
-
 # ----------------------------------------------------------------------- training
-class AnswerLogitsTrainer(InstructEditTrainer):
-    """:class:`InstructEditTrainer` with the same losses computed from answer-position logits.
-
-    ``l_edit`` is the NLL of the targets on ``edit_outer``, ``l_loc`` the KL
-    between pre- and post-edit next-token distributions at the locality
-    *answer* positions (the trainer's default uses every locality position). The
-    output layer runs only at those positions, which makes meta-training large-
-    vocabulary models (Gemma's 262k tokens) on CPU several times cheaper.
-    """
-
-    def edit_step(self, batch: dict[str, Any], training: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg = self.config
-        editor = self.editor
-        editor.hypernet.train(training)
-        loc = left_pad(batch["loc"])
-        outer = left_pad(batch["edit_outer"])
-        with torch.no_grad():
-            pre_loc, loc_targ = answer_logits(editor.model, None, loc)
-        new_weights, info = compute_edited_weights(editor.model, editor.hypernet, editor.edit_lrs, editor.specs,
-                                                   batch["edit_inner"], sparse_logits=True)
-        with torch.set_grad_enabled(training):
-            post_outer, outer_targ = answer_logits(editor.model, new_weights, outer)
-            edit_metrics = kept_nll_metrics(post_outer, outer_targ)
-            post_loc, _ = answer_logits(editor.model, new_weights, loc)
-            loc_mask = loc_targ != -100
-            l_loc = kl_locality(pre_loc, post_loc, loc_mask)
-            loss = cfg.cedit * edit_metrics["nll"] + cfg.cloc * l_loc
-        with torch.no_grad():
-            n_edit = batch["edit_inner"]["input_ids"].shape[0]
-            inner = kept_nll_metrics(post_outer[:n_edit], outer_targ[:n_edit])
-            agree = (pre_loc.argmax(-1) == post_loc.argmax(-1))[loc_mask]
-            stats = edit_step_stats(loss, edit_metrics, l_loc, inner, agree, info)
-        return loss, stats
-
-
 def train_editor(
     config: Any,
     tasks: Mapping[str, Sequence[Mapping[str, Any]]],
@@ -166,7 +104,8 @@ def train_editor(
     val_size: int | None = None,
     calibrate_steps: int = 0,
     budget_s: float | None = None,
-    trainer_cls: type = AnswerLogitsTrainer,
+    trainer_cls: type = InstructEditTrainer,
+    answer_logits: bool = True,
 ) -> dict[str, Any]:
     """Meta-train one editor on ``tasks`` (``{task: requests}``) and return the trainer's result.
 
@@ -174,7 +113,9 @@ def train_editor(
     set from the argument). ``val_size`` records per task go to validation
     (default: the config's ``val_fraction``). With ``calibrate_steps`` the first
     steps are timed (they count as training) and, when ``budget_s`` is given,
-    ``max_iters`` is lowered so the run fits the budget. The result adds
+    ``max_iters`` is lowered so the run fits the budget (:meth:`InstructEditTrainer.calibrate`).
+    ``answer_logits`` (default): the losses from answer-position logits, several times cheaper
+    for large vocabularies (see :class:`InstructEditTrainer`). The result adds
     ``seconds_per_step`` and ``wall_s``.
     """
     cfg = copy.copy(config)
@@ -185,18 +126,8 @@ def train_editor(
         train_tasks, val_tasks = split_tasks(tasks, cfg.val_fraction, cfg.seed)
     train_set, val_set = make_datasets(train_tasks, tokenizer, cfg, val_tasks=val_tasks)
     start = time.time()
-    trainer = trainer_cls(cfg, train_set, val_set, model=model)
-    per_step = None
-    if calibrate_steps:
-        t0 = time.time()
-        for _ in range(calibrate_steps):
-            trainer.train_step()
-            trainer.step += 1
-        per_step = (time.time() - t0) / calibrate_steps
-        if budget_s is not None:
-            steps = max(calibrate_steps, int(budget_s / per_step))
-            cfg.max_iters = min(int(cfg.max_iters or steps), steps)
-            cfg.val_interval = min(cfg.val_interval, cfg.max_iters)
+    trainer = trainer_cls(cfg, train_set, val_set, model=model, answer_logits=answer_logits)
+    per_step = trainer.calibrate(calibrate_steps, budget_s) if calibrate_steps else None
     result = trainer.run()
     result["seconds_per_step"] = per_step if per_step is not None else result["train_time_s"] / max(result["steps"], 1)
     result["wall_s"] = time.time() - start

@@ -122,6 +122,8 @@ class InstructEditTrainingHparams(PluginHyperParams):
                                                    "launch's --mixed_precision, else no")
     max_iters: Optional[int] = hp_field(5000, min=0)
     max_epochs: Optional[int] = hp_field(None, min=1)
+    max_seconds: Optional[float] = hp_field(None, min=0.0, help="our trainer: wall-clock safety cap; saves last and "
+                                            "stops once spent (resume: true finishes the same run)")
     log_interval: int = hp_field(100, min=1)
     eval_log_interval: int = hp_field(100, min=1)
     val_interval: int = hp_field(500, min=1)
