@@ -90,8 +90,9 @@ def test_peft_round_trip_is_bit_identical_to_the_plugin_path(arch, request, tmp_
     assert batch.spans[0] is not None and bool((batch.sim < 1).all())
     with torch.no_grad():
         want = lm.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix).logits
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp_min(0)  # what run() gives left-padded rows
         with instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix):
-            got = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            got = loaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
     assert torch.equal(got, want)
     # disabled (PEFT's context manager), the model inside is the stock model
     with torch.no_grad(), loaded.disable_adapter():

@@ -40,9 +40,16 @@ def _values(raw: Any) -> list[float]:
 
 
 def _fmean(values: Sequence[float]) -> float:
-    """Mean of a non-empty list, independent of its order (``math.fsum`` is correctly rounded) and
-    free of overflow (each term is divided first)."""
+    """Mean of a non-empty list, independent of its order (``math.fsum`` is correctly rounded), free
+    of overflow (terms are divided first when their sum would overflow) and of underflow (otherwise the
+    sum is divided, so a mean of subnormal values is not rounded to 0)."""
     n = len(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        total = math.inf
+    if math.isfinite(total):
+        return total / n
     return math.fsum(v / n for v in values)
 
 
