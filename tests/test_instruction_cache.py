@@ -40,7 +40,7 @@ def _lm(model, tok, cache, seed=0, mode="question_rows"):
     with torch.no_grad():
         bank.embeddings.normal_(0.0, 1.0, generator=g)
     bank.requires_grad_(False)
-    return InstructedLM(model, tok, bank, encoder=CosineByLength(), mode=mode, instruction_cache_size=cache)
+    return InstructedLM(model, tok, bank, encoder=CosineByLength(), mode=mode, instruction_cache=cache)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -120,3 +120,39 @@ def test_training_never_uses_the_cache(tiny_llama_dir):
     lm(**enc, instructions=FACTS[:2]).logits.sum().backward()
     assert lm.instruction_cache.misses == 0 and lm.bank.embeddings.grad is not None
     assert lm.bank.embeddings.grad.abs().sum() > 0
+
+
+def test_editing_in_question_rows_mode_keeps_the_cache_across_edits(instructed_world):
+    """Through the apply function (what EasyEdit's BaseEditor calls): one cache per model and archive, kept
+    from one edit to the next; warmed at edit time on request; the same logits as without a cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructedit_plugin.instructed import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, release
+
+    tok = AutoTokenizer.from_pretrained(instructed_world["base_dir"])
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(instructed_world["base_dir"]).eval()
+
+    def hparams(**kw):
+        return InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=str(instructed_world["base_dir"]),
+                                                    archive=str(instructed_world["archive"]), device="cpu", max_length=40,
+                                                    reweight_mode="question_rows", instruction_source="retrieval", **kw))
+
+    edits = instructed_world["test"][:3]
+    try:
+        first, _ = apply_instructed_to_model(model, tok, [dict(edits[0])], hparams(warm_instruction_cache=True))
+        assert first.instruction_cache.misses == 1 and len(first.instruction_cache) == 1  # warmed at edit time
+        second, _ = apply_instructed_to_model(model, tok, [dict(e) for e in edits[1:]], hparams(warm_instruction_cache=True))
+        assert second.instruction_cache is first.instruction_cache and len(second.instruction_cache) == 3
+        enc = tok([e["prompt"] for e in edits], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            cached = second(**enc).logits
+            assert second.instruction_cache.misses == 3  # every question retrieved an instruction already cached
+            plain, _ = apply_instructed_to_model(model, tok, [], hparams(instruction_cache=0))
+            assert plain.instruction_cache is None
+            full = plain(**enc).logits
+        real = enc["attention_mask"].bool()
+        torch.testing.assert_close(cached[real], full[real], atol=ATOL, rtol=0)
+    finally:
+        release(model)

@@ -95,6 +95,11 @@ class InstructEdHyperParams(EditingHyperParams):
     top_k: int = hp_field(5, min=1, help="number of best retrieval scores whose spread the gate measures")
     template: str = hp_field(DEFAULT_TEMPLATE)
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
+    instruction_cache: int = hp_field(1024, min=0, help="reweight_mode question_rows only: instructions whose keys/"
+                                      "values are kept per model for reuse by every question (0: off)")
+    warm_instruction_cache: bool = hp_field(False, help="question_rows: compute an edit's instruction keys/values "
+                                            "at edit time (a longer edit, then every query is cached) instead of "
+                                            "at its first query")
     use_prefixes: bool = hp_field(True, help="false: the instruction in context only (no prefixes, no re-weighting), "
                                               "the in-context baseline")
 

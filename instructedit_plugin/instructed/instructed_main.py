@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import HyperParamsError, PluginError
 from .checkpoint import Checkpoint, load_checkpoint, resolve_archive
 from .instructed_hparams import InstructEdHyperParams
+from .instruction_cache import InstructionKVCache
 from .lm import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
 from .templates import instruction_of, request_prompts
 
@@ -76,6 +77,16 @@ class EditingState:
     encoder_key: str | None = None
     memory: Any = None
     entries: list[_Entry] = field(default_factory=list)  # instructions added by edits, in order
+    #: instruction keys/values (``question_rows`` mode), one cache per archive, kept across edits
+    instruction_caches: dict[str, InstructionKVCache] = field(default_factory=dict)
+
+    def instruction_cache(self, archive: str, size: int) -> InstructionKVCache | None:
+        if size <= 0:
+            return None
+        cache = self.instruction_caches.get(archive)
+        if cache is None or cache.max_entries != size:
+            cache = self.instruction_caches[archive] = InstructionKVCache(size)
+        return cache
 
     @property
     def encoder(self) -> Any:
@@ -206,9 +217,12 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
                                          own_prompts=[e.own_prompts for e in gold])
     else:
         provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts())
+    cache = None
+    if hparams.reweight_mode == "question_rows" and hparams.use_prefixes:
+        cache = state.instruction_cache(str(ckpt.folder), hparams.instruction_cache)
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,
                         instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode,
-                        use_prefixes=hparams.use_prefixes)
+                        use_prefixes=hparams.use_prefixes, instruction_cache=cache if cache is not None else 0)
 
 
 def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], hparams: InstructEdHyperParams,
@@ -232,6 +246,8 @@ def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], 
     entries = _entries(list(requests))
     state.add(entries)
     lm = build_instructed_lm(model, tok, hparams, state, ckpt, entries)
+    if hparams.warm_instruction_cache and lm.instruction_cache is not None:
+        lm.warm_instructions([e.instruction for e in entries])
     flavour = _flavour()
     resets = keep_original_weight or flavour == "main"
     return lm, (MemoryRestore(state, keep) if resets else {})

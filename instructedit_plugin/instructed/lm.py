@@ -249,8 +249,9 @@ class InstructedLM(nn.Module):
             ``choose(texts) -> list[Selection | None]``; ``None``: only explicit ``instructions=``.
         template / instruction_max_length: the input layout (see :mod:`.templates`).
         mode: re-weighting mode (:data:`~.attention.REWEIGHT_MODES`).
-        instruction_cache_size: instructions whose keys/values are kept for reuse (:mod:`.instruction_cache`);
-            ``None``: 1024 in mode ``question_rows`` (where reuse is exact), else 0 (off).
+        instruction_cache: instructions whose keys/values are kept for reuse (:mod:`.instruction_cache`), or a
+            shared :class:`~.instruction_cache.InstructionKVCache`; ``None``: 1024 in mode ``question_rows``
+            (where reuse is exact), else 0 (off).
 
     Attribute access that the wrapper does not define (``config``, ``generation_config``,
     ``device``...) and ``named_parameters``/``parameters``/``state_dict`` are the base model's, so
@@ -270,7 +271,7 @@ class InstructedLM(nn.Module):
         instruction_max_length: int = 128,
         mode: str = "paper",
         use_prefixes: bool = True,
-        instruction_cache_size: int | None = None,
+        instruction_cache: int | InstructionKVCache | None = None,
     ):
         super().__init__()
         self.model = model
@@ -283,13 +284,15 @@ class InstructedLM(nn.Module):
         self.__dict__["provider"] = provider
         self.__dict__["template"] = InstructionTemplate(tokenizer, template, instruction_max_length)
         self.mode = mode
-        if instruction_cache_size is None:
-            instruction_cache_size = DEFAULT_INSTRUCTION_CACHE if mode == "question_rows" else 0
-        if instruction_cache_size and mode != "question_rows":
+        if instruction_cache is None:
+            instruction_cache = DEFAULT_INSTRUCTION_CACHE if mode == "question_rows" else 0
+        if instruction_cache and mode != "question_rows":
             raise PluginError(f"an instruction key/value cache is exact only with reweight_mode 'question_rows', "
-                              f"not {mode!r}. Fix: set reweight_mode: question_rows, or instruction_cache_size=0")
+                              f"not {mode!r}. Fix: set reweight_mode: question_rows, or instruction_cache=0")
+        if isinstance(instruction_cache, int):
+            instruction_cache = InstructionKVCache(instruction_cache) if instruction_cache else None
         #: instruction keys/values reused across questions (``question_rows`` only, inference only)
-        self.__dict__["instruction_cache"] = InstructionKVCache(instruction_cache_size) if instruction_cache_size else None
+        self.__dict__["instruction_cache"] = instruction_cache
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -444,6 +447,18 @@ class InstructedLM(nn.Module):
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = nn.functional.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def warm_instructions(self, instructions: Sequence[str]) -> int:
+        """Compute (or refresh) the cached keys/values of ``instructions`` now; returns how many were new."""
+        if self.instruction_cache is None or not self.use_prefixes:
+            return 0
+        before = self.instruction_cache.misses
+        with self.activated():
+            for instruction in instructions:
+                encoded = self.template.encode_instruction(instruction)
+                self.instruction_cache.entry(self.model, encoded.ids[: encoded.span[1]], encoded.span, self.bank)
+        return self.instruction_cache.misses - before
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[list[int]],
                         selections: list[Selection | None], chosen: list[int], kwargs: dict) -> torch.Tensor | None:
