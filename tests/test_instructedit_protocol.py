@@ -125,6 +125,11 @@ def test_instructed_metric_inputs_put_the_instruction_where_easyedit_does(tiny, 
     # plain rows: no instruction anywhere
     plain = evaluator._rows(zsre, None)
     assert all("Task:" not in p for p, _ in plain.pairs)
+    # the EasyEdit metric backend receives the same inputs (its compute_edit_quality record)
+    record = evaluator._easyedit_record(zsre, rows)
+    assert record["prompt"] == prefix + zsre["prompt"] and record["rephrase_prompt"] == prefix + zsre["rephrase_prompt"]
+    assert record["portability"]["one_hop"]["prompt"] == [prefix + zsre["portability"]["one_hop"]["prompt"]]
+    assert record["locality"]["nq"]["prompt"] == [zsre["locality"]["nq"]["prompt"]]
 
 
 # -------------------------------------------------------- (5) mixing by records, ConvSent subsampled

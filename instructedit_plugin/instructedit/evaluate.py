@@ -475,7 +475,8 @@ class EditEvaluator:
                     out[name[len(prefix):]] = {"prompt": [p for p, _ in items], "ground_truth": [a for _, a in items]}
             return out
 
-        record = {"prompt": request["prompt"], "target_new": request["target_new"],
+        record = {"prompt": rows.pairs[rows.slices["rewrite"]][0][0],  # instructed with instructed metric inputs
+                  "target_new": request["target_new"],
                   "ground_truth": request.get("ground_truth") or "<|endoftext|>",
                   "locality": block("loc:"), "portability": block("port:")}
         if "rephrase" in rows.slices:
