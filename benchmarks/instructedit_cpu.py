@@ -7,7 +7,23 @@ Trains, on the same data with the same editor network and trainer
 * ``mend_multitask``: the same tasks, instructions switched off (plain multi-task MEND);
 * ``mend_single_task``: CounterFact only, no instructions (skipped with ``--no_single_task``);
 
-all for the same number of steps: InstructEdit trains for half of
+under one of two protocols (``--protocol``):
+
+* ``paper`` (default), InstructEdit's as EasyEdit runs it: the paper's GPT-4 task descriptions
+  (``<data>/instructedit/easyedit_task_descriptions.json``, 10 per task, the 10th held out),
+  metrics on *instructed* inputs (the instruction before the edit prompt, the rephrase and the
+  portability questions; locality plain) with the plain-input scores reported beside, no extra
+  loss on the plain prompt (``raw_edit_loss: false``), tasks mixed by records with ConvSent
+  subsampled (``--convsent_subsample``), ConvSent edits in both directions (records alternate
+  positive/negative) with EasyEdit's sentiment ES and Fluency (n-gram entropy of a greedy reply);
+* ``plugin``, the earlier setting, kept as a labelled option: the shipped descriptions, plain
+  metric inputs, ``raw_edit_loss: true``, tasks drawn uniformly, ConvSent positive only, no Fluency.
+
+Every switch can also be set on its own (``--instructions``, ``--metric_inputs``,
+``--raw_edit_loss``, ``--task_mixing``, ``--convsent_subsample``, ``--convsent_direction``,
+``--fluency_tokens``); the JSON records the settings used (``protocol``).
+
+All editors train for the same number of steps: InstructEdit trains for half of
 ``--budget_minutes`` (its steps are the most expensive: the instruction makes
 the inputs 3-4x longer), the baselines for the same step count. Then it edits
 the first ``--n_test`` records of each test file (CounterFact: KnowEdit
@@ -50,10 +66,41 @@ RESULT_KEYS = frozenset({
     "model", "train_steps", "train_seconds", "tasks", "unseen_instruction", "latency",  # the figures
     "n_edits", "method_notes",  # records edited per task; what the metrics mean (from evaluate_instructedit)
     "date", "command", "args", "inner_params", "runs", "train_records", "test_records",  # the run
-    "eval_seconds", "wall_seconds",
+    "eval_seconds", "wall_seconds", "protocol",  # the protocol's settings
+    "tasks_plain_inputs", "unseen_instruction_plain_inputs",  # instructed methods scored on plain inputs beside
     "notes", "merged_runs",  # --notes text; other sources merged in
 })
 _UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
+#: --protocol -> the settings it stands for (each may be overridden by its own option)
+PROTOCOLS = {
+    "paper": {"instructions": "easyedit", "metric_inputs": "instructed,plain", "raw_edit_loss": False,
+              "task_mixing": "records", "convsent_subsample": 1427, "convsent_direction": "both", "fluency_tokens": 32},
+    "plugin": {"instructions": "plugin", "metric_inputs": "plain", "raw_edit_loss": True,
+               "task_mixing": "uniform", "convsent_subsample": None, "convsent_direction": "positive", "fluency_tokens": 0},
+}
+SECTIONS = (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction"),
+            ("tasks_plain_inputs", "Seen instruction, scored on plain inputs (beside the paper's instructed inputs)"),
+            ("unseen_instruction_plain_inputs", "Unseen instruction, scored on plain inputs"))
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def protocol_settings(args: argparse.Namespace) -> dict:
+    """The protocol's settings with the options given on the command line in their place."""
+    settings = dict(PROTOCOLS[args.protocol])
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if settings["convsent_subsample"] == 0:
+        settings["convsent_subsample"] = None
+    settings["metric_inputs"] = [s.strip() for s in str(settings["metric_inputs"]).split(",") if s.strip()]
+    return {"name": args.protocol, **settings}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +120,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no_single_task", action="store_true", help="skip the single-task MEND baseline")
+    p.add_argument("--protocol", default="paper", choices=sorted(PROTOCOLS),
+                   help="paper: InstructEdit's protocol as EasyEdit runs it; plugin: the earlier setting (see the docstring)")
+    p.add_argument("--instructions", default=None, help="instruction library: easyedit, plugin or a path (default: protocol's)")
+    p.add_argument("--metric_inputs", default=None,
+                   help="comma-separated: instructed, plain; the first is the main table (default: protocol's)")
+    p.add_argument("--raw_edit_loss", type=_bool, default=None, help="true/false (default: protocol's)")
+    p.add_argument("--task_mixing", default=None, choices=("records", "uniform"), help="(default: protocol's)")
+    p.add_argument("--convsent_subsample", type=int, default=None,
+                   help="ConvSent training records kept (0: all; default: protocol's)")
+    p.add_argument("--convsent_direction", default=None, choices=("both", "positive", "negative"),
+                   help="(default: protocol's)")
+    p.add_argument("--fluency_tokens", type=int, default=None,
+                   help="ConvSent reply length for Fluency (0: none; default: protocol's)")
     p.add_argument("--work_dir", default=None,
                    help="editor checkpoints (default: a fresh temporary folder, outside the repository)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_cpu.json"))
@@ -124,7 +184,10 @@ def render_markdown(out: dict) -> str:
              "Produced by `benchmarks/instructedit_cpu.py`; rendered from `instructedit_cpu.json` "
              "(`python benchmarks/instructedit_cpu.py --render`). Rel / Gen / Loc / Por in percent as the JSON stores them; "
              "Score = their mean; n = edited records per task.", ""]
-    for section, heading in (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction")):
+    if out.get("protocol"):
+        proto = out["protocol"]
+        lines += [f"Protocol `{proto['name']}`: " + ", ".join(f"{k} {v}" for k, v in proto.items() if k != "name") + ".", ""]
+    for section, heading in SECTIONS:
         if not out.get(section):
             continue
         lines += [f"## {heading}", "", "| task | method | Rel | Gen | Loc | Por | Score | n |", "|---|---|---|---|---|---|---|---|"]
@@ -133,9 +196,18 @@ def render_markdown(out: dict) -> str:
                 lines.append(f"| {task} | {method} | " + " | ".join(_fmt(cell.get(m), 2) for m in METRICS)
                              + f" | {_fmt(_score(cell), 2)} | {n.get(task, '')} |")
         lines.append("")
-    sent = [(section, method, cell["sentiment"]) for section in ("tasks", "unseen_instruction")
+    sent = [(section, method, cell["sentiment"]) for section, _ in SECTIONS
             for per_method in (out.get(section) or {}).values() for method, cell in per_method.items() if cell.get("sentiment")]
-    if sent:
+    if sent and all("flipped" in s for _, _, s in sent):
+        lines += ["## ConvSent sentiment", "",
+                  "| section | method | success pre | success post | margin pre | margin post | flipped | ES | "
+                  "Fluency pre | Fluency post |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for section, method, s in sent:
+            lines.append(f"| {section} | {method} | {_fmt(s['success_pre'])} | {_fmt(s['success_post'])} | "
+                         f"{_fmt(s['margin_pre'], 3)} | {_fmt(s['margin_post'], 3)} | {_fmt(s['flipped'])} | "
+                         f"{_fmt(s.get('es'))} | {_fmt(s.get('fluency_pre'), 2)} | {_fmt(s.get('fluency_post'), 2)} |")
+        lines.append("")
+    elif sent:  # results of the earlier protocol: edits towards positive only
         lines += ["## ConvSent sentiment", "",
                   "| section | method | success pre | success post | margin pre | margin post | flipped to positive |",
                   "|---|---|---|---|---|---|---|"]
@@ -170,8 +242,8 @@ def render_markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_data(data_dir: Path, n_test: int, n_train: int, seed: int):
-    from instructedit_plugin.data import load_requests
+def load_data(data_dir: Path, n_test: int, n_train: int, seed: int, convsent_direction: str = "positive"):
+    from instructedit_plugin.data import load_convsent, load_requests
     from instructedit_plugin.instructedit.dataset import record_identity, split_tasks
 
     cf_test = load_requests(data_dir / "counterfact" / "test_cf-generate-10.jsonl", limit=n_test)
@@ -181,8 +253,8 @@ def load_data(data_dir: Path, n_test: int, n_train: int, seed: int):
     recent_all = load_requests(data_dir / "recent" / "recent_train.json")
     recent_split = split_tasks({"recent": recent_all}, seed=seed, val_size=min(100, len(recent_all) // 5))
     recent_train, recent_test = recent_split[0]["recent"], recent_split[1]["recent"][:n_test]
-    convsent_train = load_requests(data_dir / "convsent" / "blender_val.json", limit=n_train)
-    convsent_test = load_requests(data_dir / "convsent" / "blender_test.json", limit=n_test)
+    convsent_train = load_convsent(data_dir / "convsent" / "blender_val.json", limit=n_train, direction=convsent_direction)
+    convsent_test = load_convsent(data_dir / "convsent" / "blender_test.json", limit=n_test, direction=convsent_direction)
     zsre_test = load_requests(data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.json", limit=n_test)
     train = {"counterfact": cf_train, "recent": recent_train[:n_train], "convsent": convsent_train}
     test = {"counterfact": cf_test, "recent": recent_test, "convsent": convsent_test, HOLDOUT_TASK: zsre_test}
@@ -222,7 +294,9 @@ def main(argv=None) -> int:
 
         args.work_dir = tempfile.mkdtemp(prefix="instructedit_cpu_")
     data_dir = resolve_data_dir(args.data_dir)
-    train, test = load_data(data_dir, args.n_test, args.n_train, args.seed)
+    protocol = protocol_settings(args)
+    LOG.info("protocol: %s", protocol)
+    train, test = load_data(data_dir, args.n_test, args.n_train, args.seed, protocol["convsent_direction"])
     LOG.info("train records: %s; test records: %s", {k: len(v) for k, v in train.items()}, {k: len(v) for k, v in test.items()})
 
     model_dir = Path(args.model_dir) if args.model_dir else embedded_model_dir()
@@ -243,6 +317,14 @@ def main(argv=None) -> int:
     cfg.log_interval = 25
     cfg.progress = False
     cfg.seed = args.seed
+    cfg.instructions = str(Path(data_dir) / "instructedit" / "easyedit_task_descriptions.json") \
+        if protocol["instructions"] == "easyedit" else protocol["instructions"]
+    cfg.raw_edit_loss = protocol["raw_edit_loss"]
+    cfg.task_mixing = protocol["task_mixing"]
+    cfg.convsent_subsample = protocol["convsent_subsample"]
+    from instructedit_plugin.instructions import load_instructions
+
+    library = load_instructions(cfg.instructions)
 
     budget_s = 60.0 * args.budget_minutes
     LOG.info("CPU training budget: %.1f minutes for all editors (InstructEdit gets half; baselines the same step count)",
@@ -267,7 +349,8 @@ def main(argv=None) -> int:
     methods = [MethodSpec(name, r["best_checkpoint"], name == "instructedit") for name, r in runs.items()]
     t_eval = time.time()
     results = evaluate_instructedit(model, tok, methods, test, max_pairs=args.max_pairs, seed=args.seed,
-                                    progress=lambda line: LOG.info("%s", line))
+                                    metric_inputs=protocol["metric_inputs"], fluency_tokens=protocol["fluency_tokens"],
+                                    library=library, progress=lambda line: LOG.info("%s", line))
     eval_seconds = time.time() - t_eval
 
     def cell(summary):
@@ -284,6 +367,9 @@ def main(argv=None) -> int:
         "tasks": {t: {m: cell(s) for m, s in results["tasks"].get(t, {}).items()} for t in TASK_ORDER},
         "unseen_instruction": {t: {"instructedit": cell(results["unseen_instruction"][t]["instructedit"])}
                                for t in TASK_ORDER if t in results["unseen_instruction"]},
+        **{section: {t: {m: cell(s) for m, s in results[section][t].items()} for t in TASK_ORDER if t in results[section]}
+           for section in ("tasks_plain_inputs", "unseen_instruction_plain_inputs") if results.get(section)},
+        "protocol": protocol,
         "latency": {m: {"edit_ms": round(v["edit_ms"], 2)} for m, v in results["latency"].items()},
         "n_edits": dict(results["n_edits"]),
         "method_notes": dict(results.get("notes") or {}),

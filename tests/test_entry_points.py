@@ -384,8 +384,12 @@ def test_instructedit_cpu_benchmark_trains_three_editors_the_same_steps(tiny_lla
     md = out_json.with_suffix(".md").read_text()
     assert md == bench.render_markdown(out)
     rows = [(row[0], row[1], row[-1]) for row in _table_rows(md) if row[0] in tasks]
+    # the paper protocol (the default): instructed metric inputs, InstructEdit's plain-input scores beside
+    assert out["protocol"]["name"] == "paper" and out["protocol"]["metric_inputs"] == ["instructed", "plain"]
     assert rows == ([(t, m, str(n_test)) for t in tasks for m in methods]
-                    + [(t, "instructedit", str(n_test)) for t in tasks])
+                    + [(t, "instructedit", str(n_test)) for t in tasks] * 3)
+    sent = out["tasks"]["convsent"]["instructedit"]["sentiment"]
+    assert sent["fluency_post"] is not None and sent["es"] is not None
 
 
 def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):

@@ -8,7 +8,10 @@ file formats are not this module's business.
 * :func:`split_tasks` makes a seeded validation split per task, by record
   *identity* (task, prompt, target, subject): duplicated records land on the same side.
 * :class:`InstructEditDataset` in ``train`` mode draws a task by the configured
-  proportions (default balanced: tasks uniformly), then a record uniformly, then a
+  proportions (``task_proportions``; else ``mixing``: ``"uniform"``, every task
+  equally often, or ``"records"``, in proportion to the task's records as when the
+  tasks' records are concatenated, the paper's mixing; ``convsent_subsample`` first
+  keeps a seeded subset of ConvSent's records), then a record uniformly, then a
   *fresh* training description for every draw; the family's held-out description
   is never used. In ``val`` mode items are fixed (every record once, with a
   deterministic training description, or the held-out one for the
@@ -42,7 +45,7 @@ from torch.utils.data import Dataset
 
 from ..core.devices import resolve_device
 from ..errors import PluginError
-from ..instructions import InstructionLibrary, default_library
+from ..instructions import InstructionLibrary, canonical_task, default_library, load_instructions
 
 LOG = logging.getLogger(__name__)
 
@@ -78,6 +81,26 @@ def split_tasks(
     return train, val
 
 
+def subsample(records: Sequence[Request], n: int | None, seed: int = 0) -> list[Request]:
+    """A seeded random subset of ``n`` records, in their original order (all of them when ``n`` is None or larger)."""
+    records = list(records)
+    if n is None or n >= len(records):
+        return records
+    keep = sorted(random.Random(f"{seed}:subsample").sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+def canonical_tasks(tasks: Mapping[str, Sequence[Request]]) -> dict[str, list[Request]]:
+    """``tasks`` under the plugin's task names (``wikirecent`` -> ``recent``); records of aliases are joined."""
+    out: dict[str, list[Request]] = {}
+    for task, records in tasks.items():
+        out.setdefault(canonical_task(task), []).extend(records)
+    return out
+
+
+MIXINGS = ("uniform", "records")
+
+
 def _first(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return value[0] if value else None
@@ -110,6 +133,8 @@ class InstructEditDataset(Dataset):
         *,
         mode: str = "train",
         proportions: Mapping[str, float] | None = None,
+        mixing: str = "uniform",
+        convsent_subsample: int | None = None,
         library: InstructionLibrary | None = None,
         max_length: int = 96,
         instruct_rephrase: bool = True,
@@ -126,17 +151,27 @@ class InstructEditDataset(Dataset):
             raise PluginError(f"mode must be 'train' or 'val', got {mode!r}")
         if description not in ("train", "held_out"):
             raise PluginError(f"description must be 'train' or 'held_out', got {description!r}")
+        if mixing not in MIXINGS:
+            raise PluginError(f"task_mixing must be one of {MIXINGS}, got {mixing!r}. Fix: 'records' (the paper) or 'uniform'")
         self.library = library or default_library()
-        self.tasks = {t: list(rs) for t, rs in tasks.items() if rs}
+        self.tasks = {t: list(rs) for t, rs in canonical_tasks(tasks).items() if rs}
         if not self.tasks:
             raise PluginError("no task has any records")
+        if mode == "train" and convsent_subsample is not None and "convsent" in self.tasks:
+            self.tasks["convsent"] = subsample(self.tasks["convsent"], convsent_subsample, seed)
         for task in self.tasks:
             self.library.get(task)  # unknown task -> InstructionError listing known ones
             for i, record in enumerate(self.tasks[task]):
                 if not isinstance(record.get("prompt"), str) or not isinstance(record.get("target_new"), str):
                     raise PluginError(f"task '{task}' record {i} needs string 'prompt' and 'target_new'")
         self.task_names = sorted(self.tasks)
-        weights = {t: 1.0 for t in self.task_names} if proportions is None else dict(proportions)
+        if proportions is not None:
+            weights = {canonical_task(t): float(w) for t, w in proportions.items()}
+        elif mixing == "records":
+            weights = {t: float(len(self.tasks[t])) for t in self.task_names}
+        else:
+            weights = {t: 1.0 for t in self.task_names}
+        self.mixing = "proportions" if proportions is not None else mixing
         unknown = sorted(set(weights) - set(self.task_names))
         if unknown:
             raise PluginError(f"task_proportions names tasks without data: {unknown}; tasks: {self.task_names}")
@@ -326,6 +361,8 @@ def make_datasets(
     val_tasks: Mapping[str, Sequence[Request]] | None = None,
 ) -> tuple[InstructEditDataset, InstructEditDataset]:
     """Train and validation datasets from one config (``InstructEditTrainingHparams``)."""
+    if library is None and getattr(config, "instructions", None):
+        library = load_instructions(config.instructions)
     if library is None and getattr(config, "instructions_dir", None):
         from ..instructions import load_instruction_library
 
@@ -346,6 +383,8 @@ def make_datasets(
     n_train = sum(len(v) for v in train_tasks.values())
     epoch_size = int(config.max_iters) * config.batch_size if config.max_iters else n_train
     train = InstructEditDataset(train_tasks, tokenizer, mode="train", proportions=config.task_proportions,
+                                mixing=getattr(config, "task_mixing", "uniform"),
+                                convsent_subsample=getattr(config, "convsent_subsample", None),
                                 epoch_size=epoch_size, **common)
     val = InstructEditDataset(val_tasks, tokenizer, mode="val", description=config.val_description, **common)
     return train, val

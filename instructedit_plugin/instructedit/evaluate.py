@@ -29,10 +29,16 @@ Metrics (``metric_backend``):
 * ``"easyedit"``: EasyEdit's ``compute_edit_quality`` itself on the model with
   the edited weights written in (and restored afterwards); slower.
 
-The *metric* inputs are never instruction-prefixed: only the edit input is (the
-instruction tells the editor which task it edits; EasyEdit's metrics score the
-plain prompts). ConvSent gets extra sentiment metrics
-(:mod:`instructedit_plugin.evaluation.convsent`). Records without a rephrase
+Metric inputs (``metric_inputs``): ``"instructed"`` is the paper's protocol, as
+EasyEdit's evaluation script (``examples/test_InstructEdit.py``) builds it for
+InstructEdit: the instruction the edit was made with stands in front of the edit
+prompt (Rel), the rephrase (Gen) and every portability question (Por), while
+locality prompts stay plain; editors without instructions are scored on plain
+inputs. ``"plain"`` (the default of this function) scores every method on the plain
+prompts; several styles may be asked for at once (the first fills ``tasks``; the
+others are reported beside, in ``tasks_<style>_inputs``). ConvSent gets
+sentiment metrics and Fluency (:mod:`instructedit_plugin.evaluation.convsent`):
+the target sentiment (``label``) may be positive or negative per record. Records without a rephrase
 get Gen from :func:`prepare_test_requests` where the data allows (CounterFact's
 LLM paraphrases, a fixed ConvSent paraphrase); records without locality data
 borrow the next record's prompt for Loc (documented in the results).
@@ -56,7 +62,9 @@ import torch
 from torch import nn
 
 from ..core.durable import atomic_write_text
-from ..evaluation.convsent import sentiment_pairs, sentiment_scores, summarize_sentiment
+from ..evaluation.convsent import (
+    classifier_success, edit_label, n_gram_entropy, sentiment_pairs, sentiment_scores, summarize_sentiment,
+)
 from ..evaluation.summary import METRIC_NAMES, summarize_metrics
 from ..instructions import InstructionLibrary, default_library
 from .instructedit_main import LoadedEditor, load_editor_for
@@ -72,18 +80,24 @@ HOLDOUT_TASK = "zsre_holdout"
 #: evaluation task name -> instruction family (the hold-out task uses the zsre family)
 TASK_FAMILY = {HOLDOUT_TASK: "zsre"}
 INSTRUCTION_MODES = ("seen", "unseen", "none")
+#: metric-input styles: the paper's (instruction before prompt, rephrase, portability) and plain prompts
+METRIC_INPUTS = ("instructed", "plain")
 
 __all__ = [
     "HOLDOUT_TASK",
     "METHODS",
+    "METRIC_INPUTS",
     "TRAIN_TASKS",
     "EditEvaluator",
     "MethodSpec",
     "edit_prompt",
     "evaluate_instructedit",
+    "instruction_for",
     "left_pad",
     "prepare_test_requests",
+    "result_sections",
     "results_markdown",
+    "sentiment_table",
     "save_results",
     "train_editor",
 ]
@@ -162,20 +176,23 @@ def prepare_test_requests(task: str, requests: Sequence[Mapping[str, Any]]) -> l
     return out
 
 
-def edit_prompt(request: Mapping[str, Any], task: str, mode: str, index: int = 0,
-                library: InstructionLibrary | None = None, seed: int = 0) -> str:
-    """The edit input for ``request``.
+def _plain(text: str) -> str:
+    return text
 
-    ``mode``: ``"none"`` the plain prompt; ``"seen"`` the prompt prefixed with a
-    training description of the task's family (drawn deterministically from
-    ``seed``/``task``/``index``); ``"unseen"`` prefixed with the family's held-back
-    description only.
+
+def instruction_for(request: Mapping[str, Any], task: str, mode: str, index: int = 0,
+                    library: InstructionLibrary | None = None, seed: int = 0) -> Callable[[str], str]:
+    """The function that puts ``request``'s instruction in front of a text (identity for ``mode="none"``).
+
+    ``mode``: ``"none"`` no instruction; ``"seen"`` a training description of the task's
+    family (drawn deterministically from ``seed``/``task``/``index``); ``"unseen"`` the
+    family's held-back description only. The same description serves the edit prompt and,
+    with instructed metric inputs, the rephrase and portability questions.
     """
     if mode not in INSTRUCTION_MODES:
         raise ValueError(f"instruction mode must be one of {INSTRUCTION_MODES}, got {mode!r}")
-    prompt = request["prompt"]
     if mode == "none":
-        return prompt
+        return _plain
     family = (library or default_library()).get(family_for(task))
     if mode == "unseen":
         if family.held_out_index is None:
@@ -183,7 +200,14 @@ def edit_prompt(request: Mapping[str, Any], task: str, mode: str, index: int = 0
         desc = family.held_out_index
     else:
         desc = family.sample_index(random.Random(f"{seed}:{task}:{index}"))
-    return family.render(prompt, family.description(desc, request))
+    description = family.description(desc, request)
+    return lambda text: family.render(text, description)
+
+
+def edit_prompt(request: Mapping[str, Any], task: str, mode: str, index: int = 0,
+                library: InstructionLibrary | None = None, seed: int = 0) -> str:
+    """The edit input for ``request`` (see :func:`instruction_for` for ``mode``)."""
+    return instruction_for(request, task, mode, index, library, seed)(request["prompt"])
 
 
 def _pairs(block: Mapping[str, Any] | None, limit: int) -> dict[str, list[tuple[str, str]]]:
@@ -235,7 +259,8 @@ class EditEvaluator:
 
     def __init__(self, model: nn.Module, tok: Any, *, max_length: int = 96, max_pairs: int = 4,
                  library: InstructionLibrary | None = None, seed: int = 0, metric_backend: str = "plugin",
-                 easyedit_hparams: Any = None, sentiment_responses: int = 2, response_words: int = 8):
+                 easyedit_hparams: Any = None, sentiment_responses: int = 2, response_words: int = 8,
+                 fluency_tokens: int = 0, sentiment_classifier: Callable[[Sequence[str]], Sequence[str]] | None = None):
         if metric_backend not in ("plugin", "easyedit"):
             raise ValueError(f"metric_backend must be 'plugin' or 'easyedit', got {metric_backend!r}")
         self.model = model
@@ -250,6 +275,9 @@ class EditEvaluator:
         self.easyedit_hparams = easyedit_hparams
         self.sentiment_responses = sentiment_responses
         self.response_words = response_words
+        #: ConvSent: new tokens generated for Fluency (n-gram entropy) and the classifier (0: no generation)
+        self.fluency_tokens = fluency_tokens
+        self.sentiment_classifier = sentiment_classifier
         self.device = next(model.parameters()).device
         self._pre: dict[tuple[str, int], dict[str, Any]] = {}
         self._editors: dict[str, LoadedEditor] = {}
@@ -263,7 +291,10 @@ class EditEvaluator:
         return self._editors[key]
 
     # ------------------------------------------------------------------ rows
-    def _rows(self, request: Mapping[str, Any], fallback_loc: tuple[str, str] | None) -> _Rows:
+    def _rows(self, request: Mapping[str, Any], fallback_loc: tuple[str, str] | None,
+              instruct: Callable[[str], str] = _plain) -> _Rows:
+        """The scored (input, answer) rows; ``instruct`` prefixes the edit prompt, rephrase, portability
+        and sentiment questions (never locality), as EasyEdit's InstructEdit evaluation does."""
         pairs: list[tuple[str, str]] = []
         slices: dict[str, slice] = {}
 
@@ -273,18 +304,18 @@ class EditEvaluator:
                 pairs.extend(items)
 
         target = request["target_new"]
-        add("rewrite", [(request["prompt"], target)])
+        add("rewrite", [(instruct(request["prompt"]), target)])
         if request.get("rephrase_prompt"):
-            add("rephrase", [(request["rephrase_prompt"], target)])
+            add("rephrase", [(instruct(request["rephrase_prompt"]), target)])
         loc = _pairs(request.get("locality"), self.max_pairs)
         if not loc and fallback_loc is not None:
             loc = {"neighbour": [fallback_loc]}
         for key, items in loc.items():
             add(f"loc:{key}", items)
         for key, items in _pairs(request.get("portability"), self.max_pairs).items():
-            add(f"port:{key}", items)
+            add(f"port:{key}", [(instruct(p), a) for p, a in items])
         if request.get("pos") and request.get("neg"):
-            pos, neg = sentiment_pairs(request, self.sentiment_responses)
+            pos, neg = sentiment_pairs(request, self.sentiment_responses, question=instruct(request["prompt"]))
 
             def cut(items: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
                 return [(p, " ".join(a.split()[: self.response_words])) for p, a in items]
@@ -305,17 +336,19 @@ class EditEvaluator:
         kept = logits[mask].float()  # log-softmax only where an answer token is scored
         tok_lp[mask] = kept.log_softmax(-1).gather(-1, safe[mask].unsqueeze(-1)).squeeze(-1)
         pred = logits.argmax(-1)
-        acc, tokens, mean_lp = [], [], []
+        acc, tokens, mean_lp, counts = [], [], [], []
         for r in range(targ.shape[0]):
             m = mask[r]
             n = int(m.sum())
             acc.append(float((pred[r][m] == targ[r][m]).float().mean()) if n else 0.0)
             tokens.append(pred[r][m].tolist())
             mean_lp.append(float(tok_lp[r][m].mean()) if n else 0.0)
-        return {"acc": acc, "tokens": tokens, "logp": mean_lp}
+            counts.append(n)
+        return {"acc": acc, "tokens": tokens, "logp": mean_lp, "ntok": counts}
 
     @staticmethod
-    def _metrics(scores: Mapping[str, list], rows: _Rows, pre: Mapping[str, list] | None) -> dict[str, Any]:
+    def _metrics(scores: Mapping[str, list], rows: _Rows, pre: Mapping[str, list] | None,
+                 pre_sentiment: Mapping[str, float] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"locality": {}, "portability": {}}
         for name, sl in rows.slices.items():
             if name == "rewrite":
@@ -332,20 +365,54 @@ class EditEvaluator:
                         for p, q in zip(scores["tokens"][sl], pre["tokens"][sl])]
             elif name.startswith("port:"):
                 out["portability"][f"{name[5:]}_acc"] = scores["acc"][sl]
-        if "sent_pos" in rows.slices and "sent_neg" in rows.slices:
-            out["sentiment"] = sentiment_scores(scores["logp"][rows.slices["sent_pos"]], scores["logp"][rows.slices["sent_neg"]])
+        if "sent_pos" in rows.slices and "sent_neg" in rows.slices:  # sent_pos: the target sentiment
+            toward, away = rows.slices["sent_pos"], rows.slices["sent_neg"]
+            out["sentiment"] = sentiment_scores(scores["logp"][toward], scores["logp"][away],
+                                                toward_counts=scores["ntok"][toward], away_counts=scores["ntok"][away],
+                                                pre=pre_sentiment)
         return out
 
-    def pre(self, key: tuple[str, int], request: Mapping[str, Any], fallback_loc: tuple[str, str] | None) -> dict[str, Any]:
-        """Pre-edit scores of a record (cached: shared by every method)."""
+    @torch.no_grad()
+    def _reply(self, weights: Mapping[str, torch.Tensor] | None, question: str) -> str:
+        """The model's greedy reply to ``question`` (``fluency_tokens`` new tokens), edited weights written in
+        for the call and restored afterwards."""
+        params = dict(self.model.named_parameters())
+        saved = {k: params[k].detach().clone() for k in weights or {}}
+        enc = self.tok(question, return_tensors="pt").to(self.device)
+        try:
+            for k, v in (weights or {}).items():
+                params[k].copy_(v)
+            out = self.model.generate(**enc, max_new_tokens=self.fluency_tokens, do_sample=False,
+                                      pad_token_id=self.tok.pad_token_id)
+        finally:
+            for k, v in saved.items():
+                params[k].copy_(v)
+        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _add_generation(self, metrics: dict[str, Any], request: Mapping[str, Any], rows: _Rows,
+                        weights: Mapping[str, torch.Tensor] | None) -> None:
+        """ConvSent: Fluency of the reply to the (metric-input) question, and the classifier's verdict."""
+        sent = metrics.get("sentiment")
+        if sent is None or self.fluency_tokens <= 0:
+            return
+        reply = self._reply(weights, rows.pairs[rows.slices["rewrite"]][0][0])
+        sent["reply"] = reply
+        sent["fluency"] = n_gram_entropy(reply)
+        if self.sentiment_classifier is not None:
+            sent["classifier_success"] = classifier_success([reply], [edit_label(request)], self.sentiment_classifier)[0]
+
+    def pre(self, key: tuple, request: Mapping[str, Any], fallback_loc: tuple[str, str] | None,
+            instruct: Callable[[str], str] = _plain) -> dict[str, Any]:
+        """Pre-edit scores of a record's rows (cached by ``key``: shared by every method with the same inputs)."""
         if key not in self._pre:
-            rows = self._rows(request, fallback_loc)
+            rows = self._rows(request, fallback_loc, instruct)
             if self.backend == "easyedit":
                 scores = None
                 metrics = self._easyedit_quality(request, rows)
             else:
                 scores = self._score(None, rows)
                 metrics = self._metrics(scores, rows, None)
+            self._add_generation(metrics, request, rows, None)
             self._pre[key] = {"rows": rows, "scores": scores, "metrics": metrics}
         return self._pre[key]
 
@@ -366,20 +433,37 @@ class EditEvaluator:
         return new, time.perf_counter() - start
 
     def evaluate(self, editor: LoadedEditor, request: Mapping[str, Any], task: str, index: int, mode: str,
-                 fallback_loc: tuple[str, str] | None = None) -> tuple[dict[str, Any], float]:
+                 fallback_loc: tuple[str, str] | None = None, metric_inputs: str = "plain") -> tuple[dict[str, Any], float]:
         """One edit: ``({"pre", "post", "requested_rewrite", ...}, edit seconds)`` in EasyEdit's per-edit layout."""
-        pre = self.pre((task, index), request, fallback_loc)
-        prompt = edit_prompt(request, task, mode, index, self.library, self.seed)
+        records, seconds = self.evaluate_inputs(editor, request, task, index, mode, fallback_loc, (metric_inputs,))
+        return records[metric_inputs], seconds
+
+    def evaluate_inputs(self, editor: LoadedEditor, request: Mapping[str, Any], task: str, index: int, mode: str,
+                        fallback_loc: tuple[str, str] | None, styles: Sequence[str]) -> tuple[dict[str, Any], float]:
+        """One edit, scored on each metric-input style (``METRIC_INPUTS``): ``({style: record}, edit seconds)``."""
+        unknown = [s for s in styles if s not in METRIC_INPUTS]
+        if unknown or not styles:
+            raise ValueError(f"metric_inputs must name styles from {METRIC_INPUTS}, got {list(styles)!r}. "
+                             "Fix: use 'instructed' (the paper's protocol) and/or 'plain'")
+        instruct = instruction_for(request, task, mode, index, self.library, self.seed)
+        prompt = instruct(request["prompt"])
         new, seconds = self.edit_weights(editor, prompt, request["target_new"])
-        rows = pre["rows"]
-        if self.backend == "easyedit":
-            post = self._easyedit_post(request, rows, new, pre["metrics"])
-        else:
-            post = self._metrics(self._score(new, rows), rows, pre["scores"])
-        pre_metrics = {k: v for k, v in pre["metrics"].items()}
-        record = {"case_id": index, "task": task, "mode": mode, "edit_prompt": prompt, "pre": pre_metrics,
-                  "post": post, "requested_rewrite": {"prompt": request["prompt"], "target_new": request["target_new"]}}
-        return record, seconds
+        records = {}
+        for style in styles:
+            instructed = style == "instructed" and mode != "none"
+            pre = self.pre((task, index, mode if instructed else "plain"), request, fallback_loc,
+                           instruct if instructed else _plain)
+            rows = pre["rows"]
+            if self.backend == "easyedit":
+                post = self._easyedit_post(request, rows, new, pre["metrics"])
+            else:
+                post = self._metrics(self._score(new, rows), rows, pre["scores"], pre["metrics"].get("sentiment"))
+            self._add_generation(post, request, rows, new)
+            records[style] = {
+                "case_id": index, "task": task, "mode": mode, "metric_inputs": style, "edit_prompt": prompt,
+                "rewrite_input": rows.pairs[rows.slices["rewrite"]][0][0], "pre": dict(pre["metrics"]), "post": post,
+                "requested_rewrite": {"prompt": request["prompt"], "target_new": request["target_new"]}}
+        return records, seconds
 
     # ---------------------------------------------------------- EasyEdit path
     def _easyedit_record(self, request: Mapping[str, Any], rows: _Rows) -> dict[str, Any]:
@@ -391,7 +475,8 @@ class EditEvaluator:
                     out[name[len(prefix):]] = {"prompt": [p for p, _ in items], "ground_truth": [a for _, a in items]}
             return out
 
-        record = {"prompt": request["prompt"], "target_new": request["target_new"],
+        record = {"prompt": rows.pairs[rows.slices["rewrite"]][0][0],  # instructed with instructed metric inputs
+                  "target_new": request["target_new"],
                   "ground_truth": request.get("ground_truth") or "<|endoftext|>",
                   "locality": block("loc:"), "portability": block("port:")}
         if "rephrase" in rows.slices:
@@ -479,6 +564,9 @@ def evaluate_instructedit(
     max_length: int = 96,
     max_pairs: int = 4,
     sentiment_responses: int = 2,
+    metric_inputs: str | Sequence[str] = "plain",
+    fluency_tokens: int = 0,
+    sentiment_classifier: Callable[[Sequence[str]], Sequence[str]] | None = None,
     library: InstructionLibrary | None = None,
     seed: int = 0,
     keep_records: bool = False,
@@ -496,13 +584,22 @@ def evaluate_instructedit(
     {method: summary}}, "latency": {method: {"edit_ms"}}, "n_edits": {task: n},
     "metric_backend", "notes", ["records"]}``; a summary holds Rel/Gen/Loc/Por
     (percent, None where the data has none), Score, H, n_edits, edit_ms and, for
-    ConvSent, ``sentiment``.
+    ConvSent, ``sentiment`` (with ``fluency_tokens`` > 0: Fluency of generated replies;
+    ``sentiment_classifier``: texts -> labels, the share of replies of the target sentiment).
+
+    ``metric_inputs``: ``"instructed"`` (the paper's protocol: instruction before the edit
+    prompt, the rephrase and the portability questions; locality plain), ``"plain"``, or
+    several styles: the first fills ``tasks``/``unseen_instruction``, each other style
+    ``<section>_<style>_inputs`` for the methods that edit with an instruction (the others
+    score plain inputs in every style). Task names may be aliases (``wikirecent``).
     """
     if not isinstance(methods, Mapping):
         methods = {m.name: m for m in methods}
+    styles = (metric_inputs,) if isinstance(metric_inputs, str) else tuple(metric_inputs)
     evaluator = EditEvaluator(model, tok, max_length=max_length, max_pairs=max_pairs, library=library, seed=seed,
                               metric_backend=metric_backend, easyedit_hparams=easyedit_hparams,
-                              sentiment_responses=sentiment_responses)
+                              sentiment_responses=sentiment_responses, fluency_tokens=fluency_tokens,
+                              sentiment_classifier=sentiment_classifier)
     results: dict[str, Any] = {"tasks": {}, "unseen_instruction": {}, "latency": {}, "n_edits": {},
                                "metric_backend": metric_backend}
     all_latency: dict[str, list[float]] = {}
@@ -520,11 +617,18 @@ def evaluate_instructedit(
                 continue
             editor = evaluator.editor(archive)
             for mode, section in runs:
-                recs, lat = [], []
+                method_styles = styles if spec.instructions else styles[:1]
+                recs: dict[str, list] = {style: [] for style in method_styles}
+                lat = []
                 for i, request in enumerate(requests):
-                    rec, seconds = evaluator.evaluate(editor, request, task, i, mode, _fallback_loc(requests, i))
-                    recs.append(rec)
+                    by_style, seconds = evaluator.evaluate_inputs(editor, request, task, i, mode,
+                                                                  _fallback_loc(requests, i), method_styles)
+                    for style, rec in by_style.items():
+                        recs[style].append(rec)
                     lat.append(seconds)
+                for style in method_styles[1:]:
+                    results.setdefault(f"{section}_{style}_inputs", {}).setdefault(task, {})[name] = _summary(recs[style], lat)
+                recs = recs[method_styles[0]]
                 results[section].setdefault(task, {})[name] = _summary(recs, lat)
                 if section == "tasks":
                     all_latency.setdefault(name, []).extend(lat)
@@ -538,13 +642,20 @@ def evaluate_instructedit(
     results["notes"] = {
         "metrics": ("plugin token-accuracy metrics equivalent to EasyEdit compute_edit_quality (token_em)"
                     if metric_backend == "plugin" else "EasyEdit compute_edit_quality (token_em)"),
-        "metric_inputs": "plain prompts (only the edit input carries the instruction)",
+        "metric_inputs": (
+            "instructed (as EasyEdit's InstructEdit evaluation: the edit's instruction before the edit prompt, the "
+            "rephrase and the portability questions; locality plain; editors without instructions: plain inputs)"
+            if styles[0] == "instructed" else "plain prompts (only the edit input carries the instruction)")
+        + (f"; also reported: {', '.join(styles[1:])} inputs" if len(styles) > 1 else ""),
         "seen_instruction": "a training description per record (deterministic)",
         "unseen_instruction": "the family's held-back description (held_out_index) only",
         "loc_fallback": "records without locality data use the next test record's prompt and answer",
-        "convsent": ("Gen: 'How do you feel about <topic>?'; sentiment: mean token log-likelihood of positive "
-                     "vs negative responses (edit target excluded; up to sentiment_responses of each, first 8 words), "
-                     "success = positive preferred"),
+        "convsent": ("Gen: 'How do you feel about <topic>?'; sentiment: mean token log-likelihood of the responses "
+                     "of the target sentiment (the record's label) vs the opposite ones (edit target excluded; up to "
+                     "sentiment_responses of each, first 8 words), success = target preferred, ES = EasyEdit's "
+                     "sigmoid(margin) * min(1, exp(target post - target pre))"
+                     + (f"; Fluency: n-gram entropy (bigram 2/3, trigram 4/3) of a {fluency_tokens}-token greedy reply"
+                        if fluency_tokens > 0 else "")),
     }
     if keep_records:
         results["records"] = records_out
@@ -552,35 +663,51 @@ def evaluate_instructedit(
 
 
 # ----------------------------------------------------------------------- reports
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.1f}"
+    return f"{value:.{digits}f}"
+
+
+def result_sections(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(section, heading)`` of every results table: seen/baselines, unseen, then other metric inputs."""
+    out = [("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction")]
+    for style in METRIC_INPUTS:
+        out += [(f"tasks_{style}_inputs", f"Seen instruction, {style} metric inputs"),
+                (f"unseen_instruction_{style}_inputs", f"Unseen instruction, {style} metric inputs")]
+    return [(sec, head) for sec, head in out if results.get(sec)]
+
+
+def sentiment_table(rows: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[str]:
+    """Markdown lines of the ConvSent table from ``(section, method, sentiment summary)`` rows."""
+    lines = ["## ConvSent sentiment", "",
+             "| section | method | success pre | success post | margin pre | margin post | flipped | ES | "
+             "Fluency pre | Fluency post |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for sec, method, s in rows:
+        flipped = s.get("flipped", s.get("flip_to_positive"))  # results of earlier versions: positive only
+        margins = " | ".join("–" if s.get(k) is None else f"{s[k]:.3f}" for k in ("margin_pre", "margin_post"))
+        lines.append(f"| {sec} | {method} | {_fmt(s.get('success_pre'))} | {_fmt(s.get('success_post'))} | {margins} | "
+                     f"{_fmt(flipped)} | {_fmt(s.get('es'))} | {_fmt(s.get('fluency_pre'), 2)} | "
+                     f"{_fmt(s.get('fluency_post'), 2)} |")
+    return lines + [""]
 
 
 def results_markdown(results: Mapping[str, Any], title: str = "InstructEdit evaluation") -> str:
     """A markdown report: one table per section, methods as rows, Rel/Gen/Loc/Por/Score as columns."""
     lines = [f"# {title}", ""]
-    for section, heading in (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction")):
-        block = results.get(section) or {}
-        if not block:
-            continue
+    sections = result_sections(results)
+    for section, heading in sections:
+        block = results[section]
         lines += [f"## {heading}", "", "| task | method | Rel | Gen | Loc | Por | Score | n |", "|---|---|---|---|---|---|---|---|"]
         for task, per_method in block.items():
             for method, s in per_method.items():
                 lines.append(f"| {task} | {method} | " + " | ".join(_fmt(s.get(m)) for m in (*METRIC_NAMES, "Score"))
                              + f" | {s.get('n_edits', '')} |")
         lines.append("")
-    sent = [(sec, task, m, s["sentiment"]) for sec in ("tasks", "unseen_instruction")
-            for task, pm in (results.get(sec) or {}).items() for m, s in pm.items() if s.get("sentiment")]
+    sent = [(sec, m, s["sentiment"]) for sec, _ in sections
+            for pm in results[sec].values() for m, s in pm.items() if s.get("sentiment")]
     if sent:
-        lines += ["## ConvSent sentiment", "",
-                  "| section | method | success pre | success post | margin pre | margin post | flipped to positive |",
-                  "|---|---|---|---|---|---|---|"]
-        for sec, _task, m, s in sent:
-            lines.append(f"| {sec} | {m} | {_fmt(s['success_pre'])} | {_fmt(s['success_post'])} | "
-                         f"{s['margin_pre']:.3f} | {s['margin_post']:.3f} | {_fmt(s['flip_to_positive'])} |")
-        lines.append("")
+        lines += sentiment_table(sent)
     if results.get("latency"):
         lines += ["## Edit latency (median)", "", "| method | edit ms |", "|---|---|"]
         lines += [f"| {m} | {v['edit_ms']:.1f} |" for m, v in results["latency"].items()]

@@ -41,6 +41,9 @@ class InstructEditHyperParams(EditingHyperParams):
         None, help="edited weights; must match the checkpoint (null: take them from the checkpoint)")
     default_task: str = hp_field("counterfact", help="instruction task for requests without 'task'/'instruction'")
     instructions_dir: Optional[str] = hp_field(None, help="extra folder of instruction family YAML files")
+    instructions: Optional[str] = hp_field(
+        None, help="instruction library: 'plugin' (shipped), 'easyedit' (the paper's descriptions from the data "
+                   "folder), or the path of a task-descriptions .json / family .yaml / folder (null: plugin)")
     description_index: Optional[int] = hp_field(
         None, min=0, help="description used at edit time (null: the family's first training description)")
     edit_max_length: int = hp_field(96, min=8, help="token limit of the instruction-prefixed edit input")
@@ -104,13 +107,21 @@ class InstructEditTrainingHparams(PluginHyperParams):
 
     # Data
     max_length: int = hp_field(96, min=8)
-    task_proportions: Optional[dict] = hp_field(None, help="task -> weight; null = balanced")
+    task_proportions: Optional[dict] = hp_field(None, help="task -> weight; overrides task_mixing")
+    task_mixing: str = hp_field("uniform", choices=("uniform", "records"),
+                                help="records: tasks drawn in proportion to their training records (the paper, "
+                                     "EasyEdit's concatenated data); uniform: every task equally often")
+    convsent_subsample: Optional[int] = hp_field(
+        None, min=1, help="train on a seeded subset of this many ConvSent records (the paper: 1427); null: all")
     val_fraction: float = hp_field(0.1, min=0.0, max=0.9)
     instruct_rephrase: bool = hp_field(True, help="prefix rephrased inputs with the instruction too")
     instruct_locality: bool = hp_field(False, help="prefix locality inputs with the instruction")
     raw_edit_loss: bool = hp_field(True, help="also train on the un-instructed edit prompt (what EasyEdit's metrics score)")
     val_description: str = hp_field("train", choices=("train", "held_out"))
     instructions_dir: Optional[str] = hp_field(None)
+    instructions: Optional[str] = hp_field(
+        None, help="instruction library: 'plugin' (shipped), 'easyedit' (the paper's 10 descriptions per task from "
+                   "<data dir>/instructedit/easyedit_task_descriptions.json, the 10th held out), or a path (null: plugin)")
     use_instructions: bool = hp_field(True, help="false: train on plain prompts (multi-task MEND baseline)")
 
     # Schedule

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy as copy_module
 import dataclasses
+import functools
 import logging
 import os
 import weakref
@@ -36,7 +37,9 @@ import torch
 from torch import nn
 
 from ..errors import HyperParamsError, RequestError
-from ..instructions import DEFAULT_TEMPLATE, InstructionLibrary, default_library, load_instruction_library
+from ..instructions import (
+    DEFAULT_TEMPLATE, InstructionLibrary, default_library, load_instruction_library, load_instructions,
+)
 from .checkpoint import load_editor, manifest_file, resolve_archive, verify_base_model
 from .dataset import encode_pairs
 from .editable import compute_edited_weights, resolve_layer_specs
@@ -131,6 +134,8 @@ def _folder_stamp(folder: Path) -> tuple:
 
 
 def _library(hparams: Any) -> InstructionLibrary:
+    if getattr(hparams, "instructions", None):  # a library by name or path (instructions: easyedit)
+        return _named_library(str(hparams.instructions))
     folder = getattr(hparams, "instructions_dir", None)
     if not folder:
         return default_library()
@@ -141,6 +146,11 @@ def _library(hparams: Any) -> InstructionLibrary:
         cached = (stamp, load_instruction_library([folder]))
         _LIBRARIES[key] = cached
     return cached[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _named_library(spec: str) -> InstructionLibrary:
+    return load_instructions(spec)
 
 
 def instructed_prompt(request: Mapping[str, Any], hparams: Any, library: InstructionLibrary | None = None) -> str:

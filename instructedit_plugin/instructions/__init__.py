@@ -27,6 +27,14 @@ record the instruction is built for: the keys listed under ``placeholders`` are
 tried in order, then ``name.lower()``. ``[LABEL]`` falls back to the sentiment
 implied by a ConvSent record (``negative`` when ``target_new`` is one of its
 ``neg`` responses, else ``positive``).
+
+:func:`load_instructions` picks a library by name or path (the ``instructions:``
+setting): ``plugin`` (the shipped families), ``easyedit`` (the paper's GPT-4
+descriptions, EasyEdit's ``desc`` dictionary, read from
+``<data dir>/instructedit/easyedit_task_descriptions.json``), a task-descriptions
+JSON file, a folder of family YAML files or one family YAML file. Task names
+have aliases (:data:`TASK_ALIASES`, :func:`canonical_task`): EasyEdit calls
+Recent ``wikirecent``; a library resolves either name to the same family.
 """
 from __future__ import annotations
 
@@ -51,6 +59,29 @@ INSTRUCTIONS_DIR_ENV = "INSTRUCTEDIT_INSTRUCTIONS_DIR"
 #: The template the paper uses; a family file may define its own.
 DEFAULT_TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {input}"
 BUILTIN_DIR = Path(__file__).resolve().parent
+
+#: canonical task name -> the other names it goes by (EasyEdit calls Recent "wikirecent")
+TASK_ALIASES: dict[str, tuple[str, ...]] = {
+    "recent": ("wikirecent", "wiki_recent", "wikidata_recent"),
+    "counterfact": ("cf", "wiki_counterfact"),
+    "zsre": ("zs_re", "zero_shot_re"),
+    "convsent": ("conv_sent", "sentiment"),
+}
+_CANONICAL = {alias: task for task, aliases in TASK_ALIASES.items() for alias in aliases}
+#: ``instructions:`` names: the shipped families, and the paper's descriptions (shared data file)
+SHIPPED_NAMES = ("plugin", "shipped")
+EASYEDIT_NAMES = ("easyedit", "paper")
+#: where the paper's descriptions lie under the data folder
+EASYEDIT_DESCRIPTIONS = Path("instructedit") / "easyedit_task_descriptions.json"
+#: record keys that fill the paper's placeholders
+_FILE_PLACEHOLDERS = {"LABEL": ("label", "sentiment"), "TOPIC": ("topic", "subject")}
+
+
+def canonical_task(name: str) -> str:
+    """The plugin's name for task ``name`` (``wikirecent`` -> ``recent``); unknown names unchanged."""
+    key = str(name).strip()
+    return _CANONICAL.get(key.lower(), key.lower() if key.lower() in TASK_ALIASES else key)
+
 
 _PLACEHOLDER = re.compile(r"\[([A-Z][A-Z0-9_]*)\]")
 _TEMPLATE_FIELDS = ("task", "description", "input")
@@ -250,7 +281,11 @@ class InstructionLibrary:
     def _resolve(self, task: str) -> str | None:
         if task in self._families:
             return task
-        return self._aliases.get(task.lower()) or next((t for t in self._families if t.lower() == task.lower()), None)
+        hit = self._aliases.get(task.lower()) or next((t for t in self._families if t.lower() == task.lower()), None)
+        if hit is None:  # another name of the same task (TASK_ALIASES): wikirecent <-> recent
+            canon = canonical_task(task)
+            hit = next((t for t in self._families if canonical_task(t) == canon), None)
+        return hit
 
     def get(self, task: str) -> InstructionFamily:
         """The family for ``task`` (name or alias); :class:`InstructionError` listing known tasks otherwise."""
@@ -301,6 +336,71 @@ def load_instruction_library(extra_dirs: Sequence[str | os.PathLike] | str | os.
     return library
 
 
+def _named_template(template: str | None, source: str) -> str:
+    """``"Task: {}\\nDescription: {}\\nInput: {}"`` (positional, EasyEdit) -> the named fields of a family."""
+    if template is None:
+        return DEFAULT_TEMPLATE
+    parts = [p.replace("{", "{{").replace("}", "}}") for p in template.split("{}")]
+    if len(parts) != len(_TEMPLATE_FIELDS) + 1:
+        raise InstructionError(f"{source}: 'template' needs exactly three '{{}}' fields (task, description, input). "
+                               "Fix: write it like 'Task: {}\\nDescription: {}\\nInput: {}'")
+    return parts[0] + "{task}" + parts[1] + "{description}" + parts[2] + "{input}" + parts[3]
+
+
+def families_from_description_file(path: str | os.PathLike) -> list[InstructionFamily]:
+    """The families of a task-descriptions JSON file (the paper's: 10 per task, the 10th held out).
+
+    Each task keeps the file's name (``wikirecent`` renders as ``Task: wikirecent``, as in
+    EasyEdit) and answers to its other names (:data:`TASK_ALIASES`).
+    """
+    from ..data.task_descriptions import load_task_description_file
+
+    loaded = load_task_description_file(path)
+    template = _named_template(loaded.template, str(path))
+    families = []
+    for task, descriptions in loaded.tasks.items():
+        canon = canonical_task(task)
+        names = (canon, *TASK_ALIASES.get(canon, ()))
+        used = {n for n in _PLACEHOLDER.findall(" ".join(descriptions))}
+        families.append(InstructionFamily(
+            task=task, descriptions=tuple(descriptions), template=template, held_out_index=loaded.held_out_index,
+            aliases=tuple(n for n in names if n != task),
+            placeholders={k: v for k, v in _FILE_PLACEHOLDERS.items() if k in used}, source=str(path)))
+    return families
+
+
+def load_instructions(spec: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> InstructionLibrary:
+    """The instruction library named by an ``instructions:`` setting.
+
+    ``None``/``"plugin"``: the shipped families (plus ``$INSTRUCTEDIT_INSTRUCTIONS_DIR``);
+    ``"easyedit"``/``"paper"``: the paper's descriptions,
+    ``<data_dir or $INSTRUCTEDIT_DATA_DIR>/instructedit/easyedit_task_descriptions.json``; a ``.json``
+    path: a task-descriptions file; a folder: its family YAML files over the shipped ones; a
+    ``.yaml`` file: that family over the shipped ones.
+    """
+    if spec is None or str(spec).strip().lower() in SHIPPED_NAMES:
+        return default_library()
+    text = str(spec).strip()
+    if text.lower() in EASYEDIT_NAMES:
+        from ..data.paths import resolve_data_dir
+
+        path = resolve_data_dir(data_dir) / EASYEDIT_DESCRIPTIONS
+    else:
+        path = Path(text).expanduser()
+    if path.is_dir():
+        return load_instruction_library([path])
+    if not path.is_file():
+        raise InstructionError(
+            f"instructions: {text!r} is neither a library name ({', '.join(SHIPPED_NAMES + EASYEDIT_NAMES)}) nor an "
+            f"existing file or folder (looked for {path}). Fix: name a library, or give the path of a "
+            "task-descriptions .json file, a family .yaml file or a folder of family files")
+    if path.suffix in (".yaml", ".yml"):
+        library = load_instruction_library()
+        library.add(load_family(path))
+        return library
+    return InstructionLibrary(families_from_description_file(path))
+
+
 _DEFAULT: dict[tuple, InstructionLibrary] = {}
 
 
@@ -336,7 +436,11 @@ __all__ = [
     "InstructionError",
     "InstructionFamily",
     "InstructionLibrary",
+    "TASK_ALIASES",
+    "canonical_task",
     "default_library",
+    "families_from_description_file",
+    "load_instructions",
     "format_instruction",
     "load_family",
     "load_instruction_library",
