@@ -174,6 +174,9 @@ def test_easyedit_train_dict_holds_the_edit_trainer_module(tmp_path):
     assert train_dict["INSTRUCTED"] is InstructEdTrainModule
     with pytest.raises(HyperParamsError, match="train_base.*Fix: set train_base: false"):
         training_config(tmp_path, tmp_path, train_base=True)
+    # EasyEdit's early stopping compares with early_stop_patience: null is refused before any model work
+    with pytest.raises(HyperParamsError, match="early_stop_patience.*Fix: set it"):
+        InstructEdTrainModule(None, training_config(tmp_path, tmp_path, early_stop_patience=None))
 
 
 def test_val_set_must_be_disjoint(instructed_world):

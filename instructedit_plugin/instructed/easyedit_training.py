@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..core.config import num_layers_of
-from ..errors import PluginError
+from ..errors import HyperParamsError, PluginError
 from ..instructedit.editable import token_nll_metrics
 from .checkpoint import save_checkpoint
 from .data import question_answer_ids
@@ -123,6 +123,10 @@ class InstructEdTrainModule(nn.Module):
         if getattr(config, "train_base", False):
             raise PluginError("train_base: true would train the base model; InstructEd keeps it frozen. "
                               "Fix: set train_base: false")
+        if getattr(config, "early_stop_patience", 0) is None:  # EasyEdit's EarlyStopper compares with it at every validation
+            raise HyperParamsError("early_stop_patience", "is null, which EasyEdit's EditTrainer cannot compare with",
+                                   "set it to a number of validations (a large one never stops early)",
+                                   getattr(config, "_source", None))
         self.model = model.eval()
         self.config = config
         self.model_constructor = model_constructor
