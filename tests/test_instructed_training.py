@@ -160,15 +160,23 @@ def test_resume_continues_from_the_saved_step(instructed_world, tmp_path):
     assert [h["step"] for h in out["history"]] == [2, 4, 6]
 
 
-def test_easyedit_edit_trainer_is_pointed_to_the_plugin_trainer():
+def test_easyedit_train_dict_holds_the_edit_trainer_module(tmp_path):
+    """``ALG_TRAIN_DICT['INSTRUCTED']`` is the module EasyEdit's EditTrainer drives (trained end to end in
+    tests/test_instructed_easyedit_trainer.py); a config that would train the base model is refused."""
     import instructedit_plugin
+    from instructedit_plugin.errors import HyperParamsError
+    from instructedit_plugin.instructed.easyedit_training import InstructEdTrainModule
 
     instructedit_plugin.register()
     import sys
 
     train_dict = sys.modules["easyeditor.util.alg_train_dict"].ALG_TRAIN_DICT
-    with pytest.raises(PluginError, match="InstructEdTrainer"):
-        train_dict["INSTRUCTED"](None, None, None)
+    assert train_dict["INSTRUCTED"] is InstructEdTrainModule
+    with pytest.raises(HyperParamsError, match="train_base.*Fix: set train_base: false"):
+        training_config(tmp_path, tmp_path, train_base=True)
+    # EasyEdit's early stopping compares with early_stop_patience: null is refused before any model work
+    with pytest.raises(HyperParamsError, match="early_stop_patience.*Fix: set it"):
+        InstructEdTrainModule(None, training_config(tmp_path, tmp_path, early_stop_patience=None))
 
 
 def test_val_set_must_be_disjoint(instructed_world):

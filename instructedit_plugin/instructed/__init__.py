@@ -16,6 +16,8 @@ Modules (one job each):
 * :mod:`.checkpoint` -- checkpoints: a PEFT adapter folder plus the plugin's manifest (format in
   :mod:`instructedit_plugin.core.checkpoint`);
 * :mod:`.trainer` -- :class:`InstructEdTrainer` (``(config, train_set, val_set).run()``);
+* :mod:`.easyedit_training` -- :class:`InstructEdTrainModule`, ``ALG_TRAIN_DICT['INSTRUCTED']``: the
+  prefixes trained by EasyEdit's own ``EditTrainer``;
 * :mod:`.instructed_main` -- EasyEdit's apply function and the per-model instruction memory;
 * :mod:`.memory` -- the instruction memory (store, std gate, dense/FAISS index, persistence, chains);
 * :mod:`.instruction_cache` -- instruction keys/values reused across questions (``question_rows`` mode);

@@ -52,6 +52,7 @@ __all__ = [
     "build_examples",
     "fill_unedited_predictions",
     "fill_similarities",
+    "question_answer_ids",
     "encode_example",
     "collate",
     "MixedBatches",
@@ -168,10 +169,20 @@ def build_examples(requests: Sequence[Mapping[str, Any]], *, use_portability: bo
 # ----------------------------------------------------------------------------------------------
 # Targets and similarities
 # ----------------------------------------------------------------------------------------------
+def question_answer_ids(template: InstructionTemplate, question: str, answer: str,
+                        max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """``(ids of question, ids of question + ' ' + answer)`` without BOS: the answer's tokens are the
+    second list's tail after ``len(first)`` (the way EasyEdit tokenises what it scores). Used for the
+    training examples here and for EasyEdit's batches (:mod:`.easyedit_training`)."""
+    q_ids = template.strip_bos(template.question_ids(question))
+    full = template.strip_bos(template.question_ids(f"{question} {answer}"))
+    return q_ids, full if max_length is None else full[:max_length]
+
+
 def _tokenise(example: TrainExample, template: InstructionTemplate, max_length: int) -> None:
     q_ids = template.strip_bos(template.question_ids(example.question))
     if example.answer is not None:
-        full = template.strip_bos(template.question_ids(f"{example.question} {example.answer}"))[:max_length]
+        q_ids, full = question_answer_ids(template, example.question, example.answer, max_length)
         if len(full) <= len(q_ids):
             raise RequestError(f"answer {example.answer!r} adds no tokens to {example.question!r} within max_length={max_length}")
         example.question_ids = full[: len(q_ids)]

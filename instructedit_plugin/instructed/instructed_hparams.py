@@ -192,6 +192,33 @@ class InstructEdTrainingHparams(PluginHyperParams):
     resume: bool = hp_field(False, help="continue from <results_dir>/last")
     progress: bool = hp_field(True, help="tqdm progress bar")
 
+    # EasyEdit's EditTrainer (ALG_TRAIN_DICT['INSTRUCTED'], :mod:`.easyedit_training`) reads these; InstructEdTrainer does not
+    model_class: str = hp_field("AutoModelForCausalLM", help="EditTrainer: transformers class EasyEdit's get_model loads")
+    tokenizer_class: str = hp_field("AutoTokenizer", help="EditTrainer: tokenizer class of EasyEdit's datasets")
+    tokenizer_name: Optional[str] = hp_field(None, help="EditTrainer: tokenizer folder (null: model_name)")
+    archive: Optional[str] = hp_field(None, help="EditTrainer: EasyEdit archive to resume from (InstructEdTrainer: resume)")
+    model_parallel: bool = hp_field(False, help="EditTrainer: device_map='auto'")
+    dropout: Optional[float] = hp_field(None, min=0.0, max=1.0, help="EditTrainer: dropout EasyEdit's get_model sets "
+                                                                     "(the base model runs in eval mode anyway)")
+    inner_params: list[str] = hp_field(default_factory=list, help="EditTrainer: weights EasyEdit's get_model checks "
+                                                                    "exist; InstructEd edits none")
+    no_grad_layers: Optional[int] = hp_field(None, help="EditTrainer: EasyEdit's get_model option")
+    half: bool = hp_field(False, help="EditTrainer: EasyEdit's get_model option")
+    opt: str = hp_field("AdamW", help="EditTrainer: torch.optim class (its default weight decay; InstructEdTrainer: "
+                                      "AdamW with weight_decay)")
+    cedit: float = hp_field(1.0, min=0.0, help="EditTrainer: weight of the edit loss")
+    cloc: float = hp_field(1.0, min=0.0, help="EditTrainer: weight of the locality KL (instruction + unrelated question)")
+    cbase: float = hp_field(1.0, min=0.0, help="EditTrainer: weight of the base loss (unused: train_base is false)")
+    train_base: bool = hp_field(False, help="EditTrainer: must stay false (the base model is frozen)")
+    max_epochs: Optional[int] = hp_field(None, min=1, help="EditTrainer: epochs (else max_iters)")
+    val_steps: int = hp_field(500, min=1, help="EditTrainer: validation batches")
+    early_stop_key: str = hp_field("loss/total_edit_val", help="EditTrainer: statistic its early stopping watches")
+    eval_only: bool = hp_field(False, help="EditTrainer: validate only")
+    final_eval: bool = hp_field(True, help="EditTrainer: reload the best archive and validate at the end")
+    debug: bool = hp_field(False, help="EditTrainer: debug mode (no saving unless save)")
+    save: bool = hp_field(True, help="EditTrainer: save in debug mode")
+    silent: bool = hp_field(False, help="EditTrainer: no step logs")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> InstructEdTrainingHparams:
         """As :meth:`PluginHyperParams.from_dict`, reading the earlier field names (:attr:`FIELD_ALIASES`) too."""
@@ -209,9 +236,16 @@ class InstructEdTrainingHparams(PluginHyperParams):
                 data[new] = value
         return super().from_dict(data, source)
 
+    @property
+    def alg_name(self) -> str:
+        """``alg`` under the name EasyEdit's editing configs use (EasyEdit main's ``CounterFactDataset`` reads it)."""
+        return self.alg
+
     def validate_fields(self) -> None:
         super().validate_fields()
         _check_layers(self, self.prefix_layers)
         _check_template(self, self.template)
+        if self.train_base:
+            raise self._error("train_base", "is true; InstructEd keeps the base model frozen", "set train_base: false")
         if self.batch_size + self.unmodified_batch_size < 1:
             raise self._error("batch_size", "no examples per batch", "use batch_size >= 1")

@@ -1,13 +1,11 @@
 """Training InstructEd's prefixes: ``InstructEdTrainer(config, train_set, val_set).run()``.
 
-Why not EasyEdit's ``EditTrainer``: EasyEdit's trainer (both flavours) is built around hypernetwork
-editors -- it instantiates ``ALG_TRAIN_DICT[alg](model, config, model_constructor)`` and calls its
-``edit(batch['edit_inner'], batch['cond'])`` / locality KL on ``batch['loc']`` every step, i.e. it
-trains a network that *changes weights*. InstructEd changes no weight: it tunes prefix embeddings
-of a frozen model on instruction-prefixed inputs with a 1:1 mix of unmodified data, which that loop
-cannot express. InstructEd therefore trains through this trainer, which keeps EasyEdit's
-constructor shape ``(config, train_set, val_set)`` and ``run()``; EasyEdit's ``EditTrainer`` given
-an InstructEd config raises an error pointing here (see ``InstructEdTrainModule``).
+EasyEdit's ``EditTrainer`` trains InstructEd too (``ALG_TRAIN_DICT['INSTRUCTED']`` is
+:class:`~.easyedit_training.InstructEdTrainModule`: its ``edit()`` puts each request's instruction in
+front of the frozen model's inputs, its ``outer_parameters()`` are the prefixes); this trainer adds
+what that loop lacks: portability and rephrase inputs, extra unrelated-question examples, the paper's
+1:1 mix, warm-up and decay, ``accumulate_bs`` over processes, resume. Both run the inputs through
+:class:`~.lm.InstructedLM`.
 
 What ``run()`` does
 -------------------
@@ -54,6 +52,7 @@ from ..core.config import num_layers_of
 from ..core.devices import resolve_device  # re-exported: callers import it from here
 from .checkpoint import load_checkpoint, load_trainer_state, save_checkpoint, save_trainer_state
 from .instructed_hparams import InstructEdTrainingHparams
+from .easyedit_training import InstructEdTrainModule  # ALG_TRAIN_DICT["INSTRUCTED"]; re-exported
 from .data import (
     MixedBatches,
     TrainBatch,
@@ -72,17 +71,6 @@ from .templates import InstructionTemplate, request_prompts
 LOG = logging.getLogger(__name__)
 
 __all__ = ["InstructEdTrainer", "InstructEdTrainModule", "resolve_device", "main"]
-
-
-class InstructEdTrainModule(nn.Module):
-    """``ALG_TRAIN_DICT['INSTRUCTED']``: EasyEdit's ``EditTrainer`` cannot train InstructEd."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        raise PluginError(
-            "EasyEdit's EditTrainer trains hypernetwork editors and cannot express InstructEd's prefix tuning. "
-            "Fix: use instructedit_plugin.instructed.InstructEdTrainer(config, train_set, val_set).run() "
-            "(same constructor and run())."
-        )
 
 
 def _left_pad(batch: TrainBatch, width: int, pad_id: int) -> TrainBatch:
