@@ -17,6 +17,11 @@ and ``MultiTaskTrainer``'s KL read it): a record without any (all of ConvSent) g
 of its task, its prompt with its ``target_new`` (the KL only needs the text, not the model's own
 answer). An empty ``portability`` is left out.
 
+ConvSent records are positive-sentiment edits (the loader's ``target_new`` is the first positive
+reply). EasyEdit's ``MultiTaskDataset`` fills a ConvSent description's ``[LABEL]`` with
+"positive" only when ``target_new`` contains "positively", so most of these records get
+"negative" descriptions there; the plugin's own trainer (``instructedit train``) is not affected.
+
 The sources are read with the plugin's loaders (:func:`~instructedit_plugin.data.load_requests`)
 from the shared data folder: ``counterfact/counterfact-train.json``,
 ``recent/recent_train.json`` and ``convsent/blender_val.json`` by default.
