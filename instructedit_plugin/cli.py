@@ -301,6 +301,22 @@ def _add_analyze_args(p: argparse.ArgumentParser) -> None:
     add_analyze_arguments(p)
 
 
+def cmd_make_multitask(args: argparse.Namespace) -> int:
+    from .data.multitask_file import write_multitask_file
+
+    counts = write_multitask_file(args.out, args.data_dir, args.n, seed=args.seed)
+    print(f"wrote {sum(counts.values())} records to {args.out}: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return 0
+
+
+def _add_make_multitask_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_dir", help="the shared data folder (default: INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--out", required=True, help="the JSON file to write (EasyEdit MultiTaskDataset's input)")
+    p.add_argument("--n", type=int, help="records per task (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="shuffling / ConvSent locality seed")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hparams", required=True, help="editing hparams YAML (e.g. hparams/InstructEd/gemma-3-270m.yaml)")
     p.add_argument("--model_name", help="override model_name: a local Hugging Face folder")
@@ -354,6 +370,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], Callable[[ar
              "compare with in-context and EasyEdit FT; writes JSON, markdown and a PNG", cmd_demo, _add_demo_args),
     "analyze": ("InstructEdit editing-gradient directions per task, with/without instruction: PCA + t-SNE PNG "
                 "and a JSON of separation figures", cmd_analyze, _add_analyze_args),
+    "make-multitask": ("write the multi-task file of EasyEdit's MultiTaskDataset (records with 'type') from the "
+                       "CounterFact/Recent/ConvSent files", cmd_make_multitask, _add_make_multitask_args),
     "evaluate": ("edit every record of a dataset through BaseEditor; write JSON, a markdown table and a PNG",
                  cmd_evaluate, _add_evaluate_args),
 }

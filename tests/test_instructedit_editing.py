@@ -54,19 +54,30 @@ def _truth():
     return {c: rng.choice(CITIES) for c in COUNTRIES}, {c: rng.choice(LANGS) for c in COUNTRIES}
 
 
+CAPITAL, LANGUAGE = "The capital of {} is", "The official language of {} is"
+#: neighbours per record: other subjects, same relation, with their true answers (the locality data)
+N_NEIGHBOURS = 3
+
+
+def neighbours(template: str, subject: str, truth: dict[str, str], rng: random.Random) -> dict:
+    others = rng.sample([c for c in COUNTRIES if c != subject], N_NEIGHBOURS)
+    return {"neighborhood": {"prompt": [template.format(c) for c in others], "ground_truth": [truth[c] for c in others]}}
+
+
 def synthetic_tasks() -> dict[str, list[dict]]:
     rng = random.Random(0)
+    loc_rng = random.Random(5)
     city, lang = _truth()
     capitals, languages = [], []
     for c in COUNTRIES:
         for target in rng.sample([x for x in CITIES if x != city[c]], 4):
-            capitals.append({"prompt": f"The capital of {c} is", "target_new": target, "ground_truth": city[c],
+            capitals.append({"prompt": CAPITAL.format(c), "target_new": target, "ground_truth": city[c],
                              "subject": c, "rephrase_prompt": f"Which city is the capital of {c}?",
-                             "locality": {}, "portability": {}})
+                             "locality": neighbours(CAPITAL, c, city, loc_rng), "portability": {}})
         for target in [x for x in LANGS if x != lang[c]]:
-            languages.append({"prompt": f"The official language of {c} is", "target_new": target,
+            languages.append({"prompt": LANGUAGE.format(c), "target_new": target,
                               "ground_truth": lang[c], "subject": c, "rephrase_prompt": f"People in {c} speak",
-                              "locality": {}, "portability": {}})
+                              "locality": neighbours(LANGUAGE, c, lang, loc_rng), "portability": {}})
     return {"counterfact": capitals, "recent": languages}
 
 
@@ -184,6 +195,56 @@ def test_edits_through_easyedit_base_editor_reach_high_rewrite_accuracy(trained,
     # EasyEdit restored the original weights from weights_copy after each edit
     for name, value in editor.model.named_parameters():
         assert torch.equal(value, before[name]), name
+
+
+def _next_token(model, tok, prompt: str) -> str:
+    with torch.no_grad():
+        logits = model(**tok(prompt, return_tensors="pt")).logits[0, -1]
+    return tok.decode(logits.argmax()).strip()
+
+
+@pytest.fixture(scope="module")
+def one_edit_figures(trained, world_model_dir) -> dict[str, dict[str, float]]:
+    """Each held-out edit applied alone by the trained editor: rewrite and rephrase success, and
+    the share of the *other* subjects (same relation) that keep their true answer (locality)."""
+    model, tok = load_causal_lm(world_model_dir)
+    hp = edit_hparams(world_model_dir, trained["result"]["best_checkpoint"])
+    city, lang = _truth()
+    figures = {}
+    for task, template, truth in (("counterfact", CAPITAL, city), ("recent", LANGUAGE, lang)):
+        before = sum(_next_token(model, tok, template.format(c)) == truth[c] for c in COUNTRIES) / len(COUNTRIES)
+        rewrite = rephrase = kept = n_other = 0
+        requests = trained["val"].tasks[task]
+        for request in requests:
+            _, original = apply_to_model(model, tok, [dict(request, task=task)], hp, return_orig_weights=True)
+            rewrite += _next_token(model, tok, request["prompt"]) == request["target_new"]
+            rephrase += _next_token(model, tok, request["rephrase_prompt"]) == request["target_new"]
+            for c in COUNTRIES:
+                if c != request["subject"]:
+                    kept += _next_token(model, tok, template.format(c)) == truth[c]
+                    n_other += 1
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for name, value in original.items():
+                    params[name].copy_(value)
+        figures[task] = {"before": before, "rewrite": rewrite / len(requests), "rephrase": rephrase / len(requests),
+                         "locality": kept / n_other}
+    LOG.info("one edit by the trained editor, held-out synthetic facts: %s", figures)
+    return figures
+
+
+def test_one_edit_reaches_its_prompt_and_its_rephrase(one_edit_figures):
+    for task, f in one_edit_figures.items():
+        assert f["before"] == 1.0, (task, f)  # the world model knows every fact before editing
+        assert f["rewrite"] >= 0.9 and f["rephrase"] >= 0.8, (task, f)
+
+
+@pytest.mark.xfail(strict=True, reason="issue #13 item 4, open: other subjects keep their answer only ~16-29% of "
+                   "the time after one edit (an editor trading rewrite for locality reaches >=90% locality only "
+                   "with rewrite <=25%); see the report of branch iewf")
+def test_one_edit_leaves_the_other_subjects_answers_alone(one_edit_figures):
+    for task, f in one_edit_figures.items():
+        assert f["locality"] >= 0.9, (task, f)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -167,3 +167,9 @@ class InstructEditTrainingHparams(PluginHyperParams):
 
     def hypernet_config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in _HYPERNET_FIELDS}
+
+    @property
+    def alg_name(self) -> str:
+        """``alg`` under its editing-config name: EasyEdit main's ``CounterFactDataset`` batches read
+        ``config.alg_name`` from the training config."""
+        return self.alg

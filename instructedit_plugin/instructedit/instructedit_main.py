@@ -19,7 +19,10 @@ for another model is a ``HyperParamsError`` naming ``archive``.
 Instruction per request: ``request["instruction"]`` (free text, used as the
 description) if present, else the description of ``request["task"]`` (or
 ``hparams.default_task``) chosen by ``hparams.description_index`` (default: the
-family's first training description).
+family's first training description). A prompt the caller already templated
+(``Task: ...\nDescription: ...\nInput: ...``, as EasyEdit's ``MultiTaskDataset``
+and ``examples/test_InstructEdit.py`` write them) is used as it is: no second
+instruction (:func:`is_instructed`).
 """
 from __future__ import annotations
 
@@ -153,6 +156,15 @@ def _named_library(spec: str) -> InstructionLibrary:
     return load_instructions(spec)
 
 
+def is_instructed(prompt: str) -> bool:
+    """Whether ``prompt`` already carries an instruction: it starts with ``Task: `` and has the
+    template's ``Description:`` and ``Input:`` lines after it, in that order."""
+    if not prompt.lstrip().startswith("Task: "):
+        return False
+    at = prompt.find("\nDescription: ")
+    return at >= 0 and prompt.find("\nInput: ", at) >= 0
+
+
 def instructed_prompt(request: Mapping[str, Any], hparams: Any, library: InstructionLibrary | None = None) -> str:
     """The instruction-prefixed edit prompt of ``request``."""
     prompt = request.get("prompt")
@@ -160,7 +172,7 @@ def instructed_prompt(request: Mapping[str, Any], hparams: Any, library: Instruc
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError(f"request 'prompt' must be a string, got {type(prompt).__name__}")
-    if not getattr(hparams, "use_instructions", True):
+    if not getattr(hparams, "use_instructions", True) or is_instructed(prompt):
         return prompt
     library = library or _library(hparams)
     task = request.get("task") or getattr(hparams, "default_task", None) or "counterfact"
