@@ -305,3 +305,38 @@ def test_record_781_is_rejected_up_front_naming_the_field():
     with pytest.raises(RequestError, match=r"portability_inputs\['one_hop'\]\['prompt'\]\[0\]"):
         check_answer_room(tok, len(tok(port)["input_ids"]), None, None, None,
                           {"one_hop": {"prompt": [port], "ground_truth": ["University of Oxford"]}})
+
+
+@pytest.mark.parametrize("plugin_alg", [True, False])
+def test_pypi_edit_wrapper_rejects_record_781_before_editing(plugin_alg):
+    from types import SimpleNamespace
+
+    from instructedit_plugin.compat.editor_patches import _validating
+    from tests.support.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    ran = []
+
+    class Editor:
+        alg_name = "InstructEd" if plugin_alg else "ROME"
+
+        def __init__(self, max_length):
+            self.tok, self.hparams = tok, SimpleNamespace(max_length=max_length, device="cpu")
+
+        def edit(self, prompts, target_new, ground_truth=None, rephrase_prompts=None, locality_inputs=None,
+                 portability_inputs=None, keep_original_weight=False, verbose=True, **kwargs):
+            ran.append(prompts)
+            return "edited"
+
+    Editor.edit = _validating("pypi", "edit", lambda name: name == "InstructEd")(Editor.edit)
+    n_tokens = len(tok(RECORD_781["rephrase_prompt"])["input_ids"])
+    with pytest.raises(RequestError, match=r"`rephrase_prompts\[0\]`.*max_length is 40.*Fix:"):
+        Editor(40).edit([RECORD_781["prompt"]], [RECORD_781["target_new"]],
+                        rephrase_prompts=[RECORD_781["rephrase_prompt"]])
+    assert ran == []  # nothing was edited
+    assert Editor(n_tokens + 8).edit([RECORD_781["prompt"]], [RECORD_781["target_new"]],
+                                     rephrase_prompts=[RECORD_781["rephrase_prompt"]]) == "edited"
+    # EasyEdit main widens max_length itself: nothing is rejected there
+    Editor.edit = _validating("main", "edit", lambda name: name == "InstructEd")(Editor.edit.__wrapped__)
+    assert Editor(40).edit([RECORD_781["prompt"]], [RECORD_781["target_new"]],
+                           rephrase_prompts=[RECORD_781["rephrase_prompt"]]) == "edited"

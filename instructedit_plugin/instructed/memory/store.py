@@ -1,4 +1,4 @@
-"""The instruction memory itself: texts, ids, metadata and unit embeddings, with search and selection.
+"""The instruction memory itself: texts, ids, metadata and unit embeddings (plus their raw norms), with search and selection.
 
 InstructEd (Han et al. 2024) edits by *instruction*: every requested edit is
 stored as a natural sentence ("The spouse of A is B."), and at inference time
