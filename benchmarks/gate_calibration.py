@@ -28,8 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from results_io import (  # noqa: E402
-    command_line, notes_lines, read_notes, render_saved, today, write_results,
+from results_io import (
+    command_line,
+    notes_lines,
+    read_notes,
+    render_saved,
+    today,
+    write_results,
 )
 
 SCRIPT = "benchmarks/gate_calibration.py"
@@ -53,10 +58,11 @@ def _instruction(rec: dict) -> str:
 
 def run_size(records: list[dict], encode, variants) -> tuple[list[dict], dict]:
     """Every gate variant on a memory of ``records``; returns the rows and the timing."""
-    import torch
-
     from instructedit_plugin.instructed.memory import InstructionMemory
-    from instructedit_plugin.instructed.memory.calibration import best_threshold, gate_metrics
+    from instructedit_plugin.instructed.memory.calibration import (
+        best_threshold,
+        gate_metrics,
+    )
     from instructedit_plugin.instructed.memory.gate import StdGate
 
     n = len(records)
@@ -85,7 +91,6 @@ def run_size(records: list[dict], encode, variants) -> tuple[list[dict], dict]:
                          "top1_right": round(sum(right[half:]) / (n - half), 4),
                          "open_and_right": round(opened_right / (n - half), 4),
                          "report_positives": n - half, "report_negatives": n - half})
-    del torch
     return rows, {"size": n, "sentences": 3 * n, "encode_s": round(encode_s, 1),
                   "gate_s": round(time.perf_counter() - t1, 1)}
 

@@ -11,9 +11,16 @@ import torch
 from instructedit_plugin.errors import HyperParamsError, RequestError
 from instructedit_plugin.instructed.memory import InstructionMemory
 from instructedit_plugin.instructed.memory.calibration import (
-    best_threshold, calibrate_memory, gate_metrics, store_calibration,
+    best_threshold,
+    calibrate_memory,
+    gate_metrics,
+    store_calibration,
 )
-from instructedit_plugin.instructed.memory.gate import StdGate, gate_for_memory, gate_spread
+from instructedit_plugin.instructed.memory.gate import (
+    StdGate,
+    gate_for_memory,
+    gate_spread,
+)
 
 DIM = 4
 
@@ -137,7 +144,7 @@ def test_best_threshold_maximises_f1_on_a_known_case():
     assert got.f1 == pytest.approx(8 / 9)
     assert gate_metrics(pos, neg, 0.1).f1 == pytest.approx(6 / 7)
     # brute force over a fine grid never beats it
-    grid = [i / 1000 for i in range(0, 400)]
+    grid = [i / 1000 for i in range(400)]
     assert max(gate_metrics(pos, neg, t).f1 for t in grid) <= got.f1 + 1e-12
 
 

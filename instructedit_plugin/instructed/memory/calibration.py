@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from ...errors import RequestError
 from .gate import StdGate
 
 __all__ = ["CalibrationResult", "GateMetrics", "best_threshold", "calibrate_memory", "gate_metrics",
-           "query_spreads", "store_calibration"]
+           "queries_from_requests", "query_spreads", "read_queries", "store_calibration"]
 
 LOG = logging.getLogger(__name__)
 _FIX_QUERIES = ("Fix: give questions about facts that ARE in the memory (positives: their prompts/rephrases) and "
@@ -202,11 +202,6 @@ def store_calibration(folder: str | os.PathLike[str], result: CalibrationResult,
         memory = InstructionMemory.load(folder)
     memory.gate_calibration = result.to_manifest()
     return memory.save(folder)
-
-
-def with_threshold(gate: StdGate, result: CalibrationResult) -> StdGate:
-    """``gate`` using the calibrated threshold."""
-    return replace(gate, threshold=result.threshold)
 
 
 def read_queries(path: str | os.PathLike[str], what: str) -> list[str]:

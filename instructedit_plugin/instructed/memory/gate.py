@@ -106,7 +106,7 @@ class StdGate:
 
     @classmethod
     def from_options(cls, threshold: float | None = DEFAULT_GATE, top_k: int = DEFAULT_TOP_K, *,
-                     score: str = "cosine", std: str = "population", pad: str = "zero") -> "StdGate":
+                     score: str = "cosine", std: str = "population", pad: str = "zero") -> StdGate:
         """A gate from the option names used in hparams and manifests (see the module docs)."""
         if std not in GATE_STDS:
             raise RequestError(f"gate_std: expected one of {list(GATE_STDS)}, got {std!r}. "
