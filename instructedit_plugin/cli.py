@@ -358,6 +358,62 @@ def _add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="evaluation", help="file name stem of the results")
 
 
+def cmd_calibrate_gate(args: argparse.Namespace) -> int:
+    """Fit the retrieval gate's threshold of a saved instruction memory; store it in the manifest."""
+    from pathlib import Path
+
+    from .data import load_requests
+    from .errors import PluginError
+    from .instructed.memory import InstructionMemory
+    from .instructed.memory.calibration import (calibrate_memory, queries_from_requests, read_queries,
+                                                store_calibration)
+    from .instructed.memory.gate import StdGate
+
+    folder = Path(args.memory)
+    if not folder.is_dir():
+        raise PluginError(f"memory: {folder} is not a folder. Fix: give the folder InstructionMemory.save() / "
+                          "save_memory() wrote")
+    gate = StdGate.from_options(args.threshold, args.top_k, score=args.score, std=args.std, pad=args.pad)
+    positives = read_queries(args.positives, "--positives") if args.positives else []
+    negatives = read_queries(args.negatives, "--negatives") if args.negatives else []
+    for path in args.requests or []:
+        pos, neg = queries_from_requests(load_requests(path), in_memory=True)
+        positives, negatives = positives + pos, negatives + neg
+    for path in args.held_out or []:
+        negatives += queries_from_requests(load_requests(path), in_memory=False)[1]
+    memory = InstructionMemory.load(folder)
+    result = calibrate_memory(memory, positives, negatives, gate, batch_size=args.batch_size)
+    written = None if args.dry_run else store_calibration(folder, result, memory)
+    if args.json:
+        print(json.dumps({**result.to_manifest(), "written": str(written) if written else None}, indent=2))
+    else:
+        print(f"gate ({result.score}, {result.std} std, pad {result.pad}, top_k {result.top_k}) on "
+              f"{result.positives} positives / {result.negatives} negatives:")
+        print(result.table())
+        print(f"stored threshold {result.threshold:.6f} in {written}" if written else "dry run: nothing written")
+    return EXIT_OK
+
+
+def _add_calibrate_gate_args(p: argparse.ArgumentParser) -> None:
+    from .instructed.memory.gate import DEFAULT_GATE, DEFAULT_TOP_K, GATE_PADS, GATE_SCORES, GATE_STDS
+
+    p.add_argument("memory", help="folder of a saved instruction memory (InstructionMemory.save / save_memory)")
+    p.add_argument("--requests", action="append", help="edit-request file whose facts ARE in the memory: prompts and "
+                   "rephrases are positives, locality prompts negatives (repeatable)")
+    p.add_argument("--held_out", action="append", help="edit-request file whose facts are NOT in the memory: its "
+                   "prompts and rephrases are negatives (repeatable)")
+    p.add_argument("--positives", help="questions about facts in the memory (JSON list, JSON Lines or text lines)")
+    p.add_argument("--negatives", help="questions about facts not in the memory (same formats)")
+    p.add_argument("--score", choices=GATE_SCORES, default="cosine")
+    p.add_argument("--std", choices=GATE_STDS, default="population")
+    p.add_argument("--pad", choices=GATE_PADS, default="zero")
+    p.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
+    p.add_argument("--threshold", type=float, default=DEFAULT_GATE, help="the threshold to compare with (default 0.1)")
+    p.add_argument("--batch_size", type=int, default=256, help="queries per encoder call")
+    p.add_argument("--dry_run", action="store_true", help="report only; leave the manifest as it is")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "info": (
         "show the detected EasyEdit flavour, registered methods, device and where models/data are found",
@@ -374,6 +430,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int], Callable[[ar
                        "CounterFact/Recent/ConvSent files", cmd_make_multitask, _add_make_multitask_args),
     "evaluate": ("edit every record of a dataset through BaseEditor; write JSON, a markdown table and a PNG",
                  cmd_evaluate, _add_evaluate_args),
+    "calibrate-gate": ("fit InstructEd's retrieval-gate threshold of a saved instruction memory on held-out "
+                       "questions (max F1 of 'the fact is in the memory'); store it in the memory's manifest",
+                       cmd_calibrate_gate, _add_calibrate_gate_args),
 }
 
 

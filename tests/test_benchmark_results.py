@@ -26,6 +26,7 @@ SCRIPTS = {
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "demo_timing": REPO / "benchmarks" / "demo_timing.py",
+    "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
 }
 RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 

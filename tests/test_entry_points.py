@@ -12,8 +12,8 @@ Covered here (gaps elsewhere):
 * ``instructedit train`` (InstructEdit and InstructEd), ``edit`` (InstructEdit), ``evaluate``
   (InstructEdit), ``analyze`` and ``demo`` (through the CLI's ``main``);
 * ``examples/run_instructedit.py``;
-* ``benchmarks/instructed_cpu.py``, ``benchmarks/instructedit_cpu.py`` (both with ``--model_dir``)
-  and ``benchmarks/memory_scale.py``.
+* ``benchmarks/instructed_cpu.py``, ``benchmarks/instructedit_cpu.py`` (both with ``--model_dir``),
+  ``benchmarks/memory_scale.py`` and ``benchmarks/gate_calibration.py``.
 
 Covered elsewhere with real assertions, not repeated: ``examples/run_instructed.py`` and
 ``examples/run_mquake.py`` (tests/test_examples.py), ``instructedit edit`` with InstructEd and the
@@ -418,3 +418,23 @@ def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):
     assert md == bench.render_markdown(out)
     table = [row for row in _table_rows(md) if len(row) == 10 and row[0][0].isdigit()]
     assert [(int(row[0].replace(",", "")), row[1]) for row in table] == [(s, k) for s in sizes for k in kinds]
+
+def test_gate_calibration_benchmark_reports_default_and_calibrated_gates(shared_data_dir, tmp_path):
+    size = 120
+    out_json = tmp_path / "gate_calibration.json"
+    bench = _script("benchmarks/gate_calibration.py")
+    result = bench.main(["--sizes", str(size), "--data_dir", str(shared_data_dir), "--variants", "default",
+                         "--out", str(out_json)])
+    out = json.loads(out_json.read_text())
+    assert out == json.loads(json.dumps(result)) and set(out) <= bench.RESULT_KEYS
+    rows = out["rows"]
+    assert [(r["size"], r["score"], r["std"], r["pad"], r["threshold_kind"]) for r in rows] == [
+        (size, "cosine", "population", "zero", "default"), (size, "cosine", "population", "zero", "calibrated")]
+    default, calibrated = rows
+    assert default["threshold"] == 0.1 and calibrated["threshold"] != 0.1
+    for r in rows:
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["report_positives"] == size // 2
+        f1 = 2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"]) if r["precision"] + r["recall"] else 0
+        assert r["f1"] == pytest.approx(f1, abs=2e-4)
+    assert out["timing"][0]["sentences"] == 3 * size
+    assert out_json.with_suffix(".md").read_text() == bench.render_markdown(out)

@@ -116,3 +116,58 @@ def validate_edit_arguments(
     _check_grouped_inputs("locality_inputs", locality_inputs, n)
     _check_grouped_inputs("portability_inputs", portability_inputs, n)
     return n
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _texts(item)]
+    return []
+
+
+def evaluated_prompts(prompts: Any = None, rephrase_prompts: Any = None, locality_inputs: Any = None,
+                      portability_inputs: Any = None) -> list[tuple[str, str]]:
+    """``(field, prompt)`` for every question EasyEdit's evaluation scores after an edit."""
+    out: list[tuple[str, str]] = []
+    for name, value in (("prompts", prompts), ("rephrase_prompts", rephrase_prompts)):
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            out += [(f"{name}[{i}]", p) for i, p in enumerate(value) if isinstance(p, str)]
+    for name, groups in (("locality_inputs", locality_inputs), ("portability_inputs", portability_inputs)):
+        if not isinstance(groups, Mapping):
+            continue
+        for key, group in groups.items():
+            value = group.get("prompt") if isinstance(group, Mapping) else None
+            if isinstance(value, str):
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    out += [(f"{name}[{key!r}]['prompt'][{i}]", p) for p in _texts(item)]
+    return out
+
+
+def check_answer_room(tok: Any, max_length: Any, prompts: Any = None, rephrase_prompts: Any = None,
+                      locality_inputs: Any = None, portability_inputs: Any = None) -> None:
+    """Reject a question that leaves no token for its answer under ``max_length`` (EasyEdit PyPI).
+
+    EasyEdit PyPI's ``test_prediction_acc`` tokenises ``prompt + ' ' + target`` and ``prompt`` alike
+    with ``truncation=True, max_length=hparams.max_length`` and scores the positions after the
+    prompt. A prompt of ``max_length`` tokens or more (special tokens included) is cut to the same
+    length as prompt + target, so no answer position is left: ``answers[0]`` of an empty list
+    raises ``IndexError`` for every method (a batch of prompts silently scores NaN instead).
+    EasyEdit main widens ``max_length`` to fit; on PyPI such a question is rejected here, naming
+    the field, before anything is edited.
+    """
+    if tok is None or isinstance(max_length, bool) or not isinstance(max_length, int) or not callable(tok):
+        return
+    for field, prompt in evaluated_prompts(prompts, rephrase_prompts, locality_inputs, portability_inputs):
+        n_tokens = len(tok(prompt)["input_ids"])
+        if n_tokens >= max_length:
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            raise RequestError(
+                f"`{field}` {shown!r} is {n_tokens} tokens, but the hparams' max_length is {max_length}: EasyEdit "
+                "(PyPI) truncates the question and its answer to max_length when scoring, which leaves no answer "
+                "token and fails with IndexError in test_prediction_acc. Fix: set max_length in the hparams to at "
+                f"least {n_tokens} plus the answer's tokens, or shorten this question (or drop the record)")

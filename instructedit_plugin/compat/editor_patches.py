@@ -47,7 +47,7 @@ from typing import Any
 from ..models.loading import is_local_model_dir, load_causal_lm
 from ..errors import RequestError
 from ..core.config import check_model_name
-from .edit_arguments import validate_edit_arguments
+from .edit_arguments import check_answer_room, validate_edit_arguments
 from .devices import cuda_strings_to_cpu, needs_cpu_redirect
 
 LOG = logging.getLogger(__name__)
@@ -122,8 +122,9 @@ def _pypi_batch_edit_arguments(bound: inspect.BoundArguments) -> tuple[tuple, di
 
 
 def _validating(flavour: str, name: str, is_plugin_alg: Callable[[Any], bool]) -> Callable[[Callable], Callable]:
-    """For plugin algorithms, validate ``edit``/``batch_edit`` arguments (both flavours); every call
-    runs with the PyPI redirect (a no-op on main)."""
+    """For plugin algorithms, validate ``edit``/``batch_edit`` arguments (both flavours); on PyPI, for
+    every algorithm, reject questions too long for ``hparams.max_length`` (see
+    :func:`.edit_arguments.check_answer_room`); every call runs with the PyPI redirect (a no-op on main)."""
 
     def make(method: Callable) -> Callable:
         signature = inspect.signature(method)
@@ -132,6 +133,12 @@ def _validating(flavour: str, name: str, is_plugin_alg: Callable[[Any], bool]) -
         @functools.wraps(method)
         def wrapper(self, *args, **kwargs):
             if not is_plugin_alg(getattr(self, "alg_name", None)):  # EasyEdit's own algorithms: as EasyEdit runs them
+                if flavour == "pypi" and name == "edit":
+                    try:
+                        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+                    except TypeError:
+                        arguments = {}
+                    _check_room(self, {k: v for k, v in arguments.items() if k in _VALIDATED_ARGS})
                 with cuda_strings_to_cpu(needs_cpu_redirect(flavour, _device_of(self))):
                     return method(self, *args, **kwargs)
             bound = signature.bind_partial(self, *args, **kwargs)
@@ -147,12 +154,21 @@ def _validating(flavour: str, name: str, is_plugin_alg: Callable[[Any], bool]) -
                 subject = bound.arguments.get("kwargs", {}).get("subject")
             if "requests" not in bound.arguments.get("kwargs", {}):
                 validate_edit_arguments(subject=subject, **named)
+                if flavour == "pypi":
+                    _check_room(self, named)
             with cuda_strings_to_cpu(needs_cpu_redirect(flavour, _device_of(self))):
                 return method(*call_args, **call_kwargs)
 
         return wrapper
 
     return make
+
+
+def _check_room(editor: Any, named: dict[str, Any]) -> None:
+    """:func:`.edit_arguments.check_answer_room` with the editor's tokenizer and ``hparams.max_length``."""
+    check_answer_room(getattr(editor, "tok", None), getattr(getattr(editor, "hparams", None), "max_length", None),
+                      named.get("prompts"), named.get("rephrase_prompts"), named.get("locality_inputs"),
+                      named.get("portability_inputs"))
 
 
 def check_editor_hparams(hparams: Any) -> None:

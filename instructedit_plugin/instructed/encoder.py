@@ -293,6 +293,16 @@ class SentenceEncoder:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"encode(): item {i} is {type(text).__name__}, expected str")
+        return torch.nn.functional.normalize(self._raw(texts), p=2.0, dim=1)
+
+    def _raw(self, texts: Sequence[str]) -> torch.Tensor:
+        """The model's output for ``texts`` (float32 CPU ``[len, dim]``, not normalised here)."""
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings; wrap a single text in a list")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode(): item {i} is {type(text).__name__}, expected str")
         if not texts:
             return torch.zeros(0, self.dim, dtype=torch.float32)
         with torch.no_grad():
@@ -300,9 +310,22 @@ class SentenceEncoder:
                 texts, batch_size=self.batch_size, convert_to_tensor=True, convert_to_numpy=False,
                 normalize_embeddings=False, show_progress_bar=False,
             )
-        out = out.detach().to("cpu", torch.float32)
         # A fresh, normal tensor (never an inference tensor): safe to store and modify.
-        return torch.nn.functional.normalize(out, p=2.0, dim=1)
+        return out.detach().to("cpu", torch.float32)
+
+    @property
+    def normalizes_output(self) -> bool:
+        """Whether the model ends in a ``Normalize`` module (its raw vectors already have norm 1)."""
+        return any(type(module).__name__ == "Normalize" for module in self._entry.model)
+
+    def encode_with_norms(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode`'s vectors and the norms ``[len]`` of the model's own output before normalising.
+
+        The norms are what turns cosine into the model's raw dot product (the gate's ``score: dot``);
+        for a model ending in a ``Normalize`` module (the default) they are all 1.
+        """
+        raw = self._raw(list(texts)) if not isinstance(texts, str) else self._raw(texts)
+        return torch.nn.functional.normalize(raw, p=2.0, dim=1), raw.norm(dim=1)
 
     def cosine(self, a_texts: Sequence[str], b_texts: Sequence[str]) -> torch.Tensor:
         """Pairwise cosine similarity ``cos(a[i], b[i])``, float32 ``[n]`` (one encoder call)."""

@@ -13,10 +13,11 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from ..errors import HyperParamsError, fix_for
 from ..core.config import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
+from .memory.gate import GATE_PADS, GATE_SCORES, GATE_STDS
 
 LOG = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ class InstructEdHyperParams(EditingHyperParams):
     the standard deviation of its ``top_k`` best retrieval scores exceeds ``retrieval_gate`` (the
     gate: a relevant instruction stands out from its neighbours; it is not a minimum cosine score),
     see :mod:`.memory.gate` (sequential and multi-hop editing).
+
+    The gate's statistic: ``gate_score`` (``cosine``, default, or ``dot``: the encoder's raw dot
+    product, as the public release scores with contriever), ``gate_std`` (``population``, default,
+    or ``sample``: the release's ``torch.std``) and ``gate_pad`` (``zero``, default: a memory with
+    fewer than ``top_k`` items counts the missing ones as score 0; ``none``: only the stored
+    scores). ``retrieval_gate: calibrated`` uses the threshold that ``instructedit calibrate-gate``
+    stored in the memory's manifest (``gate.threshold``) for the memory that is loaded
+    (``load_memory``); that calibration's ``score`` / ``std`` / ``pad`` / ``top_k``
+    must equal these fields, else the edit stops with an error naming the field (a threshold
+    fitted to one statistic means nothing for another).
     """
 
     ALG_NAME = ALG_NAME
@@ -90,8 +101,14 @@ class InstructEdHyperParams(EditingHyperParams):
     encoder: str = hp_field("default", help="sentence encoder: 'default', a name or a local path")
     reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
     instruction_source: str = hp_field("gold", choices=SOURCE_CHOICES)
-    retrieval_gate: float = hp_field(0.1, min=-1.0, max=1.0, help="gate threshold on the standard deviation of the top_k retrieval "
-                                                                      "scores: the top-1 instruction is used when that spread exceeds it")
+    retrieval_gate: Union[float, Literal["calibrated"]] = hp_field(
+        0.1, min=-1.0, max=1.0, help="gate threshold on the standard deviation of the top_k retrieval scores: the top-1 "
+                                     "instruction is used when that spread exceeds it; 'calibrated': the threshold stored "
+                                     "in the loaded memory's manifest by `instructedit calibrate-gate`")
+    gate_score: str = hp_field("cosine", choices=GATE_SCORES, help="scores whose spread the gate measures: cosine or "
+                                                                     "the encoder's raw dot product")
+    gate_std: str = hp_field("population", choices=GATE_STDS, help="population or sample standard deviation")
+    gate_pad: str = hp_field("zero", choices=GATE_PADS, help="fewer than top_k stored items: pad the scores with 0, or not")
     top_k: int = hp_field(5, min=1, help="number of best retrieval scores whose spread the gate measures")
     template: str = hp_field(DEFAULT_TEMPLATE)
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")

@@ -205,6 +205,11 @@ class _LiveMemory:
     def __init__(self, state: EditingState):
         self._state = state
 
+    @property
+    def target(self) -> Any:
+        """The memory searched now (its ``gate_calibration`` serves ``retrieval_gate: calibrated``)."""
+        return self._state.memory
+
     def select(self, *args: Any, **kwargs: Any) -> Any:
         return self._state.memory.select(*args, **kwargs)
 
@@ -216,7 +221,8 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
         provider: Any = GoldInstructions([(e.instruction, e.prompts) for e in gold], encoder,
                                          own_prompts=[e.own_prompts for e in gold])
     else:
-        provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts())
+        provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts(),
+                                         score=hparams.gate_score, std=hparams.gate_std, pad=hparams.gate_pad)
     cache = None
     if hparams.reweight_mode == "question_rows" and hparams.use_prefixes:
         cache = state.instruction_cache(str(ckpt.folder), hparams.instruction_cache)

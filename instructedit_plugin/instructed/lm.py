@@ -36,6 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import MissingDependencyError, PluginError, RequestError
 from .instructed_hparams import DEFAULT_TEMPLATE
+from .memory.gate import CALIBRATED, gate_for_memory
 from .context import instruction_context
 from .prefix import PrefixBank, attach_instructed, get_instructed_handle
 from .instruction_cache import InstructionKVCache
@@ -184,22 +185,29 @@ class RetrievedInstructions:
     retrieval scores exceeds ``gate`` (a threshold on their spread, not on a score), else none.
 
 
+    ``score`` / ``std`` / ``pad`` are the gate's options (see :mod:`.memory.gate`); ``gate="calibrated"``
+    uses the threshold stored in the memory (resolved at each call, so a newly loaded memory counts).
     ``memory`` follows the ``InstructionMemory`` interface (``select(query, gate, top_k)`` returning
-    an object with ``.text`` or ``None``). ``prompts`` are known questions (see :class:`_PromptMatcher`).
+    an object with ``.text`` or ``None``; ``gate`` is a :class:`~.memory.gate.StdGate`). ``prompts``
+    are known questions (see :class:`_PromptMatcher`).
     """
 
-    def __init__(self, memory: Any, gate: float = 0.1, top_k: int = 5, prompts: Sequence[str] = ()):
+    def __init__(self, memory: Any, gate: float | str = 0.1, top_k: int = 5, prompts: Sequence[str] = (), *,
+                 score: str = "cosine", std: str = "population", pad: str = "zero"):
         self.memory = memory
-        self.gate = float(gate)
+        self.gate = gate if gate == CALIBRATED else float(gate)
         self.top_k = int(top_k)
+        self.options = {"score": score, "std": std, "pad": pad}
+        gate_for_memory(None, 0.0, self.top_k, **self.options)  # bad options fail here, not at the first query
         self._matcher = _PromptMatcher(list(prompts))
 
     def choose(self, texts: Sequence[str]) -> list[Selection | None]:
         out: list[Selection | None] = []
+        std_gate = gate_for_memory(getattr(self.memory, "target", self.memory), self.gate, self.top_k, **self.options)
         for text in texts:
             hit = self._matcher.match(text)
             question = hit[0] if hit is not None else text
-            chosen = self.memory.select(question, gate=self.gate, top_k=self.top_k)
+            chosen = self.memory.select(question, gate=std_gate, top_k=std_gate.top_k)
             out.append(None if chosen is None else Selection(chosen.text, question))
         return out
 

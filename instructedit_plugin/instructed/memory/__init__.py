@@ -3,7 +3,8 @@
 One module per job:
 
 * :mod:`.store` -- :class:`InstructionMemory` (texts, ids, metadata, embeddings; add/remove/search/select);
-* :mod:`.gate` -- the std-of-top-k retrieval gate (:class:`StdGate`, :func:`gate_spread`);
+* :mod:`.gate` -- the std-of-top-k retrieval gate (:class:`StdGate`, :func:`gate_spread`, score/std/pad options);
+* :mod:`.calibration` -- fitting the gate's threshold on held-out questions (``instructedit calibrate-gate``);
 * :mod:`.index` -- exact torch / exact FAISS / approximate FAISS (IVF-SQ8) search, :func:`recall_at_1`;
 * :mod:`.persistence` -- the saved folder (one manifest, ``durable.commit_folder``);
 * :mod:`.chains` -- multi-hop retrieval (one gated fact per hop).

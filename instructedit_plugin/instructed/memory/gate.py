@@ -24,23 +24,43 @@ similarly low (small spread).
   uses only the available scores (and one stored item is then never selected).
 * ``threshold=None`` disables gating (always the top-1).
 
-:class:`StdGate` holds these settings; the memory's ``select`` / ``select_many``
-build one from their arguments. New options of the statistic belong here.
+Options (named as in the editing hparams ``gate_score`` / ``gate_std`` / ``gate_pad``;
+the defaults are the behaviour above):
+
+* ``score``: ``"cosine"`` (default) or ``"dot"``: the scores whose spread is
+  measured. ``"dot"`` is the encoder's raw dot product (the public release's
+  contriever scoring): cosine times the norms of the query's and the stored
+  instruction's *unnormalised* embeddings (the memory keeps those norms). The
+  candidates are re-ranked by dot product, so the top-1 can differ too. With an
+  encoder that normalises its own output (the default all-MiniLM-L6-v2 ends in a
+  ``Normalize`` module) every norm is 1 and ``"dot"`` equals ``"cosine"``.
+* ``std``: ``"population"`` (default, ``unbiased=False``) or ``"sample"``.
+* ``pad``: ``"zero"`` (default, ``pad_score=0.0``) or ``"none"`` (``pad_score=None``).
+
+:class:`StdGate` holds these settings (:meth:`StdGate.from_options` builds one
+from the option names); the memory's ``select`` / ``select_many`` take one (or
+build one from their arguments). New options of the statistic belong here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ...errors import RequestError
 
-__all__ = ["DEFAULT_GATE", "DEFAULT_TOP_K", "StdGate", "gate_spread"]
+__all__ = ["CALIBRATED", "DEFAULT_GATE", "DEFAULT_TOP_K", "GATE_PADS", "GATE_SCORES", "GATE_STDS", "StdGate", "gate_for_memory", "gate_spread"]
 
 #: Default gate threshold (``retrieval_gate``): the std of the top-k scores must exceed it for the gate to open.
 DEFAULT_GATE = 0.1
 #: Default number of best scores whose std the gate measures.
 DEFAULT_TOP_K = 5
+#: Choices of the gate options (first = default).
+GATE_SCORES = ("cosine", "dot")
+GATE_STDS = ("population", "sample")
+GATE_PADS = ("zero", "none")
 
 
 def gate_spread(scores: torch.Tensor, top_k: int = DEFAULT_TOP_K, pad_score: float | None = 0.0,
@@ -68,17 +88,40 @@ def gate_spread(scores: torch.Tensor, top_k: int = DEFAULT_TOP_K, pad_score: flo
 class StdGate:
     """The std-of-top-k gate: opens when :func:`gate_spread` of the top scores exceeds ``threshold``.
 
-    ``threshold=None`` always opens. See the module docs for ``pad_score`` and ``unbiased``.
+    ``threshold=None`` always opens. See the module docs for ``score``, ``pad_score`` and ``unbiased``.
     """
 
     threshold: float | None = DEFAULT_GATE
     top_k: int = DEFAULT_TOP_K
     pad_score: float | None = 0.0
     unbiased: bool = False
+    score: str = "cosine"
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise RequestError(f"top_k: expected a positive int, got {self.top_k!r}")
+        if self.score not in GATE_SCORES:
+            raise RequestError(f"gate_score: expected one of {list(GATE_SCORES)}, got {self.score!r}. "
+                               "Fix: use 'cosine' (default) or 'dot'")
+
+    @classmethod
+    def from_options(cls, threshold: float | None = DEFAULT_GATE, top_k: int = DEFAULT_TOP_K, *,
+                     score: str = "cosine", std: str = "population", pad: str = "zero") -> StdGate:
+        """A gate from the option names used in hparams and manifests (see the module docs)."""
+        if std not in GATE_STDS:
+            raise RequestError(f"gate_std: expected one of {list(GATE_STDS)}, got {std!r}. "
+                               "Fix: use 'population' (default) or 'sample' (the public release's torch.std)")
+        if pad not in GATE_PADS:
+            raise RequestError(f"gate_pad: expected one of {list(GATE_PADS)}, got {pad!r}. "
+                               "Fix: use 'zero' (default: missing top-k entries score 0) or 'none'")
+        return cls(threshold, top_k, 0.0 if pad == "zero" else None, std == "sample", score)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """``score`` / ``std`` / ``pad`` / ``top_k`` as option names (what a manifest records)."""
+        pad = "zero" if self.pad_score == 0.0 else "none" if self.pad_score is None else float(self.pad_score)
+        return {"score": self.score, "std": "sample" if self.unbiased else "population", "pad": pad,
+                "top_k": self.top_k}
 
     def spread(self, top_scores: torch.Tensor) -> float:
         """The statistic for one query's best scores ``[m]`` (m <= ``top_k``, best first)."""
@@ -87,3 +130,34 @@ class StdGate:
     def opens(self, spread: float) -> bool:
         """Whether a query with this ``spread`` gets its top-1 instruction."""
         return self.threshold is None or spread > self.threshold
+
+
+#: ``retrieval_gate`` value that means "the threshold calibrated for the memory" (see :func:`gate_for_memory`).
+CALIBRATED = "calibrated"
+
+
+def gate_for_memory(memory: Any, threshold: float | str | None = DEFAULT_GATE, top_k: int = DEFAULT_TOP_K, *,
+                    score: str = "cosine", std: str = "population", pad: str = "zero") -> StdGate:
+    """The gate to use with ``memory``: these options, with ``threshold="calibrated"`` replaced by
+    the threshold stored in the memory's ``gate_calibration`` (its manifest's ``gate``).
+
+    Raises:
+        RequestError: ``"calibrated"`` but the memory was never calibrated, or its calibration was made
+            for different options (a threshold fitted to one statistic means nothing for another).
+    """
+    gate = StdGate.from_options(None if threshold == CALIBRATED else threshold, top_k, score=score, std=std, pad=pad)
+    if threshold != CALIBRATED:
+        return gate
+    stored = getattr(memory, "gate_calibration", None)
+    if not isinstance(stored, dict) or not isinstance(stored.get("threshold"), (int, float)):
+        raise RequestError("retrieval_gate: 'calibrated', but the instruction memory has no calibrated threshold. "
+                           "Fix: run `instructedit calibrate-gate <memory folder> ...` and load that memory "
+                           "(load_memory), or give retrieval_gate a number such as 0.1")
+    wanted = gate.options
+    for key, value in wanted.items():
+        if stored.get(key, value) != value:
+            field = "top_k" if key == "top_k" else f"gate_{key}"
+            raise RequestError(f"{field}: the memory's gate was calibrated with {key}={stored.get(key)!r}, but the "
+                               f"hparams ask for {value!r}. Fix: set {field}: {stored.get(key)!r}, or calibrate "
+                               "again with these settings")
+    return dataclasses.replace(gate, threshold=float(stored["threshold"]))

@@ -2,13 +2,17 @@
 
 A saved memory (format version 2) is a folder holding
 
-* ``embeddings.safetensors``: ``embeddings`` ``[n, d]`` in the storage dtype and ``ids`` int64;
+* ``embeddings.safetensors``: ``embeddings`` ``[n, d]`` in the storage dtype, ``ids`` int64 and
+  ``norms`` float32 ``[n]`` (norms of the unnormalised embeddings, for the gate's ``score: dot``;
+  absent in folders saved before it was kept);
 * ``records.jsonl``: one ``{"id", "text", "metadata"}`` object per line;
 * ``index.faiss`` (only for ``index="ivf"``): the trained FAISS index (``faiss.serialize_index``);
 * ``manifest.json``: format, format version, plugin version, count, dim, dtype,
   next id, the encoder's identity (name, dim, sha256 of its weights and of its
-  config), the caller's ``info`` (e.g. the editing hparams), the index settings
-  and the sha256 of every file.
+  config), the caller's ``info`` (e.g. the editing hparams), the index settings,
+  ``gate`` (the calibrated retrieval gate written by ``instructedit calibrate-gate``:
+  ``threshold``, ``score``, ``std``, ``pad``, ``top_k`` and the calibration's figures;
+  null when not calibrated) and the sha256 of every file.
 
 The folder is written by :func:`~...core.durable.commit_folder`: killed at any
 moment, it loads as the previous save or as the new one, complete. Loading
@@ -81,6 +85,8 @@ class SavedMemory:
     info: dict[str, Any]
     index: dict[str, Any] | None = None
     index_bytes: bytes | None = None
+    norms: torch.Tensor | None = None
+    gate: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------- writing
@@ -90,6 +96,8 @@ def write_folder(folder: str | os.PathLike[str], saved: SavedMemory) -> Path:
 
     folder = Path(folder)
     tensors = {"embeddings": saved.embeddings, "ids": torch.tensor(saved.ids, dtype=torch.long)}
+    if saved.norms is not None:
+        tensors["norms"] = saved.norms.to(torch.float32).contiguous()
     lines = io.StringIO()
     for item_id, text, meta in zip(saved.ids, saved.texts, saved.metadata):
         lines.write(json.dumps({"id": item_id, "text": text, "metadata": meta}, ensure_ascii=False,
@@ -113,6 +121,8 @@ def write_folder(folder: str | os.PathLike[str], saved: SavedMemory) -> Path:
         "info": saved.info,
         "index": saved.index,
     }
+    if saved.gate is not None:
+        manifest["gate"] = saved.gate
     durable.commit_folder(folder, files, MANIFEST_NAME, manifest, known_names=_version1_files(folder))
     return folder / MANIFEST_NAME
 
@@ -151,7 +161,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise MemoryFormatError(f"{manifest_path}: format_version {version!r} is not supported (this "
                                 f"plugin reads 1 to {MEMORY_FORMAT_VERSION}). Fix: upgrade instructedit-plugin")
     for key, kind in (("files", dict), ("count", int), ("encoder", (dict, type(None))), ("info", (dict, type(None))),
-                      ("index", (dict, type(None)))):
+                      ("index", (dict, type(None))), ("gate", (dict, type(None)))):
         if key in manifest and not isinstance(manifest[key], kind):
             raise MemoryFormatError(f"{manifest_path}: field '{key}' has the wrong type "
                                     f"({type(manifest[key]).__name__}); the manifest was modified or corrupted." + REBUILD)
@@ -225,12 +235,16 @@ def read_folder(folder: str | os.PathLike[str]) -> SavedMemory:
         raise MemoryFormatError(f"{folder}: data files disagree with the manifest (count/dim/dtype)." + REBUILD)
     if [r.get("id") for r in records] != ids.tolist():
         raise MemoryFormatError(f"{folder}: records and embeddings list different ids." + REBUILD)
+    norms = tensors.get("norms")
+    if norms is not None and (norms.shape != (count,) or norms.dtype != torch.float32):
+        raise MemoryFormatError(f"{folder}: the stored norms disagree with the manifest's count." + REBUILD)
     next_id = manifest.get("next_id", 0)
     return SavedMemory(
         dtype=dtype_name, dim=int(dim) if dim is not None else None, embeddings=emb.contiguous(), ids=ids.tolist(),
         texts=[str(r["text"]) for r in records], metadata=[dict(r.get("metadata") or {}) for r in records],
         next_id=next_id if isinstance(next_id, int) else 0, encoder=manifest.get("encoder"),
         info=dict(manifest.get("info") or {}), index=manifest.get("index"), index_bytes=blobs.get("index"),
+        norms=norms, gate=manifest.get("gate"),
     )
 
 

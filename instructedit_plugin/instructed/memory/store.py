@@ -1,4 +1,4 @@
-"""The instruction memory itself: texts, ids, metadata and unit embeddings, with search and selection.
+"""The instruction memory itself: texts, ids, metadata and unit embeddings (plus their raw norms), with search and selection.
 
 InstructEd (Han et al. 2024) edits by *instruction*: every requested edit is
 stored as a natural sentence ("The spouse of A is B."), and at inference time
@@ -156,6 +156,9 @@ class InstructionMemory:
             faiss_module(f"InstructionMemory(index={index!r})")
         self._dim: int | None = int(encoder.dim) if encoder is not None else None
         self._emb = torch.zeros(0, self._dim or 0, dtype=dtype)
+        # Norms of the unnormalised embeddings (float32, one per row; for the gate's ``score="dot"``).
+        # None after loading a folder saved before they were kept.
+        self._norms: torch.Tensor | None = torch.zeros(0)
         self._count = 0
         self._texts: list[str] = []
         self._meta: list[dict[str, Any]] = []
@@ -166,6 +169,9 @@ class InstructionMemory:
         self._index: Any = None  # built on the first search
         #: JSON-serialisable notes saved in the manifest (e.g. the editing hparams); see :meth:`save`.
         self.info: dict[str, Any] = {}
+        #: The gate calibrated for this memory (``threshold`` plus ``score``/``std``/``pad``/``top_k`` and the
+        #: calibration's figures), saved in the manifest as ``gate``; None until ``calibrate-gate`` sets it.
+        self.gate_calibration: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -217,6 +223,11 @@ class InstructionMemory:
         return self._search_index().kind
 
     @property
+    def norms(self) -> torch.Tensor | None:
+        """``[len]`` float32 norms of the unnormalised embeddings (None: not known, see :meth:`load`)."""
+        return None if self._norms is None else self._norms[: self._count]
+
+    @property
     def embeddings(self) -> torch.Tensor:
         """``[len, dim]`` stored embeddings in the storage dtype (a read-only view: do not modify)."""
         return self._emb[: self._count]
@@ -247,8 +258,12 @@ class InstructionMemory:
         if embeddings is None:
             if self.encoder is None:
                 raise PluginError("add(): this memory has no encoder; pass embeddings=... or give an encoder")
-            embeddings = self.encoder.encode(texts)
+            embeddings, raw_norms = self._encode(texts)
+        else:
+            raw_norms = None
         vectors = self._as_vectors(embeddings, "embeddings")
+        if raw_norms is None:
+            raw_norms = embeddings.detach().to("cpu", torch.float32).reshape(vectors.shape).norm(dim=1)
         if vectors.shape[0] != len(texts):
             raise RequestError(f"embeddings: {vectors.shape[0]} rows for {len(texts)} instructions")
         if vectors.shape[0] == 0:
@@ -261,6 +276,8 @@ class InstructionMemory:
             grown[: self._count] = self._emb[: self._count]
             self._emb = grown
         self._emb[self._count:need] = stored
+        if self._norms is not None:
+            self._norms = torch.cat([self._norms[: self._count], raw_norms.reshape(-1).to(torch.float32)])
         new_ids = list(range(self._next_id, self._next_id + len(texts)))
         for offset, item_id in enumerate(new_ids):
             self._row[item_id] = self._count + offset
@@ -289,6 +306,8 @@ class InstructionMemory:
         keep_rows = [r for r, item_id in enumerate(self._ids) if item_id not in drop]
         index = torch.tensor(keep_rows, dtype=torch.long)
         self._emb = self._emb[: self._count].index_select(0, index).contiguous()
+        if self._norms is not None:
+            self._norms = self._norms[: self._count].index_select(0, index).contiguous()
         self._texts = [self._texts[r] for r in keep_rows]
         self._meta = [self._meta[r] for r in keep_rows]
         self._ids = [self._ids[r] for r in keep_rows]
@@ -300,6 +319,7 @@ class InstructionMemory:
     def clear(self) -> None:
         """Remove every instruction (ids are still never reused by this object)."""
         self._emb = torch.zeros(0, self._dim or 0, dtype=self.dtype)
+        self._norms = torch.zeros(0)
         self._texts, self._meta, self._ids, self._row = [], [], [], {}
         self._count = 0
         self._reset_index()
@@ -336,17 +356,34 @@ class InstructionMemory:
             self._index.reset(self.embeddings)
         return self._index
 
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoder's vectors for ``texts`` and, when it can tell, the norms before its own normalisation
+        (an encoder whose model normalises its output has norms 1: its plain ``encode`` is used)."""
+        with_norms = getattr(self.encoder, "encode_with_norms", None)
+        if callable(with_norms) and not getattr(self.encoder, "normalizes_output", False):
+            return with_norms(texts)
+        return self.encoder.encode(texts), None
+
     def _queries(self, queries: Sequence[str] | str | torch.Tensor) -> torch.Tensor:
+        return self._queries_with_norms(queries)[0]
+
+    def _queries_with_norms(self, queries: Sequence[str] | str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit query vectors ``[q, dim]`` and the norms ``[q]`` of the unnormalised ones."""
         if isinstance(queries, torch.Tensor):
-            return self._as_vectors(queries, "queries")
-        if isinstance(queries, str):
-            queries = [queries]
-        texts = check_texts(queries, "queries")
-        if self.encoder is None:
-            raise PluginError("search(): this memory has no encoder; pass query embeddings as a tensor")
-        if not texts:
-            return torch.zeros(0, self._dim or 0)
-        return self._as_vectors(self.encoder.encode(texts), "queries")
+            raw, norms = queries, None
+        else:
+            if isinstance(queries, str):
+                queries = [queries]
+            texts = check_texts(queries, "queries")
+            if self.encoder is None:
+                raise PluginError("search(): this memory has no encoder; pass query embeddings as a tensor")
+            if not texts:
+                return torch.zeros(0, self._dim or 0), torch.zeros(0)
+            raw, norms = self._encode(texts)
+        unit = self._as_vectors(raw, "queries")
+        if norms is None:
+            norms = raw.detach().to("cpu", torch.float32).reshape(unit.shape).norm(dim=1)
+        return unit, norms.reshape(-1).to(torch.float32)
 
     def _id_map(self) -> torch.Tensor:
         if self._ids_tensor is None:
@@ -371,54 +408,90 @@ class InstructionMemory:
         return scores, self._id_map()[rows]
 
     # ------------------------------------------------------------------ selection (the gate)
-    def select(self, query: str | torch.Tensor, gate: float | None = DEFAULT_GATE, top_k: int = DEFAULT_TOP_K, *,
-               exclude: Iterable[int] = (), pad_score: float | None = 0.0, unbiased: bool = False
-               ) -> SelectedInstruction | None:
+    def select(self, query: str | torch.Tensor, gate: float | None | StdGate = DEFAULT_GATE,
+               top_k: int = DEFAULT_TOP_K, *, exclude: Iterable[int] = (), pad_score: float | None = 0.0,
+               unbiased: bool = False, score: str = "cosine") -> SelectedInstruction | None:
         """The top-1 instruction for ``query`` if the gate opens, else None (answer unedited).
 
         The gate opens when the std of the ``top_k`` best scores exceeds ``gate``
-        (see :mod:`.gate` for the std form and small memories). Ids in
-        ``exclude`` are skipped as if they were not stored.
+        (see :mod:`.gate` for the std form, small memories and ``score``). ``gate``
+        may be a :class:`~.gate.StdGate`, which then replaces ``top_k``,
+        ``pad_score``, ``unbiased`` and ``score``. Ids in ``exclude`` are skipped
+        as if they were not stored.
         """
         if isinstance(query, torch.Tensor) and query.dim() == 2 and query.shape[0] != 1:
             raise RequestError("select(): one query at a time; use select_many() for a batch")
         return self.select_many([query] if isinstance(query, str) else query, gate, top_k,
-                                exclude=[exclude], pad_score=pad_score, unbiased=unbiased)[0]
+                                exclude=[exclude], pad_score=pad_score, unbiased=unbiased, score=score)[0]
 
-    def select_many(self, queries: Sequence[str] | torch.Tensor, gate: float | None = DEFAULT_GATE,
+    def select_many(self, queries: Sequence[str] | torch.Tensor, gate: float | None | StdGate = DEFAULT_GATE,
                     top_k: int = DEFAULT_TOP_K, *, exclude: Sequence[Iterable[int]] | None = None,
-                    pad_score: float | None = 0.0, unbiased: bool = False) -> list[SelectedInstruction | None]:
+                    pad_score: float | None = 0.0, unbiased: bool = False, score: str = "cosine"
+                    ) -> list[SelectedInstruction | None]:
         """:meth:`select` for a batch: one encoder call and one search for all queries.
 
         ``exclude`` is None or one iterable of ids per query.
         """
-        std_gate = StdGate(gate, top_k, pad_score, unbiased)
-        q = self._queries(queries)
-        n_q = q.shape[0]
-        excluded = [set() for _ in range(n_q)] if exclude is None else [{int(i) for i in e} for e in exclude]
-        if len(excluded) != n_q:
-            raise RequestError(f"exclude: {len(excluded)} entries for {n_q} queries")
-        if self._count == 0 or n_q == 0:
-            return [None] * n_q
-        k = min(self._count, top_k + max(len(e) for e in excluded))
-        scores, ids = self.search(q, k)
+        std_gate = gate if isinstance(gate, StdGate) else StdGate(gate, top_k, pad_score, unbiased, score)
+        top_k = std_gate.top_k
         out: list[SelectedInstruction | None] = []
-        for i in range(n_q):
-            keep = [j for j, item_id in enumerate(ids[i].tolist()) if item_id not in excluded[i]][:top_k]
-            if not keep:
+        for i, (item_id, top) in enumerate(self.candidates(queries, std_gate, exclude=exclude)):
+            if item_id is None:
                 out.append(None)
                 continue
-            top = scores[i, keep]
             spread = std_gate.spread(top)
             if not std_gate.opens(spread):
                 out.append(None)
                 continue
-            item_id = int(ids[i, keep[0]])
             row = self._row[item_id]
             out.append(SelectedInstruction(
                 id=item_id, text=self._texts[row], score=float(top[0]), spread=spread,
                 metadata=copy.deepcopy(self._meta[row]), top_scores=tuple(float(s) for s in top),
             ))
+        return out
+
+    def gate_spreads(self, queries: Sequence[str] | torch.Tensor, gate: StdGate) -> tuple[list[float], list[int | None]]:
+        """The gate statistic of ``gate`` (its threshold unused) and the top-1 id for each query (one batch)."""
+        spreads, top1 = [], []
+        for item_id, top in self.candidates(queries, gate):
+            spreads.append(gate.spread(top) if item_id is not None else 0.0)
+            top1.append(item_id)
+        return spreads, top1
+
+    def candidates(self, queries: Sequence[str] | torch.Tensor, gate: StdGate, *,
+                   exclude: Sequence[Iterable[int]] | None = None) -> list[tuple[int | None, torch.Tensor]]:
+        """For each query: the top-1 id and the (at most ``gate.top_k``) best scores the gate measures, best first.
+
+        The scores are cosine, or dot products for ``gate.score == "dot"`` (candidates re-ranked by dot
+        product among the ``4 * top_k`` best by cosine). ``(None, empty)`` when nothing is left.
+        """
+        top_k = gate.top_k
+        dot = gate.score == "dot"
+        if dot and self._norms is None:
+            raise RequestError("gate_score: 'dot' needs the norms of the stored embeddings, which this memory "
+                               "(saved by an older version) does not have. Fix: rebuild the memory (add the "
+                               "instructions again and save), or use gate_score: cosine")
+        q, q_norms = self._queries_with_norms(queries)
+        n_q = q.shape[0]
+        excluded = [set() for _ in range(n_q)] if exclude is None else [{int(i) for i in e} for e in exclude]
+        if len(excluded) != n_q:
+            raise RequestError(f"exclude: {len(excluded)} entries for {n_q} queries")
+        if self._count == 0 or n_q == 0:
+            return [(None, torch.zeros(0))] * n_q
+        k = min(self._count, (4 * top_k if dot else top_k) + max(len(e) for e in excluded))
+        scores, ids = self.search(q, k)
+        if dot:
+            rows = torch.tensor([[self._row[int(i)] for i in line] for line in ids.tolist()], dtype=torch.long)
+            scores = scores * q_norms[:, None] * self.norms[rows]
+            order = scores.argsort(dim=1, descending=True, stable=True)
+            scores, ids = scores.gather(1, order), ids.gather(1, order)
+        out: list[tuple[int | None, torch.Tensor]] = []
+        for i in range(n_q):
+            keep = [j for j, item_id in enumerate(ids[i].tolist()) if item_id not in excluded[i]][:top_k]
+            if not keep:
+                out.append((None, torch.zeros(0)))
+                continue
+            out.append((int(ids[i, keep[0]]), scores[i, keep]))
         return out
 
     # ------------------------------------------------------------------ multi-hop (see ..chains)
@@ -464,7 +537,8 @@ class InstructionMemory:
             metadata=self._meta, next_id=self._next_id, encoder=identity, info=self.info,
             index={"kind": self.index_kind, "faiss_threshold": self.faiss_threshold,
                    "ivf_nlist": self.ivf_params["nlist"], "ivf_nprobe": self.ivf_params["nprobe"]},
-            index_bytes=index_bytes,
+            index_bytes=index_bytes, norms=None if self._norms is None else self.norms.contiguous().clone(),
+            gate=copy.deepcopy(self.gate_calibration),
         )
         return persistence.write_folder(folder, saved)
 
@@ -508,6 +582,8 @@ class InstructionMemory:
         memory._row = {item_id: r for r, item_id in enumerate(memory._ids)}
         memory._next_id = max(saved.next_id, max(memory._ids, default=-1) + 1)
         memory.info = dict(saved.info or {})
+        memory._norms = None if saved.norms is None else saved.norms.to(torch.float32).contiguous()
+        memory.gate_calibration = copy.deepcopy(saved.gate)
         if kind == "ivf" and saved.index_bytes is not None:
             memory._index = make_index("ivf", memory._dim, **memory.ivf_params)
             try:
