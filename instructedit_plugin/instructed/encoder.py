@@ -287,13 +287,7 @@ class SentenceEncoder:
 
         One call runs ``ceil(len / batch_size)`` forward passes. An empty list gives ``[0, dim]``.
         """
-        if isinstance(texts, str):
-            raise TypeError("encode() takes a list of strings; wrap a single text in a list")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"encode(): item {i} is {type(text).__name__}, expected str")
-        return torch.nn.functional.normalize(self._raw(texts), p=2.0, dim=1)
+        return torch.nn.functional.normalize(self._raw(texts), p=2.0, dim=1)  # _raw checks the texts
 
     def _raw(self, texts: Sequence[str]) -> torch.Tensor:
         """The model's output for ``texts`` (float32 CPU ``[len, dim]``, not normalised here)."""
