@@ -241,7 +241,7 @@ def test_one_edit_reaches_its_prompt_and_its_rephrase(one_edit_figures):
 
 @pytest.mark.xfail(strict=True, reason="issue #13 item 4, open: other subjects keep their answer only ~16-29% of "
                    "the time after one edit (an editor trading rewrite for locality reaches >=90% locality only "
-                   "with rewrite <=25%); see the report of branch iewf")
+                   "with rewrite <=25%); measurements in the closing note of stop 17")
 def test_one_edit_leaves_the_other_subjects_answers_alone(one_edit_figures):
     for task, f in one_edit_figures.items():
         assert f["locality"] >= 0.9, (task, f)
