@@ -109,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "python": platform.python_version()},
               "setup": "git clone with no ../shared, new virtualenv, empty INSTRUCTEDIT_CACHE, INSTRUCTEDIT_DATA_DIR unset",
               "runs": rows, "date": today(), "command": command_line("benchmarks/demo_timing.py", argv)}
-    if notes:
-        result["notes"] = notes
-    print(write_results(args.out, result, render_markdown, RESULT_KEYS))
+    print(write_results(args.out, result, render_markdown, RESULT_KEYS, notes))
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 

@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "gate_calibration", "encoder": encoder.name,
               "data": "counterfact/counterfact-train.json", "sizes": list(args.sizes), "rows": rows,
               "timing": timing, "load": load, "date": today(), "command": command}
-    if notes:
-        result["notes"] = notes
-    md_path = write_results(args.out, result, render_markdown, RESULT_KEYS)
+    md_path = write_results(args.out, result, render_markdown, RESULT_KEYS, notes)
     print(render_markdown(json.loads(json.dumps(result))))
     print(f"wrote {args.out} and {md_path}")
     return result

@@ -496,9 +496,7 @@ def main(argv=None) -> int:
         "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
         "base_query_ms": round(base_ms, 2), "latency_inputs": len(latency_requests), "retrieval_hits": hits,
     }
-    if notes:
-        out["notes"] = notes
-    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS)
+    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
     print(md_path.read_text(), end="")
     return 0
 

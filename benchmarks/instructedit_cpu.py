@@ -384,9 +384,7 @@ def main(argv=None) -> int:
         "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(time.time() - t_start, 1),
     }
-    if notes:
-        out["notes"] = notes
-    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS)
+    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
     LOG.info("wrote %s and %s in %.0f s", args.out, md_path, time.time() - t_start)
     return 0
 

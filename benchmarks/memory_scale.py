@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows, "targets": check_targets(rows),
         "date": today(), "command": command,
     }
-    if notes:
-        result["notes"] = notes
-    md_path = write_results(args.out, result, render_markdown, RESULT_KEYS)
+    md_path = write_results(args.out, result, render_markdown, RESULT_KEYS, notes)
     print(render_markdown(json.loads(json.dumps(result))))
     print(f"wrote {args.out} and {md_path}")
     return result

@@ -95,10 +95,13 @@ def dump_json(out: Mapping[str, Any]) -> str:
     return json.dumps(out, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
-def write_results(out_path: str | Path, out: Mapping[str, Any], render: Callable[[Mapping[str, Any]], str],
-                  allowed: Iterable[str]) -> Path:
+def write_results(out_path: str | Path, out: dict[str, Any], render: Callable[[Mapping[str, Any]], str],
+                  allowed: Iterable[str], notes: str | None = None) -> Path:
     """Write ``<out>.json`` and, rendered from it, ``<out>.md`` (each crash-safely, through
-    :mod:`instructedit_plugin.core.durable`); returns the markdown's path."""
+    :mod:`instructedit_plugin.core.durable`); returns the markdown's path. Non-empty ``notes`` (the text
+    of ``--notes``) become ``out["notes"]`` first."""
+    if notes:
+        out["notes"] = notes
     extra = unknown_keys(out, allowed)
     if extra:
         raise ValueError(f"{out_path}: keys this script does not write: {', '.join(extra)}")

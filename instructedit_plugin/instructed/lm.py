@@ -433,7 +433,6 @@ class InstructedLM(nn.Module):
         elif self.instruction_cache is not None and self.use_prefixes and not torch.is_grad_enabled():
             logits = self._forward_cached(input_ids, attention_mask, rows, selections, chosen, kwargs)
         if logits is None:
-            plain = [i for i, s in enumerate(selections) if s is None]
             batch = self.build([rows[i] for i in chosen], [selections[i] for i in chosen])
             # Only the caller's positions reach the output layer: rows are left-padded, so they are
             # the last ``width`` columns (a contiguous gather; the instruction's logits are never read).
@@ -442,14 +441,8 @@ class InstructedLM(nn.Module):
             keep = torch.arange(total - width, total, device=batch.input_ids.device)
             out = self.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix,
                            logits_to_keep=keep)
-            logits = out.logits.new_zeros((*input_ids.shape, out.logits.shape[-1]))
-            if plain:
-                logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
-            for j, i in enumerate(chosen):
-                positions = attention_mask[i].bool().nonzero().flatten()
-                stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])
-                first = batch.question_start[j] - (1 if stripped else 0) - (total - width)
-                logits[i, positions] = out.logits[j, first : first + len(positions)]
+            logits = self._caller_logits(out.logits, [q - (total - width) for q in batch.question_start],
+                                         input_ids, attention_mask, rows, selections, chosen, kwargs)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -493,16 +486,25 @@ class InstructedLM(nn.Module):
                 out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                  position_ids=inputs["position_ids"], past_key_values=inputs["past_key_values"],
                                  use_cache=False, logits_to_keep=keep)
-        logits = out.logits.new_zeros((*input_ids.shape, out.logits.shape[-1]))
+        starts = [inputs["tail_start"][j] + len(tails[j]) - len(self.template.strip_bos(rows[i])) - (total - width)
+                  for j, i in enumerate(chosen)]
+        return self._caller_logits(out.logits, starts, input_ids, attention_mask, rows, selections, chosen, kwargs)
+
+    def _caller_logits(self, kept: torch.Tensor, question_starts: list[int], input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor, rows: list[list[int]], selections: list[Selection | None],
+                       chosen: list[int], kwargs: dict) -> torch.Tensor:
+        """Logits of the caller's shape: the instructed rows' ``kept`` logits (``question_starts[j]``: the
+        column of row ``chosen[j]``'s first question token in them) moved onto the caller's positions, the
+        rows without instruction from the plain base model, zeros at padding."""
+        logits = kept.new_zeros((*input_ids.shape, kept.shape[-1]))
         plain = [i for i, s in enumerate(selections) if s is None]
         if plain:
             logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
         for j, i in enumerate(chosen):
             positions = attention_mask[i].bool().nonzero().flatten()
-            stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])
-            question_start = inputs["tail_start"][j] + len(tails[j]) - len(self.template.strip_bos(rows[i]))
-            first = question_start - (1 if stripped else 0) - (total - width)
-            logits[i, positions] = out.logits[j, first : first + len(positions)]
+            stripped = len(self.template.strip_bos(rows[i])) != len(rows[i])  # the caller's BOS: the token before
+            first = question_starts[j] - (1 if stripped else 0)
+            logits[i, positions] = kept[j, first : first + len(positions)]
         return logits
 
     @torch.no_grad()
