@@ -220,7 +220,7 @@ def test_ivf_index_recall_at_default_parameters():
     memory = InstructionMemory(None, index="ivf")
     memory.add([f"t{i}" for i in range(20000)], embeddings=vecs)
     scores, ids = memory.search(q, 5)
-    assert memory.active_index == "ivf" and memory._index.nlist == 500 and memory._index.nprobe == 11
+    assert memory.active_index == "ivf" and memory._index.nlist == 500 and memory._index.nprobe == 15
     recall = memory_index.recall_at_1(memory._index, q, memory.embeddings)
     assert recall >= 0.99, recall
     exact_at_ids = (q[:, None, :] * vecs[ids]).sum(-1)  # the returned scores are exact cosines of the returned ids

@@ -91,8 +91,13 @@ def ivf_cells(count: int) -> int:
 
 
 def ivf_probes(nlist: int) -> int:
-    """Default number of cells searched per query: ``sqrt(nlist) / 2``, at least 8 (16 of 1,024 cells)."""
-    return max(8, round(math.sqrt(nlist) / 2))
+    """Default number of cells searched per query: one cell in 32, at least 8 (32 of 1,024 cells, 128 of 4,096).
+
+    A fixed fraction rather than ``sqrt(nlist)``: at a million entries (4,096 cells) the neighbours of a query
+    spread over more cells, and ``sqrt(nlist) / 2`` = 32 probes found the exact top-1 for only 97.4% of queries
+    (``benchmarks/memory_scale.py``); 128 probes reach 99.6% at under 2 ms per query on one thread.
+    """
+    return max(8, nlist // 32)
 
 
 def dense_scores(q: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
