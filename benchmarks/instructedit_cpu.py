@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
     p.add_argument("--budget_minutes", type=float, default=15.0, help="CPU training budget for all editors together")
+    p.add_argument("--max_iters", type=int, default=None,
+                   help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
     p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
     p.add_argument("--max_pairs", type=int, default=4, help="locality/portability prompts scored per key and record")
@@ -227,7 +229,8 @@ def render_markdown(out: dict) -> str:
         f"- model: {out['model']}; edited weights: {', '.join(out['inner_params'])}",
         (f"- editor: rank {args['rank']}, lr {args['lr']}, edit_lr {args['edit_lr']}, lr_lr {args['lr_lr']}, "
          f"cedit {args['cedit']}, cloc {args['cloc']}, batch 1, Adam; trainer: InstructEditTrainer with answer_logits=True (answer-position logits)"),
-        f"- CPU budget {args['budget_minutes']} min ({args['threads']} thread(s)): {out['train_steps']} steps per editor; "
+        (f"- {args['max_iters']} steps per editor (step count; {args['threads']} thread(s)): " if args.get("max_iters") else
+         f"- CPU budget {args['budget_minutes']} min ({args['threads']} thread(s)): {out['train_steps']} steps per editor; ")
         + "; ".join(f"{name}: {r['wall_s']:.0f} s ({r['seconds_per_step']:.2f} s/step), tasks {r['tasks']}"
                     for name, r in out["runs"].items()),
         (f"- training data: {out['train_records']} (CounterFact: counterfact-train.json minus test "
@@ -327,12 +330,19 @@ def main(argv=None) -> int:
     library = load_instructions(cfg.instructions)
 
     budget_s = 60.0 * args.budget_minutes
-    LOG.info("CPU training budget: %.1f minutes for all editors (InstructEdit gets half; baselines the same step count)",
-             args.budget_minutes)
+    if args.max_iters:
+        LOG.info("every editor trains %d steps", args.max_iters)
+    else:
+        LOG.info("CPU training budget: %.1f minutes for all editors (InstructEdit gets half; baselines the same step count)",
+                 args.budget_minutes)
     runs = {}
     cfg.results_dir = str(Path(args.work_dir) / "instructedit")
-    runs["instructedit"] = train_editor(cfg, train, tok, model, use_instructions=True, val_size=4,
-                                        calibrate_steps=3, budget_s=budget_s / (2.0 if not args.no_single_task else 1.6))
+    if args.max_iters:  # a step count: the same figures on a loaded machine
+        cfg.max_iters = args.max_iters
+        runs["instructedit"] = train_editor(cfg, train, tok, model, use_instructions=True, val_size=4)
+    else:
+        runs["instructedit"] = train_editor(cfg, train, tok, model, use_instructions=True, val_size=4,
+                                            calibrate_steps=3, budget_s=budget_s / (2.0 if not args.no_single_task else 1.6))
     steps = int(runs["instructedit"]["steps"])
     LOG.info("instructedit: %d steps, %.1fs (%.2fs/step)", steps, runs["instructedit"]["train_time_s"],
              runs["instructedit"]["seconds_per_step"])
