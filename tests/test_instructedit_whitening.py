@@ -104,3 +104,20 @@ def test_locality_inputs_enter_the_statistic_only_while_training(tmp_path):
     loss = editor.edit_loss_fn(cfg, edited(**loc), loc["labels"])["nll"]
     loss.backward()
     assert all(p.grad is not None for p in editor.hypernet.parameters() if p.requires_grad and p.dim() == 2)
+
+
+def test_an_untrained_whitening_editor_returns_the_raw_input_key_times_the_whitener():
+    """Untrained, the residual blocks are the identity: the key is the standardised input taken back
+    to input coordinates (the raw ``u``), whitened; the value is the standardised ``delta``."""
+    g = torch.Generator().manual_seed(2)
+    rows, _ = _inputs(g)
+    net = InstructEditHypernet([SPEC], rank=4, norm=True, key_whitening=True)
+    net.train()
+    net.pseudo_gradient(SPEC, rows, torch.randn(rows.shape[0], 8, generator=g))
+    net.eval()
+    u, d = rows[:3], torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        grad = net.pseudo_gradient(SPEC, u, d)
+    factor_net = net.nets[SPEC.shape_key]
+    expected = factor_net.d_norm(d).T @ (u @ net.key_moments["layer__weight"].whitener())
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-4)
