@@ -175,6 +175,25 @@ def _capture(model: nn.Module, specs: Sequence[LayerSpec]):
             handle.remove()
 
 
+@contextlib.contextmanager
+def observed_inputs(model: nn.Module, hypernet: InstructEditHypernet, specs: Sequence[LayerSpec],
+                    attention_mask: torch.Tensor | None):
+    """While training with ``key_whitening``: the edited layers' inputs at the real tokens of the
+    forward passes in the block go into the hypernetwork's second moments (the inputs an edit must
+    leave alone, e.g. locality prompts, as ROME/MEMIT estimate ``C`` from ordinary text)."""
+    if not (hypernet.whitening and hypernet.training):
+        yield
+        return
+    with _capture(model, specs) as store:
+        yield
+    for spec in specs:
+        for u, _ in store[spec.name]:
+            u = u.detach()
+            rows = u[attention_mask.bool()] if attention_mask is not None and attention_mask.shape == u.shape[:2] \
+                else u.reshape(-1, u.shape[-1])
+            hypernet.observe_inputs(spec.name, rows)
+
+
 def left_pad(enc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Right-padded :func:`~.dataset.encode_pairs` rows turned left-padded, with explicit ``position_ids``.
 
@@ -320,6 +339,8 @@ class InstructEditModel(nn.Module):
                 act=str(getattr(config, "act", "relu")),
                 norm=bool(getattr(config, "norm", True)),
                 shared=bool(getattr(config, "shared", True)),
+                key_whitening=bool(getattr(config, "key_whitening", False)),
+                whitening_ridge=float(getattr(config, "whitening_ridge", 0.01)),
             )
         self.hypernet = hypernet
         if edit_lrs is None:
@@ -336,7 +357,10 @@ class InstructEditModel(nn.Module):
 
     # ----------------------------------------------------------- EasyEdit API
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _logits(self.model(*args, **model_inputs(kwargs)))
+        """The base model's logits; while training with ``key_whitening`` its inputs are observed
+        (EasyEdit's trainers and the plugin's run the pre-edit locality batch through here)."""
+        with observed_inputs(self.model, self.hypernet, self.specs, kwargs.get("attention_mask")):
+            return _logits(self.model(*args, **model_inputs(kwargs)))
 
     def outer_parameters(self) -> list[nn.Parameter]:
         """Hypernetwork parameters and the edit lrs (EasyEdit's EditTrainer also gives ``edit_lrs`` to its lr optimiser)."""

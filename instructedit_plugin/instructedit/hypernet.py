@@ -17,6 +17,14 @@ apart):
    ``z + B act(A z)``; ``B`` starts at zero, so an untrained editor returns the
    normalised gradient factors unchanged,
 3. split back into ``u~`` and ``delta~``.
+
+``key_whitening`` (an option, not in the paper; default off): the key ``u~`` is taken back to
+the layer's input coordinates (undoing step 1) and right-multiplied by
+``(C / (tr C / d) + ridge I)^-1``, ``C`` the running uncentred second moment of the layer's
+inputs (edit rows, and while training the locality inputs the trainers pass through
+:meth:`InstructEditHypernet.observe_inputs`), as ROME/MEMIT precondition their keys with ``C^-1``.
+An update keyed on one input then moves inputs sharing its common direction less. ``C`` is
+stored with the editor (buffers ``key_moments.*``).
 """
 from __future__ import annotations
 
@@ -73,11 +81,52 @@ class RunningStandardizer(nn.Module):
         self.m2 += m2_b + delta**2 * (n_a * n_b / total)
         self.count.fill_(total)
 
+    def _std(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.m2 / (self.count - 1)).clamp_min(0).sqrt().to(dtype) + self.eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.count < 2:
             return x
-        std = (self.m2 / (self.count - 1)).clamp_min(0).sqrt().to(x.dtype)
-        return (x - self.mean.to(x.dtype)) / (std + self.eps)
+        return (x - self.mean.to(x.dtype)) / self._std(x.dtype)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Back from standardised to input coordinates (the inverse of :meth:`forward`)."""
+        if self.count < 2:
+            return z
+        return z * self._std(z.dtype) + self.mean.to(z.dtype)
+
+
+class RunningSecondMoment(nn.Module):
+    """Running uncentred second moment ``E[u u^T]`` of an edited layer's inputs, and the whitening
+    matrix ``(C / (tr C / d) + ridge I)^-1`` made from it (cached until the statistic changes)."""
+
+    def __init__(self, dim: int, ridge: float):
+        super().__init__()
+        self.ridge = float(ridge)
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("moment", torch.zeros(dim, dim, dtype=torch.float64))
+        self._cache: tuple[float, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        x = x.detach().to(torch.float64)
+        self.moment += x.transpose(0, 1) @ x
+        self.count += x.shape[0]
+
+    def whitener(self) -> torch.Tensor | None:
+        """``None`` until inputs were seen."""
+        count = float(self.count)
+        if count < 1:
+            return None
+        if self._cache is None or self._cache[0] != count or self._cache[1].device != self.moment.device:
+            dim = self.moment.shape[0]
+            second = self.moment / count
+            second = second / (torch.diagonal(second).sum() / dim).clamp_min(1e-30)
+            eye = torch.eye(dim, dtype=second.dtype, device=second.device)
+            self._cache = (count, torch.linalg.inv(second + self.ridge * eye).float())
+        return self._cache[1]
 
 
 class LowRankResidual(nn.Module):
@@ -130,12 +179,16 @@ class InstructEditHypernet(nn.Module):
     """All factor networks of one editor, addressed by the edited parameter's name."""
 
     def __init__(self, layers: Sequence[LayerSpec], *, rank: int = 1920, n_blocks: int = 1, act: str = "relu",
-                 norm: bool = True, shared: bool = True):
+                 norm: bool = True, shared: bool = True, key_whitening: bool = False, whitening_ridge: float = 0.01):
         super().__init__()
         if act not in _ACTS:
             raise ValueError(f"unknown activation '{act}'; choose one of {sorted(_ACTS)}")
         self.layers = tuple(layers)
         self.config = {"rank": rank, "n_blocks": n_blocks, "act": act, "norm": norm, "shared": shared}
+        if key_whitening:
+            self.config.update(key_whitening=True, whitening_ridge=float(whitening_ridge))
+            self.key_moments = nn.ModuleDict({s.name.replace(".", "__"): RunningSecondMoment(s.in_dim, whitening_ridge)
+                                              for s in self.layers})
         self._route: dict[str, tuple[str, int]] = {}
         groups: dict[str, list[LayerSpec]] = {}
         for spec in self.layers:
@@ -152,9 +205,29 @@ class InstructEditHypernet(nn.Module):
         key, mode = self._route[name]
         return self.nets[key](u, d, mode)
 
+    @property
+    def whitening(self) -> bool:
+        return bool(self.config.get("key_whitening"))
+
+    def observe_inputs(self, name: str, u: torch.Tensor) -> None:
+        """Add rows of layer ``name``'s inputs (e.g. of the locality prompts) to its second moment."""
+        if self.whitening and self.training:
+            self.key_moments[name.replace(".", "__")].update(u)
+
     def pseudo_gradient(self, spec: LayerSpec, u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """The transformed gradient of ``spec``'s weight, in the weight's own layout."""
         u_t, d_t = self(spec.name, u, d)
+        if self.config.get("key_whitening"):
+            key, _ = self._route[spec.name]
+            net = self.nets[key]
+            if net.norm:  # the key back in the layer's input coordinates, where C was measured
+                u_t = net.u_norm.inverse(u_t)
+            moments = self.key_moments[spec.name.replace(".", "__")]
+            if self.training:
+                moments.update(u)
+            whitener = moments.whitener()
+            if whitener is not None:
+                u_t = u_t @ whitener.to(u_t.device)
         if spec.kind == "conv1d":
             return u_t.transpose(0, 1) @ d_t  # (in, out)
         return d_t.transpose(0, 1) @ u_t  # (out, in)

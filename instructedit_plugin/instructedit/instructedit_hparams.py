@@ -90,6 +90,11 @@ class InstructEditTrainingHparams(PluginHyperParams):
     norm: bool = hp_field(True, help="normalise u and delta with running statistics")
     shared: bool = hp_field(True, help="one network per weight shape, with per-layer scale/shift")
     edit_lr: float = hp_field(1e-4, min=0.0, help="initial per-layer edit learning rate")
+    key_whitening: bool = hp_field(False, help="not in the paper: right-multiply each pseudo-gradient by the inverse "
+                                   "second moment of the layer's inputs (ROME/MEMIT's C^-1 k), so an edit moves "
+                                   "inputs that share the edited input's common direction less (locality)")
+    whitening_ridge: float = hp_field(0.01, min=0.0, help="ridge added to the trace-normalised second moment before "
+                                      "inverting it (key_whitening)")
 
     # Optimisation
     opt: str = hp_field("Adam")

@@ -54,6 +54,7 @@ from .editable import (
     kept_nll_metrics,
     kl_locality,
     left_pad,
+    observed_inputs,
     token_nll_metrics,
 )
 
@@ -126,6 +127,12 @@ class InstructEditTrainer(Trainer):
         self.resume_once()  # before DDP wraps the editor
         # What DDP wraps: the hypernetwork and edit lrs only (the frozen base model stays out of it).
         self.train_module, self.prepared_optimizer = self.runtime.prepare(_EditorTrainable(self), self.opt)
+        if self.runtime.num_processes > 1 and self.editor.hypernet.whitening:
+            from ..errors import HyperParamsError
+
+            raise HyperParamsError("key_whitening", f"is not synchronised across the {self.runtime.num_processes} "
+                                   "processes of accelerate launch", "train with one process or set key_whitening: false",
+                                   getattr(config, "_source", None))
         self._norm_sync = None
         if self.runtime.num_processes > 1 and self.editor.hypernet.config.get("norm", True):
             self._norm_sync = StandardizerSync(self.editor.hypernet, self.runtime)
@@ -145,7 +152,8 @@ class InstructEditTrainer(Trainer):
         self.editor.hypernet.train(training)
         if self.answer_logits:
             loc, outer = left_pad(batch["loc"]), left_pad(batch["edit_outer"])
-            with torch.no_grad():
+            editor = self.editor
+            with torch.no_grad(), observed_inputs(editor.model, editor.hypernet, editor.specs, loc["attention_mask"]):
                 pre_loc, loc_targ = answer_logits(self.editor.model, None, loc)
             new_weights, info = self._edit(batch)
             with torch.set_grad_enabled(training):
