@@ -482,9 +482,9 @@ def render_markdown(out: dict) -> str:
                      f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
     lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
     for r in lat["rows"]:
-        if r["variant"] == "question_rows" and r["embedding_cache"]:
+        if r["reweight_mode"] == "question_rows" and r["embedding_cache"]:
             q = r["query_ratio"]
-            lines.append(f"| question_rows {r['source']}: query <= 1.1 x unedited | {'yes' if q[0] <= 1.1 else 'no'} | "
+            lines.append(f"| {r['variant']} {r['source']}: query <= 1.1 x unedited | {'yes' if q[0] <= 1.1 else 'no'} | "
                          f"{q[0]:.2f}x [{q[1]:.2f}, {q[2]:.2f}] |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]

@@ -115,8 +115,10 @@ def test_tiny_recipe_trains_its_steps_and_returns_a_loadable_archive(tiny_llama_
     from instructedit_plugin.instructed import InstructEdHyperParams
     from instructedit_plugin.instructed.checkpoint import load_checkpoint
 
-    kwargs = dict(config=BENCHMARK, steps=12, n_train=12, data_dir=tiny_data_dir, cache_dir=tmp_path, dtype="float32",
-                  progress=False, model_dir=tiny_llama_dir, val_interval=6)
+    from instructedit_plugin.instructed.recipes import BENCHMARK_CF_ZSRE  # three sources: enough tiny-data edits
+
+    kwargs = dict(config=BENCHMARK_CF_ZSRE, steps=12, n_train=12, data_dir=tiny_data_dir, cache_dir=tmp_path,
+                  dtype="float32", progress=False, model_dir=tiny_llama_dir, val_interval=6)
     archive = train_embedded_prefixes(**kwargs)
     info = recipe_info(archive)
     assert info["steps"] == info["planned_steps"] == 12 and not info["stopped_by_budget"]

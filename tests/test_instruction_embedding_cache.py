@@ -17,6 +17,8 @@ FACTS = ["The capital of France is Rome.", "Tim Cook leads Apple, a company in C
 class CountingEncoder:
     """The default sentence encoder, recording every text it encodes."""
 
+    cosine_from_encode = True
+
     def __init__(self):
         self.inner = load_encoder("default")
         self.identity = self.inner.identity
@@ -89,8 +91,10 @@ def test_the_cache_is_bounded_and_bound_to_its_encoder():
     assert len(cache) == 1 and cache.misses == 4
     with pytest.raises(ValueError, match="max_entries.*Fix:"):
         InstructionEmbeddingCache(0)
-    # an encoder with only cosine() (no encode) gets no cache
+    # an encoder with only cosine(), or whose cosine is not its encode()'s dot product, gets no cache
     assert not InstructionEmbeddingCache.usable(type("OnlyCosine", (), {"cosine": lambda self, a, b: None})())
+    assert not InstructionEmbeddingCache.usable(type("OwnCosine", (), {"encode": lambda self, t: None})())
+    assert InstructionEmbeddingCache.usable(encoder.inner)
 
 
 def test_editing_keeps_the_embedding_cache_across_edits(instructed_world):

@@ -49,8 +49,10 @@ class InstructionEmbeddingCache:
 
     @staticmethod
     def usable(encoder: Any) -> bool:
-        """Whether ``encoder`` can fill the cache (it has ``encode(texts) -> [n, dim]`` unit rows)."""
-        return callable(getattr(encoder, "encode", None))
+        """Whether ``encoder``'s ``cosine`` may be computed from cached ``encode`` rows: it has ``encode(texts)
+        -> [n, dim]`` unit rows and says its ``cosine`` is their dot product (``cosine_from_encode``, as
+        :class:`~.encoder.SentenceEncoder` does). Any other encoder keeps its own ``cosine``."""
+        return callable(getattr(encoder, "encode", None)) and bool(getattr(encoder, "cosine_from_encode", False))
 
     def vectors(self, encoder: Any, texts: Sequence[str]) -> torch.Tensor:
         """Float32 ``[len(texts), dim]`` unit embeddings; each missing text is encoded alone and kept."""

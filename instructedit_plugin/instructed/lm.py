@@ -262,8 +262,9 @@ class InstructedLM(nn.Module):
             shared :class:`~.instruction_cache.InstructionKVCache`; ``None``: 1024 in mode ``question_rows``
             (where reuse is exact), else 0 (off).
         embedding_cache: instructions whose sentence embeddings are kept for ``sim`` (:mod:`.embedding_cache`),
-            or a shared :class:`~.embedding_cache.InstructionEmbeddingCache`; ``None``: 4096 when the encoder has
-            ``encode``; 0: off (question and instruction encoded together at every query). In mode ``none``
+            or a shared :class:`~.embedding_cache.InstructionEmbeddingCache`; ``None``: 4096 when the encoder's
+            ``cosine`` is its ``encode`` rows' dot product (``cosine_from_encode``: the sentence encoder); 0: off
+            (question and instruction encoded together at every query). In mode ``none`` and without prefixes
             ``sim`` is unused and never computed.
 
     Attribute access that the wrapper does not define (``config``, ``generation_config``,
