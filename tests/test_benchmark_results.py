@@ -22,6 +22,7 @@ NOTES = REPO / "benchmarks" / "notes"
 #: results stem -> the script that writes it
 SCRIPTS = {
     "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
+    "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",

@@ -341,7 +341,7 @@ def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(t
     assert out["model"] == f"{tiny_llama_dir} (float32)" and out["args"]["model_dir"] == str(tiny_llama_dir)
     # the recipe trained exactly the requested steps, here, into the test's cache
     assert out["recipe"]["steps"] == steps == out["recipe"]["planned_steps"] and not out["recipe"]["stopped_by_budget"]
-    assert out["recipe"]["config"]["name"] == "benchmark-quick" and out["train_edits"] > 0
+    assert out["recipe"]["config"]["name"] == "benchmark-cf-quick" and out["train_edits"] > 0
     assert list((tmp_path / "cache").glob("instructed_recipes/*/results/best/manifest.json"))
     # every method edited every record (a failing record is counted in errors, not in n)
     assert out["errors"] == {}

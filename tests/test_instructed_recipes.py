@@ -115,8 +115,10 @@ def test_tiny_recipe_trains_its_steps_and_returns_a_loadable_archive(tiny_llama_
     from instructedit_plugin.instructed import InstructEdHyperParams
     from instructedit_plugin.instructed.checkpoint import load_checkpoint
 
-    kwargs = dict(config=BENCHMARK, steps=12, n_train=12, data_dir=tiny_data_dir, cache_dir=tmp_path, dtype="float32",
-                  progress=False, model_dir=tiny_llama_dir, val_interval=6)
+    from instructedit_plugin.instructed.recipes import BENCHMARK_CF_ZSRE  # three sources: enough tiny-data edits
+
+    kwargs = dict(config=BENCHMARK_CF_ZSRE, steps=12, n_train=12, data_dir=tiny_data_dir, cache_dir=tmp_path,
+                  dtype="float32", progress=False, model_dir=tiny_llama_dir, val_interval=6)
     archive = train_embedded_prefixes(**kwargs)
     info = recipe_info(archive)
     assert info["steps"] == info["planned_steps"] == 12 and not info["stopped_by_budget"]
@@ -209,3 +211,36 @@ def test_safety_cap_is_recorded_and_the_next_call_resumes_to_the_same_prefixes(t
     info = recipe_info(resumed)
     assert info["steps"] == steps and not info["stopped_by_budget"]
     _assert_identical(_prefix_tensors(full), _prefix_tensors(resumed))
+
+
+def test_benchmark_recipe_keeps_zsre_unseen_and_the_cf_zsre_option_trains_on_it(shared_data_dir):
+    """The benchmark's default recipe is the paper's protocol: CounterFact only, ZsRE never trained on."""
+    from instructedit_plugin.instructed.recipes import BENCHMARK_CF_ZSRE, RECIPES, recipe_files
+
+    assert RECIPES["benchmark-cf"] is BENCHMARK and RECIPES["benchmark-cf-zsre"] is BENCHMARK_CF_ZSRE
+    assert not any("zsre" in f for f in recipe_files(BENCHMARK) if f not in EVAL_FILES.values())
+    evaluation = evaluation_records(shared_data_dir)
+    train, val, stats = training_split(BENCHMARK, shared_data_dir, evaluation=evaluation)
+    assert {r["recipe_source"] for r in train + val} == {"counterfact_train", "counterfact_ins"}
+    assert len(train) == BENCHMARK.n_train and all(r.get("case_id") is not None for r in train + val)
+    _assert_disjoint(train + val, evaluation)
+    other, _, _ = training_split(BENCHMARK_CF_ZSRE, shared_data_dir, evaluation=evaluation)
+    assert sum(r["recipe_source"] == "zsre_ins" for r in other) >= BENCHMARK_CF_ZSRE.n_train // 3 - 8
+    assert recipe_key(BENCHMARK, {"m": 1}) != recipe_key(BENCHMARK_CF_ZSRE, {"m": 1})
+
+
+def test_layer_block_last_trains_prefixes_on_the_last_third(tiny_llama_dir, tiny_data_dir, tmp_path):
+    from instructedit_plugin.errors import PluginError
+    from instructedit_plugin.instructed.checkpoint import load_checkpoint
+    from instructedit_plugin.instructed.prefix import default_prefix_layers, last_third_layers
+
+    assert last_third_layers(18) == list(range(12, 18)) and default_prefix_layers(18) == list(range(6, 12))
+    assert last_third_layers(32) == list(range(22, 32)) and last_third_layers(2) == [1]
+    kwargs = dict(config=BENCHMARK, steps=2, n_train=6, data_dir=tiny_data_dir, cache_dir=tmp_path, dtype="float32",
+                  progress=False, model_dir=tiny_llama_dir, val_interval=2)
+    last = load_checkpoint(train_embedded_prefixes(prefix_layers="last", **kwargs))
+    middle = load_checkpoint(train_embedded_prefixes(prefix_layers="middle", **kwargs))
+    assert list(last.bank.layers) == [3] and list(middle.bank.layers) == [1]  # 4 layers
+    assert recipe_info(last.folder)["recipe"]["prefix_layers"] == "last"
+    with pytest.raises(PluginError, match="prefix_layers 'first'.*Fix:"):
+        train_embedded_prefixes(prefix_layers="first", **kwargs)

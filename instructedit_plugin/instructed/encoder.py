@@ -226,6 +226,10 @@ class SentenceEncoder:
         HyperParamsError: (field ``encoder``) the model is not available offline.
     """
 
+    #: :meth:`cosine` is the dot product of :meth:`encode`'s rows, so embeddings may be cached and reused
+    #: for it (:mod:`.embedding_cache`); not a dataclass field.
+    cosine_from_encode = True
+
     name_or_path: str | None = None
     device: str = "cpu"
     batch_size: int = 64

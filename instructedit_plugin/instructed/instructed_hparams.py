@@ -114,6 +114,8 @@ class InstructEdHyperParams(EditingHyperParams):
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
     instruction_cache: int = hp_field(1024, min=0, help="reweight_mode question_rows only: instructions whose keys/"
                                       "values are kept per model for reuse by every question (0: off)")
+    embedding_cache: int = hp_field(4096, min=0, help="instructions whose sentence embeddings (for sim) are kept per "
+                                    "model and encoder, so a query encodes only its question (0: off)")
     warm_instruction_cache: bool = hp_field(False, help="question_rows: compute an edit's instruction keys/values "
                                             "at edit time (a longer edit, then every query is cached) instead of "
                                             "at its first query")

@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import HyperParamsError, PluginError
 from .checkpoint import Checkpoint, load_checkpoint, resolve_archive
 from .instructed_hparams import InstructEdHyperParams
+from .embedding_cache import InstructionEmbeddingCache
 from .instruction_cache import InstructionKVCache
 from .lm import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
 from .templates import instruction_of, request_prompts
@@ -79,6 +80,16 @@ class EditingState:
     entries: list[_Entry] = field(default_factory=list)  # instructions added by edits, in order
     #: instruction keys/values (``question_rows`` mode), one cache per archive, kept across edits
     instruction_caches: dict[str, InstructionKVCache] = field(default_factory=dict)
+    #: instruction sentence embeddings, one cache per encoder, kept across edits
+    embedding_caches: dict[str, InstructionEmbeddingCache] = field(default_factory=dict)
+
+    def embedding_cache(self, size: int) -> InstructionEmbeddingCache | None:
+        if size <= 0 or self.encoder_key is None or not InstructionEmbeddingCache.usable(self.encoder):
+            return None
+        cache = self.embedding_caches.get(self.encoder_key)
+        if cache is None or cache.max_entries != size:
+            cache = self.embedding_caches[self.encoder_key] = InstructionEmbeddingCache(size)
+        return cache
 
     def instruction_cache(self, archive: str, size: int) -> InstructionKVCache | None:
         if size <= 0:
@@ -223,12 +234,14 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
     else:
         provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts(),
                                          score=hparams.gate_score, std=hparams.gate_std, pad=hparams.gate_pad)
+    vectors = state.embedding_cache(hparams.embedding_cache)
     cache = None
     if hparams.reweight_mode == "question_rows" and hparams.use_prefixes:
         cache = state.instruction_cache(str(ckpt.folder), hparams.instruction_cache)
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,
                         instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode,
-                        use_prefixes=hparams.use_prefixes, instruction_cache=cache if cache is not None else 0)
+                        use_prefixes=hparams.use_prefixes, instruction_cache=cache if cache is not None else 0,
+                        embedding_cache=vectors if vectors is not None else 0)
 
 
 def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], hparams: InstructEdHyperParams,

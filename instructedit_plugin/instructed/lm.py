@@ -39,6 +39,7 @@ from .instructed_hparams import DEFAULT_TEMPLATE
 from .memory.gate import CALIBRATED, gate_for_memory
 from .context import instruction_context
 from .prefix import PrefixBank, attach_instructed, get_instructed_handle
+from .embedding_cache import DEFAULT_EMBEDDING_CACHE, InstructionEmbeddingCache
 from .instruction_cache import InstructionKVCache
 from .templates import InstructionTemplate
 
@@ -260,6 +261,11 @@ class InstructedLM(nn.Module):
         instruction_cache: instructions whose keys/values are kept for reuse (:mod:`.instruction_cache`), or a
             shared :class:`~.instruction_cache.InstructionKVCache`; ``None``: 1024 in mode ``question_rows``
             (where reuse is exact), else 0 (off).
+        embedding_cache: instructions whose sentence embeddings are kept for ``sim`` (:mod:`.embedding_cache`),
+            or a shared :class:`~.embedding_cache.InstructionEmbeddingCache`; ``None``: 4096 when the encoder's
+            ``cosine`` is its ``encode`` rows' dot product (``cosine_from_encode``: the sentence encoder); 0: off
+            (question and instruction encoded together at every query). In mode ``none`` and without prefixes
+            ``sim`` is unused and never computed.
 
     Attribute access that the wrapper does not define (``config``, ``generation_config``,
     ``device``...) and ``named_parameters``/``parameters``/``state_dict`` are the base model's, so
@@ -280,6 +286,7 @@ class InstructedLM(nn.Module):
         mode: str = "paper",
         use_prefixes: bool = True,
         instruction_cache: int | InstructionKVCache | None = None,
+        embedding_cache: int | InstructionEmbeddingCache | None = None,
     ):
         super().__init__()
         self.model = model
@@ -301,6 +308,12 @@ class InstructedLM(nn.Module):
             instruction_cache = InstructionKVCache(instruction_cache) if instruction_cache else None
         #: instruction keys/values reused across questions (``question_rows`` only, inference only)
         self.__dict__["instruction_cache"] = instruction_cache
+        if embedding_cache is None:
+            embedding_cache = DEFAULT_EMBEDDING_CACHE if InstructionEmbeddingCache.usable(encoder) else 0
+        if isinstance(embedding_cache, int):
+            embedding_cache = InstructionEmbeddingCache(embedding_cache) if embedding_cache else None
+        #: instruction sentence embeddings reused across questions (any mode)
+        self.__dict__["embedding_cache"] = embedding_cache
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -392,10 +405,20 @@ class InstructedLM(nn.Module):
         ids, mask, pads = pad_left(seqs, self.pad_id, self.device)
         sim = torch.ones(len(rows), dtype=torch.float32)
         if which:
-            sim[which] = cosine(self.encoder, questions, instructions)
+            sim[which] = self.similarity(questions, instructions)
         use_prefix = torch.tensor([s is not None for s in spans], dtype=torch.bool)
         spans = [None if s is None else (s[0] + p, s[1] + p) for s, p in zip(spans, pads)]
         return InstructedBatch(ids, mask, spans, sim, use_prefix, [s + p for s, p in zip(starts, pads)])
+
+    def similarity(self, questions: Sequence[str], instructions: Sequence[str]) -> torch.Tensor:
+        """``[n]`` float32 ``sim = cos(Enc(question), Enc(instruction))`` of paired texts: the instructions'
+        embeddings from :attr:`embedding_cache` when there is one; ones in mode ``none`` (``sim`` unused)
+        and without prefixes (the in-context baseline never re-weights)."""
+        if self.mode == "none" or not self.use_prefixes:
+            return torch.ones(len(questions), dtype=torch.float32)
+        if self.embedding_cache is not None:
+            return self.embedding_cache.similarity(self.encoder, questions, instructions)
+        return cosine(self.encoder, questions, instructions)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
             sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
@@ -469,7 +492,7 @@ class InstructedLM(nn.Module):
         entries, tails = [], []
         questions = [selections[i].question for i in chosen]
         instructions = [selections[i].instruction for i in chosen]
-        sim = cosine(self.encoder, questions, instructions)
+        sim = self.similarity(questions, instructions)
         with self.activated():
             for i in chosen:
                 encoded = self.template.encode_instruction(selections[i].instruction)

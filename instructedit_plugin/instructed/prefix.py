@@ -41,6 +41,7 @@ __all__ = [
     "detach_instructed",
     "get_instructed_handle",
     "default_prefix_layers",
+    "last_third_layers",
     "find_attention_modules",
 ]
 
@@ -55,6 +56,15 @@ def default_prefix_layers(num_layers: int) -> list[int]:
     size = max(1, num_layers // 3)
     start = (num_layers - size) // 2
     return list(range(start, start + size))
+
+
+def last_third_layers(num_layers: int) -> list[int]:
+    """The last ``max(1, L // 3)`` layers (the paper's "L:20-30" ablation, Table 4), same size as
+    :func:`default_prefix_layers`. E.g. 18 layers -> [12, ..., 17]."""
+    if num_layers < 1:
+        raise HyperParamsError("num_layers", f"must be >= 1, got {num_layers}", "pass the model's layer count")
+    size = max(1, num_layers // 3)
+    return list(range(num_layers - size, num_layers))
 
 
 def _normalise_layers(layers: int | Sequence[int], field: str = "layers") -> tuple[int, ...]:

@@ -1,0 +1,526 @@
+"""InstructEd ablations and query cost on the embedded Gemma-3-270M (issue #15 items 1-3), paper Table 4 beside.
+
+Every variant trains its own prefixes with the same number of optimizer steps (``--steps``, default
+150) from the same recipe data, then edits the *same* records: the first ``--limit`` (default 50)
+records of ``counterfact_portability_gpt4_ins.json`` and of ``zsre_mend_eval_portability_gpt4.json``,
+one edit per ``BaseEditor.edit`` call with each input's own (gold) instruction. Variants
+(:data:`VARIANTS`):
+
+* ``paper`` -- the paper's protocol: the CounterFact-only recipe (:data:`~.recipes.BENCHMARK`; ZsRE is
+  never trained on), re-weighting mode ``paper``, prefixes on the middle third of the layers;
+* ``cf_zsre`` -- the earlier benchmark recipe, which also trains on ZsRE ``_ins`` records (ZsRE in
+  distribution), everything else as ``paper``;
+* ``none_trained`` / ``none_eval`` -- no re-weighting (Table 4 "w/o re-weight": "remove *sim* in
+  Eq. 15 and use the original attention weights"): prefixes trained without it, and, for reference,
+  the ``paper`` prefixes evaluated without it;
+* ``pre_softmax`` -- Eqs. 11/15 read literally (the prefix / instruction scores scaled before the softmax);
+* ``last_third`` -- prefixes on the last third of the layers instead of the middle third (Table 4 "L:20-30");
+* ``question_rows`` / ``question_rows_eval`` -- re-weighting on the question and answer rows only, so
+  the instruction's keys/values do not depend on the question and are cached per instruction
+  (``instruction_cache``): prefixes trained in that mode, and the ``paper`` prefixes evaluated in it.
+
+Each figure carries a 95% bootstrap interval over the records (``--bootstrap`` resamples, seeded).
+Query cost (``--latency_variants``): median forward of ``prompt + ' ' + target_new`` over the first
+``--latency_n`` records of each file (40 inputs by default), edited model / unedited model, exactly
+as ``benchmarks/instructed_cpu.py`` measures it (gold: one edit's instruction in front of every input;
+retrieval: the memory holds the edits of all timed inputs); the interval is a bootstrap over the
+inputs of the ratio of medians.
+
+Writes ``benchmarks/results/instructed_ablations.json`` and ``.md`` (rendered from the JSON alone,
+``--render``). Run from the repository root::
+
+    nohup nice -n 5 python benchmarks/instructed_ablations.py --data_dir ../shared/data \\
+        > logs/instructed_ablations.log 2>&1 &
+    python benchmarks/instructed_ablations.py --train_only     # only train (or fetch) every variant's prefixes
+    python benchmarks/instructed_ablations.py --render
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results  # noqa: E402
+
+LOG = logging.getLogger("instructed_ablations")
+SCRIPT = "benchmarks/instructed_ablations.py"
+DATASETS = ("counterfact", "zsre")
+METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the ablation table: which prefixes (recipe + overrides) and how they are evaluated."""
+
+    label: str
+    recipe: str  # key of instructedit_plugin.instructed.recipes.RECIPES
+    train: tuple[tuple[str, Any], ...] = ()  # RecipeConfig fields replaced for training
+    prefixes_of: str | None = None  # evaluate another variant's prefixes (eval-time ablation)
+    reweight_mode: str = "paper"  # the mode the evaluation uses
+    paper_row: str | None = None  # the paper's Table 4 row that measures the same change
+
+
+VARIANTS: dict[str, Variant] = {
+    "paper": Variant("paper protocol: CounterFact-only recipe, re-weighting `paper`, middle third", "benchmark-cf",
+                     paper_row="InstructEd"),
+    "cf_zsre": Variant("CounterFact + ZsRE recipe (ZsRE in distribution), otherwise as `paper`", "benchmark-cf-zsre"),
+    "none_trained": Variant("w/o re-weight, trained without it (`none`)", "benchmark-cf",
+                            train=(("reweight_mode", "none"),), reweight_mode="none", paper_row="w/o re-weight"),
+    "none_eval": Variant("w/o re-weight at evaluation only (`paper` prefixes, `none`)", "benchmark-cf",
+                         prefixes_of="paper", reweight_mode="none", paper_row="w/o re-weight"),
+    "pre_softmax": Variant("Eqs. 11/15 literally: scores scaled before the softmax (`pre_softmax`)", "benchmark-cf",
+                           train=(("reweight_mode", "pre_softmax"),), reweight_mode="pre_softmax"),
+    "pre_softmax_eval": Variant("`paper` prefixes evaluated with `pre_softmax`", "benchmark-cf", prefixes_of="paper",
+                                reweight_mode="pre_softmax"),
+    "last_third": Variant("prefixes on the last third of the layers", "benchmark-cf",
+                          train=(("prefix_layers", "last"),), paper_row="w L:20-30"),
+    "question_rows": Variant("question/answer rows only, instruction keys/values cached (`question_rows`)",
+                             "benchmark-cf", train=(("reweight_mode", "question_rows"),), reweight_mode="question_rows"),
+    "question_rows_eval": Variant("`paper` prefixes evaluated in `question_rows`", "benchmark-cf", prefixes_of="paper",
+                                  reweight_mode="question_rows"),
+}
+#: The order trainings run in (one at a time): what item 3 and the recipe comparison need first.
+TRAIN_ORDER = ("paper", "question_rows", "none_trained", "last_third", "pre_softmax", "cf_zsre")
+#: Paper Table 4 (Han et al. 2024, "Results of ablation experiments"): Rel, Gen, Loc, Por, Score, H in %,
+#: LLaMA-1 / LLaMA-2 7B, prefixes on layers 10-20 unless the row says otherwise ("w L:20-30": layers 20-30).
+PAPER_TABLE4: dict[str, dict[str, dict[str, tuple[float, ...]]]] = {
+    "LLaMA-1": {
+        "InstructEd": {"counterfact": (98.01, 97.59, 76.46, 62.43, 83.62, 80.73), "zsre": (98.16, 98.24, 80.73, 67.72, 86.21, 84.17)},
+        "w/o re-weight": {"counterfact": (99.52, 100.00, 24.73, 74.62, 74.72, 54.14), "zsre": (99.38, 97.02, 61.80, 69.87, 82.02, 78.64)},
+        "w L:20-30": {"counterfact": (98.40, 89.19, 44.70, 50.76, 70.76, 63.05), "zsre": (98.97, 97.44, 33.15, 65.02, 73.64, 60.69)},
+        "w FFN": {"counterfact": (99.60, 98.74, 35.79, 69.82, 75.99, 64.07), "zsre": (99.73, 99.18, 56.64, 70.13, 81.42, 76.88)},
+    },
+    "LLaMA-2": {
+        "InstructEd": {"counterfact": (98.77, 98.32, 77.74, 65.85, 85.17, 82.74), "zsre": (98.70, 98.29, 75.57, 70.02, 85.65, 83.65)},
+        "w/o re-weight": {"counterfact": (95.34, 99.66, 35.26, 69.41, 74.92, 63.20), "zsre": (98.85, 97.65, 56.08, 70.19, 80.69, 76.28)},
+        "w L:20-30": {"counterfact": (98.04, 92.75, 55.09, 55.82, 75.42, 70.11), "zsre": (97.03, 95.44, 33.24, 66.16, 72.96, 60.62)},
+        "w FFN": {"counterfact": (98.26, 99.56, 34.16, 58.19, 72.54, 59.99), "zsre": (93.73, 93.28, 36.28, 46.65, 67.49, 56.83)},
+    },
+}
+#: Arguments that say what was run (the others only steer this script).
+_UNSAVED_ARGS = ("out", "render", "notes", "train_only")
+RESULT_KEYS = frozenset({"model", "date", "command", "args", "wall_minutes", "variants", "recipes", "datasets",
+                         "latency", "paper_table4", "errors", "notes"})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps of every variant's prefix training")
+    p.add_argument("--n_train", type=int, default=None, help="training edits (default: the recipe's)")
+    p.add_argument("--budget_minutes", type=float, default=None, help="wall-clock safety cap of each training "
+                                                                        "(never changes what is trained)")
+    p.add_argument("--limit", type=int, default=50, help="first N records of each evaluation file")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--latency_variants", default="paper,question_rows",
+                   help="variants whose query cost is measured (gold and retrieval); '' for none")
+    p.add_argument("--latency_n", type=int, default=20, help="query-latency inputs per dataset")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of each 95%% interval")
+    p.add_argument("--model_dir", default=None, help="another local base model (tests use tiny models)")
+    p.add_argument("--cache_dir", default=None, help="recipe cache root (default: the plugin cache)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retrieval_gate", type=float, default=0.1)
+    p.add_argument("--train_only", action="store_true", help="only train (or fetch from the cache) the prefixes")
+    p.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
+    p.add_argument("--notes", default=None, help="markdown file whose text ends the report")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructed_ablations.json"))
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") + args.latency_variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants / --latency_variants: unknown {', '.join(unknown)}. Fix: use some of {', '.join(VARIANTS)}")
+    return args
+
+
+def _selected(args) -> list[str]:
+    chosen = {v for v in args.variants.split(",") if v}
+    chosen |= {v for v in args.latency_variants.split(",") if v}
+    return [v for v in VARIANTS if v in chosen]
+
+
+def trained_variants(names) -> list[str]:
+    """The variants whose prefixes must be trained (in :data:`TRAIN_ORDER`) for ``names``."""
+    need = {VARIANTS[n].prefixes_of or n for n in names}
+    return [n for n in TRAIN_ORDER if n in need] + sorted(need - set(TRAIN_ORDER))
+
+
+def train_variant(name: str, args) -> Path:
+    """The archive of ``name``'s prefixes (trained now, or from the recipe cache)."""
+    from instructedit_plugin.instructed.recipes import RECIPES, train_embedded_prefixes
+
+    variant = VARIANTS[name]
+    return train_embedded_prefixes(config=RECIPES[variant.recipe], steps=args.steps, n_train=args.n_train,
+                                   budget_minutes=args.budget_minutes, data_dir=args.data_dir, dtype=args.dtype,
+                                   model_dir=args.model_dir, cache_dir=args.cache_dir, **dict(variant.train))
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals
+# ----------------------------------------------------------------------------------------------
+def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
+    """Rel/Gen/Loc/Por in [0, 1] of each edit (EasyEdit's per-edit metrics), None where not measured."""
+    from instructedit_plugin.evaluation.summary import edit_metrics
+
+    return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
+
+
+def _summary(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    from instructedit_plugin.evaluation.summary import harmonic_mean, score
+
+    out: dict[str, float | None] = {}
+    for k in METRICS[:4]:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = 100.0 * sum(vals) / len(vals) if vals else None
+    measured = [out[k] for k in METRICS[:4] if out[k] is not None]
+    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
+    return out
+
+
+def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
+    """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
+    (records resampled with replacement; Score and H recomputed on each resample)."""
+    point = _summary(rows)
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {k: [] for k in METRICS}
+    for _ in range(resamples if rows else 0):
+        sample = _summary([rows[rng.randrange(len(rows))] for _ in rows])
+        for k in METRICS:
+            if sample[k] is not None:
+                draws[k].append(sample[k])
+    out = {}
+    for k in METRICS:
+        if point[k] is None:
+            out[k] = None
+            continue
+        d = sorted(draws[k])
+        low, high = (d[int(0.025 * (len(d) - 1))], d[int(round(0.975 * (len(d) - 1)))]) if d else (point[k], point[k])
+        out[k] = [round(point[k], 2), round(low, 2), round(high, 2)]
+    return out
+
+
+def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:
+    """``[median(edited) / median(base), low, high]``: the query-cost ratio and its 95% bootstrap interval
+    (the timed inputs resampled in pairs)."""
+    rng = random.Random(seed)
+    ratio = statistics.median(edited) / statistics.median(base)
+    draws = []
+    for _ in range(resamples):
+        idx = [rng.randrange(len(base)) for _ in base]
+        draws.append(statistics.median(edited[i] for i in idx) / statistics.median(base[i] for i in idx))
+    draws.sort()
+    return [round(ratio, 3), round(draws[int(0.025 * (len(draws) - 1))], 3),
+            round(draws[int(round(0.975 * (len(draws) - 1)))], 3)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (one variant at a time; each variant's per-record metrics are cached beside its prefixes)
+# ----------------------------------------------------------------------------------------------
+def _eval_cache_file(archive: Path, variant: Variant, args, data_dir: Path) -> Path:
+    from instructedit_plugin.models.cache import content_key
+
+    key = content_key({"archive": str(archive), "mode": variant.reweight_mode, "limit": args.limit,
+                       "data": str(data_dir), "gate": args.retrieval_gate, "dtype": args.dtype, "version": 1}, length=12)
+    return archive.parent.parent / f"ablation_eval_{key}.json"
+
+
+def evaluate_variant(name: str, archive: Path, model, tok, evaluation, args, data_dir: Path, model_dir: str) -> dict:
+    """``{dataset: {"records": [...], "pre": [...], "errors": [...]}}`` for one variant (cached)."""
+    import json
+
+    from benchmarks.instructed_cpu import run_method
+    from instructedit_plugin.compat import make_editor
+    from instructedit_plugin.core import durable
+    from instructedit_plugin.instructed.instructed_main import reset_memory
+
+    variant = VARIANTS[name]
+    cache = _eval_cache_file(archive, variant, args, data_dir)
+    if cache.is_file():
+        LOG.info("%s: evaluation from %s", name, cache)
+        return json.loads(cache.read_text())
+    out = {}
+    for ds in DATASETS:
+        t0 = time.perf_counter()
+        reset_memory(model)
+        editor = make_editor(_hparams(archive, model_dir, args, reweight_mode=variant.reweight_mode), model, tok)
+        metrics, _, errors = run_method(editor, evaluation[ds], with_subject=False, name=f"{ds}/{name}")
+        reset_memory(model)
+        out[ds] = {"records": record_values(metrics),
+                   "pre": record_values([{"post": m.get("pre", {})} for m in metrics]), "errors": errors,
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        LOG.info("%s %s: %s (%.0fs)", ds, name, _summary(out[ds]["records"]), out[ds]["seconds"])
+    durable.atomic_write_json(cache, out)
+    return out
+
+
+def _hparams(archive: Path, model_dir: str, args, **kw):
+    from instructedit_plugin.instructed import InstructEdHyperParams
+
+    cls = InstructEdHyperParams
+    return cls.from_dict(dict(alg_name=cls.ALG_NAME, model_name=model_dir, archive=str(archive), device="cpu",
+                              max_length=40, retrieval_gate=args.retrieval_gate, **kw))
+
+
+def _forward_ms(model, tok, text: str) -> float:
+    enc = tok([text], return_tensors="pt")
+    t0 = time.perf_counter()
+    model(**enc)
+    return (time.perf_counter() - t0) * 1000
+
+
+def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, model_dir: str) -> dict:
+    """Query / unedited ratios (gold and retrieval) of ``--latency_variants``, plus ``paper`` without the
+    instruction-embedding cache; each input's edited and unedited forwards are timed back to back."""
+    import torch
+
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
+
+    texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
+    rows = []
+    for name in [v for v in args.latency_variants.split(",") if v]:
+        variant = VARIANTS[name]
+        archive = archives.get(variant.prefixes_of or name)
+        if archive is None:
+            continue
+        settings = [("gold", {}), ("retrieval", {})]
+        if variant.reweight_mode == "question_rows":  # instruction keys/values computed at edit time
+            settings = [(s, {"warm_instruction_cache": True}) for s, _ in settings]
+        if name == "paper":
+            settings += [(s, {"embedding_cache": 0}) for s in ("gold", "retrieval")]
+        for source, extra in settings:
+            hp = _hparams(archive, model_dir, args, reweight_mode=variant.reweight_mode, instruction_source=source, **extra)
+            reset_memory(model)
+            edit_ms = []
+            for r in requests:  # one edit at a time: the edit cost (memory + warm caches)
+                t0 = time.perf_counter()
+                apply_instructed_to_model(model, tok, [dict(r)], hp, keep_original_weight=False)
+                edit_ms.append((time.perf_counter() - t0) * 1000)
+                reset_memory(model)
+            batch = [dict(r) for r in requests] if source == "retrieval" else [dict(requests[0])]
+            qm, _ = apply_instructed_to_model(model, tok, batch, hp, keep_original_weight=False)
+            hits = None
+            if source == "retrieval":
+                state = editing_state(model)
+                hits = sum(state.memory.select(r["prompt"], gate=qm.provider.gate, top_k=qm.provider.top_k) is not None
+                           for r in requests)
+            base, edited = [], []
+            with torch.no_grad():
+                for text in texts[:2]:  # warm-up
+                    model(**tok([text], return_tensors="pt"))
+                    qm(**tok([text], return_tensors="pt"))
+                for text in texts:
+                    base.append(_forward_ms(model, tok, text))
+                    edited.append(_forward_ms(qm, tok, text))
+            reset_memory(model)
+            cache = qm.embedding_cache
+            rows.append({"variant": name, "source": source, "reweight_mode": variant.reweight_mode,
+                         "embedding_cache": extra.get("embedding_cache", 4096),
+                         "warm_instruction_cache": bool(extra.get("warm_instruction_cache")),
+                         "query_ratio": ratio_interval(base, edited, args.bootstrap),
+                         "base_ms": round(statistics.median(base), 2), "query_ms": round(statistics.median(edited), 2),
+                         "edit_ms": round(statistics.median(edit_ms), 2), "retrieval_hits": hits,
+                         "embedding_cache_hits": None if cache is None else cache.hits})
+            LOG.info("query cost %s", rows[-1])
+    return {"inputs": len(texts), "rows": rows}
+
+
+def evaluate(args, archives: dict) -> int:
+    from instructedit_plugin.data import resolve_data_dir
+    from instructedit_plugin.instructed.recipes import RECIPES, evaluation_records, recipe_info
+    from instructedit_plugin.models.embedded import embedded_model_dir
+    from instructedit_plugin.models.loading import load_causal_lm
+    import instructedit_plugin
+    import instructedit_plugin.instructed  # noqa: F401 - registers InstructEd
+
+    instructedit_plugin.register()
+    started = time.perf_counter()
+    notes = read_notes(args.notes) if args.notes else None
+    data_dir = resolve_data_dir(args.data_dir)
+    model_dir = args.model_dir or str(embedded_model_dir())
+    model, tok = load_causal_lm(model_dir, dtype=args.dtype)
+    model.eval()
+    evaluation = evaluation_records(data_dir, limit=args.limit)
+    datasets: dict = {ds: {} for ds in DATASETS}
+    errors: dict = {}
+    unedited_pre: dict = {}
+    for name in [v for v in args.variants.split(",") if v]:
+        archive = archives.get(VARIANTS[name].prefixes_of or name)
+        if archive is None:
+            errors[name] = ["no prefixes (training failed)"]
+            continue
+        result = evaluate_variant(name, archive, model, tok, evaluation, args, data_dir, model_dir)
+        for ds in DATASETS:
+            datasets[ds][name] = dict(summarize_with_intervals(result[ds]["records"], args.bootstrap),
+                                      n=len(result[ds]["records"]))
+            unedited_pre.setdefault(ds, result[ds]["pre"])
+            if result[ds]["errors"]:
+                errors.setdefault(name, []).extend(f"{ds} {e}" for e in result[ds]["errors"][:5])
+    for ds, pre in unedited_pre.items():  # the unedited model (EasyEdit's pre-edit metrics; Loc 100 by definition)
+        rows = [dict(r, Loc=1.0) for r in pre]
+        datasets[ds] = {"unedited": dict(summarize_with_intervals(rows, args.bootstrap), n=len(rows)), **datasets[ds]}
+    latency_requests = [r for ds in DATASETS for r in evaluation[ds][: args.latency_n]]
+    latency = measure_query_cost(archives, model, tok, latency_requests, args, model_dir)
+    recipes = {}
+    for name, archive in archives.items():
+        info = recipe_info(archive)
+        recipes[name] = {"recipe": info["recipe"]["name"], "key": info.get("key"), "steps": info["steps"],
+                         "planned_steps": info.get("planned_steps"), "stopped_by_budget": bool(info["stopped_by_budget"]),
+                         "train_edits": info["train_edits"], "val_edits": info["val_edits"],
+                         "reweight_mode": info["recipe"]["reweight_mode"], "prefix_layers": _layers_of(archive),
+                         "train_seconds": round(float(info["train_seconds"]), 1),
+                         "sources": {k: v["taken"] for k, v in info["data"]["sources"].items()}}
+    out = {
+        "model": f"{model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})",
+        "date": today(), "command": command_line(SCRIPT, _argv),
+        "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "variants": {n: {"label": v.label, "recipe": RECIPES[v.recipe].name, "train": dict(v.train),
+                         "prefixes_of": v.prefixes_of, "reweight_mode": v.reweight_mode, "paper_row": v.paper_row}
+                     for n, v in VARIANTS.items() if n in _selected(args)},
+        "recipes": recipes, "datasets": datasets, "latency": latency,
+        "paper_table4": {m: {row: {ds: list(vals) for ds, vals in by_ds.items()} for row, by_ds in rows.items()}
+                         for m, rows in PAPER_TABLE4.items()},
+        "errors": errors,
+    }
+    md = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
+    print(md.read_text(), end="")
+    return 0
+
+
+def _layers_of(archive: Path) -> list[int]:
+    from instructedit_plugin.instructed.checkpoint import load_checkpoint
+
+    return list(load_checkpoint(archive).bank.layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def _cell(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"
+
+
+def render_markdown(out: dict) -> str:
+    """``instructed_ablations.md`` from ``instructed_ablations.json`` alone."""
+    args = out["args"]
+    lines = [
+        "# InstructEd ablations and query cost (embedded Gemma-3-270M, CPU)",
+        "",
+        f"Generated {out['date']} by `{SCRIPT}`; rendered from `instructed_ablations.json` "
+        f"(`python {SCRIPT} --render`). Every figure: mean over the records and its 95% bootstrap interval "
+        f"({args['bootstrap']} resamples of the records).",
+        "",
+        "## Configuration",
+        "",
+        f"* Command: `{out['command']}`.",
+        f"* Model: {out['model']}; torch threads {args['threads']}; wall time of the evaluation run "
+        f"{out['wall_minutes']:.1f} min.",
+        f"* Every variant's prefixes: **{args['steps']} optimizer steps** of the named recipe (batch 6 edit + 6 "
+        "unmodified examples, lr 0.01, 5 prefixes per layer, bfloat16), the same seed and data; only the named "
+        "setting differs.",
+        f"* Evaluation: the first **{args['limit']}** records of `counterfact_portability_gpt4_ins.json` and of "
+        "`zsre_mend_eval_portability_gpt4.json`, one edit per `BaseEditor.edit` call with the input's own (gold) "
+        "instruction; Rel = rewrite_acc, Gen = rephrase_acc, Loc = locality, Por = one-hop portability; Score = "
+        "mean, H = harmonic mean of the four.",
+        "",
+        "| variant | what | recipe | trained re-weighting | prefix layers | evaluated re-weighting | steps | training edits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in out["variants"].items():
+        rec = out["recipes"].get(v["prefixes_of"] or name)
+        if rec is None:
+            lines.append(f"| {name} | {v['label']} | {v['recipe']} | – | – | {v['reweight_mode']} | – | – |")
+            continue
+        sources = ", ".join(f"{k} {n}" for k, n in rec["sources"].items())
+        lines.append(f"| {name} | {v['label']} | {rec['recipe']} | {rec['reweight_mode']} | "
+                     f"{rec['prefix_layers'][0]}-{rec['prefix_layers'][-1]} | {v['reweight_mode']} | "
+                     f"{rec['steps']}{' (capped)' if rec['stopped_by_budget'] else ''} | {rec['train_edits']} ({sources}) |")
+    lines += ["", "## Quality", ""]
+    for ds in DATASETS:
+        lines += [f"### {ds}", "", "| variant | n | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+        for name, row in out["datasets"].get(ds, {}).items():
+            lines.append(f"| {name} | {row['n']} | " + " | ".join(_cell(row[k]) for k in METRICS) + " |")
+        lines.append("")
+    lines += ["### Paper Table 4 (Han et al. 2024), the same changes on LLaMA (%)", "",
+              "Quoted from the paper's Table 4 (prefixes on layers 10-20 of 32; 'w L:20-30': layers 20-30; the "
+              "paper's 'w FFN' row has no counterpart here). Our rows that measure the same change: "
+              + "; ".join(f"`{n}` ~ '{v['paper_row']}'" for n, v in out["variants"].items() if v.get("paper_row")) + ".", "",
+              "| model | row | CF Rel | CF Gen | CF Loc | CF Por | CF Score | CF H | ZsRE Rel | ZsRE Gen | ZsRE Loc | ZsRE Por | ZsRE Score | ZsRE H |",
+              "|---|---|" + "---|" * 12]
+    for model, rows in out["paper_table4"].items():
+        for row, by_ds in rows.items():
+            lines.append(f"| {model} | {row} | " + " | ".join(f"{x:.2f}" for ds in DATASETS for x in by_ds[ds]) + " |")
+    lat = out["latency"]
+    lines += ["", "## Query cost", "",
+              f"Median forward of `prompt + ' ' + target_new` over {lat['inputs']} inputs (the first {args['latency_n']} "
+              "records of each file), edited model / unedited model, each input's two forwards timed back to back; "
+              "interval: bootstrap over the inputs. Gold: one edit's instruction in front of every input; retrieval: "
+              "the memory holds the edits of all timed inputs. Edit: median time of one `apply_instructed_to_model` "
+              "call (memory insert, and in `question_rows` with `warm_instruction_cache` the instruction's keys/values).", "",
+              "| variant | source | re-weighting | embedding cache | instruction K/V at edit | unedited ms | edited ms | "
+              "query / unedited | edit ms | retrieval hits |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in lat["rows"]:
+        q = r["query_ratio"]
+        lines.append(f"| {r['variant']} | {r['source']} | {r['reweight_mode']} | {'on' if r['embedding_cache'] else 'off'} | "
+                     f"{'yes' if r['warm_instruction_cache'] else 'no'} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
+                     f"{q[0]:.2f} [{q[1]:.2f}, {q[2]:.2f}] | {r['edit_ms']:.1f} | "
+                     f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
+    lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
+    for r in lat["rows"]:
+        if r["reweight_mode"] == "question_rows" and r["embedding_cache"]:
+            q = r["query_ratio"]
+            lines.append(f"| {r['variant']} {r['source']}: query <= 1.1 x unedited | {'yes' if q[0] <= 1.1 else 'no'} | "
+                         f"{q[0]:.2f}x [{q[1]:.2f}, {q[2]:.2f}] |")
+    if out.get("errors"):
+        lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
+    lines += notes_lines(out)
+    return "\n".join(lines) + "\n"
+
+
+_argv = None
+
+
+def main(argv=None) -> int:
+    global _argv
+    _argv = argv
+    args = parse_args(argv)
+    if args.render:
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    archives = {}
+    for name in trained_variants(_selected(args)):
+        t0 = time.perf_counter()
+        try:
+            archives[name] = train_variant(name, args)
+        except Exception:  # noqa: BLE001 - one failing variant must not stop the others
+            LOG.exception("training %s failed", name)
+            continue
+        LOG.info("prefixes of %s: %s (%.0fs)", name, archives[name], time.perf_counter() - t0)
+    if args.train_only:
+        return 0
+    return evaluate(args, archives)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""``benchmarks/instructed_ablations.py`` on the tiny LLaMA: every variant trains its own prefixes the same
+number of steps, evaluates the same records, and the report carries 95% intervals and the paper's Table 4.
+"""
+from __future__ import annotations
+
+import json
+
+from ._scripts import load_script
+from .test_entry_points import _short_records_first, _table_rows
+
+
+def _bench():
+    return load_script("benchmarks/instructed_ablations.py", "benchmark_script_instructed_ablations")
+
+
+def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from instructedit_plugin.instructed.recipes import EVAL_FILES, TRAIN_SOURCES
+
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
+    limit, steps = 2, 2
+    data = tmp_path / "data"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for rel in set(EVAL_FILES.values()) | {f for f, _ in TRAIN_SOURCES.values()}:
+        if rel in EVAL_FILES.values():
+            _short_records_first(shared_data_dir / rel, data / rel, tok, limit)
+        else:
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).symlink_to(shared_data_dir / rel)
+    variants = ["paper", "none_eval", "last_third", "question_rows"]
+    out_json = tmp_path / "results" / "instructed_ablations.json"
+    bench = _bench()
+    assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--steps", str(steps),
+                       "--n_train", "4", "--limit", str(limit), "--variants", ",".join(variants),
+                       "--latency_variants", "paper,question_rows", "--latency_n", "2", "--bootstrap", "50",
+                       "--dtype", "float32", "--cache_dir", str(tmp_path / "cache"), "--out", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert set(out) <= bench.RESULT_KEYS and out["errors"] == {}
+    # three trainings (none_eval reuses paper's prefixes), each exactly the requested steps
+    assert sorted(out["recipes"]) == ["last_third", "paper", "question_rows"]
+    assert all(r["steps"] == steps and not r["stopped_by_budget"] for r in out["recipes"].values())
+    assert out["recipes"]["question_rows"]["reweight_mode"] == "question_rows"
+    # the tiny LLaMA has 4 layers: middle third [1], last third [3]
+    assert out["recipes"]["paper"]["prefix_layers"] == [1] and out["recipes"]["last_third"]["prefix_layers"] == [3]
+    for ds in ("counterfact", "zsre"):
+        rows = out["datasets"][ds]
+        assert list(rows) == ["unedited", *variants]
+        for name in variants:
+            assert rows[name]["n"] == limit
+            for metric in ("Rel", "Gen", "Loc", "Por", "Score", "H"):
+                value, low, high = rows[name][metric]
+                assert low <= value <= high, (ds, name, metric)
+        assert rows["unedited"]["Loc"] == [100.0, 100.0, 100.0]
+    # query cost: gold and retrieval for both variants, paper also without the embedding cache
+    lat = {(r["variant"], r["source"], r["embedding_cache"]): r for r in out["latency"]["rows"]}
+    assert set(lat) == {("paper", s, c) for s in ("gold", "retrieval") for c in (4096, 0)} | {
+        ("question_rows", s, 4096) for s in ("gold", "retrieval")}
+    assert all(r["query_ratio"][1] <= r["query_ratio"][0] <= r["query_ratio"][2] for r in lat.values())
+    assert lat[("paper", "gold", 4096)]["embedding_cache_hits"] > 0  # the one instruction, asked again
+    assert lat[("paper", "gold", 0)]["embedding_cache_hits"] is None
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    assert any(row[:2] == ["LLaMA-2", "w/o re-weight"] and row[2] == "95.34" for row in _table_rows(md))
+    # each variant's evaluation is cached beside its prefixes (one file per evaluated mode)
+    assert len(list((tmp_path / "cache").glob("instructed_recipes/*/ablation_eval_*.json"))) == len(variants)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_records():
+    bench = _bench()
+    rows = [{"Rel": float(i % 2), "Gen": 1.0, "Loc": 0.5, "Por": None} for i in range(10)]
+    small = bench.summarize_with_intervals(rows, resamples=400)
+    large = bench.summarize_with_intervals(rows * 10, resamples=400)
+    assert small["Rel"][0] == large["Rel"][0] == 50.0 and small["Por"] is None
+    assert small["Rel"][1] < 50.0 < small["Rel"][2]
+    assert large["Rel"][2] - large["Rel"][1] < small["Rel"][2] - small["Rel"][1]
+    assert small["Gen"] == [100.0, 100.0, 100.0]
+    assert small["Score"][0] == round((50.0 + 100.0 + 50.0) / 3, 2)  # Por not measured: left out
+    assert bench.ratio_interval([10.0] * 5, [11.0] * 5, resamples=20) == [1.1, 1.1, 1.1]
