@@ -221,7 +221,13 @@ def main(argv=None) -> int:
                       "edit_examples": info.get("edit_examples"), "unmodified_examples": info.get("unmodified_examples")}
 
     gate_info = None
-    if any(m.endswith("_gate") for m in methods):  # the threshold, from held-out KnowEdit training records
+    out_path = Path(args.out)
+    saved_gate = (json.loads(out_path.read_text(encoding="utf-8")).get("relation_gate")
+                  if args.merge and out_path.is_file() else None)
+    if saved_gate and any(m.endswith("_gate") for m in methods):
+        gate_info = saved_gate  # --merge: the rows of one file share one calibration (the saved one)
+        LOG.info("relation gate from %s: %s", out_path, gate_info)
+    elif any(m.endswith("_gate") for m in methods):  # the threshold, from held-out KnowEdit training records
         from instructedit_plugin.instructed.lm import load_encoder
         from instructedit_plugin.instructed.similarity import calibrate_relation_gate
 
@@ -269,7 +275,7 @@ def main(argv=None) -> int:
                 keys += [f"datasets.{ds}.{m}" for m in rows]
             out["errors"].update(errors)
             for key, value in (("recipe", recipe), ("relation_gate", gate_info)):
-                if value is not None:
+                if value is not None and value != out.get(key):
                     out[key] = value
                     keys.append(key)
             out.setdefault("merged_runs", []).append(merged_run(command, keys))
@@ -319,8 +325,7 @@ def main(argv=None) -> int:
                 errors[f"{ds}/{method}"] = errs[:5] + ([f"... {len(errs) - 5} more"] if len(errs) > 5 else [])
             LOG.info("%s %s: %s (%.0fs)", ds, method, {k: results[ds][method][k] for k in METRICS + ("H",)},
                      time.perf_counter() - t0)
-            if base_out is None:
-                save(complete=False)
+            save(complete=False)
     md_path = save(complete=True)
     print(md_path.read_text(encoding="utf-8"), end="")
     return 0
