@@ -32,6 +32,11 @@ with ``--notes``, the notes file's text) and ``.md``, rendered from the JSON alo
     python benchmarks/instructed_cpu.py --render                  # rebuild the .md from the .json
     python benchmarks/instructed_cpu.py --render --notes FILE     # replace the notes, then rebuild
 
+``--knowedit`` runs the KnowEdit section instead (``benchmarks/instructed_knowedit.py``: KnowEdit's ZsRE,
+WikiData-CounterFact and -Recent with FT and ROME on the same records; its own options and result file)::
+
+    nohup python benchmarks/instructed_cpu.py --knowedit --limit 20 > logs/knowedit.log 2>&1 &
+
 ``--latency_only`` re-measures the latency block of the saved results and records itself in the
 JSON's ``merged_runs`` (the markdown says which figures it replaced).
 """
@@ -114,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
                         "(e.g. benchmarks/notes/instructed_cpu.md)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructed_cpu.json"))
+    p.add_argument("--knowedit", action="store_true",
+                   help="run the KnowEdit section instead (benchmarks/instructed_knowedit.py; see its --help)")
     return p.parse_args(argv)
 
 
@@ -327,6 +334,10 @@ def recipe_block(info: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    if "--knowedit" in (sys.argv[1:] if argv is None else list(argv)):  # the KnowEdit section, its own options
+        from benchmarks.instructed_knowedit import main as knowedit_main
+
+        return knowedit_main(argv)
     args = parse_args(argv)
     if args.render:  # rebuild the .md from the saved .json alone (--notes: replace its notes first)
         print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))

@@ -28,6 +28,8 @@ SCRIPTS = {
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "demo_timing": REPO / "benchmarks" / "demo_timing.py",
     "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
+    **{f"instructed_knowedit_{name}": REPO / "benchmarks" / "instructed_knowedit.py"
+       for name in ("zsre", "wiki_counterfact", "wiki_recent")},
 }
 RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 

@@ -68,7 +68,7 @@ def test_second_query_hits_the_cache_and_gives_identical_logits(tiny):
     assert plain.embedding_cache is None
     torch.testing.assert_close(plain(**enc, instructions=FACTS).logits, first, atol=1e-4, rtol=0)
     # the cached similarities are the encoder's cosines
-    torch.testing.assert_close(lm.similarity(QUESTIONS, FACTS), encoder.inner.cosine(QUESTIONS, FACTS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm.similarities(QUESTIONS, FACTS), encoder.inner.cosine(QUESTIONS, FACTS), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from ..errors import RequestError
-from .lm import cosine, pad_left
+from .lm import pad_left
+from .similarity import similarity
 from .templates import InstructionTemplate, instruction_of
 
 LOG = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class TrainExample:
     label_ids: list[int] | None = None  # what the model should predict at those positions
     question_ids: list[int] | None = None  # ids of the question without BOS
     sim: float = 1.0
+    subject: str | None = None  # the edit's subject (``similarity="subject_masked"`` removes it)
 
     @property
     def is_edit(self) -> bool:
@@ -147,6 +149,7 @@ def build_examples(requests: Sequence[Mapping[str, Any]], *, use_portability: bo
     instructions = [instruction_of(r) for r in requests]
     for i, (req, ins) in enumerate(zip(requests, instructions)):
         target = req["target_new"]
+        first = len(examples)
         examples.append(TrainExample("rel", req["prompt"], ins, target, i))
         for q, _ in _pairs(req.get("rephrase_prompt"), None):
             examples.append(TrainExample("gen", q, ins, target, i))
@@ -163,6 +166,9 @@ def build_examples(requests: Sequence[Mapping[str, Any]], *, use_portability: bo
             gt = requests[j].get("ground_truth")
             answer = gt if isinstance(gt, str) and gt and gt != "<|endoftext|>" else None
             examples.append(TrainExample("loc", requests[j]["prompt"], ins, answer, i))
+        subject = req.get("subject") if isinstance(req.get("subject"), str) and req["subject"].strip() else None
+        for ex in examples[first:]:
+            ex.subject = subject
     return examples
 
 
@@ -237,11 +243,13 @@ def fill_unedited_predictions(model: torch.nn.Module, template: InstructionTempl
     model.train(was_training)
 
 
-def fill_similarities(encoder: Any, examples: Sequence[TrainExample], chunk: int = 256) -> None:
-    """``sim = cos(Enc(question), Enc(instruction))`` of every example (computed once)."""
+def fill_similarities(encoder: Any, examples: Sequence[TrainExample], chunk: int = 256, mode: str = "cosine") -> None:
+    """``sim`` of every example (computed once): ``cos(Enc(question), Enc(instruction))``, or with
+    ``mode="subject_masked"`` the same with the edit's subject removed from both (:mod:`.similarity`)."""
     for start in range(0, len(examples), chunk):
         part = examples[start:start + chunk]
-        sims = cosine(encoder, [e.question for e in part], [e.instruction for e in part])
+        sims = similarity(encoder, [e.question for e in part], [e.instruction for e in part],
+                          [e.subject for e in part], mode)
         for ex, s in zip(part, sims.tolist()):
             ex.sim = float(s)
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 from ..errors import HyperParamsError, fix_for
 from ..core.config import EditingHyperParams, PluginHyperParams, hp_field, training_yaml_hint
 from .memory.gate import GATE_PADS, GATE_SCORES, GATE_STDS
+from .similarity import SIMILARITIES
 
 LOG = logging.getLogger(__name__)
 
@@ -100,6 +101,15 @@ class InstructEdHyperParams(EditingHyperParams):
     prefix_len: Optional[int] = hp_field(None, min=1, help="null: from the archive")
     encoder: str = hp_field("default", help="sentence encoder: 'default', a name or a local path")
     reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    similarity: str = hp_field("cosine", choices=SIMILARITIES,
+                               help="sim that re-weights attention: cosine of question and instruction (the paper's) or "
+                                    "subject_masked (the edit's subject removed from both first; needs the requests' "
+                                    "subject; KnowEdit's same-subject locality)")
+    relation_gate: Optional[float] = hp_field(
+        None, min=-1.0, max=1.0, help="null (the paper): every input keeps its instruction; a threshold: an input whose "
+                                      "similarity to its edit, with the edit's subject masked (needs the requests' "
+                                      "subject), is below it is answered without the instruction, by the unedited model "
+                                      "(KnowEdit's same-subject, other-relation locality; gold and retrieval)")
     instruction_source: str = hp_field("gold", choices=SOURCE_CHOICES)
     retrieval_gate: Union[float, Literal["calibrated"]] = hp_field(
         0.1, min=-1.0, max=1.0, help="gate threshold on the standard deviation of the top_k retrieval scores: the top-1 "
@@ -170,6 +180,8 @@ class InstructEdTrainingHparams(PluginHyperParams):
     prefix_len: int = hp_field(5, min=1)
     encoder: str = hp_field("default")
     reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    similarity: str = hp_field("cosine", choices=SIMILARITIES, help="sim of the training examples: cosine (the "
+                               "paper's) or subject_masked (the request's subject removed first)")
     template: str = hp_field(DEFAULT_TEMPLATE)
     init_std: float = hp_field(0.02, min=0.0)
 

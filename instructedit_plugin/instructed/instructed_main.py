@@ -200,12 +200,17 @@ def _checkpoint(state: EditingState, model: nn.Module, hparams: InstructEdHyperP
     return ckpt
 
 
+def _subject_of(request: dict) -> str | None:
+    subject = request.get("subject")
+    return subject if isinstance(subject, str) and subject.strip() else None
+
+
 def _entries(requests: list[dict]) -> list[_Entry]:
     out = []
     for i, req in enumerate(requests):
         out.append(_Entry(instruction_of(req), request_prompts(req),
                           {"prompt": req.get("prompt"), "target_new": req.get("target_new"),
-                           "case_id": req.get("case_id", i)},
+                           "case_id": req.get("case_id", i), "subject": _subject_of(req)},
                           own_prompts=request_prompts(req, include_locality=False)))
     return out
 
@@ -230,7 +235,9 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
     encoder = state.encoder
     if hparams.instruction_source == "gold" and gold:
         provider: Any = GoldInstructions([(e.instruction, e.prompts) for e in gold], encoder,
-                                         own_prompts=[e.own_prompts for e in gold])
+                                         own_prompts=[e.own_prompts for e in gold],
+                                         subjects=[e.metadata.get("subject") for e in gold],
+                                         relations=[e.metadata.get("prompt") for e in gold])
     else:
         provider = RetrievedInstructions(_LiveMemory(state), hparams.retrieval_gate, hparams.top_k, state.known_prompts(),
                                          score=hparams.gate_score, std=hparams.gate_std, pad=hparams.gate_pad)
@@ -241,7 +248,8 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,
                         instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode,
                         use_prefixes=hparams.use_prefixes, instruction_cache=cache if cache is not None else 0,
-                        embedding_cache=vectors if vectors is not None else 0)
+                        embedding_cache=vectors if vectors is not None else 0,
+                        similarity=hparams.similarity, relation_gate=hparams.relation_gate)
 
 
 def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], hparams: InstructEdHyperParams,

@@ -9,10 +9,13 @@ positions -- and ``generate()`` for fluency/demos. For every example the wrapper
    choice -- :class:`GoldInstructions` (the edit request's own instruction) or
    :class:`RetrievedInstructions` (a search of the instruction memory, gated by the score);
    no instruction means the example runs through the plain base model (no prefix, no
-   re-weighting) and its logits are exactly the base model's;
+   re-weighting) and its logits are exactly the base model's; with ``relation_gate`` (an option,
+   :mod:`.similarity`) an instruction whose subject-masked similarity to the question is below the
+   threshold is dropped the same way;
 2. builds ``[BOS] Instructions: {instruction}\\nInput: `` + the example's own token ids (ids are
    concatenated, never re-tokenised, see :mod:`.templates`);
-3. computes ``sim = cos(Enc(question), Enc(instruction))`` with the sentence encoder;
+3. computes ``sim = cos(Enc(question), Enc(instruction))`` with the sentence encoder (``similarity=
+   "subject_masked"``: with the edit's subject removed from both texts, see :mod:`.similarity`);
 4. runs the base model with the prefixes attached under ``instruction_context(spans, sim,
    use_prefix)`` and slices the logits back onto the caller's positions, so ``.logits`` has the
    caller's shape. Logits at padding positions of instructed examples are 0 (nothing reads them).
@@ -41,6 +44,7 @@ from .context import instruction_context
 from .prefix import PrefixBank, attach_instructed, get_instructed_handle
 from .embedding_cache import DEFAULT_EMBEDDING_CACHE, InstructionEmbeddingCache
 from .instruction_cache import InstructionKVCache
+from .similarity import SIMILARITIES, relation_gate_open, similarity as pair_similarity
 from .templates import InstructionTemplate
 
 LOG = logging.getLogger(__name__)
@@ -105,10 +109,14 @@ def cosine(encoder: Any, questions: Sequence[str], instructions: Sequence[str]) 
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Selection:
-    """The instruction chosen for one input and the question text its similarity is computed on."""
+    """The instruction chosen for one input, the question text its similarity is computed on, and the
+    edit's subject and own question (``None``: unknown; used by ``similarity="subject_masked"`` and the
+    relation gate, :mod:`.similarity`)."""
 
     instruction: str
     question: str
+    subject: str | None = None
+    relation: str | None = None  # the edit's own question (its ``prompt``), read by the relation gate
 
 
 def _norm(text: str) -> str:
@@ -144,13 +152,21 @@ class GoldInstructions:
             (prompt, rephrase, portability, locality) used to tell which edit an input belongs to.
         encoder: used only when several edits are active and an input matches none of their
             prompts (then the most similar instruction is used).
+        subjects / relations: the edits' subjects and own questions (one per entry, ``None`` allowed),
+            passed on in the selections.
     """
 
     def __init__(self, entries: Sequence[tuple[str, Sequence[str]]], encoder: Any = None,
-                 own_prompts: Sequence[Sequence[str]] | None = None):
+                 own_prompts: Sequence[Sequence[str]] | None = None, subjects: Sequence[str | None] | None = None,
+                 relations: Sequence[str | None] | None = None):
         if not entries:
             raise RequestError("GoldInstructions needs at least one (instruction, prompts) entry")
         self.entries = [(ins, list(prompts)) for ins, prompts in entries]
+        self.subjects = list(subjects) if subjects is not None else [None] * len(self.entries)
+        self.relations = list(relations) if relations is not None else [None] * len(self.entries)
+        if len(self.subjects) != len(self.entries) or len(self.relations) != len(self.entries):
+            raise RequestError(f"GoldInstructions: {len(self.subjects)} subjects and {len(self.relations)} relations "
+                               f"for {len(self.entries)} entries")
         self.encoder = encoder
         # A question that is one edit's own (prompt / rephrase / portability) and another edit's
         # locality probe (a batch may hold both) belongs to the edit that changed its answer.
@@ -169,13 +185,14 @@ class GoldInstructions:
             hit = self._matcher.match(text)
             if hit is not None:
                 prompt, owner = hit
-                out.append(Selection(self.entries[owner][0], prompt))
+                out.append(Selection(self.entries[owner][0], prompt, self.subjects[owner], self.relations[owner]))
             elif len(self.entries) == 1 or self.encoder is None:
-                out.append(Selection(self.entries[0][0], text))
+                out.append(Selection(self.entries[0][0], text, self.subjects[0], self.relations[0]))
             else:
                 instructions = [ins for ins, _ in self.entries]
                 scores = cosine(self.encoder, [text] * len(instructions), instructions)
-                out.append(Selection(instructions[int(scores.argmax())], text))
+                best = int(scores.argmax())
+                out.append(Selection(instructions[best], text, self.subjects[best], self.relations[best]))
         return out
 
 
@@ -209,7 +226,9 @@ class RetrievedInstructions:
             hit = self._matcher.match(text)
             question = hit[0] if hit is not None else text
             chosen = self.memory.select(question, gate=std_gate, top_k=std_gate.top_k)
-            out.append(None if chosen is None else Selection(chosen.text, question))
+            meta = (getattr(chosen, "metadata", None) or {}) if chosen is not None else {}
+            out.append(None if chosen is None else Selection(chosen.text, question, meta.get("subject"),
+                                                              meta.get("prompt")))
         return out
 
 
@@ -266,6 +285,10 @@ class InstructedLM(nn.Module):
             ``cosine`` is its ``encode`` rows' dot product (``cosine_from_encode``: the sentence encoder); 0: off
             (question and instruction encoded together at every query). In mode ``none`` and without prefixes
             ``sim`` is unused and never computed.
+        similarity: how ``sim`` is computed (:data:`~.similarity.SIMILARITIES`; ``cosine`` is the paper's).
+        relation_gate: ``None`` (the paper: every input keeps its instruction) or a threshold: an input whose
+            relation similarity to its instruction (:func:`~.similarity.relation_similarity`, the edit's
+            subject masked) is below it runs without instruction, exactly as the base model.
 
     Attribute access that the wrapper does not define (``config``, ``generation_config``,
     ``device``...) and ``named_parameters``/``parameters``/``state_dict`` are the base model's, so
@@ -287,8 +310,15 @@ class InstructedLM(nn.Module):
         use_prefixes: bool = True,
         instruction_cache: int | InstructionKVCache | None = None,
         embedding_cache: int | InstructionEmbeddingCache | None = None,
+        similarity: str = "cosine",
+        relation_gate: float | None = None,
     ):
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise PluginError(f"similarity {similarity!r} is not one of {', '.join(SIMILARITIES)}. "
+                              "Fix: pass similarity='cosine' (the paper's) or 'subject_masked'")
+        self.similarity = similarity
+        self.relation_gate = None if relation_gate is None else float(relation_gate)
         self.model = model
         #: False: the instruction in context on the plain model, no prefixes and no re-weighting
         #: (the paper's in-context baseline), through exactly the same input layout.
@@ -366,6 +396,18 @@ class InstructedLM(nn.Module):
             handle.detach()
 
     # -- building inputs -----------------------------------------------------------------------
+    def similarities(self, questions: Sequence[str], instructions: Sequence[str],
+                     subjects: Sequence[str | None] | None = None) -> torch.Tensor:
+        """``[n]`` float32 ``sim`` of each (question, instruction) pair under this wrapper's ``similarity``:
+        for ``cosine`` (the paper's) the instructions' embeddings come from :attr:`embedding_cache` when
+        there is one; ones in mode ``none`` (``sim`` unused) and without prefixes (the in-context baseline
+        never re-weights)."""
+        if self.mode == "none" or not self.use_prefixes:
+            return torch.ones(len(questions), dtype=torch.float32)
+        if self.similarity == "cosine" and self.embedding_cache is not None:
+            return self.embedding_cache.similarity(self.encoder, questions, instructions)
+        return pair_similarity(self.encoder, questions, instructions, subjects, self.similarity)
+
     def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
         return [input_ids[i][attention_mask[i].bool()].tolist() for i in range(input_ids.shape[0])]
 
@@ -384,11 +426,25 @@ class InstructedLM(nn.Module):
         chosen = list(self.provider.choose(texts))
         if len(chosen) != len(rows):
             raise PluginError(f"instruction provider returned {len(chosen)} choices for {len(rows)} inputs")
-        return chosen
+        return self.gate_relations(chosen)
+
+    def gate_relations(self, selections: Sequence[Selection | None]) -> list[Selection | None]:
+        """``selections`` with the instructions the relation gate closes on removed (see ``relation_gate``)."""
+        held = [i for i, s in enumerate(selections) if s is not None]
+        if self.relation_gate is None or not held:
+            return list(selections)
+        picked = [selections[i] for i in held]
+        keep = relation_gate_open(self.encoder, [s.question for s in picked], [s.instruction for s in picked],
+                                  [s.subject for s in picked], self.relation_gate, [s.relation for s in picked])
+        out = list(selections)
+        for i, ok in zip(held, keep):
+            if not ok:
+                out[i] = None
+        return out
 
     def build(self, rows: Sequence[Sequence[int]], selections: Sequence[Selection | None]) -> InstructedBatch:
         """Instructed sequences (template + row ids; plain rows stay as they are), left-padded."""
-        seqs, spans, starts, questions, instructions, which = [], [], [], [], [], []
+        seqs, spans, starts, questions, instructions, subjects, which = [], [], [], [], [], [], []
         for i, (row, sel) in enumerate(zip(rows, selections)):
             if sel is None:
                 seqs.append(list(row))
@@ -401,24 +457,15 @@ class InstructedLM(nn.Module):
             starts.append(len(prefix.ids))
             questions.append(sel.question)
             instructions.append(sel.instruction)
+            subjects.append(sel.subject)
             which.append(i)
         ids, mask, pads = pad_left(seqs, self.pad_id, self.device)
         sim = torch.ones(len(rows), dtype=torch.float32)
         if which:
-            sim[which] = self.similarity(questions, instructions)
+            sim[which] = self.similarities(questions, instructions, subjects)
         use_prefix = torch.tensor([s is not None for s in spans], dtype=torch.bool)
         spans = [None if s is None else (s[0] + p, s[1] + p) for s, p in zip(spans, pads)]
         return InstructedBatch(ids, mask, spans, sim, use_prefix, [s + p for s, p in zip(starts, pads)])
-
-    def similarity(self, questions: Sequence[str], instructions: Sequence[str]) -> torch.Tensor:
-        """``[n]`` float32 ``sim = cos(Enc(question), Enc(instruction))`` of paired texts: the instructions'
-        embeddings from :attr:`embedding_cache` when there is one; ones in mode ``none`` (``sim`` unused)
-        and without prefixes (the in-context baseline never re-weights)."""
-        if self.mode == "none" or not self.use_prefixes:
-            return torch.ones(len(questions), dtype=torch.float32)
-        if self.embedding_cache is not None:
-            return self.embedding_cache.similarity(self.encoder, questions, instructions)
-        return cosine(self.encoder, questions, instructions)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
             sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
@@ -492,7 +539,7 @@ class InstructedLM(nn.Module):
         entries, tails = [], []
         questions = [selections[i].question for i in chosen]
         instructions = [selections[i].instruction for i in chosen]
-        sim = self.similarity(questions, instructions)
+        sim = self.similarities(questions, instructions, [selections[i].subject for i in chosen])
         with self.activated():
             for i in chosen:
                 encoded = self.template.encode_instruction(selections[i].instruction)

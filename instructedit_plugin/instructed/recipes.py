@@ -21,6 +21,13 @@ uses :data:`BENCHMARK` (and ``benchmarks/instructed_ablations.py`` its variants)
    * ``prefix_layers`` lists layer indices or names a block: ``"middle"`` (the default's middle third)
      or ``"last"`` (the last third, the paper's Table 4 "L:20-30" ablation), see :func:`recipe_layers`;
 
+   * :data:`KNOWEDIT` (``benchmarks/instructed_cpu.py --knowedit`` rows ``*_knowedit_*``, #14 item 4):
+     KnowEdit's WikiData-counterfact and -recent training files (the recent file without its first
+     :data:`EVAL_LIMIT` records, which the ``knowedit`` evaluation set uses) plus MEND-format
+     CounterFact, up to 3 locality prompts per edit -- KnowEdit's ask about the edit's own subject under
+     other relations, so they become "instruction + same-subject question -> the unedited answer"
+     examples -- and the ``subject_masked`` similarity;
+
    every candidate whose ``case_id`` (CounterFact ids are shared by all CounterFact files), subject
    or question equals one of the evaluation records' is excluded (:func:`evaluation_exclusions`),
    so training and evaluation are disjoint whatever ``--limit`` the benchmark uses;
@@ -57,7 +64,8 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "RECIPE_VERSION", "EVAL_LIMIT", "EVAL_FILES", "EVALUATION_SETS", "TRAIN_SOURCES", "RecipeConfig", "QUICK",
-    "DEFAULT", "BENCHMARK", "BENCHMARK_CF_ZSRE", "RECIPES", "LAYER_BLOCKS", "recipe_layers", "evaluation_files", "recipe_files", "check_recipe_data",
+    "DEFAULT", "BENCHMARK", "BENCHMARK_CF_ZSRE", "KNOWEDIT", "RECIPES", "LAYER_BLOCKS", "recipe_layers",
+    "evaluation_files", "recipe_files", "check_recipe_data",
     "train_embedded_prefixes", "train_quick_prefixes", "recipe_key", "recipe_info", "model_identity",
     "evaluation_records", "evaluation_exclusions", "training_split",
 ]
@@ -78,6 +86,14 @@ EVALUATION_SETS: dict[str, dict[str, str]] = {
         "counterfact": "instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json",
         "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
     },
+    # KnowEdit (EasyEdit's benchmark): locality questions about the *same subject* under other relations.
+    # KnowEdit's recent_test.json is not available offline: its train file stands in, and recipes skip
+    # its first EVAL_LIMIT records (the evaluated ones).
+    "knowedit": {
+        "zsre": "zsre/ZsRE-test-all.json",
+        "wiki_counterfact": "counterfact/test_cf-generate-10.jsonl",
+        "wiki_recent": "recent/recent_train.json",
+    },
 }
 #: The benchmark's evaluation files (kept under this name for the benchmark script).
 EVAL_FILES: dict[str, str] = EVALUATION_SETS["benchmark"]
@@ -87,6 +103,7 @@ TRAIN_SOURCES: dict[str, tuple[str, int]] = {
     "counterfact_knowedit": ("counterfact/train_cf.json", 0),
     "counterfact_ins": ("instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json", EVAL_LIMIT),
     "zsre_ins": ("instructed/portability/One_Hop/zsre_mend_eval_portability_gpt4_ins.json", EVAL_LIMIT),
+    "recent_knowedit": ("recent/recent_train.json", EVAL_LIMIT),
 }
 RECIPES_DIR = "instructed_recipes"
 INFO_FILE = "recipe.json"
@@ -126,6 +143,7 @@ class RecipeConfig:
     unrelated_locality: int = 1
     reweight_mode: str = "paper"
     encoder: str = "default"
+    similarity: str = "cosine"  # the sim of the training examples (similarity.SIMILARITIES)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -152,10 +170,17 @@ BENCHMARK = RecipeConfig(name="benchmark-cf", steps=275, budget_minutes=45.0, ev
 #: on the training part of the release's ZsRE ``_ins`` file, so ZsRE is *in* distribution (not the paper's protocol).
 BENCHMARK_CF_ZSRE = dataclasses.replace(BENCHMARK, name="benchmark-cf-zsre",
                                         sources=("counterfact_train", "counterfact_ins", "zsre_ins"))
-#: Recipes by name (``benchmarks/instructed_cpu.py --recipe``).
-RECIPES: dict[str, RecipeConfig] = {r.name: r for r in (DEFAULT, QUICK, BENCHMARK, BENCHMARK_CF_ZSRE)}
 #: ``RecipeConfig.prefix_layers`` may name a block of layers instead of listing them.
 LAYER_BLOCKS = ("middle", "last")
+#: ``benchmarks/instructed_cpu.py --knowedit`` (#14 item 4): KnowEdit's training files, whose locality
+#: prompts ask about the edit's subject under other relations (up to ``max_locality`` = 3 of them per edit
+#: become "instruction + same-subject question -> the unedited answer" examples), and the
+#: ``subject_masked`` similarity; trained disjoint from the ``knowedit`` evaluation records.
+KNOWEDIT = RecipeConfig(name="knowedit", steps=200, budget_minutes=60.0, evaluation="knowedit",
+                        sources=("counterfact_knowedit", "recent_knowedit", "counterfact_train"), max_locality=3,
+                        similarity="subject_masked", val_interval=100)
+#: Recipes by name (``benchmarks/instructed_cpu.py --recipe``).
+RECIPES: dict[str, RecipeConfig] = {r.name: r for r in (DEFAULT, QUICK, BENCHMARK, BENCHMARK_CF_ZSRE, KNOWEDIT)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,6 +368,8 @@ def recipe_key(config: RecipeConfig, identity: Mapping[str, Any], data: Mapping[
     from ..models.cache import content_key
 
     trained = {k: v for k, v in config.to_dict().items() if k != "budget_minutes"}
+    if trained.get("similarity") == "cosine":  # added later with this default: earlier keys stay valid
+        del trained["similarity"]
     return content_key({"version": RECIPE_VERSION, "model": identity, "config": trained, "data": data or {}},
                        length=16)
 
@@ -500,6 +527,7 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
         alg="InstructEd", model_name=str(model_dir), device=device, dtype=cfg.dtype,
         prefix_layers=recipe_layers(cfg, model.config),
         prefix_len=cfg.prefix_len, encoder=cfg.encoder, reweight_mode=cfg.reweight_mode, init_std=cfg.init_std,
+        similarity=cfg.similarity,
         max_length=cfg.max_length, use_portability=True, unrelated_locality=cfg.unrelated_locality,
         lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, lr_schedule="linear",
         epochs=1000, max_iters=cfg.steps, batch_size=cfg.batch_size, unmodified_batch_size=cfg.unmodified_batch_size,

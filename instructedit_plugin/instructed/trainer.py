@@ -173,7 +173,7 @@ class InstructEdTrainer(Trainer):
             fill_unedited_predictions(self.model, self.template, examples, max_length=config.max_length,
                                       gen_tokens=config.locality_gen_tokens,
                                       progress=bool(config.progress and self.runtime.is_main))
-            fill_similarities(self.encoder, examples)
+            fill_similarities(self.encoder, examples, mode=config.similarity)
         self.edit_examples = [encode_example(e, self.template) for e in train_examples if e.is_edit]
         self.unmod_examples = [encode_example(e, self.template) for e in train_examples if not e.is_edit]
         self.val_examples = [encode_example(e, self.template) for e in val_examples]
@@ -186,7 +186,8 @@ class InstructEdTrainer(Trainer):
         self.handle.prefix_enabled = False
         self.bank = self.handle.bank
         self.lm = InstructedLM(self.model, tokenizer, self.bank, encoder=self.encoder, template=config.template,
-                               instruction_max_length=config.instruction_max_length, mode=config.reweight_mode)
+                               instruction_max_length=config.instruction_max_length, mode=config.reweight_mode,
+                               similarity=config.similarity)
         # One optimizer step covers `micro_batches` micro-batches of batch_size + unmodified_batch_size
         # examples (gradient accumulation x processes); the epochs are cut into such global batches.
         self.micro_batches = self.runtime.num_processes * config.accumulate_bs
