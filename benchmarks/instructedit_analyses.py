@@ -81,7 +81,7 @@ RESULT_KEYS = frozenset({
     "scaling", "mixing", "update_norms", "directions", "paper", "date", "command", "args", "inner_params",
     "wall_seconds", "notes",
 })
-_UNSAVED_ARGS = ("render", "notes", "work_dir", "out_dir")
+_UNSAVED_ARGS = ("render", "notes", "work_dir", "out_dir", "out")
 
 
 class AnalysisError(ValueError):
@@ -93,7 +93,7 @@ class AnalysisError(ValueError):
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("analysis", help=f"one of {', '.join(ANALYSES)}")
+    p.add_argument("analysis", nargs="?", default=None, help=f"one of {', '.join(ANALYSES)}")
     p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
     p.add_argument("--data_json", default=None,
                    help="instead of --data_dir: one JSON {'train': {task: [records]}, 'test': {task: [records]}} "
@@ -127,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default=str(Path.home() / ".cache" / "instructedit_plugin" / "analysis_editors"),
                    help="trained editors, reused across analyses when settings and data are identical")
-    p.add_argument("--out_dir", default=str(RESULTS_DIR))
+    p.add_argument("--out_dir", default=str(RESULTS_DIR), help="writes instructedit_<analysis>.json/.md/.png here")
+    p.add_argument("--out", default=None, help="the result JSON instead (with --render the analysis is read from it)")
     p.add_argument("--render", action="store_true", help="only rebuild the .md and .png from the saved .json")
     p.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON and ends the .md")
     return p.parse_args(argv)
@@ -135,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every option error, before any data or model is read."""
+    if args.render and args.analysis is None and args.out:
+        return
     if args.analysis not in ANALYSES:
         raise AnalysisError(f"analysis {args.analysis!r} is unknown. Fix: name one of {', '.join(ANALYSES)}")
     if args.render:
@@ -754,12 +757,14 @@ def write_all(out: dict[str, Any], json_path: Path, notes: str | None) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    json_path = Path(args.out_dir) / f"instructedit_{args.analysis}.json"
-    if args.render:
+    json_path = Path(args.out) if args.out else Path(args.out_dir) / f"instructedit_{args.analysis}.json"
+    if args.render:  # rebuild .md and .png from the JSON (--notes FILE: its text replaces the notes first)
         out = json.loads(json_path.read_text(encoding="utf-8"))
-        if args.notes:
+        if args.notes is not None:
             out["notes"] = read_notes(args.notes)
-        out["paper"] = PAPER[args.analysis]
+            if not out["notes"]:
+                out.pop("notes")
+        out["paper"] = PAPER[out["analysis"]]
         print(write_all(out, json_path, None))
         return 0
     notes = read_notes(args.notes) if args.notes else None
