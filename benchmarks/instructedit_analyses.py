@@ -603,7 +603,8 @@ def render_markdown(out: Mapping[str, Any]) -> str:
              f"Produced by `{SCRIPT} {analysis}`; rendered from `instructedit_{analysis}.json` "
              f"(`python {SCRIPT} {analysis} --render` rebuilds this file and `instructedit_{analysis}.png`). "
              f"Model: {out['model']}; every editor trained {out['steps']} steps (seed {out['seed']}). "
-             "Figures in percent with 95% bootstrap intervals over edits; n = edits.", ""]
+             + ("Silhouette values in [-1, 1] and cosines" if analysis == "directions" else "Figures in percent")
+             + " with 95% bootstrap intervals over edits; n = edits.", ""]
     proto = out.get("protocol") or {}
     if proto:
         lines += ["Protocol: " + ", ".join(f"{k} {v}" for k, v in proto.items()) + ".", ""]
