@@ -30,7 +30,11 @@ SCRIPTS = {
     "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
     **{f"instructed_knowedit_{name}": REPO / "benchmarks" / "instructed_knowedit.py"
        for name in ("zsre", "wiki_counterfact", "wiki_recent")},
+    **{f"instructedit_{a}": REPO / "benchmarks" / "instructedit_analyses.py"
+       for a in ("pilot", "scaling", "mixing", "directions")},
 }
+#: results stems whose script also draws a figure, ``<name>.png``, from the JSON
+WITH_PNG = {f"instructedit_{a}" for a in ("pilot", "scaling", "mixing", "directions")}
 RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 
 
@@ -46,7 +50,9 @@ def test_every_result_has_a_script_and_every_markdown_a_json():
     assert RESULT_STEMS, "no committed results"
     assert set(RESULT_STEMS) <= set(SCRIPTS), f"results without a known script: {set(RESULT_STEMS) - set(SCRIPTS)}"
     files = {p.name for p in RESULTS.iterdir()}
-    assert files == {f"{stem}.{ext}" for stem in RESULT_STEMS for ext in ("json", "md")}, sorted(files)
+    expected = {f"{stem}.{ext}" for stem in RESULT_STEMS for ext in ("json", "md")}
+    expected |= {f"{stem}.png" for stem in RESULT_STEMS if stem in WITH_PNG}
+    assert files == expected, sorted(files)
 
 
 @pytest.mark.parametrize("stem", RESULT_STEMS)
