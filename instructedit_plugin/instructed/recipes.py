@@ -17,6 +17,11 @@ uses :data:`BENCHMARK`. It
      ZsRE ``_ins`` files *without* their first :data:`EVAL_LIMIT` records (the evaluated ones),
      which carry the release's instructions and one-hop portability questions;
 
+   * :data:`MULTIHOP` (``examples/run_mquake.py --train_multihop``): :data:`DEFAULT`'s edits plus
+     ``multihop_cases`` MQuAKE training requests (:mod:`.multihop_training`: the case's facts as the
+     instruction, its multi-hop questions, the new answer) drawn after the file's first
+     ``multihop_skip`` cases, which the MQuAKE benchmark evaluates; their case ids go into ``recipe.json``;
+
    every candidate whose ``case_id`` (CounterFact ids are shared by all CounterFact files), subject
    or question equals one of the evaluation records' is excluded (:func:`evaluation_exclusions`),
    so training and evaluation are disjoint whatever ``--limit`` the benchmark uses;
@@ -55,7 +60,8 @@ __all__ = [
     "RECIPE_VERSION", "EVAL_LIMIT", "EVAL_FILES", "EVALUATION_SETS", "TRAIN_SOURCES", "RecipeConfig", "QUICK",
     "DEFAULT", "BENCHMARK", "evaluation_files", "recipe_files", "check_recipe_data",
     "train_embedded_prefixes", "train_quick_prefixes", "recipe_key", "recipe_info", "model_identity",
-    "evaluation_records", "evaluation_exclusions", "training_split",
+    "evaluation_records", "evaluation_exclusions", "training_split", "multihop_split", "MULTIHOP", "MQUAKE_FILE",
+    "MQUAKE_EVAL_LIMIT",
 ]
 
 #: Bump when what a recipe trains changes for an unchanged configuration.
@@ -84,6 +90,10 @@ TRAIN_SOURCES: dict[str, tuple[str, int]] = {
     "counterfact_ins": ("instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json", EVAL_LIMIT),
     "zsre_ins": ("instructed/portability/One_Hop/zsre_mend_eval_portability_gpt4_ins.json", EVAL_LIMIT),
 }
+#: MQuAKE file of the multi-hop training requests, and how many of its first cases are evaluated (never trained on).
+MQUAKE_FILE = "mquake/MQuAKE-hard.json"
+MQUAKE_EVAL_LIMIT = 100
+MULTIHOP_FIELDS = ("multihop_cases", "multihop_file", "multihop_skip")
 RECIPES_DIR = "instructed_recipes"
 INFO_FILE = "recipe.json"
 
@@ -122,11 +132,19 @@ class RecipeConfig:
     unrelated_locality: int = 1
     reweight_mode: str = "paper"
     encoder: str = "default"
+    #: MQuAKE multi-hop training requests added to the training edits (0: none; see :mod:`.multihop_training`)
+    multihop_cases: int = 0
+    multihop_file: str = MQUAKE_FILE
+    #: the first cases of ``multihop_file`` are the evaluated ones (``examples/run_mquake.py --ds_size``): never drawn
+    multihop_skip: int = MQUAKE_EVAL_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["sources"] = list(self.sources)
         data["prefix_layers"] = list(self.prefix_layers) if self.prefix_layers is not None else None
+        if not self.multihop_cases:  # recipes without multi-hop data keep the keys (and cached prefixes) they had
+            for key in MULTIHOP_FIELDS:
+                data.pop(key)
         return data
 
 
@@ -139,6 +157,10 @@ QUICK = RecipeConfig(name="quick", steps=40, budget_minutes=15.0, n_train=60, n_
 #: ``benchmarks/instructed_cpu.py``: the InstructEd release's instruction files (a real data folder).
 BENCHMARK = RecipeConfig(name="benchmark", steps=275, budget_minutes=45.0, evaluation="benchmark",
                          sources=("counterfact_train", "counterfact_ins", "zsre_ins"), val_interval=100)
+#: ``examples/run_mquake.py --train_multihop``: :data:`DEFAULT`'s data plus 60 MQuAKE-hard cases (the paper adds
+#: 2,200 MQuAKE cases to 10,000 CounterFact edits: 22%; 60 to 240 here) drawn after its first
+#: :data:`MQUAKE_EVAL_LIMIT` (evaluated) cases; 150 steps.
+MULTIHOP = RecipeConfig(name="multihop", steps=150, multihop_cases=60)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +197,9 @@ def recipe_files(config: RecipeConfig) -> list[str]:
     for source in config.sources:
         if source not in TRAIN_SOURCES:
             raise PluginError(f"unknown recipe training source {source!r}. Fix: use some of {', '.join(TRAIN_SOURCES)}")
-    return sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(evaluation_files(config.evaluation).values()))
+    multihop = {config.multihop_file} if config.multihop_cases else set()
+    return sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(evaluation_files(config.evaluation).values())
+                  | multihop)
 
 
 def evaluation_exclusions(evaluation: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, set]:
@@ -284,6 +308,23 @@ def training_split(config: RecipeConfig = DEFAULT, data_dir: str | os.PathLike |
     val, train = requests[:n_val], requests[n_val:]
     stats.update(n_train=len(train), n_val=len(val))
     return train, val, stats
+
+
+def multihop_split(config: RecipeConfig, data_dir: str | os.PathLike | None = None
+                   ) -> tuple[list[dict], dict[str, Any]]:
+    """``(requests, stats)``: ``config.multihop_cases`` MQuAKE training requests (:mod:`.multihop_training`)
+    drawn from ``config.multihop_file`` after its first ``multihop_skip`` (evaluated) cases, none sharing a
+    case id, question or requested rewrite with those; ``stats["case_ids"]`` lists the cases used."""
+    from ..data import load_mquake, resolve_data_dir
+    from .multihop_training import multihop_training_request, select_training_cases
+
+    if not config.multihop_cases:
+        return [], {}
+    cases = load_mquake(resolve_data_dir(data_dir) / config.multihop_file)
+    evaluated, rest = cases[: config.multihop_skip], cases[config.multihop_skip:]
+    chosen, stats = select_training_cases(rest, config.multihop_cases, evaluated, seed=config.seed)
+    stats.update(file=config.multihop_file, skipped_first=config.multihop_skip)
+    return [multihop_training_request(c) for c in chosen], stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +490,11 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
     model, tok = load_causal_lm(model_dir, dtype=cfg.dtype)
     model.eval()
     train, val, stats = training_split(cfg, data_dir, tokenizer=tok)
+    multihop, multihop_stats = multihop_split(cfg, data_dir)
+    if multihop:
+        stats["multihop"] = multihop_stats
+        train = train + multihop
+        random.Random(cfg.seed).shuffle(train)
     if not train:
         raise PluginError(f"recipe {cfg.name!r}: no training edits left in {data_dir} after excluding the evaluation "
                           "records. Fix: point data_dir at a folder holding the recipe's training files")
