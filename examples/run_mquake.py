@@ -41,6 +41,8 @@ Writes ``<metrics_save_dir>/<name>.json`` (every row, intervals, configuration, 
 with ``--notes FILE``, that file's text), ``<name>.md`` (a table, rendered from the JSON alone;
 ``--render --name NAME`` rebuilds it without running anything) and ``<name>_records.json`` (every
 question, retrieved facts and answer; ``--no_records`` skips it). ``--name`` defaults to ``MQuAKE_<model>``.
+``--merge A.json B.json ... --name NAME`` combines runs of the same cases (other settings or methods, e.g.
+run in parallel) into one ``NAME.json``/``.md``; every part but the first is listed with its command.
 
 Example (CPU, the embedded Gemma-3-270M with the prefixes shipped in the package)::
 
@@ -73,6 +75,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import merged_run, merged_runs_lines  # noqa: E402
+
 LOG = logging.getLogger("run_mquake")
 
 DATA_FILE = "mquake/MQuAKE-hard.json"
@@ -91,8 +95,11 @@ RESULT_KEYS = frozenset({
     "editing_method", "data", "n_cases", "cases_by_hops", "model", "model_name", "archive", "multihop_archive",
     "multihop_training", "hparams", "dtype", "threads", "settings", "retrieval_gate", "top_k", "multihop_gate",
     "question_aggregation", "match_mode", "max_new_tokens", "evaluation_config", "results", "ci95", "seconds",
-    "total_seconds", "command", "notes",
+    "total_seconds", "command", "notes", "merged_runs",
 })
+#: What the parts of a ``--merge`` must share (the same cases, model and scoring).
+MERGE_SAME = ("data", "n_cases", "cases_by_hops", "model_name", "dtype", "max_new_tokens", "match_mode",
+              "question_aggregation", "hparams", "archive", "retrieval_gate", "top_k", "multihop_gate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,10 +149,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render", action="store_true",
                    help="only rebuild <metrics_save_dir>/<name>.md from <name>.json (needs --name; with --notes: "
                         "replace the JSON's notes first)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART_JSON",
+                   help="only combine <name>.json files this script wrote for the same cases (other settings or "
+                        "methods) into <metrics_save_dir>/<name>.json and .md (needs --name; no model is loaded)")
     args = p.parse_args(argv)
+    if args.merge and not args.name:
+        p.error("--merge needs --name (the stem of the combined <name>.json)")
     if args.render and not args.name:
         p.error("--render needs --name (the stem of the saved <name>.json)")
-    if not args.render and not args.hparams_dir:
+    if not args.render and not args.merge and not args.hparams_dir:
         p.error("the following arguments are required: --hparams_dir")
     return args
 
@@ -304,6 +316,7 @@ def render_markdown(out: dict) -> str:
                                                   if out.get("multihop_archive") else "") + ".", "",
               f"Command: `{out['command']}` ({out['total_seconds'] / 60:.1f} min in all, torch threads "
               f"{out['threads']}, dtype {out['dtype']})."]
+    lines += merged_runs_lines(out)
     if (out.get("notes") or "").strip():
         lines += ["", out["notes"].strip()]
     return "\n".join(lines) + "\n"
@@ -337,6 +350,41 @@ def render_saved(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_saved(args: argparse.Namespace) -> int:
+    """``--merge``: one ``<name>.json`` from parts this script wrote for the same cases; the first part's command
+    stays ``command``, every other part is a ``merged_runs`` entry naming its command and rows."""
+    parts = [(path, json.loads(Path(path).read_text(encoding="utf-8"))) for path in args.merge]
+    out = json.loads(json.dumps(parts[0][1]))
+    out.pop("notes", None)
+    for path, part in parts[1:]:
+        differ = [key for key in MERGE_SAME if part.get(key) != out.get(key)]
+        if differ:
+            raise SystemExit(f"run_mquake: --merge: {path} differs from {parts[0][0]} in {', '.join(differ)}. "
+                             "Fix: merge only runs of the same cases, model and scoring")
+        rows = []
+        for setting in part["settings"]:
+            if setting not in out["settings"]:
+                out["settings"].append(setting)
+            for name in part["results"][setting]:
+                if name in out["results"].get(setting, {}):
+                    raise SystemExit(f"run_mquake: --merge: {setting}/{name} is in two parts. Fix: merge each row once")
+                rows.append(f"results.{setting}.{name}")
+            for key in ("results", "ci95", "seconds"):
+                out[key].setdefault(setting, {}).update(part[key][setting])
+            out["evaluation_config"][setting] = part["evaluation_config"][setting]
+        if part.get("multihop_archive"):
+            out["multihop_archive"], out["multihop_training"] = part["multihop_archive"], part.get("multihop_training")
+        out["total_seconds"] = round(out["total_seconds"] + part["total_seconds"], 1)
+        out.setdefault("merged_runs", []).append(merged_run(part["command"], rows))
+    if args.notes:
+        notes = Path(args.notes).read_text(encoding="utf-8").strip()
+        if notes:
+            out["notes"] = notes + "\n"
+    text = write_results(Path(args.metrics_save_dir), args.name, out)
+    print(text, end="")
+    return 0
+
+
 def _choices(text: str | None, allowed: Any, default: Any, flag: str) -> list[str]:
     chosen = [m.strip() for m in (text or ",".join(default)).split(",") if m.strip()]
     unknown = sorted(set(chosen) - set(allowed))
@@ -349,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
         return render_saved(args)
+    if args.merge:
+        return merge_saved(args)
     if args.editing_method.lower() != "instructed":
         raise SystemExit(f"run_mquake: --editing_method {args.editing_method!r} is not supported; use InstructEd")
     multihop = bool(args.multihop_archive or args.train_multihop)

@@ -246,10 +246,12 @@ def test_tiny_model_in_the_shared_memory_setting(instructed_world, encoder, tmp_
     from instructedit_plugin.instructed.answering import instructed_answer_fn, instructed_token_accuracy_fn
 
     records = []
-    for i, subject in enumerate(("Mozart", "Marie Curie", "Beethoven")):
+    # three chains whose people never occur in another case's edits (seed 5 of the distractors): in one
+    # shared memory, a case's facts compete only with facts about other people
+    for i, subject in enumerate(("Lionel Messi", "Mozart", "Danielle Darrieux")):
         chain = make_chain(subject)
         first, second = chain_rewrites(chain)
-        records.append(mquake_record(i, chain, [first, second, *distractor_rewrites(chain)]))
+        records.append(mquake_record(i, chain, [first, second, *distractor_rewrites(chain, seed=5)]))
     path = tmp_path / "world.json"
     path.write_text(json.dumps(records))
     cases = load_mquake(path)
@@ -281,3 +283,42 @@ def test_release_token_accuracy_on_the_tiny_model(instructed_world):
     score = instructed_token_accuracy_fn(lm, tok)
     assert score(question, [fact], chain.city) == 1.0
     assert score(question, [], chain.city) < 1.0
+
+
+# ---------------------------------------------------------------------------- run_mquake --merge
+def _part(setting: str, name: str, **changes) -> dict:
+    row = {"Por_Nhop": 50.0, "por_release": 40.0, "por": 100.0, "hop_acc": 25.0, "hop_acc_release": 30.0,
+           "mean_facts_per_question": 2.0, "retrieval_recall": 100.0}
+    ci = {"Por_Nhop": [10.0, 90.0], "Por_Nhop_release": None, "Por_any": None, "Hop-Acc": None}
+    part = dict(editing_method="InstructEd", data="cases.json", n_cases=2, cases_by_hops={"2": 2}, model="m",
+                model_name="m", archive="a", multihop_archive=None, multihop_training=None, hparams="h", dtype="float32",
+                threads=1, settings=[setting], retrieval_gate=0.1, top_k=5, multihop_gate=None, question_aggregation="any",
+                match_mode="contains", max_new_tokens=4, evaluation_config={setting: {"retrieval": setting}},
+                results={setting: {name: row}}, ci95={setting: {name: ci}}, seconds={setting: {name: 1.0}},
+                total_seconds=2.0, command=f"python examples/run_mquake.py --settings {setting} --methods {name}")
+    part.update(changes)
+    return part
+
+
+def test_merge_combines_parallel_runs_of_the_same_cases(tmp_path):
+    run = load_script("examples/run_mquake.py", "run_mquake_for_merge")
+    parts = {"a": _part("shared_top_n", "instructed"), "b": _part("shared_top_n", "in_context"),
+             "c": _part("shared_subject_chain", "instructed", multihop_archive="mh")}
+    for stem, part in parts.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(part))
+    files = [str(tmp_path / f"{stem}.json") for stem in parts]
+    assert run.main(["--merge", *files, "--name", "all", "--metrics_save_dir", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "all.json").read_text())
+    assert out["settings"] == ["shared_top_n", "shared_subject_chain"]
+    assert list(out["results"]["shared_top_n"]) == ["instructed", "in_context"] and out["multihop_archive"] == "mh"
+    assert out["command"] == parts["a"]["command"] and out["total_seconds"] == 6.0
+    assert [(r["command"], r["keys"]) for r in out["merged_runs"]] == [
+        (parts["b"]["command"], ["results.shared_top_n.in_context"]),
+        (parts["c"]["command"], ["results.shared_subject_chain.instructed"])]
+    md = (tmp_path / "all.md").read_text()
+    assert md.count("| shared_top_n |") == 2 and "## Merged into this file" in md
+    (tmp_path / "d.json").write_text(json.dumps(_part("oracle", "instructed", n_cases=3)))
+    with pytest.raises(SystemExit, match="n_cases.*Fix:"):
+        run.main(["--merge", files[0], str(tmp_path / "d.json"), "--name", "x", "--metrics_save_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="two parts"):
+        run.main(["--merge", files[0], files[0], "--name", "x", "--metrics_save_dir", str(tmp_path)])
