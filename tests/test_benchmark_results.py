@@ -26,6 +26,9 @@ SCRIPTS = {
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
+    "mquake_cpu_subject_chain": REPO / "examples" / "run_mquake.py",
+    "mquake_cpu_oracle": REPO / "examples" / "run_mquake.py",
+    "mquake_cpu_multihop": REPO / "examples" / "run_mquake.py",
     "demo_timing": REPO / "benchmarks" / "demo_timing.py",
     "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
     **{f"instructed_knowedit_{name}": REPO / "benchmarks" / "instructed_knowedit.py"
@@ -88,11 +91,21 @@ def test_merged_runs_name_their_command_and_keys(stem):
         assert run["command"].strip() and run["keys"] and "date" in run, run
 
 
-def test_mquake_intervals_are_the_scripts_wilson_intervals():
-    run = _script("mquake_cpu")
-    out = _saved("mquake_cpu")
-    assert out["por_nhop_95ci_wilson"] == {name: run.por_nhop_interval(s) for name, s in out["methods"].items()}
-    assert set(out["por_nhop_95ci_wilson"]) == set(out["methods"])
+@pytest.mark.parametrize("stem", [s for s in RESULT_STEMS if s.startswith("mquake_cpu")])
+def test_mquake_intervals_are_the_scripts_wilson_intervals(stem):
+    run = _script(stem)
+    out = _saved(stem)
+    assert set(out["ci95"]) == set(out["results"]) == set(out["settings"])
+    for setting, rows in out["results"].items():
+        assert set(out["ci95"][setting]) == set(rows)
+        for name, s in rows.items():
+            ci = out["ci95"][setting][name]
+            assert ci["Por_Nhop"] == run.wilson_interval(s["questions_correct"], s["questions"])
+            assert ci["Por_any"] == run.wilson_interval(s["cases_correct"], s["cases"])
+            assert ci["Hop-Acc"] == run.wilson_interval(s["single_hops_correct"], s["single_hop_questions"])
+            assert s["Por_Nhop"] == s["por_paper"] == round(100 * s["questions_correct"] / s["questions"], 4)
+            low, high = ci["Por_Nhop_release"]
+            assert low <= s["por_release"] <= high
 
 
 def test_wilson_interval():
@@ -108,7 +121,7 @@ def _main_render(stem: str, folder: Path, *extra: str) -> Path:
     """The script's own --render on a copy of the committed JSON in ``folder``; returns the new markdown."""
     shutil.copy(RESULTS / f"{stem}.json", folder / f"{stem}.json")
     module = _script(stem)
-    if stem == "mquake_cpu":
+    if stem.startswith("mquake_cpu"):
         rc = module.main(["--render", "--metrics_save_dir", str(folder), "--name", stem, *extra])
     else:
         rc = module.main(["--render", "--out", str(folder / f"{stem}.json"), *extra])

@@ -9,6 +9,10 @@ no facts retrieved the plain, unedited model answers.
 The answer is the first non-empty line of the generation; decoding stops once
 that line is complete, so a short answer costs few decoding steps and a larger
 ``max_new_tokens`` only costs time where the model keeps talking on one line.
+
+:func:`instructed_token_accuracy_fn` scores the way the InstructEd release does (``score_fn`` of
+``evaluate_multihop``): ``question + " " + answer`` in one teacher-forced pass, the fraction of the
+answer's tokens that are the argmax at the position before them.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .lm import InstructedLM
 
-__all__ = ["first_line", "instructed_answer_fn", "join_instructions"]
+__all__ = ["first_line", "instructed_answer_fn", "instructed_token_accuracy_fn", "join_instructions"]
 
 
 def join_instructions(instructions: Sequence[str]) -> str | None:
@@ -66,3 +70,22 @@ def instructed_answer_fn(lm: InstructedLM, tok: Any, max_new_tokens: int = 8) ->
         return first_line(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
 
     return answer
+
+
+def instructed_token_accuracy_fn(lm: InstructedLM, tok: Any) -> Callable[[str, Sequence[str], str], float]:
+    """``score_fn`` for ``evaluate_multihop``: teacher-forced token accuracy of ``answer`` after ``question``
+    with the retrieved facts as the instruction (the plain model when there are none)."""
+
+    def score(question: str, instructions: Sequence[str], answer: str) -> float:
+        q_ids = tok(question)["input_ids"]
+        full = tok(f"{question} {answer}")["input_ids"]
+        if len(full) <= len(q_ids):
+            raise ValueError(f"answer {answer!r} adds no tokens to {question!r}")
+        ids = torch.tensor([full], device=lm.device)
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        instructions=[join_instructions(instructions)]).logits
+        predicted = logits[0, len(q_ids) - 1: len(full) - 1].argmax(-1).cpu()
+        return float((predicted == torch.tensor(full[len(q_ids):])).float().mean())
+
+    return score

@@ -18,9 +18,12 @@ Every requested rewrite becomes one natural sentence stating the new fact: the
 filled prompt, the new target and a full stop (``"Hey Jude was performed by
 Madonna."``), see :func:`edit_instruction`.
 
-Retrieval (:func:`retrieve_facts_for_question`)
------------------------------------------------
-One fact per hop, from the question alone -- never from the gold single-hop
+Retrieval (``retrieval``, see :mod:`.memory.chains`)
+----------------------------------------------------
+``"top_n"`` (the paper's): one search with the question, its N best facts (N = the case's hop
+count) as one instruction, no gate. ``"subject_chain"``: N facts, each next one about the previous
+fact's new object. ``"chain"`` (:func:`retrieve_facts_for_question`, the default of
+:func:`evaluate_multihop`): one fact per hop, from the question alone -- never from the gold single-hop
 decomposition (``new_single_hops``), whose questions name the intermediate
 entities and would leak the answer path:
 
@@ -41,17 +44,25 @@ entities and would leak the answer path:
 
 Scores
 ------
-``por`` (Por_Nhop, broken down by hop count in ``por_by_hops``)
+``por_paper`` (Por_Nhop as the paper defines it, Eq. 20)
+    accuracy over all multi-hop questions of the cases (every paraphrase counts): the greedy answer
+    gives ``new_answer`` or an alias (:func:`answer_matches`).
+``por_release`` (Por_Nhop as the InstructEd release computes it, ``score_fn`` given)
+    the first question of each case only, scored by ``score_fn(question, instructions, new_answer)``:
+    the release's teacher-forced token accuracy (fraction of the answer's tokens that are the argmax
+    given the tokens before), averaged over the cases -- a partial answer earns partial credit.
+``por`` (broken down by hop count in ``por_by_hops``)
     a case is correct when ANY of its (usually three) paraphrased multi-hop
     questions is answered with ``new_answer`` or one of its aliases -- the MQuAKE
     convention; ``question_aggregation="all"`` or ``"first"`` are stricter.
-``hop_acc`` (Hop-Acc)
-    accuracy on the case's ``new_single_hops`` sub-questions, each answered with
-    the (gated) top-1 instruction retrieved for that sub-question. Reported
-    over all sub-questions (micro average, like the public code) and as the
-    mean of the per-case accuracies (``hop_acc_macro``).
+``hop_acc`` (Hop-Acc, Eq. 21) and ``hop_acc_release``
+    accuracy on the case's ``new_single_hops`` sub-questions (generated answer; release: token
+    accuracy), over all sub-questions (micro average, like the public code) and as the mean of the
+    per-case accuracies (``hop_acc_macro``). ``hop_instructions="question"`` answers every
+    sub-question with the instruction retrieved for the case's first multi-hop question (the
+    release); ``"own"`` with the (gated) top-1 instruction retrieved for the sub-question itself.
 
-All scores are percentages. Answers are compared with :func:`answer_matches`.
+All scores are percentages.
 """
 from __future__ import annotations
 
@@ -67,9 +78,12 @@ from ..errors import PluginError, RequestError
 from .memory import (
     DEFAULT_GATE,
     DEFAULT_TOP_K,
+    RETRIEVALS,
     InstructionMemory,
     SelectedInstruction,
     default_chain_query,
+    retrieve_subject_chains,
+    retrieve_top_n,
 )
 
 __all__ = [
@@ -88,11 +102,14 @@ __all__ = [
 ]
 
 MATCH_MODES = ("contains", "prefix", "exact")
+HOP_INSTRUCTIONS = ("own", "question")
 QUESTION_AGGREGATIONS = ("any", "all", "first")
 _ARTICLES = frozenset({"a", "an", "the"})
 _END_PUNCT = (".", "!", "?")
 
 AnswerFn = Callable[[str, list[str]], str]
+#: ``score_fn(question, instructions, answer) -> token accuracy in [0, 1]`` (the release's rule)
+ScoreFn = Callable[[str, list[str], str], float]
 
 
 # ---------------------------------------------------------------------------- answers
@@ -246,6 +263,8 @@ class QuestionRecord:
     retrieval_precision: float | None = None
     #: fraction of the case's own edit instructions that were retrieved (diagnostic only)
     retrieval_recall: float | None = None
+    #: the release's teacher-forced token accuracy of the first gold answer (``score_fn``), if scored
+    token_acc: float | None = None
 
 
 @dataclass
@@ -259,6 +278,10 @@ class CaseRecord:
     single_hops: list[QuestionRecord]
     correct: bool
     hop_acc: float | None
+    #: fraction of the case's multi-hop questions answered right (the paper's Por_Nhop averages these questions)
+    question_acc: float | None = None
+    #: the release's score of the case: token accuracy on its first multi-hop question
+    release_acc: float | None = None
 
 
 @dataclass
@@ -305,15 +328,41 @@ def _diagnostics(texts: list[str], case_edits: set[str]) -> tuple[float | None, 
 
 
 def _answer(answer_fn: AnswerFn, question: str, facts: list[SelectedInstruction], gold: list[str],
-            match_mode: str, case_edits: set[str]) -> QuestionRecord:
+            match_mode: str, case_edits: set[str], score_fn: ScoreFn | None = None,
+            cache: dict[tuple, Any] | None = None) -> QuestionRecord:
     texts = [f.text for f in facts]
-    prediction = answer_fn(question, list(texts))
+    key = (question, tuple(texts))
+    if cache is not None and ("answer", *key) in cache:
+        prediction = cache[("answer", *key)]
+    else:
+        prediction = answer_fn(question, list(texts))
+        if cache is not None:
+            cache[("answer", *key)] = prediction
     if not isinstance(prediction, str):
         raise PluginError(f"answer_fn must return a str, got {type(prediction).__name__} for {question!r}")
+    token_acc = None
+    if score_fn is not None:
+        if cache is not None and ("score", *key, gold[0]) in cache:
+            token_acc = cache[("score", *key, gold[0])]
+        else:
+            token_acc = round(float(score_fn(question, list(texts), gold[0])), 6)
+            if cache is not None:
+                cache[("score", *key, gold[0])] = token_acc
     precision, recall = _diagnostics(texts, case_edits)
     return QuestionRecord(question=question, instructions=texts, scores=[round(f.score, 6) for f in facts],
                           prediction=prediction, gold=gold, correct=answer_matches(prediction, gold, match_mode),
-                          retrieval_precision=precision, retrieval_recall=recall)
+                          retrieval_precision=precision, retrieval_recall=recall, token_acc=token_acc)
+
+
+def _question_facts(memory: InstructionMemory, questions: list[str], hops: int, retrieval: str,
+                    gate: float | None, top_k: int, multihop_gate: float | None,
+                    query_builder: Callable[[str, Sequence[str]], str], pad_score: float | None
+                    ) -> list[list[SelectedInstruction]]:
+    if retrieval == "top_n":
+        return retrieve_top_n(memory, questions, hops, multihop_gate, top_k)
+    if retrieval == "subject_chain":
+        return retrieve_subject_chains(memory, questions, hops)
+    return memory.retrieve_chains(questions, hops, gate, top_k, query_builder=query_builder, pad_score=pad_score)
 
 
 def evaluate_multihop(
@@ -331,6 +380,11 @@ def evaluate_multihop(
     pad_score: float | None = 0.0,
     single_hops: bool = True,
     progress: bool = False,
+    retrieval: str = "chain",
+    multihop_gate: float | None = None,
+    hop_instructions: str = "own",
+    score_fn: ScoreFn | None = None,
+    answer_cache: dict[tuple, Any] | None = None,
 ) -> MultiHopResult:
     """Evaluate multi-hop editing (Por_Nhop, Hop-Acc) on MQuAKE cases.
 
@@ -345,7 +399,18 @@ def evaluate_multihop(
             that case's edits; True: one memory with every case's edits (identical
             sentences stored once, all added in one batched call) -- harder, as
             other cases' facts compete at retrieval.
-        gate, top_k, pad_score: the selection gate (see :mod:`.memory`).
+        gate, top_k, pad_score: the selection gate (see :mod:`.memory`) of ``retrieval="chain"`` and of
+            the sub-questions' own retrieval (``hop_instructions="own"``).
+        retrieval: ``"chain"`` (one gated fact per hop), ``"top_n"`` (the paper's: the N best facts for
+            the question, N = hops) or ``"subject_chain"``; see :mod:`.memory.chains`.
+        multihop_gate: ``top_n`` only: None (paper, release) gives every question its N facts; a
+            threshold gives none to a question whose std gate over its top-k scores stays shut.
+        hop_instructions: ``"own"`` or ``"question"`` (Hop-Acc with the instruction retrieved for the
+            case's first multi-hop question, as the release does).
+        score_fn: ``score_fn(question, instructions, answer) -> [0, 1]``, the release's teacher-forced
+            token accuracy; scores the first multi-hop question and the sub-questions (``por_release``).
+        answer_cache: a dict shared between calls with the same ``answer_fn``/``score_fn``: an identical
+            (question, instructions) pair is answered once.
         max_hops: cap on facts per multi-hop question; None uses the case's hop count.
         question_aggregation: "any" (MQuAKE convention), "all" or "first".
         match_mode: see :func:`answer_matches`.
@@ -359,6 +424,10 @@ def evaluate_multihop(
         raise RequestError(f"match_mode: expected one of {MATCH_MODES}, got {match_mode!r}")
     if max_hops is not None and (isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < 1):
         raise RequestError(f"max_hops: expected None or a positive int, got {max_hops!r}")
+    if retrieval not in RETRIEVALS:
+        raise RequestError(f"retrieval: expected one of {RETRIEVALS}, got {retrieval!r}")
+    if hop_instructions not in HOP_INSTRUCTIONS:
+        raise RequestError(f"hop_instructions: expected one of {HOP_INSTRUCTIONS}, got {hop_instructions!r}")
     cases = list(cases)
     shared = None
     if shared_memory:
@@ -387,10 +456,11 @@ def evaluate_multihop(
         n_hops = len(case.new_single_hops) or len(case.edits)
         limit = max_hops if max_hops is not None else n_hops
         gold = [case.new_answer, *case.new_answer_alias]
-        chains = memory.retrieve_chains(list(case.questions), limit, gate, top_k, query_builder=query_builder,
-                                        pad_score=pad_score)
-        questions = [_answer(answer_fn, q, chain, gold, match_mode, case_edits)
-                     for q, chain in zip(case.questions, chains)]
+        chains = _question_facts(memory, list(case.questions), limit, retrieval, gate, top_k, multihop_gate,
+                                 query_builder, pad_score)
+        questions = [_answer(answer_fn, q, chain, gold, match_mode, case_edits,
+                             score_fn if i == 0 else None, answer_cache)
+                     for i, (q, chain) in enumerate(zip(case.questions, chains))]
         flags = [q.correct for q in questions]
         if question_aggregation == "any":
             correct = any(flags)
@@ -400,31 +470,50 @@ def evaluate_multihop(
             correct = bool(flags) and flags[0]
         hop_records: list[QuestionRecord] = []
         if single_hops and case.new_single_hops:
-            picks = memory.select_many([h.question for h in case.new_single_hops], gate, top_k, pad_score=pad_score)
-            for hop, pick in zip(case.new_single_hops, picks):
-                hop_records.append(_answer(answer_fn, hop.question, [pick] if pick else [],
-                                           [hop.answer, *hop.answer_alias], match_mode, case_edits))
+            if hop_instructions == "question":
+                picks = [chains[0] if chains else []] * len(case.new_single_hops)
+            else:
+                picks = [[p] if p else [] for p in memory.select_many([h.question for h in case.new_single_hops], gate,
+                                                                      top_k, pad_score=pad_score)]
+            for hop, facts in zip(case.new_single_hops, picks):
+                hop_records.append(_answer(answer_fn, hop.question, facts, [hop.answer, *hop.answer_alias],
+                                           match_mode, case_edits, score_fn, answer_cache))
         hop_acc = sum(r.correct for r in hop_records) / len(hop_records) if hop_records else None
         records.append(CaseRecord(case_id=case.case_id, hops=n_hops, edits=edit_texts, questions=questions,
-                                  single_hops=hop_records, correct=correct, hop_acc=hop_acc))
+                                  single_hops=hop_records, correct=correct, hop_acc=hop_acc,
+                                  question_acc=sum(flags) / len(flags) if flags else None,
+                                  release_acc=questions[0].token_acc if questions else None))
     config = {"shared_memory": shared_memory, "gate": gate, "top_k": top_k, "max_hops": max_hops,
               "question_aggregation": question_aggregation, "match_mode": match_mode, "pad_score": pad_score,
-              "query_builder": getattr(query_builder, "__name__", repr(query_builder))}
+              "query_builder": getattr(query_builder, "__name__", repr(query_builder)), "retrieval": retrieval,
+              "multihop_gate": multihop_gate, "hop_instructions": hop_instructions}
     return MultiHopResult(records=records, summary=summarize(records), config=config)
 
 
 def summarize(records: Sequence[CaseRecord]) -> dict[str, Any]:
     """Summary percentages of a list of :class:`CaseRecord`."""
     by_hops: dict[int, list[bool]] = {}
+    paper_by_hops: dict[int, list[bool]] = {}
     for record in records:
         by_hops.setdefault(record.hops, []).append(record.correct)
+        paper_by_hops.setdefault(record.hops, []).extend(q.correct for q in record.questions)
     all_hops = [h.correct for r in records for h in r.single_hops]
     macro = [r.hop_acc for r in records if r.hop_acc is not None]
     questions = [q for r in records for q in r.questions]
     precision = [q.retrieval_precision for q in questions if q.retrieval_precision is not None]
     recall = [q.retrieval_recall for q in questions if q.retrieval_recall is not None]
+    release = [r.release_acc for r in records if r.release_acc is not None]
+    hop_release = [h.token_acc for r in records for h in r.single_hops if h.token_acc is not None]
     return {
         "cases": len(records),
+        "por_paper": _pct([q.correct for q in questions]),
+        "por_release": _pct(release),
+        "hop_acc_release": _pct(hop_release),
+        "questions": len(questions),
+        "questions_correct": sum(q.correct for q in questions),
+        "cases_correct": sum(r.correct for r in records),
+        "single_hops_correct": sum(all_hops),
+        "por_paper_by_hops": {str(h): _pct(v) for h, v in sorted(paper_by_hops.items())},
         "por": _pct([r.correct for r in records]),
         "por_by_hops": {str(h): _pct(v) for h, v in sorted(by_hops.items())},
         "cases_by_hops": {str(h): len(v) for h, v in sorted(by_hops.items())},

@@ -28,6 +28,11 @@ uses :data:`BENCHMARK` (and ``benchmarks/instructed_ablations.py`` its variants)
      other relations, so they become "instruction + same-subject question -> the unedited answer"
      examples -- and the ``subject_masked`` similarity;
 
+   * :data:`MULTIHOP` (``examples/run_mquake.py --train_multihop``): :data:`DEFAULT`'s edits plus
+     ``multihop_cases`` MQuAKE training requests (:mod:`.multihop_training`: the case's facts as the
+     instruction, its multi-hop questions, the new answer) drawn after the file's first
+     ``multihop_skip`` cases, which the MQuAKE benchmark evaluates; their case ids go into ``recipe.json``;
+
    every candidate whose ``case_id`` (CounterFact ids are shared by all CounterFact files), subject
    or question equals one of the evaluation records' is excluded (:func:`evaluation_exclusions`),
    so training and evaluation are disjoint whatever ``--limit`` the benchmark uses;
@@ -64,10 +69,11 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "RECIPE_VERSION", "EVAL_LIMIT", "EVAL_FILES", "EVALUATION_SETS", "TRAIN_SOURCES", "RecipeConfig", "QUICK",
-    "DEFAULT", "BENCHMARK", "BENCHMARK_CF_ZSRE", "KNOWEDIT", "RECIPES", "LAYER_BLOCKS", "recipe_layers",
+    "DEFAULT", "BENCHMARK", "BENCHMARK_CF_ZSRE", "KNOWEDIT", "MULTIHOP", "RECIPES", "LAYER_BLOCKS", "recipe_layers",
     "evaluation_files", "recipe_files", "check_recipe_data",
     "train_embedded_prefixes", "train_quick_prefixes", "recipe_key", "recipe_info", "model_identity",
-    "evaluation_records", "evaluation_exclusions", "training_split",
+    "evaluation_records", "evaluation_exclusions", "training_split", "multihop_split", "MULTIHOP", "MQUAKE_FILE",
+    "MQUAKE_EVAL_LIMIT",
 ]
 
 #: Bump when what a recipe trains changes for an unchanged configuration.
@@ -105,6 +111,10 @@ TRAIN_SOURCES: dict[str, tuple[str, int]] = {
     "zsre_ins": ("instructed/portability/One_Hop/zsre_mend_eval_portability_gpt4_ins.json", EVAL_LIMIT),
     "recent_knowedit": ("recent/recent_train.json", EVAL_LIMIT),
 }
+#: MQuAKE file of the multi-hop training requests, and how many of its first cases are evaluated (never trained on).
+MQUAKE_FILE = "mquake/MQuAKE-hard.json"
+MQUAKE_EVAL_LIMIT = 100
+MULTIHOP_FIELDS = ("multihop_cases", "multihop_file", "multihop_skip")
 RECIPES_DIR = "instructed_recipes"
 INFO_FILE = "recipe.json"
 
@@ -144,6 +154,11 @@ class RecipeConfig:
     reweight_mode: str = "paper"
     encoder: str = "default"
     similarity: str = "cosine"  # the sim of the training examples (similarity.SIMILARITIES)
+    #: MQuAKE multi-hop training requests added to the training edits (0: none; see :mod:`.multihop_training`)
+    multihop_cases: int = 0
+    multihop_file: str = MQUAKE_FILE
+    #: the first cases of ``multihop_file`` are the evaluated ones (``examples/run_mquake.py --ds_size``): never drawn
+    multihop_skip: int = MQUAKE_EVAL_LIMIT
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -152,6 +167,9 @@ class RecipeConfig:
             data["prefix_layers"] = self.prefix_layers
         else:
             data["prefix_layers"] = list(self.prefix_layers)
+        if not self.multihop_cases:  # recipes without multi-hop data keep the keys (and cached prefixes) they had
+            for key in MULTIHOP_FIELDS:
+                data.pop(key)
         return data
 
 
@@ -179,8 +197,12 @@ LAYER_BLOCKS = ("middle", "last")
 KNOWEDIT = RecipeConfig(name="knowedit", steps=200, budget_minutes=60.0, evaluation="knowedit",
                         sources=("counterfact_knowedit", "recent_knowedit", "counterfact_train"), max_locality=3,
                         similarity="subject_masked", val_interval=100)
+#: ``examples/run_mquake.py --train_multihop``: :data:`DEFAULT`'s data plus 60 MQuAKE-hard cases (the paper adds
+#: 2,200 MQuAKE cases to 10,000 CounterFact edits: 22%; 60 to 240 here) drawn after its first
+#: :data:`MQUAKE_EVAL_LIMIT` (evaluated) cases; 150 steps.
+MULTIHOP = RecipeConfig(name="multihop", steps=150, multihop_cases=60)
 #: Recipes by name (``benchmarks/instructed_cpu.py --recipe``).
-RECIPES: dict[str, RecipeConfig] = {r.name: r for r in (DEFAULT, QUICK, BENCHMARK, BENCHMARK_CF_ZSRE, KNOWEDIT)}
+RECIPES: dict[str, RecipeConfig] = {r.name: r for r in (DEFAULT, QUICK, BENCHMARK, BENCHMARK_CF_ZSRE, KNOWEDIT, MULTIHOP)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +239,9 @@ def recipe_files(config: RecipeConfig) -> list[str]:
     for source in config.sources:
         if source not in TRAIN_SOURCES:
             raise PluginError(f"unknown recipe training source {source!r}. Fix: use some of {', '.join(TRAIN_SOURCES)}")
-    return sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(evaluation_files(config.evaluation).values()))
+    multihop = {config.multihop_file} if config.multihop_cases else set()
+    return sorted({TRAIN_SOURCES[s][0] for s in config.sources} | set(evaluation_files(config.evaluation).values())
+                  | multihop)
 
 
 def evaluation_exclusions(evaluation: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, set]:
@@ -326,6 +350,23 @@ def training_split(config: RecipeConfig = DEFAULT, data_dir: str | os.PathLike |
     val, train = requests[:n_val], requests[n_val:]
     stats.update(n_train=len(train), n_val=len(val))
     return train, val, stats
+
+
+def multihop_split(config: RecipeConfig, data_dir: str | os.PathLike | None = None
+                   ) -> tuple[list[dict], dict[str, Any]]:
+    """``(requests, stats)``: ``config.multihop_cases`` MQuAKE training requests (:mod:`.multihop_training`)
+    drawn from ``config.multihop_file`` after its first ``multihop_skip`` (evaluated) cases, none sharing a
+    case id, question or requested rewrite with those; ``stats["case_ids"]`` lists the cases used."""
+    from ..data import load_mquake, resolve_data_dir
+    from .multihop_training import multihop_training_request, select_training_cases
+
+    if not config.multihop_cases:
+        return [], {}
+    cases = load_mquake(resolve_data_dir(data_dir) / config.multihop_file)
+    evaluated, rest = cases[: config.multihop_skip], cases[config.multihop_skip:]
+    chosen, stats = select_training_cases(rest, config.multihop_cases, evaluated, seed=config.seed)
+    stats.update(file=config.multihop_file, skipped_first=config.multihop_skip)
+    return [multihop_training_request(c) for c in chosen], stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +557,11 @@ def _train(cfg: RecipeConfig, model_dir: Path, identity: dict, data_dir: Path, f
     model, tok = load_causal_lm(model_dir, dtype=cfg.dtype)
     model.eval()
     train, val, stats = training_split(cfg, data_dir, tokenizer=tok)
+    multihop, multihop_stats = multihop_split(cfg, data_dir)
+    if multihop:
+        stats["multihop"] = multihop_stats
+        train = train + multihop
+        random.Random(cfg.seed).shuffle(train)
     if not train:
         raise PluginError(f"recipe {cfg.name!r}: no training edits left in {data_dir} after excluding the evaluation "
                           "records. Fix: point data_dir at a folder holding the recipe's training files")

@@ -7,11 +7,18 @@ One module per job:
 * :mod:`.calibration` -- fitting the gate's threshold on held-out questions (``instructedit calibrate-gate``);
 * :mod:`.index` -- exact torch / exact FAISS / approximate FAISS (IVF-SQ8) search, :func:`recall_at_1`;
 * :mod:`.persistence` -- the saved folder (one manifest, ``durable.commit_folder``);
-* :mod:`.chains` -- multi-hop retrieval (one gated fact per hop).
+* :mod:`.chains` -- multi-hop retrieval (the paper's top-N facts, subject-chained, or one gated fact per hop).
 """
 from __future__ import annotations
 
-from .chains import all_facts_chain_query, default_chain_query, retrieve_chains
+from .chains import (
+    RETRIEVALS,
+    all_facts_chain_query,
+    default_chain_query,
+    retrieve_chains,
+    retrieve_subject_chains,
+    retrieve_top_n,
+)
 from .gate import DEFAULT_GATE, DEFAULT_TOP_K, StdGate, gate_spread
 from .index import DEFAULT_FAISS_THRESHOLD, INDEX_KINDS, recall_at_1
 from .persistence import MEMORY_FORMAT, MEMORY_FORMAT_VERSION, EncoderMismatchError, MemoryFormatError
@@ -22,6 +29,7 @@ __all__ = [
     "DEFAULT_GATE",
     "DEFAULT_TOP_K",
     "INDEX_KINDS",
+    "RETRIEVALS",
     "MEMORY_FORMAT",
     "MEMORY_FORMAT_VERSION",
     "EncoderMismatchError",
@@ -35,4 +43,6 @@ __all__ = [
     "gate_spread",
     "recall_at_1",
     "retrieve_chains",
+    "retrieve_subject_chains",
+    "retrieve_top_n",
 ]
