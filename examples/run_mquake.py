@@ -57,6 +57,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import paper_figures  # noqa: E402  (the paper's figures quoted under ours)
+
 LOG = logging.getLogger("run_mquake")
 
 DATA_FILE = "mquake/MQuAKE-hard.json"
@@ -202,6 +204,8 @@ def render_markdown(out: dict) -> str:
         by_hops = " | ".join(cell(s["por_by_hops"].get(h)) for h in out["cases_by_hops"])
         lines.append(f"| {name} | {cell(s['por'])} | {interval(name)} | {by_hops} | {cell(s['hop_acc'])} | {cell(s['question_acc'])} | "
                      f"{cell(s['mean_facts_per_question'])} | {cell(s['retrieval_recall'])} | {cell(out['seconds'][name])} |")
+        lines += paper_figures.mquake_rows(name, len(out["cases_by_hops"]))
+    lines += ["", paper_figures.MQUAKE_NOTE]
     lines += ["", f"Por_Nhop 95% CI: Wilson score interval over the {out['n_cases']} cases. "
                   f"Prefixes: `{out['archive']}`. Command: `{out['command']}` "
                   f"({out['total_seconds'] / 60:.1f} min in all, torch threads {out['threads']}, dtype {out['dtype']})."]
