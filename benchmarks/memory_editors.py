@@ -233,6 +233,23 @@ class SpacedTargetTokenizer:
         return self._tok.encode(text, *args, add_special_tokens=add_special_tokens, **kwargs)
 
 
+def wise_activation(hparams: Any, model: Any) -> None:
+    """Give WISE the model's activation function under the name it reads.
+
+    EasyEdit main's WISE copies ``model.config.hidden_act`` (LLaMA, Qwen) or ``activation_function``
+    (GPT-2) into ``hparams.hidden_act`` and scores activations with ``ACT2FN[hparams.hidden_act]``;
+    Gemma 3's config calls it ``hidden_activation``, so without this every WISE edit on Gemma 3 fails
+    with ``AttributeError: 'WISEHyperParams' object has no attribute 'hidden_act'``.
+    """
+    config = getattr(model, "config", None)
+    if getattr(hparams, "hidden_act", None) or config is None:
+        return
+    for name in ("hidden_act", "activation_function", "hidden_activation"):
+        if getattr(config, name, None):
+            hparams.hidden_act = getattr(config, name)
+            return
+
+
 def edited_module_paths(hparams: Any) -> list[str]:
     """Module paths (``model.layers.15.mlp.down_proj``) that GRACE / WISE replace with their adaptors."""
     import re
@@ -590,6 +607,8 @@ def main(argv=None) -> int:
     loc_prompts = wise_loc_prompts(demos) if "wise" in wanted else None
 
     def build_editor(method: str, hp: Any) -> Any:
+        if method == "wise":
+            wise_activation(hp, model)
         editor = make_editor(hp, model, tok)
         if method == "grace":  # EasyEdit's generation metric with the target read as it follows the prompt
             editor.tok = SpacedTargetTokenizer(tok)

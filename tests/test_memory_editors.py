@@ -122,3 +122,14 @@ def test_bootstrap_intervals_bracket_the_figures():
     assert out["Score"][0] == pytest.approx((50.0 + 100.0 + 75.0) / 3, abs=0.01)
     assert out["H"][0] < out["Score"][0]
     assert BENCH.bootstrap_median([10.0, 20.0, 30.0], n_boot=200, seed=0)[0] == 20.0
+
+
+def test_wise_gets_gemma3s_activation_under_the_name_it_reads():
+    from types import SimpleNamespace
+
+    hp = SimpleNamespace()
+    BENCH.wise_activation(hp, SimpleNamespace(config=SimpleNamespace(hidden_activation="gelu_pytorch_tanh")))
+    assert hp.hidden_act == "gelu_pytorch_tanh"  # Gemma 3 names it hidden_activation
+    hp = SimpleNamespace(hidden_act="silu")
+    BENCH.wise_activation(hp, SimpleNamespace(config=SimpleNamespace(hidden_activation="gelu_pytorch_tanh")))
+    assert hp.hidden_act == "silu"  # a value already there is kept
