@@ -27,6 +27,8 @@ SCRIPTS = {
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "demo_timing": REPO / "benchmarks" / "demo_timing.py",
     "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
+    "memory_editors": REPO / "benchmarks" / "memory_editors.py",
+    "memory_editors_sequential": REPO / "benchmarks" / "memory_editors.py",
 }
 RESULT_STEMS = sorted(p.stem for p in RESULTS.glob("*.json"))
 
