@@ -62,6 +62,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     command_line, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today,
     write_results,
@@ -302,7 +303,8 @@ def render_markdown(out: dict) -> str:
         lines += [f"### {ds}", "", "| method | n | Rel | Gen | Loc | Por | Score | H |", "|---|---|---|---|---|---|---|---|"]
         for m, row in out["datasets"].get(ds, {}).items():
             lines.append(f"| {m} | {n.get(ds, {}).get(m, '')} | " + " | ".join(_fmt(row[k]) for k in METRICS) + " |")
-        lines.append("")
+            lines += paper_figures.reference_rows(ds, paper_figures.PAPER_NAMES.get(m, ""), extra_cells=1)
+        lines += ["", paper_figures.REFERENCE_NOTE, ""]
     lines += ["### Latency", ""]
     if merged_into(out, "latency") or merged_into(out, "base_query_ms"):
         lines += ["Measured (in part) by a later run merged into this file; see *Merged into this file* below.", ""]

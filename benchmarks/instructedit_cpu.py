@@ -51,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     command_line, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
 )
@@ -197,7 +198,8 @@ def render_markdown(out: dict) -> str:
             for method, cell in per_method.items():
                 lines.append(f"| {task} | {method} | " + " | ".join(_fmt(cell.get(m), 2) for m in METRICS)
                              + f" | {_fmt(_score(cell), 2)} | {n.get(task, '')} |")
-        lines.append("")
+                lines += paper_figures.instructedit_rows(task, method, unseen=section != "tasks")
+        lines += ["", paper_figures.INSTRUCTEDIT_NOTE, ""]
     sent = [(section, method, cell["sentiment"]) for section, _ in SECTIONS
             for per_method in (out.get(section) or {}).values() for method, cell in per_method.items() if cell.get("sentiment")]
     if sent and all("flipped" in s for _, _, s in sent):

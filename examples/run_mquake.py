@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import merged_run, merged_runs_lines  # noqa: E402
+from benchmarks import paper_figures  # noqa: E402  (the paper's figures quoted under ours)
 
 LOG = logging.getLogger("run_mquake")
 
@@ -309,6 +310,9 @@ def render_markdown(out: dict) -> str:
                 f"{cell(s['por_release'])} [{ci(c['Por_Nhop_release'])}] | {cell(s['por'])} [{ci(c['Por_any'])}] | "
                 f"{cell(s['hop_acc'])} [{ci(c['Hop-Acc'])}] | {cell(s['hop_acc_release'])} | "
                 f"{cell(s['mean_facts_per_question'])} | {cell(s['retrieval_recall'])} | {cell(out['seconds'][setting][name])} |")
+            if setting == "shared_top_n":  # the paper's setting: its figure beside ours
+                lines += paper_figures.mquake_rows(name)
+    lines += ["", paper_figures.MQUAKE_NOTE]
     lines += ["", "Settings: " + "; ".join(f"`{k}` = {SETTINGS[k][3] if k in SETTINGS else k}" for k in out["settings"])
               + f". Multi-hop gate: {out['multihop_gate']}; per-hop (chain) gate {out['retrieval_gate']} over the top "
               f"{out['top_k']}.", "",

@@ -35,6 +35,8 @@ SCRIPTS = {
        for name in ("zsre", "wiki_counterfact", "wiki_recent")},
     **{f"instructedit_{a}": REPO / "benchmarks" / "instructedit_analyses.py"
        for a in ("pilot", "scaling", "mixing", "directions")},
+    "memory_editors": REPO / "benchmarks" / "memory_editors.py",
+    "memory_editors_sequential": REPO / "benchmarks" / "memory_editors.py",
 }
 #: results stems whose script also draws a figure, ``<name>.png``, from the JSON
 WITH_PNG = {f"instructedit_{a}" for a in ("pilot", "scaling", "mixing", "directions")}

@@ -1,0 +1,770 @@
+"""CPU benchmark: EasyEdit main's memory-based editors (IKE, GRACE, WISE) beside InstructEd on Gemma-3-270M.
+
+Every method edits the same records as ``benchmarks/instructed_cpu.py`` (the first ``--limit``
+records of ``instructed/portability/One_Hop/counterfact_portability_gpt4_ins.json`` and of
+``zsre/zsre_mend_eval_portability_gpt4.json``) on the embedded Gemma-3-270M, through EasyEdit
+main's ``BaseEditor.edit`` and ``compute_edit_quality`` (IKE: ``compute_icl_edit_quality``):
+
+* ``unedited`` -- EasyEdit's pre-edit metrics (Loc is 100 by definition);
+* ``instructed_gold`` / ``instructed_retrieval`` -- InstructEd with the cached prefixes of the
+  default recipe (``instructed/recipes.py``, CounterFact-only training; never retrained here);
+  retrieval from a memory that holds every evaluated edit of the dataset;
+* ``ike`` / ``grace`` / ``wise`` -- EasyEdit main's own methods with ``hparams/{IKE,GRACE,WISE}/gemma-3-270m.yaml``;
+  IKE's demonstrations are CounterFact training records (``counterfact/counterfact-train.json``)
+  encoded with the packaged offline all-MiniLM-L6-v2.
+
+One edit per call, the model restored after each (EasyEdit's non-sequential protocol). Reported:
+Rel / Gen / Loc / Por / Score / H (:func:`~instructedit_plugin.evaluation.summary.summarize_metrics`),
+the median edit time (the method's ``apply_algo`` call, timed around EasyEdit's own call) and the
+median query time of the edited model on ``prompt + target_new`` as a ratio to the unedited model,
+each with a 95% bootstrap interval over the records. ``--sequential_methods``: ``--sequential_n``
+edits applied one after another to one model (the InstructEd memory, the GRACE codebook, the WISE
+side memory grow), then every edit evaluated on the final model.
+
+EasyEdit main is imported from ``EASYEDIT_SRC`` (as the plugin's compat loader does), e.g.::
+
+    EASYEDIT_SRC=../shared/easyedit-main nohup nice -n 5 python benchmarks/memory_editors.py \\
+        --data_dir ../shared/data --limit 40 --threads 1 > logs/memory_editors.log 2>&1 &
+    python benchmarks/memory_editors.py --render          # rebuild the .md from the .json
+
+Writes ``benchmarks/results/memory_editors.json`` and ``.md`` (rendered from the JSON alone, see
+``benchmarks/results_io.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import paper_figures  # noqa: E402
+from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results  # noqa: E402
+
+LOG = logging.getLogger("memory_editors")
+SCRIPT = "benchmarks/memory_editors.py"
+METHODS = ("unedited", "instructed_gold", "instructed_retrieval", "ike", "grace", "wise")
+SEQUENTIAL_METHODS = ("instructed_retrieval", "grace", "wise")
+EASYEDIT_METHODS = {"ike": ("IKEHyperParams", "IKE"), "grace": ("GraceHyperParams", "GRACE"),
+                    "wise": ("WISEHyperParams", "WISE")}
+METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+DATASETS = ("counterfact", "zsre")
+IKE_DEMO_FILE = "counterfact/counterfact-train.json"
+RESULT_KEYS = frozenset({
+    "model", "date", "command", "args", "wall_minutes", "archive", "recipe", "easyedit", "hparams",
+    "datasets", "latency", "sequential", "n_evaluated", "errors", "base_query_ms", "notes", "finished",
+})
+_UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
+
+
+class BenchmarkInputError(ValueError):
+    """A command-line value this benchmark cannot run with (the message names it and ends in a fix)."""
+
+
+def parse_methods(text: str, allowed: Sequence[str], option: str) -> list[str]:
+    """The comma-separated method names of ``option``, each one of ``allowed``."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in allowed]
+    if unknown:
+        raise BenchmarkInputError(f"{option}: unknown method {unknown[0]!r}. Fix: use some of {', '.join(allowed)}")
+    return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_dir", default=None, help="dataset folder (default $INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--model_dir", default=None, help="local causal-LM folder (default: the embedded Gemma-3-270M)")
+    p.add_argument("--archive", default=None,
+                   help="InstructEd prefixes (default: the cached prefixes of the default recipe; never trained here)")
+    p.add_argument("--hparams_dir", default=str(ROOT / "hparams"), help="folder with {IKE,GRACE,WISE}/<name>.yaml")
+    p.add_argument("--hparams_name", default="gemma-3-270m", help="YAML stem under each method's folder")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sequential_methods", default=",".join(SEQUENTIAL_METHODS))
+    p.add_argument("--limit", type=int, default=40, help="records per dataset (one edit each)")
+    p.add_argument("--baseline_limit", type=int, default=None,
+                   help="records per dataset for GRACE and WISE (default --limit; each of their edits trains for many steps)")
+    p.add_argument("--sequential_n", type=int, default=100, help="edits in the sequential run")
+    p.add_argument("--sequential_baseline_n", type=int, default=None,
+                   help="edits in the sequential run of GRACE and WISE (default --sequential_n)")
+    p.add_argument("--sequential_dataset", default="zsre", choices=DATASETS)
+    p.add_argument("--ike_demos", type=int, default=1000, help="CounterFact training records IKE retrieves from")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--float32_methods", default="",
+                   help="methods run with the model in float32 (bf16 -> fp32 -> bf16 is lossless)")
+    p.add_argument("--retrieval_gate", type=float, default=0.1)
+    p.add_argument("--latency_n", type=int, default=10, help="query-latency inputs per dataset")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work_dir", default=str(ROOT / "logs" / "memory_editors"),
+                   help="scratch folder (IKE's demonstration embeddings)")
+    p.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
+    p.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON as the run's notes")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_editors.json"))
+    args = p.parse_args(argv)
+    args.method_list = parse_methods(args.methods, METHODS, "--methods")
+    args.sequential_list = parse_methods(args.sequential_methods, SEQUENTIAL_METHODS, "--sequential_methods")
+    args.float32_list = parse_methods(args.float32_methods, METHODS, "--float32_methods")
+    for name in ("limit", "bootstrap"):
+        if getattr(args, name) < 1:
+            raise BenchmarkInputError(f"--{name} must be >= 1, got {getattr(args, name)}. Fix: pass a positive number")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# EasyEdit main
+# ----------------------------------------------------------------------------------------------
+def require_easyedit_main() -> Any:
+    """EasyEdit main, imported through the plugin's loader (``EASYEDIT_SRC``); the PyPI flavour has no WISE."""
+    import instructedit_plugin
+
+    info = instructedit_plugin.register()
+    if info.flavour != "main":
+        raise BenchmarkInputError(
+            f"IKE, GRACE and WISE are run from EasyEdit main, but the {info.flavour} flavour was imported from "
+            f"{info.location}. Fix: set EASYEDIT_SRC to a clone of EasyEdit main (e.g. ../shared/easyedit-main)")
+    return info
+
+
+def easyedit_hparams(method: str, yaml_path: Path, model_name: str, work_dir: Path, **overrides: Any) -> Any:
+    """EasyEdit main's hparams object for ``method`` from ``yaml_path``.
+
+    WISE's ``act_margin: [alpha, beta, gamma]`` is split as EasyEdit's ``from_hparams`` does; IKE's
+    ``all-MiniLM-L6-v2`` becomes the packaged offline encoder folder and its ``results_dir`` the
+    scratch folder; ``overrides`` replace YAML fields (e.g. ``inner_params`` for another model).
+    """
+    import easyeditor
+
+    from instructedit_plugin.compat.hparams_bridge import load_easyedit_hparams
+    from instructedit_plugin.core.config import read_yaml
+
+    if not yaml_path.is_file():
+        raise BenchmarkInputError(f"{method}: no hparams file {yaml_path}. Fix: pass --hparams_dir / --hparams_name")
+    data = {**read_yaml(yaml_path)[0], **overrides}
+    if "act_margin" in data:
+        margin = data.pop("act_margin")
+        if not (isinstance(margin, list) and len(margin) == 3):
+            raise BenchmarkInputError(f"{yaml_path}: act_margin must be [alpha, beta, gamma], got {margin!r}. "
+                                      "Fix: give three numbers")
+        data["alpha"], data["beta"], data["gamma"] = (float(v) for v in margin)
+    if method == "ike":
+        from instructedit_plugin.instructed.encoder import default_encoder_path
+
+        if data.get("sentence_model_name") in (None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+            data["sentence_model_name"] = str(default_encoder_path())
+        data["results_dir"] = str(work_dir)
+    cls = getattr(easyeditor, EASYEDIT_METHODS[method][0])
+    return load_easyedit_hparams(cls, data, model_name=model_name)
+
+
+def prepare_ike_demonstrations(hparams: Any, demos: list[dict]) -> list[dict]:
+    """Encode IKE's demonstration records with EasyEdit's ``encode_ike_facts`` (once per count); returns them."""
+    from easyeditor.models.ike.util import encode_ike_facts
+    from sentence_transformers import SentenceTransformer
+
+    name = hparams.sentence_model_name.rsplit("/", 1)[-1]
+    stored = Path(hparams.results_dir) / hparams.alg_name / "embedding" / f"{name}_{type(demos).__name__}_{len(demos)}.pkl"
+    if not stored.is_file():
+        LOG.info("IKE: encoding %d demonstration records with %s", len(demos), hparams.sentence_model_name)
+        encode_ike_facts(SentenceTransformer(hparams.sentence_model_name, device="cpu"), demos, hparams)
+    return demos
+
+
+def wise_loc_prompts(demos: Sequence[Mapping[str, Any]]) -> list[str]:
+    """WISE's ``loc_prompts``: the CounterFact training records' locality facts (``prompt + answer``), one per
+    edit in turn (EasyEdit's WISE examples use unrelated NQ questions; these are unrelated facts as well)."""
+    out = [f"{d['locality_prompt']} {d['locality_ground_truth']}" for d in demos if d.get("locality_prompt")]
+    if not out:
+        raise BenchmarkInputError(f"WISE needs loc_prompts, but no record of {IKE_DEMO_FILE} has a locality_prompt. "
+                                  "Fix: pass a --data_dir whose CounterFact training file has locality prompts")
+    return out
+
+
+def _prepare(req: Mapping[str, Any], loc_prompt: str | None = None) -> dict:
+    """EasyEdit main's request dict for ``req`` (its own ``_prepare_requests``)."""
+    from easyeditor.editors.utils import _prepare_requests
+
+    kw = edit_kwargs(req, loc_prompt)
+    return _prepare_requests(kw.pop("prompts"), kw.pop("target_new"), kw.pop("ground_truth"), None,
+                             kw.pop("rephrase_prompts", None), kw.pop("locality_inputs", None),
+                             kw.pop("portability_inputs", None), **kw)[0]
+
+
+class SpacedTargetTokenizer:
+    """The tokenizer, except that ``encode(text, add_special_tokens=False)`` reads ``text`` as it follows a prompt.
+
+    EasyEdit main scores GRACE by greedy generation and compares the generated tokens with
+    ``tok.encode(target_new, add_special_tokens=False)``: the *bare* target. With a SentencePiece
+    tokenizer that adds no dummy prefix (Gemma's), the bare ``"Rome"`` is the token ``Rome`` while the
+    model continues ``"... is"`` with ``▁Rome``, so every GRACE edit would score 0 whatever the model
+    says. GRACE itself trains on ``f"{prompt} {target}"`` (the target after a space), and EasyEdit's
+    teacher-forced metrics score ``prompt + ' ' + target``; this proxy gives the generation metric the
+    same reading. Everything else goes to the wrapped tokenizer unchanged.
+    """
+
+    def __init__(self, tok: Any):
+        self._tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tok(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: Any, *args: Any, add_special_tokens: bool = True, **kwargs: Any) -> Any:
+        if not add_special_tokens and isinstance(text, str) and text and not text[0].isspace():
+            text = " " + text
+        return self._tok.encode(text, *args, add_special_tokens=add_special_tokens, **kwargs)
+
+
+def wise_activation(hparams: Any, model: Any) -> None:
+    """Give WISE the model's activation function under the name it reads.
+
+    EasyEdit main's WISE copies ``model.config.hidden_act`` (LLaMA, Qwen) or ``activation_function``
+    (GPT-2) into ``hparams.hidden_act`` and scores activations with ``ACT2FN[hparams.hidden_act]``;
+    Gemma 3's config calls it ``hidden_activation``, so without this every WISE edit on Gemma 3 fails
+    with ``AttributeError: 'WISEHyperParams' object has no attribute 'hidden_act'``.
+    """
+    config = getattr(model, "config", None)
+    if getattr(hparams, "hidden_act", None) or config is None:
+        return
+    for name in ("hidden_act", "activation_function", "hidden_activation"):
+        if getattr(config, name, None):
+            hparams.hidden_act = getattr(config, name)
+            return
+
+
+def edited_module_paths(hparams: Any) -> list[str]:
+    """Module paths (``model.layers.15.mlp.down_proj``) that GRACE / WISE replace with their adaptors."""
+    import re
+
+    paths = []
+    for name in getattr(hparams, "inner_params", None) or []:
+        name = re.sub(r"\[(\d+)\]", r".\1", name)
+        paths.append(name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name)
+    return paths
+
+
+class ModuleGuard:
+    """Puts the original modules at ``paths`` back on exit (an adaptor left by a failed or finished edit)."""
+
+    def __init__(self, model: Any, paths: Sequence[str]):
+        self.model, self.saved = model, {p: model.get_submodule(p) for p in paths}
+
+    def __enter__(self) -> "ModuleGuard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for path, module in self.saved.items():
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf, module)
+
+
+def ike_demonstrations(data_dir: Path, n: int, exclude_subjects: set[str]) -> list[dict]:
+    """The first ``n`` CounterFact training records (subjects of evaluated records left out), as IKE reads them."""
+    rows = json.loads((data_dir / IKE_DEMO_FILE).read_text(encoding="utf-8"))
+    out = []
+    for rec in rows:
+        if str(rec.get("subject", "")).strip().lower() in exclude_subjects:
+            continue
+        demo = {"prompt": rec["prompt"], "target_new": rec["target_new"]}
+        if rec.get("rephrase_prompt"):
+            demo["rephrase_prompt"] = rec["rephrase_prompt"]
+        if rec.get("locality_prompt"):
+            demo["locality_prompt"], demo["locality_ground_truth"] = rec["locality_prompt"], rec["locality_ground_truth"]
+        out.append(demo)
+        if len(out) >= n:
+            break
+    return out
+
+
+def edit_kwargs(req: Mapping[str, Any], loc_prompt: str | None = None) -> dict:
+    """``BaseEditor.edit`` keyword arguments for one request dict of ``evaluation_records``; ``loc_prompt``
+    (WISE): an unrelated sentence whose activations the side memory must leave alone."""
+    kw: dict[str, Any] = dict(prompts=[req["prompt"]], target_new=[req["target_new"]],
+                              ground_truth=[req.get("ground_truth") or "<|endoftext|>"])
+    if loc_prompt:
+        kw["loc_prompts"] = [loc_prompt]
+    if req.get("rephrase_prompt"):
+        kw["rephrase_prompts"] = [req["rephrase_prompt"]]
+    for key, arg in (("locality", "locality_inputs"), ("portability", "portability_inputs")):
+        group = {k: {"prompt": [v["prompt"]], "ground_truth": [v["ground_truth"]]} for k, v in (req.get(key) or {}).items()}
+        if group:
+            kw[arg] = group
+    return kw
+
+
+class TimedApply:
+    """Wraps ``editor.apply_algo``: EasyEdit main records no edit time, so each call is timed here."""
+
+    def __init__(self, apply: Callable[..., Any]):
+        self.apply, self.ms = apply, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.apply(*args, **kwargs)
+        self.ms.append((time.perf_counter() - t0) * 1000)
+        return out
+
+
+def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, train_ds: list | None = None,
+                loc_prompts: Sequence[str] | None = None) -> tuple[list[dict], list[float], Any, list[str]]:
+    """One ``BaseEditor.edit`` call per request (restored after each): metrics, edit ms, last edited model, errors."""
+    timer = TimedApply(editor.apply_algo)
+    editor.apply_algo = timer
+    metrics, errors, edited = [], [], None
+    extra = {"train_ds": train_ds} if train_ds is not None else {}
+    try:
+        for i, req in enumerate(requests):
+            try:
+                loc = loc_prompts[i % len(loc_prompts)] if loc_prompts else None
+                out, edited, _ = editor.edit(**edit_kwargs(req, loc), sequential_edit=False, verbose=False, **extra)
+                metrics.extend(out)
+            except Exception as exc:  # noqa: BLE001 - one failing record must not sink the benchmark
+                errors.append(f"record {i}: {type(exc).__name__}: {exc}")
+                LOG.warning("%s: record %d failed: %s", name, i, exc, exc_info=len(errors) <= 2)
+            if (i + 1) % 10 == 0:
+                LOG.info("%s: %d/%d edits", name, i + 1, len(requests))
+    finally:
+        editor.apply_algo = timer.apply
+    return metrics, timer.ms, edited, errors
+
+
+def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str,
+                   loc_prompts: Sequence[str] | None = None) -> tuple[list[dict], list[float]]:
+    """Apply every request one after another to one model with EasyEdit's ``apply_algo`` (nothing restored in
+    between), then score every request on the final model with EasyEdit's ``compute_edit_quality``
+    (pre-edit metrics first, on the unedited model); the model is restored at the end."""
+    from easyeditor.editors.editor import finalize_locality_metrics
+    from easyeditor.evaluate import compute_edit_quality
+    from tqdm import tqdm
+
+    hp = editor.hparams
+    prepared = [_prepare(req, loc_prompts[i % len(loc_prompts)] if loc_prompts else None) for i, req in enumerate(requests)]
+    metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
+               for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
+    edit_ms, first_restore, edited = [], None, editor.model
+    for r in tqdm(prepared, desc=f"{name} edits", leave=False):
+        t0 = time.perf_counter()
+        edited, restore = editor.apply_algo(editor.model, editor.tok, [r], hp, copy=False, return_orig_weights=True,
+                                            keep_original_weight=False)
+        edit_ms.append((time.perf_counter() - t0) * 1000)
+        first_restore = restore if first_restore is None else first_restore
+    try:
+        for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
+            m["post"] = compute_edit_quality(edited, editor.model_name, hp, editor.tok, r, hp.device)
+            finalize_locality_metrics(m, r, hp, editor.model_name)
+    finally:
+        if callable(first_restore):  # GRACE / WISE: the original layer back; InstructEd: the empty memory
+            first_restore()
+    return metrics, edit_ms
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures with bootstrap intervals
+# ----------------------------------------------------------------------------------------------
+def per_record(metrics: Sequence[Mapping[str, Any]], phase: str = "post") -> list[dict[str, float | None]]:
+    """Rel/Gen/Loc/Por in [0, 1] of each record (EasyEdit's metrics, as ``summarize_metrics`` reads them)."""
+    from instructedit_plugin.evaluation.summary import edit_metrics
+
+    rows = []
+    for rec in metrics:
+        row = edit_metrics(rec.get(phase) or {}, rec.get("pre") if phase == "post" else None)
+        if phase == "pre":
+            row["Loc"] = 1.0  # the unedited model agrees with itself
+        rows.append(row)
+    return rows
+
+
+def _figures(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    from instructedit_plugin.evaluation.summary import harmonic_mean, score
+
+    out: dict[str, float | None] = {}
+    for k in ("Rel", "Gen", "Loc", "Por"):
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = 100.0 * math.fsum(vals) / len(vals) if vals else None
+    measured = [v for k, v in out.items() if v is not None]
+    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
+    return out
+
+
+def bootstrap_summary(rows: Sequence[Mapping[str, float | None]], n_boot: int, seed: int) -> dict[str, list | None]:
+    """``{metric: [value, low, high]}`` in percent: the figures of all records and the 2.5 / 97.5
+    percentiles of the same figures over ``n_boot`` resamples of the records (Score and H recomputed
+    from each resample's means)."""
+    point = _figures(rows)
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {k: [] for k in METRICS}
+    for _ in range(n_boot):
+        sample = [rows[rng.randrange(len(rows))] for _ in rows]
+        for k, v in _figures(sample).items():
+            if v is not None:
+                draws[k].append(v)
+    out: dict[str, list | None] = {}
+    for k in METRICS:
+        if point[k] is None:
+            out[k] = None
+            continue
+        lo, hi = _percentiles(draws[k])
+        out[k] = [round(point[k], 2), round(lo, 2), round(hi, 2)]
+    return out
+
+
+def _percentiles(values: Sequence[float]) -> tuple[float, float]:
+    vals = sorted(values)
+    if not vals:
+        return math.nan, math.nan
+    pick = lambda q: vals[min(len(vals) - 1, max(0, int(round(q * (len(vals) - 1)))))]  # noqa: E731
+    return pick(0.025), pick(0.975)
+
+
+def bootstrap_median(values: Sequence[float], n_boot: int, seed: int, digits: int = 1) -> list[float] | None:
+    """``[median, low, high]`` with a 95% bootstrap interval."""
+    if not values:
+        return None
+    rng = random.Random(seed)
+    meds = [statistics.median(rng.choice(values) for _ in values) for _ in range(n_boot)]
+    lo, hi = _percentiles(meds)
+    return [round(statistics.median(values), digits), round(lo, digits), round(hi, digits)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Query latency
+# ----------------------------------------------------------------------------------------------
+def _forward_ms(model: Any, tok: Any, text: str) -> float:
+    import torch
+
+    enc = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return (time.perf_counter() - t0) * 1000
+
+
+def query_times(model: Any, tok: Any, texts: Sequence[str]) -> list[float]:
+    """Per-input forward time (ms) of ``model`` on ``texts``, after one warm-up."""
+    if texts:
+        _forward_ms(model, tok, texts[0])
+    return [_forward_ms(model, tok, t) for t in texts]
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def _ci(cell: Any, digits: int = 1) -> str:
+    if cell is None:
+        return "–"
+    value, lo, hi = cell
+    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def render_markdown(out: Mapping[str, Any]) -> str:
+    """``memory_editors.md`` from ``memory_editors.json`` alone."""
+    args = out["args"]
+    lines = [
+        "# Memory-based editors beside InstructEd on CPU: embedded Gemma-3-270M",
+        "",
+        "Produced by `benchmarks/memory_editors.py`; rendered from `memory_editors.json` "
+        "(`python benchmarks/memory_editors.py --render`). Percent; every figure with its 95% bootstrap interval "
+        f"over the records ({args['bootstrap']} resamples). EasyEdit main's `BaseEditor.edit` + `compute_edit_quality` "
+        "(IKE: `compute_icl_edit_quality`), one edit per call, restored after each; Rel = rewrite_acc, Gen = rephrase_acc, "
+        "Loc = locality, Por = the GPT-4 one-hop portability question, Score = mean, H = harmonic mean of the four.",
+        "",
+        "## Configuration",
+        "",
+        f"* Command: `{out['command']}`" + (f" ({out['date']})." if out.get("date") else "."),
+        f"* Model: {out['model']}; torch threads {args['threads']}; wall time {out['wall_minutes']:.1f} min"
+        + (" (**unfinished run**: the file is written after every method, and the run was stopped before the methods "
+           "and datasets missing below)." if out.get("finished") is False else "."),
+        f"* EasyEdit: {out['easyedit']}.",
+        f"* InstructEd prefixes: `{out['archive']}` ({out['recipe']}).",
+        "* Hparams: " + "; ".join(f"{m}: `{p}`" for m, p in out["hparams"].items()) + ".",
+        f"* Records: the first {args['limit']} (GRACE and WISE: {args.get('baseline_limit') or args['limit']}) of "
+        "`counterfact_portability_gpt4_ins.json` and of "
+        f"`zsre_mend_eval_portability_gpt4.json`; IKE retrieves its k demonstrations from the first {args['ike_demos']} "
+        f"records of `{IKE_DEMO_FILE}` (evaluated subjects left out).",
+        "",
+    ]
+    if out.get("datasets"):
+        lines += ["## One edit at a time", ""]
+    n = out.get("n_evaluated") or {}
+    for ds in DATASETS:
+        rows = out["datasets"].get(ds) or {}
+        if not rows:
+            continue
+        lines += [f"### {ds}", "", "| method | n | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+        for m, cells in rows.items():
+            lines.append(f"| {m} | {n.get(ds, {}).get(m, '')} | " + " | ".join(_ci(cells.get(k)) for k in METRICS) + " |")
+            lines += paper_figures.reference_rows(ds, paper_figures.PAPER_NAMES.get(m, ""), extra_cells=1)
+        lines += ["", paper_figures.REFERENCE_NOTE, ""]
+    if len(out.get("latency") or {}) > 1:  # more than the unedited row
+        lines += ["### Latency", "",
+                  f"Unedited forward (`prompt + target_new`, median over {args['latency_n']} inputs per dataset): "
+                  f"{_ci(out['base_query_ms'])} ms. Edit: the method's `apply_algo` call (median over every edit); "
+                  "query: the edited model's forward on the same inputs (IKE: its demonstrations, the new fact and the "
+                  "prompt), as a ratio to the unedited forward (median of the per-input ratios).", "",
+                  "| method | median edit (ms) | query / unedited |", "|---|---|---|"]
+        for m, row in out["latency"].items():
+            lines.append(f"| {m} | {_ci(row.get('edit_ms'))} | {_ci(row.get('query_ratio'), 2)} |")
+        lines.append("")
+    seq = out.get("sequential")
+    if seq:
+        lines += ["## Sequential editing", "",
+                  f"The first edits of `{seq['dataset']}` (n per method below, at most {seq['n']}) applied one after another "
+                  "to one model (nothing restored in between), then every edit evaluated on the final model (pre-edit "
+                  "metrics on the unedited model).", "",
+                  "| method | n | " + " | ".join(METRICS) + " | median edit (ms) |", "|---" * (3 + len(METRICS)) + "|"]
+        for m, row in seq["methods"].items():
+            lines.append(f"| {m} | {row['n']} | " + " | ".join(_ci(row["figures"].get(k)) for k in METRICS)
+                         + f" | {_ci(row.get('edit_ms'))} |")
+            theirs = {"instructed_retrieval": "InstructEd", "grace": "GRACE"}.get(m)
+            for model in ("LLaMA-2-7B", "LLaMA-1-7B"):
+                fig = paper_figures.INSTRUCTED_SEQUENTIAL_100.get((seq["dataset"], model), {}).get(theirs or "")
+                if fig:
+                    lines.append(f"| *paper: {theirs} (Table 11, {model})* | 100 | "
+                                 + " | ".join(paper_figures._cell(v) for v in fig) + " | – |")
+        lines += ["", f"Rows in *italics* quote {paper_figures.HAN}, Table 11 (sequential editing of 100 edits "
+                      "with LLaMA-1/2-7B; WISE is not in the paper).", ""]
+    if out.get("errors"):
+        lines += ["## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()] + [""]
+    lines += notes_lines(out)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+def default_archive() -> Path:
+    """The cached prefixes of the default recipe (its key is independent of where the data folder lies)."""
+    from instructedit_plugin.instructed import recipes
+
+    return recipes.train_embedded_prefixes(data_dir=str(ROOT / "instructedit_plugin" / "demo_data"), progress=False)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return 0
+    notes = read_notes(args.notes) if args.notes else None
+    command = command_line(SCRIPT, argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started = time.perf_counter()
+    info = require_easyedit_main()
+
+    from instructedit_plugin.compat import make_editor
+    from instructedit_plugin.data import resolve_data_dir
+    from instructedit_plugin.instructed import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, reset_memory
+    from instructedit_plugin.instructed.recipes import evaluation_records, recipe_info
+    from instructedit_plugin.models.embedded import embedded_model_dir
+    from instructedit_plugin.models.loading import load_causal_lm
+
+    data_dir = Path(resolve_data_dir(args.data_dir))
+    model_dir = args.model_dir or str(embedded_model_dir())
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    archive = Path(args.archive) if args.archive else default_archive()
+    rinfo = recipe_info(archive)
+    model, tok = load_causal_lm(model_dir, dtype=args.dtype)
+    model.eval()
+    n_eval = max(args.limit, args.baseline_limit or 0, args.sequential_n if args.sequential_list else 0,
+                 args.sequential_baseline_n or 0)
+    evaluation = evaluation_records(data_dir, limit=n_eval)
+
+    def ins_hparams(**kw: Any) -> Any:
+        return InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=model_dir, archive=str(archive),
+                                                    device="cpu", max_length=40, retrieval_gate=args.retrieval_gate, **kw))
+
+    yaml_of = {m: Path(args.hparams_dir) / EASYEDIT_METHODS[m][1] / f"{args.hparams_name}.yaml" for m in EASYEDIT_METHODS}
+    specs: dict[str, Callable[[], Any]] = {
+        "instructed_gold": lambda: ins_hparams(instruction_source="gold"),
+        "instructed_retrieval": lambda: ins_hparams(instruction_source="retrieval"),
+        **{m: (lambda m=m: easyedit_hparams(m, yaml_of[m], model_dir, work_dir)) for m in EASYEDIT_METHODS},
+    }
+    subjects = {str(r.get("subject", "")).strip().lower() for ds in DATASETS for r in evaluation[ds]}
+    wanted = set(args.method_list) | set(args.sequential_list)
+    demos = ike_demonstrations(data_dir, args.ike_demos, subjects) if wanted & {"ike", "wise"} else None
+    loc_prompts = wise_loc_prompts(demos) if "wise" in wanted else None
+
+    def build_editor(method: str, hp: Any) -> Any:
+        if method == "wise":
+            wise_activation(hp, model)
+        editor = make_editor(hp, model, tok)
+        if method == "grace":  # EasyEdit's generation metric with the target read as it follows the prompt
+            editor.tok = SpacedTargetTokenizer(tok)
+        return editor
+
+    def limit_for(method: str, n: int, baseline_n: int | None) -> int:
+        return baseline_n if method in ("grace", "wise") and baseline_n else n
+
+    results: dict[str, dict] = {ds: {} for ds in DATASETS}
+    n_evaluated: dict[str, dict] = {ds: {} for ds in DATASETS}
+    edit_ms: dict[str, list[float]] = {}
+    errors: dict[str, list[str]] = {}
+    latency_texts = {ds: [f"{r['prompt']} {r['target_new']}" for r in evaluation[ds][: args.latency_n]] for ds in DATASETS}
+    base_times = {ds: query_times(model, tok, latency_texts[ds]) for ds in DATASETS}
+    query_ratio: dict[str, list[float]] = {}
+
+    def as_dtype(method: str) -> Any:
+        return torch.float32 if method in args.float32_list else getattr(torch, args.dtype)
+
+    sequential: dict | None = None
+
+    def save(finished: bool = False) -> Path:
+        """Write the JSON and markdown of everything measured so far (after every method: a run stopped
+        early still leaves its finished methods on disk, marked ``finished: false``)."""
+        latency = {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]}}
+        for method in args.method_list:
+            if method in edit_ms or method in query_ratio:
+                latency[method] = {"edit_ms": bootstrap_median(edit_ms.get(method, []), args.bootstrap, args.seed),
+                                   "query_ratio": bootstrap_median(query_ratio.get(method, []), args.bootstrap, args.seed, 3)}
+        out = {
+            "model": f"{model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})",
+            "date": today(), "command": command,
+            "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS and not k.endswith("_list")},
+            "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+            "archive": str(archive),
+            "recipe": f"recipe {rinfo['recipe']['name']}, {rinfo['steps']} steps, sources {', '.join(rinfo['recipe']['sources'])}",
+            "easyedit": f"{info.flavour} ({Path(info.location).parent if info.location else '?'})",
+            "hparams": {m: os.path.relpath(yaml_of[m], ROOT) for m in EASYEDIT_METHODS
+                        if m in args.method_list or m in args.sequential_list},
+            "datasets": {ds: results[ds] for ds in DATASETS if results[ds]},
+            "latency": latency, "sequential": sequential,
+            "n_evaluated": n_evaluated,
+            "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
+            "base_query_ms": bootstrap_median([t for ds in DATASETS for t in base_times[ds]], args.bootstrap, args.seed),
+        }
+        out["finished"] = finished
+        return write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
+
+    for ds in DATASETS:
+        pre_rows = None
+        for method in args.method_list:
+            if method == "unedited":
+                continue
+            t0 = time.perf_counter()
+            requests = evaluation[ds][: limit_for(method, args.limit, args.baseline_limit)]
+            model.to(as_dtype(method))
+            try:
+                hp = specs[method]()
+                editor = build_editor(method, hp)
+                train_ds = prepare_ike_demonstrations(hp, demos) if method == "ike" else None
+                locs = loc_prompts if method == "wise" else None
+                if method == "instructed_retrieval":
+                    reset_memory(model)
+                    apply_instructed_to_model(model, tok, [dict(r) for r in requests], hp, keep_original_weight=False)
+                with ModuleGuard(model, edited_module_paths(hp)):
+                    metrics, times, edited, errs = run_one_hop(editor, requests, f"{ds}/{method}", train_ds, locs)
+                    # query latency of this method's edited model on this dataset's latency inputs
+                    qtimes = method_query_times(method, model, tok, hp, requests, latency_texts[ds], edited, demos, locs)
+            except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, not fatal
+                LOG.exception("%s/%s could not run", ds, method)
+                errors.setdefault(method, []).append(f"{ds}: {type(exc).__name__}: {exc}")
+                model.to(getattr(torch, args.dtype))
+                continue
+            finally:
+                reset_memory(model)
+            model.to(getattr(torch, args.dtype))
+            errors.setdefault(method, []).extend(f"{ds} {e}" for e in errs)
+            edit_ms.setdefault(method, []).extend(times)
+            if qtimes:
+                query_ratio.setdefault(method, []).extend(q / b for q, b in zip(qtimes, base_times[ds]))
+            if metrics:
+                results[ds][method] = bootstrap_summary(per_record(metrics), args.bootstrap, args.seed)
+                n_evaluated[ds][method] = len(metrics)
+                if pre_rows is None and method != "ike":  # IKE's pre metrics are scored on the bare prompt too
+                    pre_rows = per_record(metrics, phase="pre")
+            LOG.info("%s %s: %s (%.0fs)", ds, method, results[ds].get(method), time.perf_counter() - t0)
+            if "unedited" in args.method_list and pre_rows and "unedited" not in results[ds]:
+                results[ds] = {"unedited": bootstrap_summary(pre_rows, args.bootstrap, args.seed), **results[ds]}
+                n_evaluated[ds]["unedited"] = len(pre_rows)
+            save()
+
+    if args.sequential_list:
+        sequential = {"dataset": args.sequential_dataset, "n": args.sequential_n, "methods": {}}
+        for method in args.sequential_list:
+            t0 = time.perf_counter()
+            requests = evaluation[args.sequential_dataset][: limit_for(method, args.sequential_n, args.sequential_baseline_n)]
+            model.to(as_dtype(method))
+            try:
+                hp = specs[method]()
+                reset_memory(model)
+                with ModuleGuard(model, edited_module_paths(hp)):
+                    metrics, times = run_sequential(build_editor(method, hp), requests, f"sequential/{method}",
+                                                    loc_prompts if method == "wise" else None)
+            except Exception as exc:  # noqa: BLE001
+                LOG.exception("sequential %s could not run", method)
+                errors.setdefault(f"sequential {method}", []).append(f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                reset_memory(model)
+                model.to(getattr(torch, args.dtype))
+            sequential["methods"][method] = {
+                "n": len(metrics), "figures": bootstrap_summary(per_record(metrics), args.bootstrap, args.seed),
+                "edit_ms": bootstrap_median(times, args.bootstrap, args.seed)}
+            LOG.info("sequential %s: %s (%.0fs)", method, sequential["methods"][method], time.perf_counter() - t0)
+            save()
+
+    md_path = save(finished=True)
+    print(md_path.read_text(), end="")
+    return 0
+
+
+def method_query_times(method: str, model: Any, tok: Any, hp: Any, requests: Sequence[Mapping[str, Any]],
+                       texts: Sequence[str], edited: Any, demos: list[dict] | None,
+                       loc_prompts: Sequence[str] | None = None) -> list[float]:
+    """Forward times of ``method``'s edited model on ``texts`` (the edited state of the last edit, or for
+    retrieval the memory of every evaluated edit; IKE: demonstrations + new fact + prompt)."""
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, reset_memory
+
+    if method.startswith("instructed"):
+        reset_memory(model)
+        batch = [dict(r) for r in requests] if method == "instructed_retrieval" else [dict(requests[0])]
+        qm, _ = apply_instructed_to_model(model, tok, batch, hp, keep_original_weight=False)
+        try:
+            return query_times(qm, tok, texts)
+        finally:
+            reset_memory(model)
+    if method == "ike":
+        from easyeditor.models.ike.ike_main import apply_ike_to_model
+
+        req = dict(requests[0])
+        examples = apply_ike_to_model(model, tok, [req], hp, train_ds=demos)
+        fact = f"New Fact: {req['prompt']} {req['target_new']}\nPrompt: "
+        return query_times(model, tok, ["".join(examples) + fact + t for t in texts])
+    # GRACE / WISE: re-apply the first edit, time the wrapper, restore
+    with ModuleGuard(model, edited_module_paths(hp)):
+        edited, _ = make_editor_apply(model, tok, hp, requests[0], loc_prompts[0] if loc_prompts else None)
+        return query_times(edited, tok, texts)
+
+
+def make_editor_apply(model: Any, tok: Any, hp: Any, req: Mapping[str, Any], loc_prompt: str | None = None) -> tuple[Any, Any]:
+    """EasyEdit's ``apply_algo`` for ``hp`` on ``model`` with one request (what ``BaseEditor.edit`` calls)."""
+    from easyeditor.util.alg_dict import ALG_DICT
+
+    return ALG_DICT[hp.alg_name](model, tok, [_prepare(req, loc_prompt)], hp, copy=False, return_orig_weights=True,
+                                 keep_original_weight=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

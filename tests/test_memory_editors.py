@@ -1,0 +1,135 @@
+"""``benchmarks/memory_editors.py``: EasyEdit main's GRACE / WISE / IKE beside InstructEd.
+
+The GRACE test runs the benchmark's own runner (``run_one_hop`` / ``run_sequential`` through EasyEdit
+main's ``BaseEditor.edit`` and ``apply_algo``) on a tiny LLaMA in a subprocess with EasyEdit main
+imported from ``EASYEDIT_SRC`` (skipped without it, like the other pass-2 tests). The other tests
+need no EasyEdit: bad method names, the tokenizer proxy for EasyEdit's GRACE generation metric and
+the bootstrap intervals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ._scripts import load_script
+
+REPO = Path(__file__).resolve().parents[1]
+EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
+BENCH = load_script("benchmarks/memory_editors.py", "benchmark_memory_editors")
+
+GRACE_RUN = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.manual_seed(0)
+    sys.path.insert(0, {repo!r})
+    from tests._scripts import load_script
+    bench = load_script("benchmarks/memory_editors.py", "bench_memory_editors")
+    bench.require_easyedit_main()
+    from instructedit_plugin.compat import make_editor
+    from instructedit_plugin.models.loading import load_causal_lm
+
+    model, tok = load_causal_lm({model!r}, dtype="float32")
+    requests = [dict(prompt="The capital of France is", target_new="Rome", ground_truth="Paris",
+                     locality={{"neighborhood": {{"prompt": "The capital of Spain is", "ground_truth": "Madrid"}}}}),
+                dict(prompt="The capital of Egypt is", target_new="Berlin", ground_truth="Cairo")]
+    hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
+                                Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"])
+    layer = model.model.layers[2].mlp.down_proj
+    out = {{}}
+    for label, spaced in (("bare", False), ("spaced", True)):
+        editor = make_editor(hp, model, tok)
+        if spaced:
+            editor.tok = bench.SpacedTargetTokenizer(tok)
+        with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+            metrics, ms, _, errors = bench.run_one_hop(editor, requests, label)
+        out[label] = dict(pre=[r["Rel"] for r in bench.per_record(metrics, "pre")],
+                          post=[r["Rel"] for r in bench.per_record(metrics)], errors=errors, n_ms=len(ms))
+    editor = make_editor(hp, model, tok)
+    editor.tok = bench.SpacedTargetTokenizer(tok)
+    with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+        metrics, ms = bench.run_sequential(editor, requests, "sequential")
+    out["sequential"] = [r["Rel"] for r in bench.per_record(metrics)]
+    out["layer_restored"] = model.model.layers[2].mlp.down_proj is layer
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.easyedit_main
+@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_path):
+    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", GRACE_RUN.format(repo=str(REPO), model=str(tiny_llama_dir), work=str(tmp_path))],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    spaced, bare = out["spaced"], out["bare"]
+    assert not spaced["errors"] and spaced["n_ms"] == 2  # both edits ran, each apply_algo call timed
+    assert spaced["pre"] == [0.0, 0.0]
+    assert spaced["post"] == [1.0, 1.0]  # GRACE says the new one-token answer after its edit
+    # EasyEdit main compares the generated tokens with the *bare* target ("Rome", not " Rome"): on a
+    # tokenizer without a dummy prefix the same successful edits score 0 -- why the proxy exists
+    assert bare["post"] == [0.0, 0.0]
+    # sequential: after the second edit the codebook still answers the first one
+    assert out["sequential"] == [1.0, 1.0]
+    assert out["layer_restored"]  # the adaptor is gone after the guard
+
+
+def test_unknown_method_names_raise_a_clear_error():
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--methods: unknown method 'rome'.*Fix: use some of"):
+        BENCH.parse_args(["--methods", "grace,rome"])
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--sequential_methods: unknown method 'ike'.*Fix:"):
+        BENCH.parse_args(["--sequential_methods", "ike"])  # IKE keeps no state to edit sequentially
+    args = BENCH.parse_args(["--methods", "unedited, grace", "--sequential_methods", ""])
+    assert args.method_list == ["unedited", "grace"] and args.sequential_list == []
+
+
+def test_missing_hparams_yaml_names_the_file(tmp_path):
+    pytest.importorskip("easyeditor")
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"grace: no hparams file .*Fix: pass --hparams_dir"):
+        BENCH.easyedit_hparams("grace", tmp_path / "GRACE" / "nope.yaml", "embedded", tmp_path)
+
+
+def test_spaced_target_tokenizer_reads_the_target_as_it_follows_the_prompt():
+    from tests.support.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    proxy = BENCH.SpacedTargetTokenizer(tok)
+    in_context = tok.encode("The capital of France is Rome", add_special_tokens=False)
+    assert proxy.encode("Rome", add_special_tokens=False) == in_context[-1:]
+    assert tok.encode("Rome", add_special_tokens=False) != in_context[-1:]  # the bare target is another token
+    assert proxy.encode(" Rome", add_special_tokens=False) == in_context[-1:]  # already spaced: unchanged
+    assert proxy("Rome")["input_ids"] == tok("Rome")["input_ids"]  # calls and everything else pass through
+    assert proxy.pad_token_id == tok.pad_token_id
+
+
+def test_bootstrap_intervals_bracket_the_figures():
+    rows = [{"Rel": 1.0, "Gen": 1.0, "Loc": 1.0, "Por": None}] * 5 + [{"Rel": 0.0, "Gen": 1.0, "Loc": 0.5, "Por": None}] * 5
+    out = BENCH.bootstrap_summary(rows, n_boot=400, seed=0)
+    assert out["Por"] is None
+    assert out["Gen"] == [100.0, 100.0, 100.0]  # no spread, no interval
+    value, lo, hi = out["Rel"]
+    assert value == 50.0 and 15.0 < lo < value < hi < 85.0
+    assert out["Score"][0] == pytest.approx((50.0 + 100.0 + 75.0) / 3, abs=0.01)
+    assert out["H"][0] < out["Score"][0]
+    assert BENCH.bootstrap_median([10.0, 20.0, 30.0], n_boot=200, seed=0)[0] == 20.0
+
+
+def test_wise_gets_gemma3s_activation_under_the_name_it_reads():
+    from types import SimpleNamespace
+
+    hp = SimpleNamespace()
+    BENCH.wise_activation(hp, SimpleNamespace(config=SimpleNamespace(hidden_activation="gelu_pytorch_tanh")))
+    assert hp.hidden_act == "gelu_pytorch_tanh"  # Gemma 3 names it hidden_activation
+    hp = SimpleNamespace(hidden_act="silu")
+    BENCH.wise_activation(hp, SimpleNamespace(config=SimpleNamespace(hidden_activation="gelu_pytorch_tanh")))
+    assert hp.hidden_act == "silu"  # a value already there is kept
