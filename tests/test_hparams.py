@@ -15,6 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted((REPO / "hparams").rglob("*.yaml"))
 
 
+#: baselines only EasyEdit main has, read by its own ``from_hparams`` (WISE's ``act_margin`` becomes
+#: ``alpha``/``beta``/``gamma`` there) in ``benchmarks/memory_editors.py``
+EASYEDIT_MAIN_ONLY = {"GRACE", "WISE"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
     instructedit_plugin.register()
@@ -26,6 +31,9 @@ def test_hparams_folder_is_not_empty():
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO / "hparams")))
 def test_every_shipped_yaml_loads_with_its_class(path):
+    if path.parent.name in EASYEDIT_MAIN_ONLY:
+        pytest.skip(f"{path.parent.name}: EasyEdit main's own loader reads it (benchmarks/memory_editors.py, "
+                    "tests/test_memory_editors.py)")
     training = "TRAINING" in path.parts
     hparams = load_hparams(str(path), training=training)
     alg = getattr(hparams, "alg" if training else "alg_name")
