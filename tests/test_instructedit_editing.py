@@ -245,7 +245,7 @@ def test_one_edit_reaches_its_prompt_and_its_rephrase(one_edit_figures):
                    "same for every subject (cosine 0.994; 0/20 instructed facts answered), and any update keyed on "
                    "the instructed edit input moves every subject's plain prompt alike (same-subject vs other-subject "
                    "response 0.20 vs 0.20). key_whitening (ROME-style C^-1 keys, an option) does not change that here; "
-                   "measurements in the ie-locality report")
+                   "measurements in the stop-18 note")
 def test_one_edit_leaves_the_other_subjects_answers_alone(one_edit_figures):
     for task, f in one_edit_figures.items():
         assert f["locality"] >= 0.9, (task, f)
