@@ -54,7 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results  # noqa: E402
+from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results, setup_logging  # noqa: E402
 
 LOG = logging.getLogger("instructed_ablations")
 SCRIPT = "benchmarks/instructed_ablations.py"
@@ -505,9 +505,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     archives = {}
     for name in trained_variants(_selected(args)):
         t0 = time.perf_counter()

@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     command_line, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today,
-    write_results,
+    write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_cpu")
@@ -347,9 +347,7 @@ def main(argv=None) -> int:
     notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
     command = command_line(SCRIPT, argv)
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     started = time.perf_counter()
 
     import instructedit_plugin

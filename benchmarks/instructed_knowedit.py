@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import (  # noqa: E402
-    command_line, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
+    command_line, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_knowedit")
@@ -184,9 +184,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     started = time.perf_counter()
 
     import instructedit_plugin

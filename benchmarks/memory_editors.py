@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
-from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results  # noqa: E402
+from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results, setup_logging  # noqa: E402
 
 LOG = logging.getLogger("memory_editors")
 SCRIPT = "benchmarks/memory_editors.py"
@@ -565,9 +565,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     started = time.perf_counter()
     info = require_easyedit_main()
 

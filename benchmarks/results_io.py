@@ -127,3 +127,12 @@ def render_saved(out_path: str | Path, render: Callable[[Mapping[str, Any]], str
         if not out["notes"]:
             out.pop("notes")
     return write_results(out_path, out, render, allowed)
+
+
+def setup_logging() -> None:
+    """INFO logging for a benchmark script, with EasyEdit's and the model libraries' chatter kept to warnings."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
