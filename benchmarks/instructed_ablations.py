@@ -24,7 +24,8 @@ Query cost (``--latency_variants``): median forward of ``prompt + ' ' + target_n
 ``--latency_n`` records of each file (40 inputs by default), edited model / unedited model, exactly
 as ``benchmarks/instructed_cpu.py`` measures it (gold: one edit's instruction in front of every input;
 retrieval: the memory holds the edits of all timed inputs); the interval is a bootstrap over the
-inputs of the ratio of medians.
+inputs of the ratio of medians. Beside it, the sentence encoder's own share: encoding one question
+alone, timed back to back with the unedited forward of the same input.
 
 Writes ``benchmarks/results/instructed_ablations.json`` and ``.md`` (rendered from the JSON alone,
 ``--render``). Run from the repository root::
@@ -290,6 +291,7 @@ def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, m
 
     texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
     rows = []
+    encoder_share = None
     for name in [v for v in args.latency_variants.split(",") if v]:
         variant = VARIANTS[name]
         archive = archives.get(variant.prefixes_of or name)
@@ -324,6 +326,8 @@ def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, m
                 for text in texts:
                     base.append(_forward_ms(model, tok, text))
                     edited.append(_forward_ms(qm, tok, text))
+            if encoder_share is None:  # once: what encoding one question costs beside an unedited forward
+                encoder_share = _encoder_share(model, tok, editing_state(model).encoder, requests, texts, args)
             reset_memory(model)
             cache = qm.embedding_cache
             rows.append({"variant": name, "source": source, "reweight_mode": variant.reweight_mode,
@@ -334,7 +338,28 @@ def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, m
                          "edit_ms": round(statistics.median(edit_ms), 2), "retrieval_hits": hits,
                          "embedding_cache_hits": None if cache is None else cache.hits})
             LOG.info("query cost %s", rows[-1])
-    return {"inputs": len(texts), "rows": rows}
+    return {"inputs": len(texts), "rows": rows, "encoder": encoder_share}
+
+
+def _encoder_share(model, tok, encoder, requests: list[dict], texts: list[str], args) -> dict:
+    """The sentence encoder's own cost: ``encoder.encode([prompt])`` (what ``sim`` needs per query: the question
+    alone) timed back to back with the unedited forward of the same input, same threads; ratio with interval."""
+    import torch
+
+    base, encode = [], []
+    with torch.no_grad():
+        for r, text in zip(requests[:2], texts[:2]):  # warm-up
+            encoder.encode([r["prompt"]])
+            model(**tok([text], return_tensors="pt"))
+        for r, text in zip(requests, texts):
+            base.append(_forward_ms(model, tok, text))
+            t0 = time.perf_counter()
+            encoder.encode([r["prompt"]])
+            encode.append((time.perf_counter() - t0) * 1000)
+    out = {"encode_ms": round(statistics.median(encode), 2), "base_ms": round(statistics.median(base), 2),
+           "ratio": ratio_interval(base, encode, args.bootstrap)}
+    LOG.info("question encoding alone: %s", out)
+    return out
 
 
 def evaluate(args, archives: dict) -> int:
@@ -480,12 +505,23 @@ def render_markdown(out: dict) -> str:
                      f"{'yes' if r['warm_instruction_cache'] else 'no'} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
                      f"{q[0]:.2f} [{q[1]:.2f}, {q[2]:.2f}] | {r['edit_ms']:.1f} | "
                      f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
+    share = lat.get("encoder")
+    if share:
+        e = share["ratio"]
+        lines += ["", f"Question encoding alone (`encoder.encode([prompt])`, which every re-weighting mode needs for "
+                  f"`sim`; in retrieval the memory search's encoding is reused, so one per query): median "
+                  f"{share['encode_ms']:.1f} ms beside the unedited forward's {share['base_ms']:.1f} ms, "
+                  f"**{e[0]:.3f}x [{e[1]:.3f}, {e[2]:.3f}]** of it, timed back to back on the same inputs and threads."]
     lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
     for r in lat["rows"]:
         if r["reweight_mode"] == "question_rows" and r["embedding_cache"]:
             q = r["query_ratio"]
             lines.append(f"| {r['variant']} {r['source']}: query <= 1.1 x unedited | {'yes' if q[0] <= 1.1 else 'no'} | "
                          f"{q[0]:.2f}x [{q[1]:.2f}, {q[2]:.2f}] |")
+    if share:
+        e = share["ratio"]
+        lines.append(f"| floor of any mode with `sim`: 1 + question encoding <= 1.1 | {'yes' if 1 + e[0] <= 1.1 else 'no'} | "
+                     f"1 + {e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}] |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
     lines += notes_lines(out)
