@@ -24,7 +24,8 @@ Query cost (``--latency_variants``): median forward of ``prompt + ' ' + target_n
 ``--latency_n`` records of each file (40 inputs by default), edited model / unedited model, exactly
 as ``benchmarks/instructed_cpu.py`` measures it (gold: one edit's instruction in front of every input;
 retrieval: the memory holds the edits of all timed inputs); the interval is a bootstrap over the
-inputs of the ratio of medians.
+inputs of the ratio of medians. Beside it, the sentence encoder's own share: encoding one question
+alone, timed back to back with the unedited forward of the same input.
 
 Writes ``benchmarks/results/instructed_ablations.json`` and ``.md`` (rendered from the JSON alone,
 ``--render``). Run from the repository root::
@@ -290,17 +291,20 @@ def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, m
 
     texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
     rows = []
+    encoder_share = None
     for name in [v for v in args.latency_variants.split(",") if v]:
         variant = VARIANTS[name]
         archive = archives.get(variant.prefixes_of or name)
         if archive is None:
             continue
-        settings = [("gold", {}), ("retrieval", {})]
+        settings = [("gold", {}, False), ("retrieval", {}, False)]
         if variant.reweight_mode == "question_rows":  # instruction keys/values computed at edit time
-            settings = [(s, {"warm_instruction_cache": True}) for s, _ in settings]
+            settings = [(s, {"warm_instruction_cache": True}, False) for s, _, _ in settings]
+        # diagnostic: gold with each input's sim computed before its timer starts -- the forward's own share
+        settings.append(("gold", dict(settings[0][1]), True))
         if name == "paper":
-            settings += [(s, {"embedding_cache": 0}) for s in ("gold", "retrieval")]
-        for source, extra in settings:
+            settings += [(s, {"embedding_cache": 0}, False) for s in ("gold", "retrieval")]
+        for source, extra, sim_outside in settings:
             hp = _hparams(archive, model_dir, args, reweight_mode=variant.reweight_mode, instruction_source=source, **extra)
             reset_memory(model)
             edit_ms = []
@@ -318,23 +322,64 @@ def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, m
                            for r in requests)
             base, edited = [], []
             with torch.no_grad():
+                sims = [_sim_of(qm, tok, text) for text in texts] if sim_outside else None
+                if sims is not None:  # the precomputed sim gives the forward's own logits, bit for bit
+                    want = qm(**tok([texts[0]], return_tensors="pt")).logits
+                    qm.__dict__["similarities"] = lambda *a, **k: sims[0]
+                    if not torch.equal(qm(**tok([texts[0]], return_tensors="pt")).logits, want):
+                        raise RuntimeError("a precomputed sim changed the instructed logits; the diagnostic row "
+                                           "would not time the same forward")
                 for text in texts[:2]:  # warm-up
                     model(**tok([text], return_tensors="pt"))
                     qm(**tok([text], return_tensors="pt"))
-                for text in texts:
+                for i, text in enumerate(texts):
+                    if sims is not None:  # an instance attribute shadows the method for this input's forward
+                        qm.__dict__["similarities"] = lambda *a, _sim=sims[i], **k: _sim
                     base.append(_forward_ms(model, tok, text))
                     edited.append(_forward_ms(qm, tok, text))
+                qm.__dict__.pop("similarities", None)
+            if encoder_share is None:  # once: what encoding one question costs beside an unedited forward
+                encoder_share = _encoder_share(model, tok, editing_state(model).encoder, requests, texts, args)
             reset_memory(model)
             cache = qm.embedding_cache
             rows.append({"variant": name, "source": source, "reweight_mode": variant.reweight_mode,
                          "embedding_cache": extra.get("embedding_cache", 4096),
                          "warm_instruction_cache": bool(extra.get("warm_instruction_cache")),
+                         "sim_outside_timer": sim_outside,
                          "query_ratio": ratio_interval(base, edited, args.bootstrap),
                          "base_ms": round(statistics.median(base), 2), "query_ms": round(statistics.median(edited), 2),
                          "edit_ms": round(statistics.median(edit_ms), 2), "retrieval_hits": hits,
                          "embedding_cache_hits": None if cache is None else cache.hits})
             LOG.info("query cost %s", rows[-1])
-    return {"inputs": len(texts), "rows": rows}
+    return {"inputs": len(texts), "rows": rows, "encoder": encoder_share}
+
+
+def _sim_of(qm, tok, text: str):
+    """``sim`` of ``text``'s instructed input, as the wrapper computes it in a forward."""
+    enc = tok([text], return_tensors="pt")
+    selection = qm.select(qm._rows(enc["input_ids"], enc["attention_mask"]))[0]
+    return qm.similarities([selection.question], [selection.instruction], [selection.subject], [selection.encoded])
+
+
+def _encoder_share(model, tok, encoder, requests: list[dict], texts: list[str], args) -> dict:
+    """The sentence encoder's own cost: ``encoder.encode([prompt])`` (what ``sim`` needs per query: the question
+    alone) timed back to back with the unedited forward of the same input, same threads; ratio with interval."""
+    import torch
+
+    base, encode = [], []
+    with torch.no_grad():
+        for r, text in zip(requests[:2], texts[:2]):  # warm-up
+            encoder.encode([r["prompt"]])
+            model(**tok([text], return_tensors="pt"))
+        for r, text in zip(requests, texts):
+            base.append(_forward_ms(model, tok, text))
+            t0 = time.perf_counter()
+            encoder.encode([r["prompt"]])
+            encode.append((time.perf_counter() - t0) * 1000)
+    out = {"encode_ms": round(statistics.median(encode), 2), "base_ms": round(statistics.median(base), 2),
+           "ratio": ratio_interval(base, encode, args.bootstrap)}
+    LOG.info("question encoding alone: %s", out)
+    return out
 
 
 def evaluate(args, archives: dict) -> int:
@@ -471,21 +516,35 @@ def render_markdown(out: dict) -> str:
               "records of each file), edited model / unedited model, each input's two forwards timed back to back; "
               "interval: bootstrap over the inputs. Gold: one edit's instruction in front of every input; retrieval: "
               "the memory holds the edits of all timed inputs. Edit: median time of one `apply_instructed_to_model` "
-              "call (memory insert, and in `question_rows` with `warm_instruction_cache` the instruction's keys/values).", "",
-              "| variant | source | re-weighting | embedding cache | instruction K/V at edit | unedited ms | edited ms | "
-              "query / unedited | edit ms | retrieval hits |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "call (memory insert, and in `question_rows` with `warm_instruction_cache` the instruction's keys/values). "
+              "Rows with *sim* 'before timer' are a diagnostic: each input's `sim` is computed before its timer starts, "
+              "so they show the instructed forward's own cost without the sentence encoder.", "",
+              "| variant | source | re-weighting | embedding cache | instruction K/V at edit | sim | unedited ms | edited ms | "
+              "query / unedited | edit ms | retrieval hits |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in lat["rows"]:
         q = r["query_ratio"]
         lines.append(f"| {r['variant']} | {r['source']} | {r['reweight_mode']} | {'on' if r['embedding_cache'] else 'off'} | "
-                     f"{'yes' if r['warm_instruction_cache'] else 'no'} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
+                     f"{'yes' if r['warm_instruction_cache'] else 'no'} | "
+                     f"{'before timer' if r.get('sim_outside_timer') else 'timed'} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
                      f"{q[0]:.2f} [{q[1]:.2f}, {q[2]:.2f}] | {r['edit_ms']:.1f} | "
                      f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
+    share = lat.get("encoder")
+    if share:
+        e = share["ratio"]
+        lines += ["", f"Question encoding alone (`encoder.encode([prompt])`, which every re-weighting mode needs for "
+                  f"`sim`; in retrieval the memory search's encoding is reused, so one per query): median "
+                  f"{share['encode_ms']:.1f} ms beside the unedited forward's {share['base_ms']:.1f} ms, "
+                  f"**{e[0]:.3f}x [{e[1]:.3f}, {e[2]:.3f}]** of it, timed back to back on the same inputs and threads."]
     lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
     for r in lat["rows"]:
-        if r["reweight_mode"] == "question_rows" and r["embedding_cache"]:
+        if r["reweight_mode"] == "question_rows" and r["embedding_cache"] and not r.get("sim_outside_timer"):
             q = r["query_ratio"]
             lines.append(f"| {r['variant']} {r['source']}: query <= 1.1 x unedited | {'yes' if q[0] <= 1.1 else 'no'} | "
                          f"{q[0]:.2f}x [{q[1]:.2f}, {q[2]:.2f}] |")
+    if share:
+        e = share["ratio"]
+        lines.append(f"| floor of any mode with `sim`: 1 + question encoding <= 1.1 | {'yes' if 1 + e[0] <= 1.1 else 'no'} | "
+                     f"1 + {e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}] |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
     lines += notes_lines(out)

@@ -60,6 +60,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import setup_logging  # noqa: E402  (the benchmarks' logging setup)
+
 LOG = logging.getLogger("run_instructed")
 
 #: KnowEdit dataset name -> file inside --data_dir.
@@ -282,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                          "InstructEd (examples/run_instructedit.py runs InstructEdit)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     started = time.perf_counter()
 
     import instructedit_plugin

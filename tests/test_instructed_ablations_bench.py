@@ -53,12 +53,18 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
                 assert low <= value <= high, (ds, name, metric)
         assert rows["unedited"]["Loc"] == [100.0, 100.0, 100.0]
     # query cost: gold and retrieval for both variants, paper also without the embedding cache
-    lat = {(r["variant"], r["source"], r["embedding_cache"]): r for r in out["latency"]["rows"]}
+    lat = {(r["variant"], r["source"], r["embedding_cache"]): r for r in out["latency"]["rows"]
+           if not r["sim_outside_timer"]}
     assert set(lat) == {("paper", s, c) for s in ("gold", "retrieval") for c in (4096, 0)} | {
         ("question_rows", s, 4096) for s in ("gold", "retrieval")}
+    # one diagnostic row per variant: gold with sim computed before the timer (the forward's own share)
+    outside = [r for r in out["latency"]["rows"] if r["sim_outside_timer"]]
+    assert sorted((r["variant"], r["source"]) for r in outside) == [("paper", "gold"), ("question_rows", "gold")]
     assert all(r["query_ratio"][1] <= r["query_ratio"][0] <= r["query_ratio"][2] for r in lat.values())
     assert lat[("paper", "gold", 4096)]["embedding_cache_hits"] > 0  # the one instruction, asked again
     assert lat[("paper", "gold", 0)]["embedding_cache_hits"] is None
+    share = out["latency"]["encoder"]  # the question encoding alone, beside the unedited forward
+    assert share["encode_ms"] > 0 and share["ratio"][1] <= share["ratio"][0] <= share["ratio"][2]
     md = out_json.with_suffix(".md").read_text()
     assert md == bench.render_markdown(out)
     assert any(row[:2] == ["LLaMA-2", "w/o re-weight"] and row[2] == "95.34" for row in _table_rows(md))

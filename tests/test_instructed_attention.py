@@ -468,3 +468,34 @@ def test_attach_validation(models):
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(HyperParamsError):
         PrefixBank([1], prefix_len=0, hidden_size=8)
+
+
+@pytest.mark.parametrize("mode", ["paper", "question_rows", "pre_softmax", "release"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_independent_tensors_are_computed_once_per_mask_with_identical_outputs(models, arch, mode, monkeypatch):
+    """The bias / re-weighting factors every layer shares are built once per mask and call (not once per layer):
+    fewer builds than attention calls, and forward and cached generation bit-identical to building them per layer
+    (Gemma 3's sliding window rolls over during generation: equal shapes, new masks)."""
+    from instructedit_plugin.instructed import attention as attention_module
+
+    model = models(arch)
+    ids, mask = _batch(model)
+    handle = attach_instructed(model, layers=PREFIX_LAYERS, mode=mode)
+    with torch.no_grad():
+        handle.bank.embeddings.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    builds, calls = [], []
+    real_layout, real_core = attention_module._layout, attention_module._instructed_core
+    monkeypatch.setattr(attention_module, "_layout", lambda *a, **k: builds.append(1) or real_layout(*a, **k))
+    monkeypatch.setattr(attention_module, "_instructed_core", lambda *a, **k: calls.append(1) or real_core(*a, **k))
+
+    def run():
+        with instruction_context(spans=SPANS, sim=torch.tensor([0.6, 0.3])):
+            return _forward(model, ids, mask), _generate(model, ids, mask, n=8)
+
+    forward, (seq, gen_logits) = run()
+    n_layers = model.config.num_hidden_layers
+    assert 0 < len(builds) < len(calls) and len(calls) >= n_layers
+    per_layer = lambda ctx, module, mask_, *rest: real_layout(module, mask_, *rest[:-1])  # noqa: E731
+    monkeypatch.setattr(attention_module, "_layout_for", per_layer)
+    want_forward, (want_seq, want_logits) = run()
+    assert torch.equal(forward, want_forward) and torch.equal(seq, want_seq) and torch.equal(gen_logits, want_logits)

@@ -342,6 +342,52 @@ def test_select_many_is_batched():
     assert hits[4] is None  # a random direction: all scores ~0, no spread
 
 
+class NormTableEncoder(TableEncoder):
+    """A TableEncoder whose raw vectors have norms that differ per text (reported by ``encode_with_norms``, as SentenceEncoder
+    does for a model without a Normalize module), so the gate's ``score: dot`` differs from cosine."""
+
+    def encode_with_norms(self, texts):
+        unit = self.encode(texts)
+        return unit, torch.tensor([1.0 + len(t) % 5 for t in texts]) + 2.0 * unit[:, 0]
+
+
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+def test_encoded_queries_search_and_select_like_their_texts(score):
+    """``encode_queries`` embeds once; searching/selecting with its result equals searching with the texts, bit
+    for bit (the norms travel with it, so the dot gate too), and its vectors are the encoder's own rows."""
+    from instructedit_plugin.errors import RequestError
+    from instructedit_plugin.instructed.memory import EncodedQueries, StdGate
+
+    table = {}
+    for i in range(4):
+        v = torch.zeros(DIM)
+        v[i] = 1.0
+        table[f"fact {i}"] = v
+        table[f"query {i}"] = v + 0.05 * (i + 1)
+    enc = NormTableEncoder(table)
+    memory = InstructionMemory(enc)
+    memory.add([f"fact {i}" for i in range(4)])
+    queries = [f"query {i}" for i in range(4)] + ["unrelated text"]
+    enc.calls.clear()
+    encoded = memory.encode_queries(queries)
+    assert isinstance(encoded, EncodedQueries) and enc.calls == [queries] and encoded.encoder is enc
+    assert torch.equal(encoded.vectors, enc.encode(queries))
+    enc.calls.clear()
+    gate = StdGate(0.05, 3, score=score)
+    for want, got in zip(memory.select_many(queries, gate), memory.select_many(encoded, gate)):
+        assert (want is None) == (got is None)
+        if want is not None:
+            assert (want.id, want.score, want.top_scores) == (got.id, got.score, got.top_scores)
+    assert enc.calls == [queries]  # only the text call encoded
+    for i, query in enumerate(queries):
+        want, got = memory.select(query, gate), memory.select(encoded.row(i), gate)
+        assert (None if want is None else want.top_scores) == (None if got is None else got.top_scores)
+    a, b = memory.search(queries, k=3), memory.search(encoded, k=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(RequestError, match="one query at a time.*Fix:"):
+        memory.select(encoded, gate)
+
+
 # ---------------------------------------------------------------------------- persistence
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())

@@ -207,3 +207,29 @@ def test_a_rows_logits_do_not_depend_on_the_padding_of_its_batch(tiny_llama_dir,
         enc = tok([question, question], return_tensors="pt", padding=True)
         batched = lm(**enc, instructions=facts).logits  # row 0's instruction is shorter: it gets padding
     torch.testing.assert_close(batched[0][enc["attention_mask"][0].bool()], alone, atol=2e-5, rtol=0)
+
+
+def test_prefix_keys_values_are_projected_once_across_calls(tiny_llama_dir, monkeypatch):
+    """Each call attaches the bank anew, but the prefixes' keys/values are projected only on the first call (the
+    wrapper's memo outlives the attachment); later calls give bit-identical logits; an in-place update of the bank
+    (as an optimizer step makes) projects them again, and the new logits are the fresh wrapper's."""
+    from instructedit_plugin.instructed import prefix as prefix_module
+
+    model, tok = _load(tiny_llama_dir)
+    bank = _bank(model)
+    projected = []
+    real = prefix_module.project_prefix_kv
+    monkeypatch.setattr(prefix_module, "project_prefix_kv", lambda *a, **k: projected.append(1) or real(*a, **k))
+    lm = InstructedLM(model, tok, bank, encoder=FixedEncoder(0.6))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        first = lm(**enc, instructions="The capital of France is Rome.").logits
+        assert len(projected) == len(bank.layers)
+        second = lm(**enc, instructions="The capital of France is Rome.").logits
+        assert len(projected) == len(bank.layers) and torch.equal(first, second)
+        assert get_instructed_handle(model) is None  # the stock model between calls
+        bank.embeddings.mul_(1.5)
+        third = lm(**enc, instructions="The capital of France is Rome.").logits
+        assert len(projected) == 2 * len(bank.layers) and not torch.allclose(third, first)
+        fresh = InstructedLM(model, tok, bank, encoder=FixedEncoder(0.6))(**enc, instructions="The capital of France is Rome.")
+        assert torch.equal(third, fresh.logits)

@@ -22,6 +22,7 @@ class CountingEncoder:
     def __init__(self):
         self.inner = load_encoder("default")
         self.identity = self.inner.identity
+        self.dim = self.inner.dim
         self.encoded: list[str] = []
 
     def encode(self, texts):
@@ -124,3 +125,72 @@ def test_editing_keeps_the_embedding_cache_across_edits(instructed_world):
         assert cache.misses == misses and cache.hits == retrieved + (retrieved - misses) and torch.equal(got, want)
     finally:
         release(model)
+
+
+class TextOnlyMemory:
+    """A memory offering only ``select`` (no ``encode_queries``): the provider searches by text, as before the
+    search's question embedding was reused, so ``sim`` encodes the question a second time."""
+
+    def __init__(self, memory):
+        self.inner = memory
+
+    def select(self, *args, **kwargs):
+        return self.inner.select(*args, **kwargs)
+
+
+def _retrieval_lm(tiny, encoder, memory):
+    from instructedit_plugin.instructed.lm import RetrievedInstructions
+
+    return _lm(tiny, encoder, provider=RetrievedInstructions(memory, gate=0.0, top_k=3, prompts=QUESTIONS))
+
+
+@torch.no_grad()
+def test_retrieval_encodes_each_question_once_with_the_same_outputs(tiny):
+    """Retrieval: the memory search's question embedding is the one ``sim`` uses (one encoder pass per question);
+    logits equal the old two-encode path's (bit for bit for one input, to the encoder's batch rounding for three)."""
+    from instructedit_plugin.instructed.memory import InstructionMemory
+
+    encoder = CountingEncoder()
+    memory = InstructionMemory(encoder)
+    memory.add(FACTS)
+    lm, old = _retrieval_lm(tiny, encoder, memory), _retrieval_lm(tiny, encoder, TextOnlyMemory(memory))
+    for question in QUESTIONS:  # the retrieved instructions' embeddings enter each wrapper's cache
+        lm(**tiny[1]([question], return_tensors="pt"))
+        old(**tiny[1]([question], return_tensors="pt"))
+    for question in QUESTIONS:
+        enc = tiny[1]([question], return_tensors="pt")
+        encoder.encoded.clear()
+        got = lm(**enc).logits
+        assert encoder.encoded == [question]  # one encode: the search's
+        encoder.encoded.clear()
+        want = old(**enc).logits
+        assert encoder.encoded == [question, question]  # search, then sim
+        assert torch.equal(got, want)
+    enc = tiny[1](QUESTIONS, return_tensors="pt", padding=True)
+    encoder.encoded.clear()
+    got = lm(**enc).logits
+    assert sorted(encoder.encoded) == sorted(QUESTIONS)
+    torch.testing.assert_close(got, old(**enc).logits, atol=1e-4, rtol=0)
+    # the reused embedding gives the encoder's own cosine
+    selections = lm.select(lm._rows(enc["input_ids"], enc["attention_mask"]))
+    assert all(s is not None and s.encoded is not None for s in selections)
+    sims = lm.similarities([s.question for s in selections], [s.instruction for s in selections], None,
+                           [s.encoded for s in selections])
+    torch.testing.assert_close(sims, encoder.inner.cosine([s.question for s in selections],
+                                                          [s.instruction for s in selections]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_search_embedding_from_another_encoder_is_not_reused(tiny):
+    """An ``EncodedQueries`` made by another encoder than the wrapper's is ignored: the question is encoded again."""
+    from instructedit_plugin.instructed.memory import InstructionMemory
+
+    encoder, other = CountingEncoder(), CountingEncoder()
+    memory = InstructionMemory(other)
+    memory.add(FACTS)
+    lm = _retrieval_lm(tiny, encoder, memory)
+    encoder.encoded.clear()
+    lm(**tiny[1](QUESTIONS[:1], return_tensors="pt"))
+    assert QUESTIONS[0] in encoder.encoded and QUESTIONS[0] in other.encoded
+    with pytest.raises(ValueError, match="question_vectors.*Fix:"):
+        lm.embedding_cache.similarity(encoder, QUESTIONS, FACTS, question_vectors=torch.zeros(1, 384))

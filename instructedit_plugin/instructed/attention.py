@@ -44,6 +44,10 @@ Layers that need nothing special in a given call (no active prefix, no
 re-weighting) are delegated to transformers' own ``sdpa`` implementation (or an
 eager computation when the model was on ``eager`` or uses logit soft-capping),
 so an attached model without prefix and without instruction context is stock.
+What the other layers share in one call -- the additive bias of a mask, the rows
+that may attend to nothing and the re-weighting factors -- is built once per mask
+and kept in the call's :class:`~.context.InstructionContext` (``_layout_for``),
+not once per layer; the per-layer arithmetic is the same, so are the results.
 
 Re-weighting semantics (``sim`` clamped to ``[0, 1]``; see ``context.py`` for spans)
 -----------------------------------------------------------------------------------
@@ -328,31 +332,28 @@ class _Plan:
         self.reweight = reweight  # a sim was given
 
 
-def _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan: _Plan | None):
-    batch, num_heads, q_len, head_dim = query.shape
-    kv_len = key.shape[2]
-    device = query.device
-    if scaling is None:
-        scaling = head_dim**-0.5
-    n_rep = num_heads // key.shape[1]
+class _Layout:
+    """What every layer of one call with the same mask shares: the additive bias (prefix columns included), the
+    rows that may attend to nothing, and the re-weighting factors of the call's mode. Computed once per mask and
+    call (:func:`_layout_for`) instead of once per layer; the per-layer math is unchanged, so results are too."""
 
+    __slots__ = ("bias", "fully_masked", "col_weight", "col_scale", "row_scale")
+
+    def __init__(self, bias, fully_masked, col_weight, col_scale, row_scale):
+        self.bias = bias  # [batch, 1|heads, q_len, P + kv_len] float32
+        self.fully_masked = fully_masked  # [batch, 1|heads, q_len, 1] bool
+        self.col_weight = col_weight  # paper / question_rows: post-softmax factors, or None
+        self.col_scale = col_scale  # pre_softmax: score factors in the scores' dtype, or None
+        self.row_scale = row_scale  # release: score factors in the scores' dtype, or None
+
+
+def _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan: _Plan | None) -> _Layout:
     bias = _additive_bias(module, attention_mask, batch, q_len, kv_len, device)
-    n_prefix = 0
-    if plan is not None and plan.prefix_k is not None:
-        n_prefix = plan.prefix_k.shape[2]
-        key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    if n_prefix:
         prefix_bias = torch.where(plan.prefix_active, 0.0, torch.finfo(torch.float32).min)
         prefix_bias = prefix_bias.view(batch, 1, 1, 1).expand(batch, bias.shape[1], q_len, n_prefix)
         bias = torch.cat([prefix_bias, bias], dim=-1)
-
-    key = _repeat_kv(key, n_rep)
-    value = _repeat_kv(value, n_rep)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-
-    col_weight = None
+    col_weight = col_scale = row_scale = None
     if plan is not None and plan.reweight:
         q_pos, k_pos = _positions(attention_mask, q_len, kv_len, device)
         start, end = plan.spans[:, 0:1], plan.spans[:, 1:2]  # [batch, 1]
@@ -364,14 +365,13 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
             if n_prefix:
                 prefix_s = torch.where(plan.prefix_active[:, None], sim, 1.0).expand(batch, n_prefix)
                 col_scale = torch.cat([prefix_s, col_scale], dim=-1)
-            scores = scores * col_scale[:, None, None, :].to(scores.dtype)
+            col_scale = col_scale[:, None, None, :].to(dtype)
         elif plan.mode == "release":
             extra = 0
             if n_prefix:
                 extra = torch.where(plan.prefix_active[:, None], n_prefix, 0)
             rows = non_empty & (q_pos[None, :] >= start) & (q_pos[None, :] < end + extra)  # [batch, q_len]
-            row_scale = torch.where(rows, sim, 1.0).to(scores.dtype)
-            scores = scores * row_scale[:, None, :, None]
+            row_scale = torch.where(rows, sim, 1.0).to(dtype)[:, None, :, None]
         else:
             inst_cols = non_empty & (k_pos[None, :] >= start) & (k_pos[None, :] < end)  # [batch, kv_len]
             col_weight = torch.where(inst_cols, sim, 1.0)
@@ -382,15 +382,66 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
             if plan.mode == "question_rows":  # rows before the instruction's end keep their probabilities
                 after = q_pos[None, :] >= torch.where(non_empty, end, 0)  # [batch, q_len]
                 col_weight = torch.where(after[:, None, :, None], col_weight, 1.0)
-
-    probs = torch.softmax(scores.float() + bias, dim=-1)
     # A query row that may attend to nothing (a left-padding row outside prefix layers) gets all-zero
     # probabilities, as torch's SDPA does, instead of a uniform average over masked keys (which would
     # make padded rows depend on future tokens).
     fully_masked = (bias <= torch.finfo(torch.float32).min / 2).all(dim=-1, keepdim=True)
-    probs = probs.masked_fill(fully_masked, 0.0)
-    if col_weight is not None:
-        probs = probs * col_weight
+    return _Layout(bias, fully_masked, col_weight, col_scale, row_scale)
+
+
+#: Layouts one call keeps (Gemma 3 has two masks per forward, full and sliding; generate() makes new ones per step).
+_LAYOUTS_PER_CALL = 8
+
+
+def _layout_for(ctx: InstructionContext | None, module, attention_mask, batch, q_len, kv_len, n_prefix, device,
+                dtype, plan: _Plan | None, default_on: bool) -> _Layout:
+    """:func:`_layout`, reused by every layer of the call that sees the same mask object (kept in ``ctx``'s memo,
+    which holds the mask itself, so its identity cannot be reused by another tensor while the entry lives)."""
+    memo = getattr(ctx, "layouts", None)
+    if memo is None or attention_mask is None:
+        return _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan)
+    key = (id(attention_mask), batch, q_len, kv_len, n_prefix, str(device), dtype, plan.mode, plan.reweight,
+           default_on, torch.is_grad_enabled())
+    hit = memo.get(key)
+    if hit is not None and hit[0] is attention_mask:
+        return hit[1]
+    if len(memo) >= _LAYOUTS_PER_CALL:
+        memo.clear()
+    layout = _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan)
+    memo[key] = (attention_mask, layout)
+    return layout
+
+
+def _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan: _Plan | None,
+                     layout: _Layout | None = None):
+    batch, num_heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    if scaling is None:
+        scaling = head_dim**-0.5
+    n_rep = num_heads // key.shape[1]
+
+    n_prefix = 0
+    if plan is not None and plan.prefix_k is not None:
+        n_prefix = plan.prefix_k.shape[2]
+        key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    if layout is None:
+        layout = _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, query.device, query.dtype, plan)
+
+    key = _repeat_kv(key, n_rep)
+    value = _repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if layout.col_scale is not None:
+        scores = scores * layout.col_scale
+    elif layout.row_scale is not None:
+        scores = scores * layout.row_scale
+
+    probs = torch.softmax(scores.float() + layout.bias, dim=-1)
+    probs = probs.masked_fill(layout.fully_masked, 0.0)
+    if layout.col_weight is not None:
+        probs = probs * layout.col_weight
     probs = probs.to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
@@ -445,7 +496,10 @@ def instructed_attention_forward(
         spans = torch.zeros(batch, 2, dtype=torch.long, device=device)
         sim = torch.ones(batch, dtype=torch.float32, device=device)
     plan = _Plan(prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight)
-    return _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan)
+    n_prefix = 0 if prefix_k is None else prefix_k.shape[2]
+    layout = _layout_for(ctx, module, attention_mask, batch, query.shape[2], key.shape[2], n_prefix, device,
+                         query.dtype, plan, default_on)
+    return _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan, layout)
 
 
 register_instructed_attention()

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -153,6 +153,8 @@ class InstructionContext:
     spans: torch.Tensor | None = None
     sim: torch.Tensor | None = None
     use_prefix: bool | torch.Tensor | None = None
+    #: the attention's per-call memo: what every layer with the same mask shares (``attention._layout_for``)
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, spans: SpanLike = None, sim: SimLike = None, use_prefix: PrefixSwitch = None) -> "InstructionContext":

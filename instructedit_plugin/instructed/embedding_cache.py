@@ -4,7 +4,8 @@ Every instructed query needs ``sim = cos(Enc(question), Enc(instruction))`` (Eq.
 changes from query to query, the instruction does not: an edit's instruction is asked about again and
 again (its prompt, rephrases, portability questions; every retrieval hit). :class:`InstructionEmbeddingCache`
 keeps the unit embedding of each instruction (least recently used first out, at most ``max_entries``), so a
-query encodes only its question.
+query encodes only its question -- and a retrieval query not even that: the memory search already encoded
+it, and its embedding is passed in (``question_vectors``).
 
 Exactness: a missing instruction is encoded *alone* (a batch of one), so its vector never depends on
 what it was batched with, and a query gives bit-identical outputs whether its instruction was cached
@@ -74,13 +75,20 @@ class InstructionEmbeddingCache:
             rows.append(vec)
         return torch.stack(rows)
 
-    def similarity(self, encoder: Any, questions: Sequence[str], instructions: Sequence[str]) -> torch.Tensor:
-        """``[n]`` float32 ``cos(Enc(questions[i]), Enc(instructions[i]))``: one encoder call for the questions,
-        the instructions from the cache."""
+    def similarity(self, encoder: Any, questions: Sequence[str], instructions: Sequence[str],
+                   question_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n]`` float32 ``cos(Enc(questions[i]), Enc(instructions[i]))``: one encoder call for the questions
+        (none when ``question_vectors``, their ``encoder.encode`` rows ``[n, dim]``, are given, e.g. from the
+        memory search that chose the instructions), the instructions from the cache."""
         if len(questions) != len(instructions):
             raise ValueError(f"similarity(): {len(questions)} questions vs {len(instructions)} instructions; "
                              "Fix: pass equally long lists")
         if not questions:
             return torch.zeros(0)
-        q = torch.as_tensor(encoder.encode(list(questions)), dtype=torch.float32).detach().cpu()
+        if question_vectors is None:
+            question_vectors = encoder.encode(list(questions))
+        elif question_vectors.shape[0] != len(questions):
+            raise ValueError(f"similarity(): {question_vectors.shape[0]} question_vectors for {len(questions)} "
+                             "questions; Fix: pass one encoded row per question")
+        q = torch.as_tensor(question_vectors, dtype=torch.float32).detach().cpu()
         return (q * self.vectors(encoder, instructions)).sum(dim=1)

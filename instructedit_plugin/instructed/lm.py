@@ -15,7 +15,9 @@ positions -- and ``generate()`` for fluency/demos. For every example the wrapper
 2. builds ``[BOS] Instructions: {instruction}\\nInput: `` + the example's own token ids (ids are
    concatenated, never re-tokenised, see :mod:`.templates`);
 3. computes ``sim = cos(Enc(question), Enc(instruction))`` with the sentence encoder (``similarity=
-   "subject_masked"``: with the edit's subject removed from both texts, see :mod:`.similarity`);
+   "subject_masked"``: with the edit's subject removed from both texts, see :mod:`.similarity`); the
+   instruction's embedding is cached (:mod:`.embedding_cache`), and under retrieval the question's is the
+   one the memory search computed, so a query runs the encoder once;
 4. runs the base model with the prefixes attached under ``instruction_context(spans, sim,
    use_prefix)`` and slices the logits back onto the caller's positions, so ``.logits`` has the
    caller's shape. Logits at padding positions of instructed examples are 0 (nothing reads them).
@@ -30,7 +32,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -117,6 +119,9 @@ class Selection:
     question: str
     subject: str | None = None
     relation: str | None = None  # the edit's own question (its ``prompt``), read by the relation gate
+    #: the question's embedding from the memory search that chose the instruction (an ``EncodedQueries``
+    #: of one row, :mod:`.memory.store`), reused for ``sim`` so a retrieval query encodes its question once
+    encoded: Any = field(default=None, compare=False, repr=False)
 
 
 def _norm(text: str) -> str:
@@ -220,15 +225,21 @@ class RetrievedInstructions:
         self._matcher = _PromptMatcher(list(prompts))
 
     def choose(self, texts: Sequence[str]) -> list[Selection | None]:
+        """Each input's selection; with a memory that has ``encode_queries`` (:class:`~.memory.InstructionMemory`)
+        the question is encoded once (alone, as a search of its text would) and that embedding travels in the
+        selection, so ``sim`` does not encode it again."""
         out: list[Selection | None] = []
-        std_gate = gate_for_memory(getattr(self.memory, "target", self.memory), self.gate, self.top_k, **self.options)
+        target = getattr(self.memory, "target", self.memory)
+        std_gate = gate_for_memory(target, self.gate, self.top_k, **self.options)
+        encode = getattr(target, "encode_queries", None)
         for text in texts:
             hit = self._matcher.match(text)
             question = hit[0] if hit is not None else text
-            chosen = self.memory.select(question, gate=std_gate, top_k=std_gate.top_k)
+            encoded = encode([question]) if callable(encode) else None
+            chosen = self.memory.select(question if encoded is None else encoded, gate=std_gate, top_k=std_gate.top_k)
             meta = (getattr(chosen, "metadata", None) or {}) if chosen is not None else {}
             out.append(None if chosen is None else Selection(chosen.text, question, meta.get("subject"),
-                                                              meta.get("prompt")))
+                                                              meta.get("prompt"), encoded))
         return out
 
 
@@ -344,6 +355,9 @@ class InstructedLM(nn.Module):
             embedding_cache = InstructionEmbeddingCache(embedding_cache) if embedding_cache else None
         #: instruction sentence embeddings reused across questions (any mode)
         self.__dict__["embedding_cache"] = embedding_cache
+        #: the prefixes' keys/values, projected once and kept across calls (each call attaches the bank anew;
+        #: entries are checked against the bank's and the layers' version counters, see ``attach_instructed``)
+        self.__dict__["_prefix_memo"] = {}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
 
@@ -388,7 +402,8 @@ class InstructedLM(nn.Module):
             finally:
                 handle.mode = previous
             return
-        handle = attach_instructed(self.model, bank=self.bank, mode=self.mode, freeze=False)
+        handle = attach_instructed(self.model, bank=self.bank, mode=self.mode, freeze=False,
+                                   prefix_memo=self.__dict__["_prefix_memo"])
         handle.prefix_enabled = False
         try:
             yield handle
@@ -397,15 +412,19 @@ class InstructedLM(nn.Module):
 
     # -- building inputs -----------------------------------------------------------------------
     def similarities(self, questions: Sequence[str], instructions: Sequence[str],
-                     subjects: Sequence[str | None] | None = None) -> torch.Tensor:
+                     subjects: Sequence[str | None] | None = None, encoded: Sequence[Any] | None = None) -> torch.Tensor:
         """``[n]`` float32 ``sim`` of each (question, instruction) pair under this wrapper's ``similarity``:
         for ``cosine`` (the paper's) the instructions' embeddings come from :attr:`embedding_cache` when
-        there is one; ones in mode ``none`` (``sim`` unused) and without prefixes (the in-context baseline
-        never re-weights)."""
+        there is one, and the questions' from ``encoded`` (their memory searches' ``EncodedQueries``, one per
+        question) when every one is given and made by this wrapper's encoder; ones in mode ``none`` (``sim``
+        unused) and without prefixes (the in-context baseline never re-weights)."""
         if self.mode == "none" or not self.use_prefixes:
             return torch.ones(len(questions), dtype=torch.float32)
         if self.similarity == "cosine" and self.embedding_cache is not None:
-            return self.embedding_cache.similarity(self.encoder, questions, instructions)
+            vectors = None
+            if encoded is not None and questions and all(e is not None and e.encoder is self.encoder for e in encoded):
+                vectors = torch.cat([e.vectors for e in encoded])
+            return self.embedding_cache.similarity(self.encoder, questions, instructions, question_vectors=vectors)
         return pair_similarity(self.encoder, questions, instructions, subjects, self.similarity)
 
     def _rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -444,7 +463,7 @@ class InstructedLM(nn.Module):
 
     def build(self, rows: Sequence[Sequence[int]], selections: Sequence[Selection | None]) -> InstructedBatch:
         """Instructed sequences (template + row ids; plain rows stay as they are), left-padded."""
-        seqs, spans, starts, questions, instructions, subjects, which = [], [], [], [], [], [], []
+        seqs, spans, starts, questions, instructions, subjects, encoded, which = [], [], [], [], [], [], [], []
         for i, (row, sel) in enumerate(zip(rows, selections)):
             if sel is None:
                 seqs.append(list(row))
@@ -458,11 +477,12 @@ class InstructedLM(nn.Module):
             questions.append(sel.question)
             instructions.append(sel.instruction)
             subjects.append(sel.subject)
+            encoded.append(sel.encoded)
             which.append(i)
         ids, mask, pads = pad_left(seqs, self.pad_id, self.device)
         sim = torch.ones(len(rows), dtype=torch.float32)
         if which:
-            sim[which] = self.similarities(questions, instructions, subjects)
+            sim[which] = self.similarities(questions, instructions, subjects, encoded)
         use_prefix = torch.tensor([s is not None for s in spans], dtype=torch.bool)
         spans = [None if s is None else (s[0] + p, s[1] + p) for s, p in zip(spans, pads)]
         return InstructedBatch(ids, mask, spans, sim, use_prefix, [s + p for s, p in zip(starts, pads)])
@@ -539,7 +559,8 @@ class InstructedLM(nn.Module):
         entries, tails = [], []
         questions = [selections[i].question for i in chosen]
         instructions = [selections[i].instruction for i in chosen]
-        sim = self.similarities(questions, instructions, [selections[i].subject for i in chosen])
+        sim = self.similarities(questions, instructions, [selections[i].subject for i in chosen],
+                                [selections[i].encoded for i in chosen])
         with self.activated():
             for i in chosen:
                 encoded = self.template.encode_instruction(selections[i].instruction)

@@ -176,7 +176,8 @@ class InstructedHandle:
         base_implementation: the model's attention implementation before attaching (restored on detach).
     """
 
-    def __init__(self, model: nn.Module, bank: PrefixBank, modules: dict[int, nn.Module], mode: str, base_implementation: str):
+    def __init__(self, model: nn.Module, bank: PrefixBank, modules: dict[int, nn.Module], mode: str, base_implementation: str,
+                 prefix_memo: dict | None = None):
         self.model = model
         self.bank = bank
         self.layers: tuple[int, ...] = bank.layers
@@ -187,7 +188,7 @@ class InstructedHandle:
         self.attached = False
         self._modules = modules
         self._frozen: list[tuple[nn.Parameter, bool]] = []
-        self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {} if prefix_memo is None else prefix_memo
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -250,7 +251,7 @@ class InstructedHandle:
         for param, flag in self._frozen:
             param.requires_grad_(flag)
         self._frozen = []
-        self._kv_cache.clear()
+        self._kv_cache = {}  # a caller's prefix_memo keeps its entries for the next attachment
         self.attached = False
 
     def __enter__(self) -> "InstructedHandle":
@@ -282,6 +283,7 @@ def attach_instructed(
     bank: PrefixBank | None = None,
     init_std: float = 0.02,
     freeze: bool = True,
+    prefix_memo: dict | None = None,
 ) -> InstructedHandle:
     """Install InstructEd attention on ``model`` and return its :class:`InstructedHandle`.
 
@@ -295,6 +297,10 @@ def attach_instructed(
         bank: an existing :class:`PrefixBank` (e.g. trained earlier) instead of a new one.
         init_std: initialisation std of a new bank.
         freeze: set ``requires_grad=False`` on every model parameter (restored on detach).
+        prefix_memo: a dict, owned by the caller, in which the handle memoises the prefix keys/values
+            (:meth:`InstructedHandle.prefix_key_value`); passing the same dict to every attachment of the same
+            model and bank (as ``InstructedLM`` does per call) skips re-projecting the prefixes each time. Its
+            entries are checked against the same version counters, so a changed bank or layer recomputes them.
     """
     if get_instructed_handle(model) is not None:
         raise PluginError("InstructEd is already attached to this model; call detach() on its handle first")
@@ -334,7 +340,7 @@ def attach_instructed(
     base = model.config._attn_implementation or "sdpa"
     if base == INSTRUCTED_ATTENTION:
         base = "sdpa"
-    handle = InstructedHandle(model, bank, modules, mode, base)
+    handle = InstructedHandle(model, bank, modules, mode, base, prefix_memo)
     if freeze:
         handle._frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in handle._frozen:

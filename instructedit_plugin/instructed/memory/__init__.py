@@ -22,12 +22,13 @@ from .chains import (
 from .gate import DEFAULT_GATE, DEFAULT_TOP_K, StdGate, gate_spread
 from .index import DEFAULT_FAISS_THRESHOLD, INDEX_KINDS, recall_at_1
 from .persistence import MEMORY_FORMAT, MEMORY_FORMAT_VERSION, EncoderMismatchError, MemoryFormatError
-from .store import InstructionMemory, SelectedInstruction, TextEncoder
+from .store import EncodedQueries, InstructionMemory, SelectedInstruction, TextEncoder
 
 __all__ = [
     "DEFAULT_FAISS_THRESHOLD",
     "DEFAULT_GATE",
     "DEFAULT_TOP_K",
+    "EncodedQueries",
     "INDEX_KINDS",
     "RETRIEVALS",
     "MEMORY_FORMAT",

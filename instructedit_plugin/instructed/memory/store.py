@@ -38,7 +38,7 @@ from . import persistence
 from .gate import DEFAULT_GATE, DEFAULT_TOP_K, StdGate
 from .index import DEFAULT_FAISS_THRESHOLD, check_kind, faiss_module, make_index
 
-__all__ = ["InstructionMemory", "SelectedInstruction", "TextEncoder"]
+__all__ = ["EncodedQueries", "InstructionMemory", "SelectedInstruction", "TextEncoder"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Constructor options that no longer exist, with what to do instead.
@@ -48,6 +48,29 @@ _REMOVED_OPTIONS = {
     "use_faiss": "the index is now chosen by name. Fix: pass index='flat' instead of use_faiss=True "
                  "(or leave index='auto')",
 }
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedQueries:
+    """Query texts embedded once by a memory's encoder (:meth:`InstructionMemory.encode_queries`).
+
+    Pass it to :meth:`~InstructionMemory.search` / :meth:`~InstructionMemory.select` /
+    :meth:`~InstructionMemory.select_many` instead of the texts (the search is the same, bit for bit, as
+    with the texts), and reuse :attr:`vectors` elsewhere -- InstructEd's ``sim`` takes the question's
+    embedding from the search instead of encoding the question a second time.
+    """
+
+    vectors: torch.Tensor  # [q, dim]: the encoder's ``encode`` rows for the texts (unit rows for SentenceEncoder)
+    norms: torch.Tensor | None  # [q]: norms before the encoder's own normalisation, when it reports them
+    encoder: Any  # the encoder that made them
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def row(self, i: int) -> EncodedQueries:
+        """The ``i``-th query alone."""
+        return EncodedQueries(self.vectors[i : i + 1], None if self.norms is None else self.norms[i : i + 1],
+                              self.encoder)
 
 
 @runtime_checkable
@@ -364,22 +387,32 @@ class InstructionMemory:
             return with_norms(texts)
         return self.encoder.encode(texts), None
 
-    def _queries(self, queries: Sequence[str] | str | torch.Tensor) -> torch.Tensor:
+    def _queries(self, queries: Sequence[str] | str | torch.Tensor | EncodedQueries) -> torch.Tensor:
         return self._queries_with_norms(queries)[0]
 
-    def _queries_with_norms(self, queries: Sequence[str] | str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_queries(self, queries: Sequence[str] | str) -> EncodedQueries:
+        """``queries`` embedded by this memory's encoder in one call, for :meth:`search` / :meth:`select` and
+        for reuse (see :class:`EncodedQueries`)."""
+        if isinstance(queries, str):
+            queries = [queries]
+        texts = check_texts(queries, "queries")
+        if self.encoder is None:
+            raise PluginError("search(): this memory has no encoder; pass query embeddings as a tensor")
+        if not texts:
+            return EncodedQueries(torch.zeros(0, self._dim or 0), torch.zeros(0), self.encoder)
+        vectors, norms = self._encode(texts)
+        return EncodedQueries(vectors, norms, self.encoder)
+
+    def _queries_with_norms(self, queries: Sequence[str] | str | torch.Tensor | EncodedQueries
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit query vectors ``[q, dim]`` and the norms ``[q]`` of the unnormalised ones."""
         if isinstance(queries, torch.Tensor):
             raw, norms = queries, None
         else:
-            if isinstance(queries, str):
-                queries = [queries]
-            texts = check_texts(queries, "queries")
-            if self.encoder is None:
-                raise PluginError("search(): this memory has no encoder; pass query embeddings as a tensor")
-            if not texts:
+            encoded = queries if isinstance(queries, EncodedQueries) else self.encode_queries(queries)
+            if len(encoded) == 0:
                 return torch.zeros(0, self._dim or 0), torch.zeros(0)
-            raw, norms = self._encode(texts)
+            raw, norms = encoded.vectors, encoded.norms
         unit = self._as_vectors(raw, "queries")
         if norms is None:
             norms = raw.detach().to("cpu", torch.float32).reshape(unit.shape).norm(dim=1)
@@ -390,12 +423,13 @@ class InstructionMemory:
             self._ids_tensor = torch.tensor(self._ids, dtype=torch.long)
         return self._ids_tensor
 
-    def search(self, queries: Sequence[str] | str | torch.Tensor, k: int = DEFAULT_TOP_K
+    def search(self, queries: Sequence[str] | str | torch.Tensor | EncodedQueries, k: int = DEFAULT_TOP_K
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` cosine search for a batch of queries (exact unless ``index="ivf"``).
 
-        ``queries``: texts (embedded by one encoder call) or a tensor ``[q, dim]``
-        / ``[dim]`` (L2-normalised here). Returns ``(scores, ids)``, float32 and
+        ``queries``: texts (embedded by one encoder call), the :class:`EncodedQueries` of
+        :meth:`encode_queries` (not embedded again) or a tensor ``[q, dim]`` / ``[dim]``
+        (L2-normalised here). Returns ``(scores, ids)``, float32 and
         int64, both ``[q, min(k, len(self))]``, best first.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -408,7 +442,7 @@ class InstructionMemory:
         return scores, self._id_map()[rows]
 
     # ------------------------------------------------------------------ selection (the gate)
-    def select(self, query: str | torch.Tensor, gate: float | None | StdGate = DEFAULT_GATE,
+    def select(self, query: str | torch.Tensor | EncodedQueries, gate: float | None | StdGate = DEFAULT_GATE,
                top_k: int = DEFAULT_TOP_K, *, exclude: Iterable[int] = (), pad_score: float | None = 0.0,
                unbiased: bool = False, score: str = "cosine") -> SelectedInstruction | None:
         """The top-1 instruction for ``query`` if the gate opens, else None (answer unedited).
@@ -421,10 +455,13 @@ class InstructionMemory:
         """
         if isinstance(query, torch.Tensor) and query.dim() == 2 and query.shape[0] != 1:
             raise RequestError("select(): one query at a time; use select_many() for a batch")
+        if isinstance(query, EncodedQueries) and len(query) != 1:
+            raise RequestError(f"select(): one query at a time, got {len(query)} encoded queries. "
+                               "Fix: use select_many() for a batch, or pass encoded.row(i)")
         return self.select_many([query] if isinstance(query, str) else query, gate, top_k,
                                 exclude=[exclude], pad_score=pad_score, unbiased=unbiased, score=score)[0]
 
-    def select_many(self, queries: Sequence[str] | torch.Tensor, gate: float | None | StdGate = DEFAULT_GATE,
+    def select_many(self, queries: Sequence[str] | torch.Tensor | EncodedQueries, gate: float | None | StdGate = DEFAULT_GATE,
                     top_k: int = DEFAULT_TOP_K, *, exclude: Sequence[Iterable[int]] | None = None,
                     pad_score: float | None = 0.0, unbiased: bool = False, score: str = "cosine"
                     ) -> list[SelectedInstruction | None]:
@@ -450,7 +487,7 @@ class InstructionMemory:
             ))
         return out
 
-    def gate_spreads(self, queries: Sequence[str] | torch.Tensor, gate: StdGate) -> tuple[list[float], list[int | None]]:
+    def gate_spreads(self, queries: Sequence[str] | torch.Tensor | EncodedQueries, gate: StdGate) -> tuple[list[float], list[int | None]]:
         """The gate statistic of ``gate`` (its threshold unused) and the top-1 id for each query (one batch)."""
         spreads, top1 = [], []
         for item_id, top in self.candidates(queries, gate):
@@ -458,7 +495,7 @@ class InstructionMemory:
             top1.append(item_id)
         return spreads, top1
 
-    def candidates(self, queries: Sequence[str] | torch.Tensor, gate: StdGate, *,
+    def candidates(self, queries: Sequence[str] | torch.Tensor | EncodedQueries, gate: StdGate, *,
                    exclude: Sequence[Iterable[int]] | None = None) -> list[tuple[int | None, torch.Tensor]]:
         """For each query: the top-1 id and the (at most ``gate.top_k``) best scores the gate measures, best first.
 
