@@ -95,6 +95,7 @@ __all__ = [
     "instruction_for",
     "left_pad",
     "prepare_test_requests",
+    "record_values",
     "result_sections",
     "results_markdown",
     "sentiment_table",
@@ -582,7 +583,7 @@ def evaluate_instructedit(
 
     Returns ``{"tasks": {task: {method: summary}}, "unseen_instruction": {task:
     {method: summary}}, "latency": {method: {"edit_ms"}}, "n_edits": {task: n},
-    "metric_backend", "notes", ["records"]}``; a summary holds Rel/Gen/Loc/Por
+    "metric_backend", "notes", ["records", "edit_seconds"]}``; a summary holds Rel/Gen/Loc/Por
     (percent, None where the data has none), Score, H, n_edits, edit_ms and, for
     ConvSent, ``sentiment`` (with ``fluency_tokens`` > 0: Fluency of generated replies;
     ``sentiment_classifier``: texts -> labels, the share of replies of the target sentiment).
@@ -592,6 +593,10 @@ def evaluate_instructedit(
     several styles: the first fills ``tasks``/``unseen_instruction``, each other style
     ``<section>_<style>_inputs`` for the methods that edit with an instruction (the others
     score plain inputs in every style). Task names may be aliases (``wikirecent``).
+
+    ``keep_records``: also ``records`` (``{section: {task: {method: [per-edit record]}}}`` for every
+    section, other metric inputs included; :func:`record_values` reads one) and ``edit_seconds``
+    (``{method: [seconds per edit]}``, seen-instruction edits in task order, what ``latency`` is the median of).
     """
     if not isinstance(methods, Mapping):
         methods = {m.name: m for m in methods}
@@ -628,6 +633,8 @@ def evaluate_instructedit(
                     lat.append(seconds)
                 for style in method_styles[1:]:
                     results.setdefault(f"{section}_{style}_inputs", {}).setdefault(task, {})[name] = _summary(recs[style], lat)
+                    if keep_records:
+                        records_out.setdefault(f"{section}_{style}_inputs", {}).setdefault(task, {})[name] = recs[style]
                 recs = recs[method_styles[0]]
                 results[section].setdefault(task, {})[name] = _summary(recs, lat)
                 if section == "tasks":
@@ -659,7 +666,36 @@ def evaluate_instructedit(
     }
     if keep_records:
         results["records"] = records_out
+        results["edit_seconds"] = {name: list(v) for name, v in all_latency.items()}
     return results
+
+
+#: per-edit ConvSent values :func:`record_values` reads (``flipped``: 1 when the edit turned a failure into success)
+SENTIMENT_VALUES = ("success_pre", "success_post", "margin_pre", "margin_post", "flipped", "es",
+                    "fluency_pre", "fluency_post", "classifier_success")
+
+
+def record_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One edit's figures, from its record (``keep_records``): Rel/Gen/Loc/Por in [0, 1] (None where not
+    measured, as :func:`~instructedit_plugin.evaluation.summary.edit_metrics` reads them) and, for a ConvSent
+    record scored before and after the edit, ``sentiment``: ``SENTIMENT_VALUES`` (success/flipped 0 or 1,
+    margins, ES in [0, 1], Fluency; None where not measured). Averaging these over records gives the
+    summaries of :func:`evaluate_instructedit` (``summarize_metrics``, ``summarize_sentiment``)."""
+    from ..evaluation.summary import edit_metrics
+
+    out: dict[str, Any] = dict(edit_metrics(record.get("post") or {}, record.get("pre")))
+    pre, post = (record.get("pre") or {}).get("sentiment"), (record.get("post") or {}).get("sentiment")
+    if pre is not None and post is not None:
+        out["sentiment"] = {
+            "success_pre": float(pre["success"]), "success_post": float(post["success"]),
+            "margin_pre": float(pre["margin"]), "margin_post": float(post["margin"]),
+            "flipped": 1.0 if pre["success"] == 0 and post["success"] == 1 else 0.0,
+            "es": None if post.get("es") is None else float(post["es"]),
+            "fluency_pre": None if pre.get("fluency") is None else float(pre["fluency"]),
+            "fluency_post": None if post.get("fluency") is None else float(post["fluency"]),
+            "classifier_success": None if post.get("classifier_success") is None else float(post["classifier_success"]),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------- reports
