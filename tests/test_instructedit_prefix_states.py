@@ -149,5 +149,6 @@ def test_latency_benchmark_times_three_methods_on_the_same_edits(tiny_gemma3_dir
         for clock, (ratio, lo, hi) in clocks.items():
             assert lo <= ratio <= hi and ratio > 0, (name, clock)
     # the figures are recomputable from the per-edit times in the JSON, and the markdown is their render
-    assert bench.latency_figures(out["per_edit"], 200, 0) == (out["latency"], out["ratios"])
+    assert bench.latency_figures(out["per_edit"], 200, 0, out["cache"]["hit"]) == (out["latency"], out["ratios"])
+    assert len(out["cache"]["hit"]) == n and sum(out["cache"]["hit"]) == out["cache"]["hits"]
     assert out_json.with_suffix(".md").read_text() == bench.render_markdown(out)
