@@ -15,7 +15,8 @@ Each timed unit is :meth:`~instructedit_plugin.instructedit.evaluate.EditEvaluat
 editor's trained values, so the editor is the untrained network unless ``--archive`` names a checkpoint.
 Reported: the median wall time and the median CPU time of the editing thread per method, each with a 95%
 bootstrap interval over edits, the ratios of the medians to MEND (edits resampled in pairs), the largest
-difference between cached and uncached new weights (relative to the update), and the cache's hits.
+difference between the cached and uncached edits' float32 updates (relative to the update; with a bfloat16
+model also on a float32 copy, ``--check_float32``, beside the bfloat16 rounding), and the cache's hits.
 Writes ``benchmarks/results/instructedit_latency.json`` and ``.md`` (rendered from the JSON alone).
 
 Run from the repository root::
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model_dir", default=None, help="a local causal LM instead of the embedded Gemma-3-270M (tests)")
+    p.add_argument("--check_float32", type=int, default=5,
+                   help="with a lower-precision --dtype: repeat the first N edits on a float32 copy (exactness of the "
+                        "cache there, and the dtype's own rounding); 0: skip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples of each 95%% interval")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_latency.json"))
@@ -132,11 +136,18 @@ def render_markdown(out: dict) -> str:
               f"{tokens['prefix']}",
               f"- cache: {cache['entries']} instructions, {cache['hits']} hits, {cache['misses']} misses (a miss computes "
               "the instruction's lower-layer states); median of the cached edits: "
-              + "; ".join(f"{kind}s {cache[kind + '_median']['wall_ms']:.1f} ms wall, {cache[kind + '_median']['cpu_ms']:.1f} "
-                          "ms CPU" for kind in ("hit", "miss") if cache.get(kind + "_median"))
+              + "; ".join(f"{label} {cache[kind + '_median']['wall_ms']:.1f} ms wall, {cache[kind + '_median']['cpu_ms']:.1f} "
+                          "ms CPU" for kind, label in (("hit", "hits"), ("miss", "misses")) if cache.get(kind + "_median"))
               + f" (MEND {out['latency']['mend']['wall_ms'][0]:.1f} / {out['latency']['mend']['cpu_ms'][0]:.1f} ms)",
               f"- exactness: largest |cached - uncached| of the editor's float32 update (before the cast to the model's "
               f"dtype), relative to the largest update entry: {exact['max_relative_gap']:.2e} over {exact['n']} edits"]
+    check = exact.get("float32_check")
+    if check:
+        dtype_key = next(k for k in check if k.endswith("_uncached_vs_float32"))
+        lines.append(f"- the first {check['n']} edits again on a float32 copy of the model: cached vs uncached "
+                     f"{check['float32_cached_vs_uncached']:.2e} (the cache is exact); {dtype_key.split('_')[0]} uncached vs "
+                     f"float32 uncached {check[dtype_key]:.2e} (the size of {dtype_key.split('_')[0]} rounding, the scale "
+                     "of the gap above)")
     lines += notes_lines(out)
     return "\n".join(lines) + "\n"
 
@@ -144,6 +155,30 @@ def render_markdown(out: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
+def editor_updates(model, tok, editor, cache, prompt: str, target: str, instruction: str, max_length: int = 96):
+    """The editor's float32 updates (``capture`` of ``compute_edited_weights``, before the cast to the model's
+    dtype) for one edit, without and with the instruction-prefix cache."""
+    from instructedit_plugin.instructedit.dataset import encode_pairs
+    from instructedit_plugin.instructedit.editable import compute_edited_weights
+    from instructedit_plugin.instructedit.prefix_states import common_prefix_length
+
+    batch = encode_pairs(tok, [(prompt, target)], max_length)
+    prefix_ids = tok(instruction)["input_ids"]
+    k = min(common_prefix_length(batch["input_ids"][0].tolist(), prefix_ids), len(prefix_ids) - 1,
+            batch["input_ids"].shape[1] - 1)  # as EditEvaluator.edit_weights
+    without, with_cache = {}, {}
+    compute_edited_weights(model, editor.hypernet, editor.edit_lrs, editor.specs, batch, sparse_logits=True,
+                           capture=without)
+    compute_edited_weights(model, editor.hypernet, editor.edit_lrs, editor.specs, batch, sparse_logits=True,
+                           capture=with_cache, prefix_cache=cache, prefix_len=k)
+    return without, with_cache
+
+
+def relative_gap(a: dict, b: dict) -> float:
+    """Largest ``|a - b|`` over the weights, relative to the largest entry of ``b``."""
+    return max(float((a[n].float() - b[n].float()).abs().max() / b[n].float().abs().max().clamp_min(1e-30)) for n in b)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
@@ -161,6 +196,7 @@ def main(argv=None) -> int:
     from instructedit_plugin.instructedit.editable import InstructEditModel
     from instructedit_plugin.instructedit.evaluate import EditEvaluator, instruction_for
     from instructedit_plugin.instructedit.instructedit_main import LoadedEditor
+    from instructedit_plugin.instructedit.prefix_states import PrefixStateCache
     from instructedit_plugin.instructions import load_instructions
     from instructedit_plugin.models.embedded import embedded_model_dir
     from instructedit_plugin.models.loading import load_causal_lm
@@ -210,20 +246,8 @@ def main(argv=None) -> int:
     def update_gap(prompt, target, instruction):
         """Largest difference of the editor's float32 updates (before the cast to the model's dtype) with and
         without the cache, relative to the largest update entry (not timed)."""
-        from instructedit_plugin.instructedit.dataset import encode_pairs
-        from instructedit_plugin.instructedit.editable import compute_edited_weights
-        from instructedit_plugin.instructedit.prefix_states import common_prefix_length
-
-        batch = encode_pairs(tok, [(prompt, target)], cached_eval.max_length)
-        k = min(common_prefix_length(batch["input_ids"][0].tolist(), tok(instruction)["input_ids"]),
-                batch["input_ids"].shape[1] - 1)
-        with_cache, without = {}, {}
-        compute_edited_weights(model, editor.hypernet, editor.edit_lrs, editor.specs, batch, sparse_logits=True,
-                               capture=without)
-        compute_edited_weights(model, editor.hypernet, editor.edit_lrs, editor.specs, batch, sparse_logits=True,
-                               capture=with_cache, prefix_cache=cache, prefix_len=k)
-        return max(float((with_cache[n] - without[n]).abs().max() / without[n].abs().max().clamp_min(1e-30))
-                   for n in without)
+        without, with_cache = editor_updates(model, tok, editor, cache, prompt, target, instruction)
+        return relative_gap(with_cache, without)
     for r, prompt, instr in tqdm(inputs, desc="edits", unit="record"):
         _, wall, cpu = timed(plain_eval, r["prompt"], r["target_new"], None)
         per_edit["mend"]["wall_ms"].append(wall)
@@ -237,6 +261,21 @@ def main(argv=None) -> int:
         per_edit["instructedit_cached"]["cpu_ms"].append(cpu)
         hit_flags.append(cache.hits > hits)
         gaps.append(update_gap(prompt, r["target_new"], instr))
+    float32_check = None
+    if args.check_float32 and args.dtype != "float32":
+        # the same edits on a float32 copy: exact there, and the model dtype's own rounding (uncached, vs float32)
+        model32, _ = load_causal_lm(model_dir, dtype="float32")
+        model32.eval()
+        cache32 = PrefixStateCache(model32, cache.first_layer)
+        fp32_gaps, dtype_gaps = [], []
+        for r, prompt, instr in inputs[: args.check_float32]:
+            plain32, cached32 = editor_updates(model32, tok, editor, cache32, prompt, r["target_new"], instr)
+            plain, _ = editor_updates(model, tok, editor, cache, prompt, r["target_new"], instr)
+            fp32_gaps.append(relative_gap(cached32, plain32))
+            dtype_gaps.append(relative_gap(plain, plain32))
+        del model32
+        float32_check = {"n": len(fp32_gaps), "float32_cached_vs_uncached": max(fp32_gaps),
+                         f"{args.dtype}_uncached_vs_float32": max(dtype_gaps)}
     per_edit = {m: {c: [round(x, 3) for x in v] for c, v in clocks.items()} for m, clocks in per_edit.items()}
     latency, ratios = latency_figures(per_edit, args.bootstrap, args.seed, hit_flags)  # from the values the JSON keeps
     lengths = {"plain": [len(tok(r["prompt"] + " " + r["target_new"])["input_ids"]) for r, _, _ in inputs],
@@ -254,7 +293,7 @@ def main(argv=None) -> int:
                                                                                      hit_flags) if h == want), 2)
                                         for c in CLOCKS} for kind, want in (("hit", True), ("miss", False))
                      if want in hit_flags}},
-        "exactness": {"max_relative_gap": max(gaps), "n": len(gaps)},
+        "exactness": {"max_relative_gap": max(gaps), "n": len(gaps), **({"float32_check": float32_check} if float32_check else {})},
         "edit_tokens": {k: statistics.median(v) for k, v in lengths.items()},
     }
     md = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)

@@ -449,8 +449,11 @@ class EditEvaluator:
         if cache is not None:
             if instruction not in self._prefix_ids:
                 self._prefix_ids[instruction] = self.tok(instruction, add_special_tokens=True)["input_ids"]
-            prefix_len = common_prefix_length(batch["input_ids"][0].tolist(), self._prefix_ids[instruction])
-            prefix_len = min(prefix_len, batch["input_ids"].shape[1] - 1)
+            prefix_ids = self._prefix_ids[instruction]
+            # the instruction's last token ("Input: " ends in a space) may or may not merge with the input's first
+            # word: leave it out, so that every edit with this instruction finds the same cache entry
+            prefix_len = min(common_prefix_length(batch["input_ids"][0].tolist(), prefix_ids), len(prefix_ids) - 1,
+                             batch["input_ids"].shape[1] - 1)
         was_training = self.model.training
         self.model.eval()
         try:
