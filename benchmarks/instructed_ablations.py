@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import random
 import statistics
 import sys
 import time
@@ -55,7 +54,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results, setup_logging  # noqa: E402
+from benchmarks.results_io import (  # noqa: E402
+    command_line, figures_with_ci, notes_lines, read_notes, render_saved, setup_logging, today, write_results,
+)
 
 LOG = logging.getLogger("instructed_ablations")
 SCRIPT = "benchmarks/instructed_ablations.py"
@@ -193,38 +194,20 @@ def _summary(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
 
 def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
     """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
-    (records resampled with replacement; Score and H recomputed on each resample)."""
-    point = _summary(rows)
-    rng = random.Random(seed)
-    draws: dict[str, list[float]] = {k: [] for k in METRICS}
-    for _ in range(resamples if rows else 0):
-        sample = _summary([rows[rng.randrange(len(rows))] for _ in rows])
-        for k in METRICS:
-            if sample[k] is not None:
-                draws[k].append(sample[k])
-    out = {}
-    for k in METRICS:
-        if point[k] is None:
-            out[k] = None
-            continue
-        d = sorted(draws[k])
-        low, high = (d[int(0.025 * (len(d) - 1))], d[int(round(0.975 * (len(d) - 1)))]) if d else (point[k], point[k])
-        out[k] = [round(point[k], 2), round(low, 2), round(high, 2)]
-    return out
+    (:func:`benchmarks.results_io.figures_with_ci`: Score and H recomputed on each resample)."""
+    if not rows:
+        point = _summary(rows)
+        return {k: None if point[k] is None else [round(point[k], 2)] * 3 for k in METRICS}
+    return figures_with_ci(rows, _summary, resamples, seed, digits=2)
 
 
 def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:
     """``[median(edited) / median(base), low, high]``: the query-cost ratio and its 95% bootstrap interval
-    (the timed inputs resampled in pairs)."""
-    rng = random.Random(seed)
-    ratio = statistics.median(edited) / statistics.median(base)
-    draws = []
-    for _ in range(resamples):
-        idx = [rng.randrange(len(base)) for _ in base]
-        draws.append(statistics.median(edited[i] for i in idx) / statistics.median(base[i] for i in idx))
-    draws.sort()
-    return [round(ratio, 3), round(draws[int(0.025 * (len(draws) - 1))], 3),
-            round(draws[int(round(0.975 * (len(draws) - 1)))], 3)]
+    (the timed inputs resampled in pairs, :func:`benchmarks.results_io.figures_with_ci`)."""
+    def ratio(pairs):
+        return {"ratio": statistics.median(e for _, e in pairs) / statistics.median(b for b, _ in pairs)}
+
+    return figures_with_ci(list(zip(base, edited)), ratio, resamples, seed, digits=3)["ratio"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import (  # noqa: E402
-    command_line, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
+    command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_knowedit")
@@ -106,7 +105,7 @@ def _mean(values):
 
 def summarize(records: list[list[float | None]], resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Means (percent) of Rel/Gen/Loc/Por over records, H of them, and 95% percentile-bootstrap intervals
-    (records resampled with replacement; H's interval is H of each resample's means)."""
+    (:func:`benchmarks.results_io.figures_with_ci`; H's interval is H of each resample's means)."""
     from instructedit_plugin.evaluation.summary import harmonic_mean
 
     def figures(rows):
@@ -119,20 +118,8 @@ def summarize(records: list[list[float | None]], resamples: int = BOOTSTRAP, see
     out = {k: (round(100 * v, 1) if v is not None else None) for k, v in point.items()}
     if not records or resamples <= 0:
         return {**out, "ci": {}, "n": len(records)}
-    rng = random.Random(seed)
-    draws = {k: [] for k in point}
-    for _ in range(resamples):
-        sample = figures([records[rng.randrange(len(records))] for _ in records])
-        for k, v in sample.items():
-            if v is not None:
-                draws[k].append(v)
-    ci = {}
-    for k, vals in draws.items():
-        if point[k] is None or not vals:
-            continue
-        vals.sort()
-        lo, hi = vals[int(0.025 * (len(vals) - 1))], vals[int(round(0.975 * (len(vals) - 1)))]
-        ci[k] = [round(100 * lo, 1), round(100 * hi, 1)]
+    with_ci = figures_with_ci(records, figures, resamples, seed)
+    ci = {k: [round(100 * v[1], 1), round(100 * v[2], 1)] for k, v in with_ci.items() if v is not None}
     return {**out, "ci": ci, "n": len(records)}
 
 

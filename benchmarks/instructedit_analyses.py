@@ -57,7 +57,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import command_line, notes_lines, read_notes, today, write_results  # noqa: E402
+from benchmarks.results_io import (  # noqa: E402
+    bootstrap_ci, command_line, notes_lines, read_notes, today, write_results,
+)
 
 LOG = logging.getLogger("instructedit_analyses")
 SCRIPT = "benchmarks/instructedit_analyses.py"
@@ -213,21 +215,6 @@ def load_analysis_data(args: argparse.Namespace) -> tuple[dict[str, list], dict[
 # ----------------------------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------------------------
-def bootstrap_ci(values: Sequence[float], resamples: int, seed: int, statistic=None) -> list[float] | None:
-    """95% percentile bootstrap interval of the mean (or ``statistic``) of ``values`` (scipy)."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    x = np.asarray([v for v in values if v is not None], dtype=float)
-    if len(x) < 2:
-        return None
-    if np.all(x == x[0]):
-        return [float(x[0]), float(x[0])]
-    res = bootstrap((x,), statistic or np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-
-
 def metric_cell(records: Sequence[Mapping[str, Any]], resamples: int, seed: int) -> dict[str, Any]:
     """Rel/Gen/Loc/Por in percent with 95% bootstrap intervals over edits, from per-edit records."""
     from instructedit_plugin.evaluation.summary import edit_metrics
@@ -453,7 +440,7 @@ def update_norms(ctx: Context, archive: Any, tasks: Mapping[str, Sequence], inst
             norms.append(math.sqrt(sum(float((v.float() - params[k].detach().float()).pow(2).sum()) for k, v in new.items())))
             del new
         out[task] = {"mean": round(sum(norms) / len(norms), 6),
-                     "ci": [round(x, 6) for x in bootstrap_ci(norms, ctx.args.bootstrap, ctx.args.seed) or []] or None,
+                     "ci": [round(x, 6) for x in bootstrap_ci(norms, ctx.args.bootstrap, ctx.args.seed)],
                      "n": len(norms)}
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -520,7 +507,7 @@ def separation(vectors, labels: Sequence[str], resamples: int, seed: int) -> dic
     for t in sorted(set(labels)):
         vals = [float(v) for v, lab in zip(per_edit, labels) if lab == t]
         ci = bootstrap_ci(vals, resamples, seed)
-        by_task[t] = {"mean": round(sum(vals) / len(vals), 4), "ci": None if ci is None else [round(x, 4) for x in ci]}
+        by_task[t] = {"mean": round(sum(vals) / len(vals), 4), "ci": [round(x, 4) for x in ci]}
     ci = bootstrap_ci(per_edit.tolist(), resamples, seed)
     n = len(labels)
     perplexity = float(max(2.0, min(30.0, (n - 1) / 3.0)))

@@ -31,7 +31,12 @@ the first ``--n_test`` records of each test file (CounterFact: KnowEdit
 on; ConvSent: ``blender_test``; hold-out ZsRE: ``zsre_mend_eval_portability_gpt4``)
 and writes ``benchmarks/results/instructedit_cpu.json`` (everything the report shows, the command
 and, with ``--notes``, the notes file's text) and ``.md``, rendered from the JSON alone (see
-``benchmarks/results_io.py``).
+``benchmarks/results_io.py``). Every figure (Rel/Gen/Loc/Por/Score of every table, the ConvSent
+sentiment and Fluency figures, the median edit latency and the InstructEdit/MEND latency ratio) carries
+a 95% percentile-bootstrap interval over the edited records (``--bootstrap`` resamples, seeded by
+``--seed``; :func:`benchmarks.results_io.figures_with_ci`); the per-edit values they are computed from
+are kept in the JSON (``records``, ``edit_ms_per_edit``), so :func:`cell_from_columns` recomputes each
+cell from them alone.
 
 Run from the repository root::
 
@@ -53,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    command_line, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
+    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, merged_runs_lines, notes_lines, read_notes,
+    render_saved, today, write_results,
 )
 
 LOG = logging.getLogger("instructedit_cpu")
@@ -70,6 +76,7 @@ RESULT_KEYS = frozenset({
     "eval_seconds", "wall_seconds", "protocol",  # the protocol's settings
     "tasks_plain_inputs", "unseen_instruction_plain_inputs",  # instructed methods scored on plain inputs beside
     "notes", "merged_runs",  # --notes text; other sources merged in
+    "records", "edit_ms_per_edit", "latency_ratio",  # per-edit values every interval is computed from
 })
 _UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
 #: --protocol -> the settings it stands for (each may be overridden by its own option)
@@ -140,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="editor checkpoints (default: a fresh temporary folder, outside the repository)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_cpu.json"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
+                   help="bootstrap resamples of every 95%% interval (records resampled, seeded by --seed)")
     p.add_argument("--model_dir", default=None,
                    help="another local base model folder instead of the embedded Gemma-3-270M (tests use tiny models)")
     p.add_argument("--render", action="store_true",
@@ -148,6 +157,88 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
                         "(e.g. benchmarks/notes/instructedit_cpu.md)")
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-edit values and their 95% bootstrap intervals
+# ----------------------------------------------------------------------------------------------
+#: ConvSent figures: success / flipped / ES in percent (per edit 0 or 100, ES 0-100), margins and Fluency as measured
+SENTIMENT_FIGURES = ("success_pre", "success_post", "margin_pre", "margin_post", "flipped", "es",
+                     "fluency_pre", "fluency_post")
+_PERCENT_SENTIMENT = {"success_pre", "success_post", "flipped", "es"}
+
+
+def _rounded(value, scale: float = 1.0):
+    return None if value is None else round(scale * float(value), 4)
+
+
+def record_columns(values: list[dict]) -> dict:
+    """The JSON's per-edit values of one cell (``records.<section>.<task>.<method>``) from
+    :func:`~instructedit_plugin.instructedit.evaluate.record_values` of each edit, in edit order:
+    ``{"Rel": [...], "Gen", "Loc", "Por"}`` in percent (None: not measured for that edit) and, for
+    ConvSent, ``{"sentiment": {figure: [...]}}`` (``SENTIMENT_FIGURES``)."""
+    cols: dict = {m: [_rounded(v[m], 100.0) for v in values] for m in METRICS}
+    if any(v.get("sentiment") for v in values):
+        cols["sentiment"] = {k: [_rounded((v.get("sentiment") or {}).get(k), 100.0 if k in _PERCENT_SENTIMENT else 1.0)
+                                 for v in values] for k in SENTIMENT_FIGURES}
+    return cols
+
+
+def _means(rows: list[dict], keys) -> dict:
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = math.fsum(vals) / len(vals) if vals else None
+    return out
+
+
+def metric_figures(rows: list[dict]) -> dict:
+    """Rel/Gen/Loc/Por: means over the edits that measured them; Score: the mean of those means (negatives as 0)."""
+    out = _means(rows, METRICS)
+    measured = [max(v, 0.0) for v in out.values() if v is not None]
+    out["Score"] = math.fsum(measured) / len(measured) if measured else None
+    return out
+
+
+def cell_from_columns(cols: dict, n_boot: int, seed: int) -> dict:
+    """A results cell from its per-edit values alone (``record_columns``): each figure with its 95% bootstrap
+    interval over the edits (:func:`benchmarks.results_io.figures_with_ci`; Score recomputed from each
+    resample's means). ``{"Rel", "Gen", "Loc", "Por", "Score", "ci": {figure: [low, high]}, "n"[, "sentiment"]}``."""
+    rows = [dict(zip(METRICS, vals)) for vals in zip(*(cols[m] for m in METRICS))]
+    figs = figures_with_ci(rows, metric_figures, n_boot, seed, digits=2) if rows else {}
+    cell: dict = {m: (figs[m][0] if figs.get(m) else None) for m in (*METRICS, "Score")}
+    cell["ci"] = {m: figs[m][1:] for m in (*METRICS, "Score") if figs.get(m)}
+    cell["n"] = len(rows)
+    if cols.get("sentiment"):
+        sent_rows = [dict(zip(SENTIMENT_FIGURES, vals)) for vals in zip(*(cols["sentiment"][k] for k in SENTIMENT_FIGURES))]
+        sent_rows = [r for r in sent_rows if r["success_pre"] is not None]  # scored before and after the edit
+        sfigs = figures_with_ci(sent_rows, lambda rs: _means(rs, SENTIMENT_FIGURES), n_boot, seed, digits=4) if sent_rows else {}
+        cell["sentiment"] = {k: (sfigs[k][0] if sfigs.get(k) else None) for k in SENTIMENT_FIGURES}
+        cell["sentiment"]["ci"] = {k: sfigs[k][1:] for k in SENTIMENT_FIGURES if sfigs.get(k)}
+        cell["sentiment"]["n_edits"] = len(sent_rows)
+    return cell
+
+
+def latency_figures(edit_ms: dict, n_boot: int, seed: int) -> tuple[dict, dict | None]:
+    """``({method: {"edit_ms": median, "ci": {"edit_ms": [low, high]}, "n"}}, {"instructedit/mend_multitask": ratio})``: median edit
+    latency with its 95% bootstrap interval, and the ratio of the medians ``[ratio, low, high]`` with the edits
+    resampled in pairs (both methods edit the same records in the same order)."""
+    import statistics
+
+    latency = {}
+    for method, ms in edit_ms.items():
+        if ms:
+            lo, hi = bootstrap_ci(ms, n_boot, seed, statistic=statistics.median)
+            latency[method] = {"edit_ms": round(statistics.median(ms), 2), "ci": {"edit_ms": [round(lo, 2), round(hi, 2)]},
+                               "n": len(ms)}
+    ie, mm = edit_ms.get("instructedit") or [], edit_ms.get("mend_multitask") or []
+    ratio = None
+    if ie and len(ie) == len(mm):
+        def median_ratio(pairs):
+            return {"ratio": statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)}
+
+        ratio = {"instructedit/mend_multitask": figures_with_ci(list(zip(ie, mm)), median_ratio, n_boot, seed, digits=3)["ratio"]}
+    return latency, ratio
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,24 +251,63 @@ def _fmt(value, digits: int = 1) -> str:
 
 
 def _score(cell: dict) -> float | None:
-    """InstructEd's Score: the mean of the measured metrics of a cell (as stored)."""
+    """InstructEd's Score: as stored (with its interval), else the mean of the measured metrics of a cell
+    (results written before the intervals)."""
+    if "Score" in cell:
+        return cell["Score"]
     values = [max(float(cell[m]), 0.0) for m in METRICS if cell.get(m) is not None]
     return sum(values) / len(values) if values else None
 
 
+def _with_ci(block: dict, key: str, digits: int = 2, value=None) -> str:
+    """``value [low, high]`` when ``block["ci"]`` holds the figure's 95% interval, else the value alone."""
+    value = block.get(key) if value is None else value
+    ci = (block.get("ci") or {}).get(key)
+    if value is None or not ci:
+        return _fmt(value, digits)
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _ci_text(block: dict, key: str, digits: int = 1) -> str:
+    ci = (block.get("ci") or {}).get(key)
+    return f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
+
+
 def targets(out: dict) -> list[str]:
-    """One line per target of the brief, with its figures (from the JSON)."""
-    ie, mm = out["tasks"][HOLDOUT_TASK]["instructedit"], out["tasks"][HOLDOUT_TASK]["mend_multitask"]
-    gaps = {t: (out["tasks"][t]["instructedit"]["Rel"] - out["unseen_instruction"][t]["instructedit"]["Rel"])
-            for t in TASK_ORDER if t in out["tasks"] and t in out["unseen_instruction"]}
-    lat_ratio = out["latency"]["instructedit"]["edit_ms"] / out["latency"]["mend_multitask"]["edit_ms"]
-    return [
-        (f"- hold-out ZsRE Rel: InstructEdit {ie['Rel']:.1f} vs multi-task MEND {mm['Rel']:.1f} "
-         f"(difference {ie['Rel'] - mm['Rel']:+.1f}; target >= +10): {'met' if ie['Rel'] - mm['Rel'] >= 10 else 'missed'}"),
+    """One line per target of issue #13 item 5, with its figures and 95% intervals where the JSON has them;
+    met / missed is decided on the point estimates."""
+    tasks = out["tasks"]
+    both = [t for t in TASK_ORDER if "instructedit" in tasks.get(t, {}) and "mend_multitask" in tasks.get(t, {})]
+
+    def pair(t, m):
+        ie, mm = tasks[t]["instructedit"], tasks[t]["mend_multitask"]
+        a, b = (_score(ie), _score(mm)) if m == "Score" else (ie.get(m), mm.get(m))
+        return a, b, f"{t} {_fmt(a)}{_ci_text(ie, m)} vs {_fmt(b)}{_ci_text(mm, m)}"
+
+    def line(label, m, ok):
+        rows = [pair(t, m) for t in both]
+        rows = [r for r in rows if r[0] is not None and r[1] is not None]
+        met = all(ok(a, b) for a, b, _ in rows)
+        return f"- {label}: " + "; ".join(text for _, _, text in rows) + f": {'met' if met else 'missed'}"
+
+    gaps = {t: (tasks[t]["instructedit"]["Rel"] - out["unseen_instruction"][t]["instructedit"]["Rel"])
+            for t in TASK_ORDER if t in tasks and t in (out.get("unseen_instruction") or {})}
+    lat = out.get("latency") or {}
+    lines = [
+        line("Score, InstructEdit vs multi-task MEND (target >=, every task)", "Score", lambda a, b: a >= b),
+        line("Loc (target within 5 points of MEND, every task)", "Loc", lambda a, b: a >= b - 5),
+        line("Rel (target not below MEND)", "Rel", lambda a, b: a >= b),
+        line("Gen (target not below MEND)", "Gen", lambda a, b: a >= b),
         "- seen minus unseen instruction Rel: " + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items())
         + f" (target within 5): {'met' if all(abs(g) <= 5 for g in gaps.values()) else 'missed'}",
-        f"- edit latency InstructEdit / MEND: {lat_ratio:.2f}x (target <= 1.1x): {'met' if lat_ratio <= 1.1 else 'missed'}",
     ]
+    if "instructedit" in lat and "mend_multitask" in lat:
+        ratio = (out.get("latency_ratio") or {}).get("instructedit/mend_multitask")
+        value = ratio[0] if ratio else lat["instructedit"]["edit_ms"] / lat["mend_multitask"]["edit_ms"]
+        ci = f" [{ratio[1]:.2f}, {ratio[2]:.2f}]" if ratio else ""
+        lines.append(f"- edit latency InstructEdit / MEND (medians): {value:.2f}x{ci} (target <= 1.1x): "
+                     f"{'met' if value <= 1.1 else 'missed'}")
+    return lines
 
 
 def render_markdown(out: dict) -> str:
@@ -186,7 +316,9 @@ def render_markdown(out: dict) -> str:
     lines = ["# InstructEdit CPU benchmark (Gemma-3-270M)", "",
              "Produced by `benchmarks/instructedit_cpu.py`; rendered from `instructedit_cpu.json` "
              "(`python benchmarks/instructedit_cpu.py --render`). Rel / Gen / Loc / Por in percent as the JSON stores them; "
-             "Score = their mean; n = edited records per task.", ""]
+             "Score = their mean; n = edited records per task."
+             + (f" [low, high]: 95% percentile-bootstrap interval over the edited records ({args['bootstrap']} "
+                "resamples, seeded; per-edit values in the JSON's `records`)." if out.get("records") else ""), ""]
     if out.get("protocol"):
         proto = out["protocol"]
         lines += [f"Protocol `{proto['name']}`: " + ", ".join(f"{k} {v}" for k, v in proto.items() if k != "name") + ".", ""]
@@ -196,8 +328,8 @@ def render_markdown(out: dict) -> str:
         lines += [f"## {heading}", "", "| task | method | Rel | Gen | Loc | Por | Score | n |", "|---|---|---|---|---|---|---|---|"]
         for task, per_method in out[section].items():
             for method, cell in per_method.items():
-                lines.append(f"| {task} | {method} | " + " | ".join(_fmt(cell.get(m), 2) for m in METRICS)
-                             + f" | {_fmt(_score(cell), 2)} | {n.get(task, '')} |")
+                lines.append(f"| {task} | {method} | " + " | ".join(_with_ci(cell, m) for m in METRICS)
+                             + f" | {_with_ci(cell, 'Score', value=_score(cell))} | {cell.get('n', n.get(task, ''))} |")
                 lines += paper_figures.instructedit_rows(task, method, unseen=section != "tasks")
         lines += ["", paper_figures.INSTRUCTEDIT_NOTE, ""]
     sent = [(section, method, cell["sentiment"]) for section, _ in SECTIONS
@@ -207,9 +339,9 @@ def render_markdown(out: dict) -> str:
                   "| section | method | success pre | success post | margin pre | margin post | flipped | ES | "
                   "Fluency pre | Fluency post |", "|---|---|---|---|---|---|---|---|---|---|"]
         for section, method, s in sent:
-            lines.append(f"| {section} | {method} | {_fmt(s['success_pre'])} | {_fmt(s['success_post'])} | "
-                         f"{_fmt(s['margin_pre'], 3)} | {_fmt(s['margin_post'], 3)} | {_fmt(s['flipped'])} | "
-                         f"{_fmt(s.get('es'))} | {_fmt(s.get('fluency_pre'), 2)} | {_fmt(s.get('fluency_post'), 2)} |")
+            lines.append(f"| {section} | {method} | {_with_ci(s, 'success_pre', 1)} | {_with_ci(s, 'success_post', 1)} | "
+                         f"{_with_ci(s, 'margin_pre', 3)} | {_with_ci(s, 'margin_post', 3)} | {_with_ci(s, 'flipped', 1)} | "
+                         f"{_with_ci(s, 'es', 1)} | {_with_ci(s, 'fluency_pre', 2)} | {_with_ci(s, 'fluency_post', 2)} |")
         lines.append("")
     elif sent:  # results of the earlier protocol: edits towards positive only
         lines += ["## ConvSent sentiment", "",
@@ -221,8 +353,10 @@ def render_markdown(out: dict) -> str:
         lines.append("")
     if out.get("latency"):
         lines += ["## Edit latency (median)", "", "| method | edit ms |", "|---|---|"]
-        lines += [f"| {m} | {v['edit_ms']:.1f} |" for m, v in out["latency"].items()]
+        lines += [f"| {m} | {_with_ci(v, 'edit_ms', 1)} |" for m, v in out["latency"].items()]
         lines.append("")
+        for name, (ratio, lo, hi) in (out.get("latency_ratio") or {}).items():
+            lines += [f"Median edit latency {name}: {ratio:.3f} [{lo:.3f}, {hi:.3f}] (edits resampled in pairs).", ""]
     lines += [f"- {key}: {text}" for key, text in (out.get("method_notes") or {}).items()]
     lines += ["", "## Configuration", ""]
     if out.get("command"):
@@ -362,39 +496,43 @@ def main(argv=None) -> int:
     t_eval = time.time()
     results = evaluate_instructedit(model, tok, methods, test, max_pairs=args.max_pairs, seed=args.seed,
                                     metric_inputs=protocol["metric_inputs"], fluency_tokens=protocol["fluency_tokens"],
-                                    library=library, progress=lambda line: LOG.info("%s", line))
+                                    library=library, keep_records=True, progress=lambda line: LOG.info("%s", line))
     eval_seconds = time.time() - t_eval
 
-    def cell(summary):
-        row = {m: (None if summary.get(m) is None else round(float(summary[m]), 2)) for m in METRICS}
-        if summary.get("sentiment"):
-            row["sentiment"] = {k: (v if v is None or k == "n_edits" else round(float(v), 4))
-                                for k, v in summary["sentiment"].items()}
-        return row
+    from instructedit_plugin.instructedit.evaluate import record_values
+
+    # every figure from the per-edit values the JSON keeps (``records``), so each interval is recomputable
+    records = {section: {t: {m: record_columns([record_values(r) for r in recs]) for m, recs in per_task[t].items()}
+                         for t in TASK_ORDER if t in per_task}
+               for section, per_task in results["records"].items()}
+    sections = {section: {t: {m: cell_from_columns(cols, args.bootstrap, args.seed) for m, cols in per_method.items()}
+                          for t, per_method in per_task.items()}
+                for section, per_task in records.items()}
+    edit_ms = {m: [round(1000.0 * x, 3) for x in v] for m, v in results["edit_seconds"].items()}
+    latency, latency_ratio = latency_figures(edit_ms, args.bootstrap, args.seed)
 
     out = {
         "model": f"{model_dir} ({args.dtype}, CPU)" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype}, CPU)",
         "train_steps": steps,
         "train_seconds": round(train_seconds, 1),
-        "tasks": {t: {m: cell(s) for m, s in results["tasks"].get(t, {}).items()} for t in TASK_ORDER},
-        "unseen_instruction": {t: {"instructedit": cell(results["unseen_instruction"][t]["instructedit"])}
-                               for t in TASK_ORDER if t in results["unseen_instruction"]},
-        **{section: {t: {m: cell(s) for m, s in results[section][t].items()} for t in TASK_ORDER if t in results[section]}
-           for section in ("tasks_plain_inputs", "unseen_instruction_plain_inputs") if results.get(section)},
+        **{section: sections[section] for section, _ in SECTIONS if sections.get(section)},
         "protocol": protocol,
-        "latency": {m: {"edit_ms": round(v["edit_ms"], 2)} for m, v in results["latency"].items()},
+        "latency": latency,
+        **({"latency_ratio": latency_ratio} if latency_ratio else {}),
         "n_edits": dict(results["n_edits"]),
         "method_notes": dict(results.get("notes") or {}),
         "date": today(),
         "command": command,
         "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
         "inner_params": list(cfg.inner_params),
-        "runs": {name: {"wall_s": round(r["wall_s"], 1), "seconds_per_step": round(r["seconds_per_step"], 3),
+        "runs": {name: {"steps": int(r["steps"]), "wall_s": round(r["wall_s"], 1), "seconds_per_step": round(r["seconds_per_step"], 3),
                         "tasks": list(r["tasks"])} for name, r in runs.items()},
         "train_records": {k: len(v) for k, v in train.items()},
         "test_records": {k: len(v) for k, v in test.items()},
         "eval_seconds": round(eval_seconds, 1),
         "wall_seconds": round(time.time() - t_start, 1),
+        "records": records,
+        "edit_ms_per_edit": edit_ms,
     }
     md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
     LOG.info("wrote %s and %s in %.0f s", args.out, md_path, time.time() - t_start)

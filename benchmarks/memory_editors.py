@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -52,7 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
-from benchmarks.results_io import command_line, notes_lines, read_notes, render_saved, today, write_results, setup_logging  # noqa: E402
+from benchmarks.results_io import (  # noqa: E402
+    bootstrap_ci, command_line, figures_with_ci, notes_lines, read_notes, render_saved, setup_logging, today,
+    write_results,
+)
 
 LOG = logging.getLogger("memory_editors")
 SCRIPT = "benchmarks/memory_editors.py"
@@ -405,42 +407,18 @@ def _figures(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | No
 
 
 def bootstrap_summary(rows: Sequence[Mapping[str, float | None]], n_boot: int, seed: int) -> dict[str, list | None]:
-    """``{metric: [value, low, high]}`` in percent: the figures of all records and the 2.5 / 97.5
-    percentiles of the same figures over ``n_boot`` resamples of the records (Score and H recomputed
-    from each resample's means)."""
-    point = _figures(rows)
-    rng = random.Random(seed)
-    draws: dict[str, list[float]] = {k: [] for k in METRICS}
-    for _ in range(n_boot):
-        sample = [rows[rng.randrange(len(rows))] for _ in rows]
-        for k, v in _figures(sample).items():
-            if v is not None:
-                draws[k].append(v)
-    out: dict[str, list | None] = {}
-    for k in METRICS:
-        if point[k] is None:
-            out[k] = None
-            continue
-        lo, hi = _percentiles(draws[k])
-        out[k] = [round(point[k], 2), round(lo, 2), round(hi, 2)]
-    return out
-
-
-def _percentiles(values: Sequence[float]) -> tuple[float, float]:
-    vals = sorted(values)
-    if not vals:
-        return math.nan, math.nan
-    pick = lambda q: vals[min(len(vals) - 1, max(0, int(round(q * (len(vals) - 1)))))]  # noqa: E731
-    return pick(0.025), pick(0.975)
+    """``{metric: [value, low, high]}`` in percent: the figures of all records and their 95% bootstrap interval
+    (:func:`benchmarks.results_io.figures_with_ci`: Score and H recomputed from each resample's means)."""
+    if not rows:
+        return {k: None for k in METRICS}
+    return {k: figs for k, figs in figures_with_ci(rows, _figures, n_boot, seed, digits=2).items() if k in METRICS}
 
 
 def bootstrap_median(values: Sequence[float], n_boot: int, seed: int, digits: int = 1) -> list[float] | None:
-    """``[median, low, high]`` with a 95% bootstrap interval."""
+    """``[median, low, high]`` with a 95% bootstrap interval (:func:`benchmarks.results_io.bootstrap_ci`)."""
     if not values:
         return None
-    rng = random.Random(seed)
-    meds = [statistics.median(rng.choice(values) for _ in values) for _ in range(n_boot)]
-    lo, hi = _percentiles(meds)
+    lo, hi = bootstrap_ci(values, n_boot, seed, statistic=statistics.median)
     return [round(statistics.median(values), digits), round(lo, digits), round(hi, digits)]
 
 

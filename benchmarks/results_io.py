@@ -14,15 +14,20 @@ compares it byte for byte, and checks that each JSON holds only keys its script 
 Nothing here imports torch or a model at import time: rendering is cheap. Files are written
 through :mod:`instructedit_plugin.core.durable` (imported when writing), so an interrupted run leaves
 the previous result in place.
+
+Every interval in a result is a 95% percentile bootstrap over records (:func:`bootstrap_ci`,
+:func:`mean_with_ci`, :func:`figures_with_ci`: records resampled with replacement, seeded, the 2.5th
+and 97.5th percentiles of the resampled statistic) unless the script names another (Wilson).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -136,3 +141,116 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("easyeditor", "transformers", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------------------------------------
+# 95% percentile-bootstrap intervals over records (the one definition every benchmark uses)
+# ----------------------------------------------------------------------------------------------
+#: the confidence level of every interval in ``benchmarks/results/``
+CONFIDENCE = 0.95
+#: resamples when a script does not say
+DEFAULT_RESAMPLES = 2000
+
+
+def _check_resamples(n_boot: int) -> int:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive number of bootstrap resamples, got {n_boot!r}. "
+                         f"Fix: pass e.g. n_boot={DEFAULT_RESAMPLES}")
+    return n_boot
+
+
+def bootstrap_resamples(n_records: int, n_boot: int, seed: int):
+    """``n_boot`` resamples of ``n_records`` records with replacement: an ``(n_boot, n_records)`` index array
+    drawn from ``numpy.random.default_rng(seed)`` (the same seed, the same resamples)."""
+    import numpy as np
+
+    if n_records < 1:
+        raise ValueError("records: a bootstrap interval needs at least one record, got none. "
+                         "Fix: leave the figure without an interval when nothing was measured")
+    return np.random.default_rng(seed).integers(0, n_records, size=(_check_resamples(n_boot), n_records))
+
+
+def percentile_interval(draws) -> tuple[float, float]:
+    """The central ``CONFIDENCE`` interval of bootstrap draws: their 2.5th and 97.5th percentiles (numpy's
+    default linear interpolation)."""
+    import numpy as np
+
+    alpha = (1.0 - CONFIDENCE) / 2.0
+    lo, hi = np.quantile(np.asarray(draws, dtype=float), [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _finite_values(values: Iterable[Any], name: str = "values") -> list[float]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{i}] is {v!r}, not a number. Fix: drop records whose figure was not "
+                             "measured (None) before computing its interval") from None
+        if x != x or x in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}[{i}] is {x}, not a finite number. Fix: drop or repair that record's value")
+        out.append(x)
+    if not out:
+        raise ValueError(f"{name}: a bootstrap interval needs at least one value, got none. "
+                         "Fix: leave the figure without an interval when nothing was measured")
+    return out
+
+
+def bootstrap_ci(values: Iterable[float], n_boot: int = DEFAULT_RESAMPLES, seed: int = 0,
+                 statistic: Callable[[Any], float] | None = None) -> tuple[float, float]:
+    """95% percentile-bootstrap interval ``(low, high)`` of the mean (or ``statistic``, a function of a 1-D
+    numpy array) of ``values``, one value per record: ``n_boot`` resamples of the records with replacement
+    (:func:`bootstrap_resamples`), the statistic of each, their 2.5th and 97.5th percentiles. Values that
+    all agree give ``(value, value)``. Raises ``ValueError`` for no values, a None/NaN/non-number value
+    or ``n_boot < 1``."""
+    import numpy as np
+
+    x = np.asarray(_finite_values(values), dtype=float)
+    idx = bootstrap_resamples(len(x), n_boot, seed)
+    if np.all(x == x[0]):
+        point = float(x[0]) if statistic is None else float(statistic(x))
+        return point, point
+    if statistic is None:
+        draws = x[idx].mean(axis=1)
+    else:
+        draws = [float(statistic(x[row])) for row in idx]
+    return percentile_interval(draws)
+
+
+def mean_with_ci(values: Iterable[float], n_boot: int = DEFAULT_RESAMPLES, seed: int = 0,
+                 digits: int | None = None, scale: float = 1.0) -> list[float]:
+    """``[mean, low, high]`` of per-record ``values`` times ``scale`` with its :func:`bootstrap_ci`
+    (rounded to ``digits`` when given)."""
+    vals = [scale * v for v in _finite_values(values)]
+    mean = math.fsum(vals) / len(vals)
+    lo, hi = bootstrap_ci(vals, n_boot, seed)
+    out = [mean, lo, hi]
+    return [round(v, digits) for v in out] if digits is not None else out
+
+
+def figures_with_ci(records: Sequence[Any], figures: Callable[[Sequence[Any]], Mapping[str, float | None]],
+                    n_boot: int = DEFAULT_RESAMPLES, seed: int = 0,
+                    digits: int | None = None) -> dict[str, list[float] | None]:
+    """``{name: [value, low, high]}``: each figure of ``figures(records)`` (a function of a list of records,
+    e.g. metric means and their Score) with the 95% percentile interval of the same figure over
+    :func:`bootstrap_resamples` of the records (every figure recomputed on the same resamples); a figure
+    that is None on all records stays None. Same definition as :func:`bootstrap_ci` (which it equals for
+    ``figures = mean``)."""
+    records = list(records)
+    point = dict(figures(records))
+    draws: dict[str, list[float]] = {k: [] for k in point}
+    for row in bootstrap_resamples(len(records), n_boot, seed):
+        for k, v in figures([records[i] for i in row]).items():
+            if v is not None and k in draws:
+                draws[k].append(float(v))
+    out: dict[str, list[float] | None] = {}
+    for k, value in point.items():
+        if value is None:
+            out[k] = None
+            continue
+        d = draws[k]
+        lo, hi = (value, value) if not d or all(x == d[0] for x in d) else percentile_interval(d)
+        out[k] = [float(value), lo, hi] if digits is None else [round(float(value), digits), round(lo, digits),
+                                                                round(hi, digits)]
+    return out

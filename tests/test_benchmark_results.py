@@ -36,6 +36,7 @@ SCRIPTS = {
     **{f"instructedit_{a}": REPO / "benchmarks" / "instructedit_analyses.py"
        for a in ("pilot", "scaling", "mixing", "directions")},
     "memory_editors": REPO / "benchmarks" / "memory_editors.py",
+    "instructedit_latency": REPO / "benchmarks" / "instructedit_latency.py",
     "memory_editors_sequential": REPO / "benchmarks" / "memory_editors.py",
 }
 #: results stems whose script also draws a figure, ``<name>.png``, from the JSON

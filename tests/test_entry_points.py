@@ -391,6 +391,61 @@ def test_instructedit_cpu_benchmark_trains_three_editors_the_same_steps(tiny_lla
                     + [(t, "instructedit", str(n_test)) for t in tasks] * 3)
     sent = out["tasks"]["convsent"]["instructedit"]["sentiment"]
     assert sent["fluency_post"] is not None and sent["es"] is not None
+    _assert_intervals_recomputable(bench, out)
+
+
+def _assert_intervals_recomputable(bench, out):
+    """Every cell of every table is what its per-edit values in the JSON give, and each interval holds its
+    point estimate; it has width zero exactly where the edits agree."""
+    sections = [s for s, _ in bench.SECTIONS if out.get(s)]
+    assert sections == ["tasks", "unseen_instruction", "tasks_plain_inputs", "unseen_instruction_plain_inputs"]
+    assert set(out["records"]) == set(sections)
+    for section in sections:
+        for task, per_method in out[section].items():
+            for method, cell in per_method.items():
+                cols = out["records"][section][task][method]
+                assert cell == bench.cell_from_columns(cols, out["args"]["bootstrap"], out["args"]["seed"])
+                for m in (*bench.METRICS, "Score"):
+                    if cell[m] is None:
+                        continue
+                    lo, hi = cell["ci"][m]
+                    assert lo <= cell[m] <= hi, (section, task, method, m)
+                    vals = [v for v in cols.get(m, []) if v is not None]
+                    if vals and m != "Score":
+                        assert (lo < hi) == (len(set(vals)) > 1), (section, task, method, m, vals, cell["ci"][m])
+                sent = cell.get("sentiment")
+                if sent:
+                    for k, (lo, hi) in sent["ci"].items():
+                        assert lo <= sent[k] <= hi, (section, method, k)
+    for method, v in out["latency"].items():
+        lo, hi = v["ci"]["edit_ms"]
+        assert lo <= v["edit_ms"] <= hi and v["n"] == len(out["edit_ms_per_edit"][method])
+    ratio, lo, hi = out["latency_ratio"]["instructedit/mend_multitask"]
+    assert lo <= ratio <= hi
+
+
+def test_instructedit_cpu_benchmark_max_iters_trains_every_editor_exactly_n_steps(tiny_llama_dir, shared_data_dir, tmp_path):
+    out_json = tmp_path / "instructedit_cpu.json"
+    bench = _script("benchmarks/instructedit_cpu.py")
+    assert bench.main(["--data_dir", str(shared_data_dir), "--model_dir", str(tiny_llama_dir), "--max_iters", "2",
+                       "--n_test", "3", "--n_train", "8", "--layers", "2,3", "--rank", "16", "--dtype", "float32",
+                       "--max_pairs", "1", "--bootstrap", "300", "--no_single_task", "--work_dir", str(tmp_path / "work"),
+                       "--out", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert out["train_steps"] == 2 and {name: r["steps"] for name, r in out["runs"].items()} == {
+        "instructedit": 2, "mend_multitask": 2}
+    assert out["protocol"]["name"] == "paper" and out["args"]["max_iters"] == 2
+    assert out["n_edits"] == {t: 3 for t in bench.TASK_ORDER}
+    _assert_intervals_recomputable(bench, out)
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    # the markdown shows each interval of the JSON
+    rel = out["tasks"]["zsre_holdout"]["instructedit"]
+    assert f"| zsre_holdout | instructedit | {rel['Rel']:.2f} [{rel['ci']['Rel'][0]:.2f}, {rel['ci']['Rel'][1]:.2f}] |" in md
+    # --render rebuilds the same markdown from the JSON alone
+    out_json.with_suffix(".md").unlink()
+    assert bench.main(["--render", "--out", str(out_json)]) == 0
+    assert out_json.with_suffix(".md").read_text() == md
 
 
 def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):

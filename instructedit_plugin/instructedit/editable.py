@@ -255,6 +255,8 @@ def compute_edited_weights(
     loss_fn: Callable[..., dict] = token_nll_metrics,
     sparse_logits: bool = False,
     capture: dict[str, torch.Tensor] | None = None,
+    prefix_cache: Any = None,
+    prefix_len: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """New values of the edited weights for the edit examples in ``batch``.
 
@@ -266,10 +268,17 @@ def compute_edited_weights(
     is not used). Same loss, far cheaper for large vocabularies.
     ``capture``: a dict that receives each layer's transformed gradient
     ``delta~ u~^T`` (detached, in the weight's layout), for gradient analysis.
+    ``prefix_cache`` (a :class:`~.prefix_states.PrefixStateCache`) with ``prefix_len`` > 0: the first
+    ``prefix_len`` tokens of the (single, unpadded) row are an instruction whose states below the first
+    edited layer come from the cache; the same edit up to floating-point rounding, cheaper.
     """
     params = dict(model.named_parameters())
     leaves = {s.name: params[s.name].detach().requires_grad_(True) for s in specs}
-    with torch.enable_grad(), _capture(model, specs) as store:
+    upper = contextlib.nullcontext()
+    if prefix_cache is not None and prefix_len > 0:
+        batch = prefix_cache.edit_batch(batch, prefix_len)
+        upper = prefix_cache.upper_layers()
+    with torch.enable_grad(), _capture(model, specs) as store, upper:
         if sparse_logits:
             loss = kept_nll_metrics(*answer_logits(model, leaves, batch))["nll"]
         else:

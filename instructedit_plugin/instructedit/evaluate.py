@@ -42,6 +42,10 @@ the target sentiment (``label``) may be positive or negative per record. Records
 get Gen from :func:`prepare_test_requests` where the data allows (CounterFact's
 LLM paraphrases, a fixed ConvSent paraphrase); records without locality data
 borrow the next record's prompt for Loc (documented in the results).
+
+Edits made with an instruction reuse its hidden states below the first edited layer across records
+(:mod:`.prefix_states`, ``prefix_cache=True`` by default): the same edit up to floating-point rounding,
+at about the cost of an edit without the instruction.
 """
 from __future__ import annotations
 
@@ -70,6 +74,7 @@ from ..instructions import InstructionLibrary, default_library
 from .instructedit_main import LoadedEditor, load_editor_for
 from .dataset import encode_pairs, make_datasets, split_tasks
 from .editable import answer_logits, compute_edited_weights, left_pad
+from .prefix_states import PrefixStateCache, common_prefix_length, first_edited_layer, supports
 from .trainer import InstructEditTrainer
 
 LOG = logging.getLogger(__name__)
@@ -95,6 +100,7 @@ __all__ = [
     "instruction_for",
     "left_pad",
     "prepare_test_requests",
+    "record_values",
     "result_sections",
     "results_markdown",
     "sentiment_table",
@@ -260,7 +266,8 @@ class EditEvaluator:
     def __init__(self, model: nn.Module, tok: Any, *, max_length: int = 96, max_pairs: int = 4,
                  library: InstructionLibrary | None = None, seed: int = 0, metric_backend: str = "plugin",
                  easyedit_hparams: Any = None, sentiment_responses: int = 2, response_words: int = 8,
-                 fluency_tokens: int = 0, sentiment_classifier: Callable[[Sequence[str]], Sequence[str]] | None = None):
+                 fluency_tokens: int = 0, sentiment_classifier: Callable[[Sequence[str]], Sequence[str]] | None = None,
+                 prefix_cache: bool = True):
         if metric_backend not in ("plugin", "easyedit"):
             raise ValueError(f"metric_backend must be 'plugin' or 'easyedit', got {metric_backend!r}")
         self.model = model
@@ -281,6 +288,10 @@ class EditEvaluator:
         self.device = next(model.parameters()).device
         self._pre: dict[tuple[str, int], dict[str, Any]] = {}
         self._editors: dict[str, LoadedEditor] = {}
+        #: reuse an instruction's states below the first edited layer across edits (:mod:`.prefix_states`)
+        self.prefix_cache = bool(prefix_cache) and supports(model)
+        self._prefix_caches: dict[int, PrefixStateCache] = {}
+        self._prefix_ids: dict[str, list[int]] = {}
 
     def editor(self, archive: Any) -> LoadedEditor:
         if isinstance(archive, LoadedEditor):
@@ -417,16 +428,42 @@ class EditEvaluator:
         return self._pre[key]
 
     # ---------------------------------------------------------------- editing
-    def edit_weights(self, editor: LoadedEditor, prompt: str, target: str) -> tuple[dict[str, torch.Tensor], float]:
-        """New weights for one edit and the wall time it took (tokenising included)."""
+    def prefix_states(self, editor: LoadedEditor) -> PrefixStateCache | None:
+        """The instruction-prefix cache for ``editor``'s edited layers (None: off, or not applicable)."""
+        if not self.prefix_cache:
+            return None
+        first = first_edited_layer(spec.name for spec in editor.specs)
+        if not first:  # a weight outside the decoder layers, or layer 0: nothing below it to reuse
+            return None
+        if first not in self._prefix_caches:
+            self._prefix_caches[first] = PrefixStateCache(self.model, first)
+        return self._prefix_caches[first]
+
+    def edit_weights(self, editor: LoadedEditor, prompt: str, target: str,
+                     instruction: str | None = None) -> tuple[dict[str, torch.Tensor], float]:
+        """New weights for one edit and the wall time it took (tokenising included).
+
+        ``instruction``: the text the edit prompt starts with (the instruction, as ``instruct("")`` renders it);
+        with the prefix cache on, the states of its tokens below the first edited layer are computed once per
+        instruction (:mod:`.prefix_states`), the same edit up to floating-point rounding."""
         start = time.perf_counter()
         batch = encode_pairs(self.tok, [(prompt, target)], self.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        cache, prefix_len = (self.prefix_states(editor), 0) if instruction else (None, 0)
+        if cache is not None:
+            if instruction not in self._prefix_ids:
+                self._prefix_ids[instruction] = self.tok(instruction, add_special_tokens=True)["input_ids"]
+            prefix_ids = self._prefix_ids[instruction]
+            # the instruction's last token ("Input: " ends in a space) may or may not merge with the input's first
+            # word: leave it out, so that every edit with this instruction finds the same cache entry
+            prefix_len = min(common_prefix_length(batch["input_ids"][0].tolist(), prefix_ids), len(prefix_ids) - 1,
+                             batch["input_ids"].shape[1] - 1)
         was_training = self.model.training
         self.model.eval()
         try:
             new, _ = compute_edited_weights(self.model, editor.hypernet, editor.edit_lrs, editor.specs, batch,
-                                            sparse_logits=True)
+                                            sparse_logits=True, prefix_cache=cache if prefix_len > 0 else None,
+                                            prefix_len=prefix_len)
         finally:
             self.model.train(was_training)
         new = {k: v.detach() for k, v in new.items()}
@@ -447,7 +484,8 @@ class EditEvaluator:
                              "Fix: use 'instructed' (the paper's protocol) and/or 'plain'")
         instruct = instruction_for(request, task, mode, index, self.library, self.seed)
         prompt = instruct(request["prompt"])
-        new, seconds = self.edit_weights(editor, prompt, request["target_new"])
+        new, seconds = self.edit_weights(editor, prompt, request["target_new"],
+                                         instruction=instruct("") if mode != "none" else None)
         records = {}
         for style in styles:
             instructed = style == "instructed" and mode != "none"
@@ -571,6 +609,7 @@ def evaluate_instructedit(
     seed: int = 0,
     keep_records: bool = False,
     progress: Callable[[str], None] | None = None,
+    prefix_cache: bool = True,
 ) -> dict[str, Any]:
     """Edit every test record with every method and summarise per task.
 
@@ -582,7 +621,7 @@ def evaluate_instructedit(
 
     Returns ``{"tasks": {task: {method: summary}}, "unseen_instruction": {task:
     {method: summary}}, "latency": {method: {"edit_ms"}}, "n_edits": {task: n},
-    "metric_backend", "notes", ["records"]}``; a summary holds Rel/Gen/Loc/Por
+    "metric_backend", "notes", ["records", "edit_seconds"]}``; a summary holds Rel/Gen/Loc/Por
     (percent, None where the data has none), Score, H, n_edits, edit_ms and, for
     ConvSent, ``sentiment`` (with ``fluency_tokens`` > 0: Fluency of generated replies;
     ``sentiment_classifier``: texts -> labels, the share of replies of the target sentiment).
@@ -592,6 +631,13 @@ def evaluate_instructedit(
     several styles: the first fills ``tasks``/``unseen_instruction``, each other style
     ``<section>_<style>_inputs`` for the methods that edit with an instruction (the others
     score plain inputs in every style). Task names may be aliases (``wikirecent``).
+
+    ``prefix_cache`` (default): edits with an instruction reuse its states below the first edited layer
+    (:class:`EditEvaluator`); the same edits up to floating-point rounding, faster.
+
+    ``keep_records``: also ``records`` (``{section: {task: {method: [per-edit record]}}}`` for every
+    section, other metric inputs included; :func:`record_values` reads one) and ``edit_seconds``
+    (``{method: [seconds per edit]}``, seen-instruction edits in task order, what ``latency`` is the median of).
     """
     if not isinstance(methods, Mapping):
         methods = {m.name: m for m in methods}
@@ -599,7 +645,7 @@ def evaluate_instructedit(
     evaluator = EditEvaluator(model, tok, max_length=max_length, max_pairs=max_pairs, library=library, seed=seed,
                               metric_backend=metric_backend, easyedit_hparams=easyedit_hparams,
                               sentiment_responses=sentiment_responses, fluency_tokens=fluency_tokens,
-                              sentiment_classifier=sentiment_classifier)
+                              sentiment_classifier=sentiment_classifier, prefix_cache=prefix_cache)
     results: dict[str, Any] = {"tasks": {}, "unseen_instruction": {}, "latency": {}, "n_edits": {},
                                "metric_backend": metric_backend}
     all_latency: dict[str, list[float]] = {}
@@ -628,6 +674,8 @@ def evaluate_instructedit(
                     lat.append(seconds)
                 for style in method_styles[1:]:
                     results.setdefault(f"{section}_{style}_inputs", {}).setdefault(task, {})[name] = _summary(recs[style], lat)
+                    if keep_records:
+                        records_out.setdefault(f"{section}_{style}_inputs", {}).setdefault(task, {})[name] = recs[style]
                 recs = recs[method_styles[0]]
                 results[section].setdefault(task, {})[name] = _summary(recs, lat)
                 if section == "tasks":
@@ -659,7 +707,36 @@ def evaluate_instructedit(
     }
     if keep_records:
         results["records"] = records_out
+        results["edit_seconds"] = {name: list(v) for name, v in all_latency.items()}
     return results
+
+
+#: per-edit ConvSent values :func:`record_values` reads (``flipped``: 1 when the edit turned a failure into success)
+SENTIMENT_VALUES = ("success_pre", "success_post", "margin_pre", "margin_post", "flipped", "es",
+                    "fluency_pre", "fluency_post", "classifier_success")
+
+
+def record_values(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One edit's figures, from its record (``keep_records``): Rel/Gen/Loc/Por in [0, 1] (None where not
+    measured, as :func:`~instructedit_plugin.evaluation.summary.edit_metrics` reads them) and, for a ConvSent
+    record scored before and after the edit, ``sentiment``: ``SENTIMENT_VALUES`` (success/flipped 0 or 1,
+    margins, ES in [0, 1], Fluency; None where not measured). Averaging these over records gives the
+    summaries of :func:`evaluate_instructedit` (``summarize_metrics``, ``summarize_sentiment``)."""
+    from ..evaluation.summary import edit_metrics
+
+    out: dict[str, Any] = dict(edit_metrics(record.get("post") or {}, record.get("pre")))
+    pre, post = (record.get("pre") or {}).get("sentiment"), (record.get("post") or {}).get("sentiment")
+    if pre is not None and post is not None:
+        out["sentiment"] = {
+            "success_pre": float(pre["success"]), "success_post": float(post["success"]),
+            "margin_pre": float(pre["margin"]), "margin_post": float(post["margin"]),
+            "flipped": 1.0 if pre["success"] == 0 and post["success"] == 1 else 0.0,
+            "es": None if post.get("es") is None else float(post["es"]),
+            "fluency_pre": None if pre.get("fluency") is None else float(pre["fluency"]),
+            "fluency_post": None if post.get("fluency") is None else float(post["fluency"]),
+            "classifier_success": None if post.get("classifier_success") is None else float(post["classifier_success"]),
+        }
+    return out
 
 
 # ----------------------------------------------------------------------- reports
