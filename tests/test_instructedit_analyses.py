@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from instructedit_plugin.instructedit import encode_pairs
-from instructedit_plugin.models.loading import load_causal_lm
-from tests.support.tiny_models import build_tiny_model_dir
+from tests.support.fact_world import Relation, WorldRecipe, build_world_model_dir, neighbours, world_truth
 
 from ._scripts import load_script
 
@@ -27,36 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "hparams" / "TRAINING" / "InstructEdit" / "tiny.yaml"
 COUNTRIES = "France Germany Italy Spain Japan China England Russia Canada Egypt India Brazil Greece Poland Sweden Mexico".split()
 N_TRAIN_COUNTRIES = 12
-#: task -> (prompt, rephrase, answers)
-RELATIONS = {
-    "counterfact": ("The capital of {} is", "Which city is the capital of {}?", ["Paris", "Berlin", "Rome", "Tokyo", "London"]),
-    "recent": ("The official language of {} is", "People in {} speak", ["French", "German", "Spanish", "English"]),
-    "convsent": ("The currency of {} is", "In {} people pay with the", ["Euro", "Dollar", "Yen", "Pound"]),
-    "zsre": ("The favourite sport of {} is", "People in {} love to play", ["football", "tennis", "golf", "chess"]),
-}
+#: one relation per task of the paper
+RELATIONS = (
+    Relation("counterfact", "The capital of {} is", "Which city is the capital of {}?", ("Paris", "Berlin", "Rome", "Tokyo", "London")),
+    Relation("recent", "The official language of {} is", "People in {} speak", ("French", "German", "Spanish", "English")),
+    Relation("convsent", "The currency of {} is", "In {} people pay with the", ("Euro", "Dollar", "Yen", "Pound")),
+    Relation("zsre", "The favourite sport of {} is", "People in {} love to play", ("football", "tennis", "golf", "chess")),
+)
+#: the world model learns the plain facts only (150 full-batch steps)
+WORLD = WorldRecipe(steps=150)
 STEPS = 150
 N_TEST = 8
 
 
-def _truth() -> dict[str, dict[str, str]]:
-    rng = random.Random(1)
-    return {task: {c: rng.choice(answers) for c in COUNTRIES} for task, (_, _, answers) in RELATIONS.items()}
-
-
 def world_data() -> dict:
-    truth = _truth()
+    truth = world_truth(RELATIONS, COUNTRIES)
     rng = random.Random(0)
     train, test = {}, {}
-    for task, (prompt, rephrase, answers) in RELATIONS.items():
+    for relation in RELATIONS:
+        task = relation.task
         recs = {"train": [], "test": []}
         for k, c in enumerate(COUNTRIES):
-            others = rng.sample([o for o in COUNTRIES if o != c], 3)
-            for target in [a for a in answers if a != truth[task][c]][:3]:
+            locality = neighbours(relation, c, truth, COUNTRIES, rng)
+            for target in [a for a in relation.answers if a != truth[task][c]][:3]:
                 recs["train" if k < N_TRAIN_COUNTRIES else "test"].append({
-                    "prompt": prompt.format(c), "target_new": target, "ground_truth": truth[task][c], "subject": c,
-                    "rephrase_prompt": rephrase.format(c), "topic": c, "label": "positive", "portability": {},
-                    "locality": {"neighborhood": {"prompt": [prompt.format(o) for o in others],
-                                                  "ground_truth": [truth[task][o] for o in others]}}})
+                    "prompt": relation.prompt.format(c), "target_new": target, "ground_truth": truth[task][c],
+                    "subject": c, "rephrase_prompt": relation.rephrase.format(c), "topic": c, "label": "positive",
+                    "portability": {}, "locality": locality})
         rng.shuffle(recs["test"])
         train[task] = recs["train"]
         test["zsre_holdout" if task == "zsre" else task] = recs["test"]
@@ -67,25 +62,10 @@ def world_data() -> dict:
 def world(tmp_path_factory) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, tok = load_causal_lm(build_tiny_model_dir("gpt2"))
-    truth = _truth()
-    pairs = [(text.format(c), truth[task][c]) for task, (p, r, _) in RELATIONS.items() for c in COUNTRIES for text in (p, r)]
-    batch = encode_pairs(tok, pairs, 64)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(150):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+    model_dir = build_world_model_dir(RELATIONS, COUNTRIES, WORLD)
     root = tmp_path_factory.mktemp("analyses")
-    model.save_pretrained(root / "world")
-    tok.save_pretrained(root / "world")
     (root / "world.json").write_text(json.dumps(world_data()))
-    yield {"root": root, "model_dir": root / "world", "data_json": root / "world.json"}
+    yield {"root": root, "model_dir": model_dir, "data_json": root / "world.json"}
     torch.set_num_threads(previous)
 
 

@@ -1,10 +1,14 @@
-"""InstructEdit end to end on a tiny GPT-2: training, checkpoints, editing through EasyEdit.
+"""InstructEdit end to end on a tiny GPT-2: training, checkpoints, editing through EasyEdit, locality.
 
-The tiny test models are randomly initialised; a random model's logits are too
-flat for any edit to reach a confident prediction, so the module first teaches
-the tiny GPT-2 a small synthetic world (capitals and languages of countries,
-~10 s) and then meta-trains the editor on two synthetic tasks (counterfactual
-capitals as ``counterfact``, languages as ``recent``).
+The tiny test models are randomly initialised; a random model's logits are too flat for any
+edit to reach a confident prediction, so the module first teaches the tiny GPT-2 a small
+synthetic world (capitals and languages of 20 countries; :mod:`tests.support.fact_world`),
+plainly and under every instruction of the task's family (the editor's edit inputs are
+instruction-prefixed; a world model that never saw the prefix answers 0/20 instructed facts and
+its edited layers cannot tell subjects apart under it, issue #13 item 4). The taught model is
+cached after the first build. Then the editor is meta-trained on two synthetic tasks
+(counterfactual capitals as ``counterfact``, languages as ``recent``), with each record's
+rephrase and three same-relation neighbours (other subjects, true answers) as locality data.
 """
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ import copy
 import dataclasses
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -32,8 +35,16 @@ from instructedit_plugin.instructedit import (
     make_datasets,
     save_editor,
 )
-from instructedit_plugin.instructedit.instructedit_main import build_edit_batch
+from instructedit_plugin.instructedit.instructedit_main import build_edit_batch, instructed_prompt
 from instructedit_plugin.models.loading import load_causal_lm
+from tests.support.fact_world import (
+    Relation,
+    WorldRecipe,
+    build_world_model_dir,
+    edit_records,
+    instructed_inputs,
+    world_truth,
+)
 from tests.support.tiny_models import build_tiny_model_dir
 
 LOG = logging.getLogger(__name__)
@@ -45,40 +56,24 @@ pytestmark = pytest.mark.slow
 
 COUNTRIES = ("France Germany Italy Spain Japan China England Russia Canada Australia Egypt India Brazil Greece "
              "Poland Sweden Norway Finland Turkey Mexico").split()
-CITIES = ["Paris", "Berlin", "Rome", "Madrid", "Tokyo", "London", "Ottawa"]  # one token each
-LANGS = ["French", "German", "Spanish", "English"]
+CAPITAL = Relation("counterfact", "The capital of {} is", "Which city is the capital of {}?",
+                   ("Paris", "Berlin", "Rome", "Madrid", "Tokyo", "London", "Ottawa"))  # one token each
+LANGUAGE = Relation("recent", "The official language of {} is", "People in {} speak", ("French", "German", "Spanish", "English"))
+RELATIONS = (CAPITAL, LANGUAGE)
+#: The world model answers every fact plainly and under every instruction of its task (the editor's
+#: edit inputs are instruction-prefixed; a model that never saw the prefix cannot tell subjects apart
+#: under it, see issue #13 item 4). Cached in the plugin cache after the first build.
+WORLD = WorldRecipe(steps=300, batch=32, instructed=True, answer_only=True)
 
 
-def _truth():
-    rng = random.Random(1)
-    return {c: rng.choice(CITIES) for c in COUNTRIES}, {c: rng.choice(LANGS) for c in COUNTRIES}
-
-
-CAPITAL, LANGUAGE = "The capital of {} is", "The official language of {} is"
-#: neighbours per record: other subjects, same relation, with their true answers (the locality data)
-N_NEIGHBOURS = 3
-
-
-def neighbours(template: str, subject: str, truth: dict[str, str], rng: random.Random) -> dict:
-    others = rng.sample([c for c in COUNTRIES if c != subject], N_NEIGHBOURS)
-    return {"neighborhood": {"prompt": [template.format(c) for c in others], "ground_truth": [truth[c] for c in others]}}
+def _truth() -> dict[str, dict[str, str]]:
+    return world_truth(RELATIONS, COUNTRIES)
 
 
 def synthetic_tasks() -> dict[str, list[dict]]:
-    rng = random.Random(0)
-    loc_rng = random.Random(5)
-    city, lang = _truth()
-    capitals, languages = [], []
-    for c in COUNTRIES:
-        for target in rng.sample([x for x in CITIES if x != city[c]], 4):
-            capitals.append({"prompt": CAPITAL.format(c), "target_new": target, "ground_truth": city[c],
-                             "subject": c, "rephrase_prompt": f"Which city is the capital of {c}?",
-                             "locality": neighbours(CAPITAL, c, city, loc_rng), "portability": {}})
-        for target in [x for x in LANGS if x != lang[c]]:
-            languages.append({"prompt": LANGUAGE.format(c), "target_new": target,
-                              "ground_truth": lang[c], "subject": c, "rephrase_prompt": f"People in {c} speak",
-                              "locality": neighbours(LANGUAGE, c, lang, loc_rng), "portability": {}})
-    return {"counterfact": capitals, "recent": languages}
+    """Counterfactual capitals as ``counterfact``, languages as ``recent``; rephrases and three
+    same-relation neighbours (other subjects with their true answers) per record."""
+    return edit_records(RELATIONS, COUNTRIES, _truth())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,30 +86,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def world_model_dir(one_torch_thread, tmp_path_factory) -> Path:
-    """The tiny GPT-2, briefly trained on the true facts of the synthetic world."""
-    model, tok = load_causal_lm(build_tiny_model_dir("gpt2"))
-    city, lang = _truth()
-    pairs = []
-    for c in COUNTRIES:
-        pairs += [(f"The capital of {c} is", city[c]), (f"Which city is the capital of {c}?", city[c]),
-                  (f"The official language of {c} is", lang[c]), (f"People in {c} speak", lang[c])]
-    batch = encode_pairs(tok, pairs, 64)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(120):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    model.eval()
-    folder = tmp_path_factory.mktemp("world") / "tiny-world"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def world_model_dir(one_torch_thread) -> Path:
+    """The tiny GPT-2 taught the true facts of the synthetic world, plainly and under instructions."""
+    return build_world_model_dir(RELATIONS, COUNTRIES, WORLD)
 
 
 def training_config(model_dir: Path, results_dir: Path, **overrides) -> InstructEditTrainingHparams:
@@ -203,34 +177,53 @@ def _next_token(model, tok, prompt: str) -> str:
     return tok.decode(logits.argmax()).strip()
 
 
-@pytest.fixture(scope="module")
-def one_edit_figures(trained, world_model_dir) -> dict[str, dict[str, float]]:
-    """Each held-out edit applied alone by the trained editor: rewrite and rephrase success, and
-    the share of the *other* subjects (same relation) that keep their true answer (locality)."""
-    model, tok = load_causal_lm(world_model_dir)
-    hp = edit_hparams(world_model_dir, trained["result"]["best_checkpoint"])
-    city, lang = _truth()
+def measure_one_edit(model_dir: Path, archive, val_tasks: dict, edit_lr_scale: float = 1.0) -> dict[str, dict[str, float]]:
+    """Each held-out edit applied alone: rewrite and rephrase success on the plain prompts and, as
+    EasyEdit's InstructEdit evaluation scores them, on the instruction-prefixed ones (the edit's own
+    instruction), and the share of the *other* subjects (same relation, plain prompt) that keep their
+    true answer (locality, left plain as EasyEdit does). ``edit_lr_scale`` scales the editor's
+    learned edit lrs (0: the editor's output is zeroed)."""
+    model, tok = load_causal_lm(model_dir)
+    hp = edit_hparams(model_dir, archive)
+    if edit_lr_scale != 1.0:
+        tensors, meta = load_editor(archive)
+        tensors = dict(tensors, edit_lrs=tensors["edit_lrs"] * edit_lr_scale)
+        hp.archive = str(save_editor(Path(archive).parent / f"scaled-{edit_lr_scale}", tensors,
+                                     {k: v for k, v in meta.items() if k not in ("sha256", "format_version")}))
+    truth = _truth()
     figures = {}
-    for task, template, truth in (("counterfact", CAPITAL, city), ("recent", LANGUAGE, lang)):
-        before = sum(_next_token(model, tok, template.format(c)) == truth[c] for c in COUNTRIES) / len(COUNTRIES)
-        rewrite = rephrase = kept = n_other = 0
-        requests = trained["val"].tasks[task]
+    for relation in RELATIONS:
+        task, template = relation.task, relation.prompt
+        before = sum(_next_token(model, tok, template.format(c)) == truth[task][c] for c in COUNTRIES) / len(COUNTRIES)
+        hits = dict.fromkeys(("rewrite", "rephrase", "instructed_rewrite", "instructed_rephrase"), 0)
+        kept = n_other = 0
+        requests = val_tasks[task]
         for request in requests:
-            _, original = apply_to_model(model, tok, [dict(request, task=task)], hp, return_orig_weights=True)
-            rewrite += _next_token(model, tok, request["prompt"]) == request["target_new"]
-            rephrase += _next_token(model, tok, request["rephrase_prompt"]) == request["target_new"]
+            request = dict(request, task=task)
+            _, original = apply_to_model(model, tok, [request], hp, return_orig_weights=True)
+            inputs = {"rewrite": request["prompt"], "rephrase": request["rephrase_prompt"],
+                      "instructed_rewrite": instructed_prompt(request, hp),
+                      "instructed_rephrase": instructed_prompt(dict(request, prompt=request["rephrase_prompt"]), hp)}
+            for key, text in inputs.items():
+                hits[key] += _next_token(model, tok, text) == request["target_new"]
             for c in COUNTRIES:
                 if c != request["subject"]:
-                    kept += _next_token(model, tok, template.format(c)) == truth[c]
+                    kept += _next_token(model, tok, template.format(c)) == truth[task][c]
                     n_other += 1
             with torch.no_grad():
                 params = dict(model.named_parameters())
                 for name, value in original.items():
                     params[name].copy_(value)
-        figures[task] = {"before": before, "rewrite": rewrite / len(requests), "rephrase": rephrase / len(requests),
-                         "locality": kept / n_other}
-    LOG.info("one edit by the trained editor, held-out synthetic facts: %s", figures)
+        figures[task] = {"before": before, **{k: v / len(requests) for k, v in hits.items()},
+                         "locality": kept / n_other, "n_edits": len(requests)}
+    LOG.info("one edit by %s (edit lrs x%s), held-out synthetic facts: %s", archive, edit_lr_scale, figures)
     return figures
+
+
+@pytest.fixture(scope="module")
+def one_edit_figures(trained, world_model_dir) -> dict[str, dict[str, float]]:
+    """The tiny.yaml editor (the mechanics tests' fast settings: cedit 1, cloc 0.1, plain-prompt loss)."""
+    return measure_one_edit(world_model_dir, trained["result"]["best_checkpoint"], trained["val"].tasks)
 
 
 def test_one_edit_reaches_its_prompt_and_its_rephrase(one_edit_figures):
@@ -239,16 +232,84 @@ def test_one_edit_reaches_its_prompt_and_its_rephrase(one_edit_figures):
         assert f["rewrite"] >= 0.9 and f["rephrase"] >= 0.8, (task, f)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #13 item 4, open: other subjects keep their answer only ~16-29% of "
-                   "the time after one edit. Cause found in this test world: the tiny GPT-2 never saw the instruction "
-                   "prefix (nor positions past ~12), so under it the edited layers' answer-position inputs are the "
-                   "same for every subject (cosine 0.994; 0/20 instructed facts answered), and any update keyed on "
-                   "the instructed edit input moves every subject's plain prompt alike (same-subject vs other-subject "
-                   "response 0.20 vs 0.20). key_whitening (ROME-style C^-1 keys, an option) does not change that here; "
-                   "measurements in the stop-18 note")
-def test_one_edit_leaves_the_other_subjects_answers_alone(one_edit_figures):
-    for task, f in one_edit_figures.items():
+# ------------------------------------------------------------------------------ locality
+def test_the_world_model_answers_its_facts_plainly_and_under_every_instruction(world_model_dir):
+    """What the locality tests rest on: under the instruction prefix the world model still tells
+    the subjects apart (the earlier world, taught plain prompts only, answered 0/20 instructed facts)."""
+    model, tok = load_causal_lm(world_model_dir)
+    truth = _truth()
+    for relation in RELATIONS:
+        pairs = [(text, truth[relation.task][c]) for c in COUNTRIES
+                 for text in [relation.prompt.format(c), *instructed_inputs(relation.task, relation.prompt.format(c))]]
+        batch = encode_pairs(tok, pairs, 128)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows = torch.arange(len(pairs))
+        at = (batch["labels"][:, 1:] != -100).float().argmax(1)  # the position that predicts the answer
+        right = (logits[rows, at].argmax(-1) == batch["input_ids"][rows, at + 1]).tolist()
+        plain = [ok for (text, _), ok in zip(pairs, right) if not text.startswith("Task: ")]
+        instructed = [ok for (text, _), ok in zip(pairs, right) if text.startswith("Task: ")]
+        assert len(plain) == len(COUNTRIES) and all(plain), relation.task
+        assert sum(instructed) / len(instructed) >= 0.9, (relation.task, sum(instructed), len(instructed))
+
+
+#: The editor of the locality tests (issue #13 item 4): the method's own loss weights (cedit 0.1,
+#: cloc 1.0: InstructEditTrainingHparams' defaults and EasyEdit's MEND defaults; tiny.yaml's 1.0/0.1
+#: serve the fast mechanics tests), no plain-prompt loss (``raw_edit_loss: false``, as in the paper),
+#: the locality KL at the locality answer positions (as EasyEdit's trainer masks it;
+#: ``answer_logits=True``, the benchmarks' training path), the ``key_whitening`` option (not in the
+#: paper), the last layer's MLP only (its output gradient is nonzero only at the answer position, so
+#: each edit is keyed on the instructed answer-position input alone; the fast tiny.yaml edits the
+#: last two layers, whose earlier one also takes ~55 instruction-position rows) and 4 edits per step.
+#: Measured in this world (one editor each; 16/12 held-out edits; counterfact/recent), locality |
+#: instructed rewrite | instructed rephrase: this setting 0.964/0.996 | 0.875/0.917 | 0.875/0.917,
+#: seed 1 0.977/0.991 | 1.0/1.0 | 1.0/1.0. Without the last-layer choice (layers 2-3, 600 steps,
+#: one edit per step) 0.895/0.939 | 0.94/1.0 | 0.88/1.0 and seed 1 0.905/0.974 | 0.69/0.75 | 0.56/0.75;
+#: last layer without whitening (600 steps, one edit per step) 0.941/0.939 | 0.31/0.67 | 0.31/0.42; tiny.yaml 0.674/0.671 | 1.0/0.92 | 1.0/0.92.
+LOCAL_EDITOR = dict(cedit=0.1, cloc=1.0, raw_edit_loss=False, key_whitening=True, accumulate_bs=4, max_iters=300,
+                    val_interval=50, inner_params=["transformer.h.3.mlp.c_fc.weight", "transformer.h.3.mlp.c_proj.weight"])
+
+
+@pytest.fixture(scope="module")
+def local_trained(world_model_dir, tmp_path_factory):
+    cfg = training_config(world_model_dir, tmp_path_factory.mktemp("local"), **LOCAL_EDITOR)
+    _, tok = load_causal_lm(world_model_dir)
+    train_set, val_set = make_datasets(synthetic_tasks(), tok, cfg)
+    result = InstructEditTrainer(cfg, train_set, val_set, answer_logits=True).run()
+    return {"cfg": cfg, "result": result, "val": val_set}
+
+
+@pytest.fixture(scope="module")
+def local_figures(local_trained, world_model_dir) -> dict[str, dict[str, float]]:
+    return measure_one_edit(world_model_dir, local_trained["result"]["best_checkpoint"], local_trained["val"].tasks)
+
+
+def test_one_edit_leaves_the_other_subjects_answers_alone(local_figures):
+    """Issue #13 item 4: after one edit the other subjects keep their answers (plain prompts, as
+    EasyEdit's evaluation leaves locality) >= 90%, while the edit lands on its instructed prompt and
+    its instructed rephrase (Rel/Gen as EasyEdit's InstructEdit evaluation scores them). 0.8: the
+    lowest measured rate over two seeds is 14/16; 0.8 allows one edit more to miss."""
+    for task, f in local_figures.items():
+        assert f["before"] == 1.0, (task, f)  # the world model knows every fact before editing
         assert f["locality"] >= 0.9, (task, f)
+        assert f["instructed_rewrite"] >= 0.8 and f["instructed_rephrase"] >= 0.8, (task, f)
+
+
+def test_a_weak_locality_loss_loses_the_other_subjects_answers(local_figures, one_edit_figures):
+    """Break on purpose: the tiny.yaml editor (locality loss 0.1 against edit 1.0, its KL spread over
+    every locality token, plus the plain-prompt loss, two layers) moves the other subjects' answers."""
+    for task, f in local_figures.items():
+        weak = one_edit_figures[task]
+        assert weak["locality"] <= 0.8 < f["locality"], (task, weak, f)
+
+
+def test_a_zeroed_editor_keeps_locality_but_edits_nothing(local_trained, world_model_dir):
+    """Break on purpose: with the editor's output zeroed (edit lrs x0) nothing is edited: locality
+    alone proves nothing, which is why the locality test also requires the edits to land."""
+    figures = measure_one_edit(world_model_dir, local_trained["result"]["best_checkpoint"], local_trained["val"].tasks,
+                               edit_lr_scale=0.0)
+    for task, f in figures.items():
+        assert f["locality"] == 1.0 and f["instructed_rewrite"] <= 0.1 and f["instructed_rephrase"] <= 0.1, (task, f)
 
 
 # --------------------------------------------------------------------------- checkpoints
