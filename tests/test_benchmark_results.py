@@ -29,6 +29,7 @@ SCRIPTS = {
     "mquake_cpu_subject_chain": REPO / "examples" / "run_mquake.py",
     "mquake_cpu_oracle": REPO / "examples" / "run_mquake.py",
     "mquake_cpu_multihop": REPO / "examples" / "run_mquake.py",
+    "mquake_retrieval": REPO / "benchmarks" / "mquake_retrieval.py",
     "demo_timing": REPO / "benchmarks" / "demo_timing.py",
     "gate_calibration": REPO / "benchmarks" / "gate_calibration.py",
     **{f"instructed_knowedit_{name}": REPO / "benchmarks" / "instructed_knowedit.py"

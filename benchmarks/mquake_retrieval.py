@@ -1,0 +1,243 @@
+"""MQuAKE retrieval recall of the multi-hop procedures, measured without a language model (sentence encoder only).
+
+Usage::
+
+    python benchmarks/mquake_retrieval.py [--sizes 25 50 100] [--tune_cases 100 200] [--data_dir DIR] [--notes FILE]
+    python benchmarks/mquake_retrieval.py --render [--notes FILE]   # rebuild the .md from the .json
+
+For each size N: one instruction memory holding the edits of the first N cases of MQuAKE-hard (as in
+``examples/run_mquake.py``'s shared settings), every multi-hop question gets N-hop facts (N = the case's
+hop count) from each procedure, and the **recall** is the share of the case's edited facts among them
+(averaged over questions, as run_mquake's "retrieval recall"; 95% percentile bootstrap over cases).
+No procedure reads the gold decomposition (``new_single_hops``) beyond its length:
+
+* ``top_n`` -- the paper's (run_mquake's default ``shared_top_n``): the question's N best facts, one search;
+* ``subject_chain`` -- run_mquake's option: each next fact is a stored edit whose ``subject`` is the previous
+  fact's new object (reads the edits' metadata);
+* ``chain`` -- one fact per hop through the std gate (run_mquake's ``shared_chain``);
+* ``iterative`` -- ungated: hop 1 the question's best fact, hop i the best fact for the question followed by
+  the last fact retrieved (text only);
+* ``iterative_all`` -- the same with the question followed by every fact retrieved so far;
+* ``iterative_bridge`` -- ``iterative`` plus a lexical bridge term: a candidate's cosine gains
+  ``weight x`` the share of the last fact's words absent from the question (its new entity) that the
+  candidate contains. ``weight`` is picked among ``--bridge_weights`` on the cases ``--tune_cases`` (after
+  the evaluated ones; refused when they overlap).
+
+Writes ``--out`` (JSON) and, rendered from it alone, the markdown beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import command_line, notes_lines, read_notes, render_saved, setup_logging, today, write_results  # noqa: E402
+
+SCRIPT = "benchmarks/mquake_retrieval.py"
+LOG = logging.getLogger("mquake_retrieval")
+DATA_FILE = "mquake/MQuAKE-hard.json"
+RESULT_KEYS = frozenset({"benchmark", "encoder", "data", "sizes", "procedures", "results", "tuning", "seconds",
+                         "date", "command", "notes"})
+PROCEDURES = ("top_n", "subject_chain", "chain", "iterative", "iterative_all", "iterative_bridge")
+BOOTSTRAP_RESAMPLES = 2000
+_STOP = frozenset("a an the of is was by in to and for on at as with from that which who what where whose has have "
+                  "its it be are".split())
+
+
+class RetrievalError(ValueError):
+    """Bad arguments of this benchmark (the message names the field and ends with a fix)."""
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.casefold()) if w not in _STOP}
+
+
+def bridge_chains(memory, questions: Sequence[str], hops: Sequence[int], weight: float) -> list[list[str]]:
+    """``iterative`` (``weight`` 0) or ``iterative_bridge``: the texts of N facts per question, see the module docs."""
+    texts, n = memory.texts, len(memory)
+    words = [_words(t) for t in texts]
+    row_of = {item_id: row for row, item_id in enumerate(memory.ids)}
+    chains: list[list[int]] = [[] for _ in questions]
+    for hop in range(max(hops, default=0)):
+        active = [q for q, h in enumerate(hops) if h > hop and len(chains[q]) < n]
+        if not active:
+            break
+        queries = [questions[q] if hop == 0 else f"{questions[q]} {texts[chains[q][-1]]}" for q in active]
+        scores, ids = memory.search(queries, n)
+        for q, score_row, id_row in zip(active, scores.tolist(), ids.tolist()):
+            novel = _words(texts[chains[q][-1]]) - _words(questions[q]) if chains[q] else set()
+            best, best_score = None, float("-inf")
+            for score, item_id in zip(score_row, id_row):
+                row = row_of[int(item_id)]
+                if row in chains[q]:
+                    continue
+                if weight and novel:
+                    score += weight * len(novel & words[row]) / len(novel)
+                if score > best_score:
+                    best, best_score = row, score
+            chains[q].append(best)
+    return [[texts[row] for row in chain] for chain in chains]
+
+
+def procedure_facts(name: str, memory, questions: list[str], hops: list[int], weight: float = 0.0) -> list[list[str]]:
+    """The fact texts ``name`` (one of :data:`PROCEDURES`) gives each question."""
+    from instructedit_plugin.instructed.memory import all_facts_chain_query, retrieve_subject_chains, retrieve_top_n
+
+    if name == "top_n":
+        chains = retrieve_top_n(memory, questions, hops)
+    elif name == "subject_chain":
+        chains = retrieve_subject_chains(memory, questions, hops)
+    elif name == "chain":
+        chains = memory.retrieve_chains(questions, hops)
+    elif name == "iterative_all":
+        chains = memory.retrieve_chains(questions, hops, None, query_builder=all_facts_chain_query)
+    elif name in ("iterative", "iterative_bridge"):
+        return bridge_chains(memory, questions, hops, weight if name == "iterative_bridge" else 0.0)
+    else:
+        raise RetrievalError(f"procedure: unknown {name!r}. Fix: use one of {', '.join(PROCEDURES)}")
+    return [[s.text for s in chain] for chain in chains]
+
+
+def shared_memory(cases: Sequence, encoder):
+    """One memory holding every case's edit sentences (each identical sentence once)."""
+    from instructedit_plugin.instructed.memory import InstructionMemory
+    from instructedit_plugin.instructed.multihop import _case_instructions
+
+    memory = InstructionMemory(encoder)
+    pairs: dict[str, dict] = {}
+    for case in cases:
+        for text, meta in _case_instructions(case):
+            pairs.setdefault(text, meta)
+    memory.add(list(pairs), list(pairs.values()))
+    return memory
+
+
+def case_recalls(cases: Sequence, memory, name: str, weight: float = 0.0) -> list[list[float]]:
+    """Per case, the recall of each of its questions under procedure ``name``."""
+    from instructedit_plugin.instructed.multihop import edit_instruction
+
+    questions = [q for case in cases for q in case.questions]
+    hops = [len(case.new_single_hops) or len(case.edits) for case in cases for _ in case.questions]
+    facts = iter(procedure_facts(name, memory, questions, hops, weight))
+    out = []
+    for case in cases:
+        edits = {edit_instruction(e) for e in case.edits}
+        out.append([len(set(next(facts)) & edits) / len(edits) for _ in case.questions])
+    return out
+
+
+def recall_with_interval(per_case: list[list[float]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                         ) -> tuple[float, list[float]]:
+    """Recall over all questions (percent) and its 95% percentile bootstrap interval, resampling cases."""
+    import numpy as np
+
+    sums = np.array([sum(v) for v in per_case], dtype=float)
+    counts = np.array([len(v) for v in per_case], dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(per_case), size=(resamples, len(per_case)))
+    means = np.sort(sums[picks].sum(axis=1) / counts[picks].sum(axis=1))
+    value = round(100 * float(sums.sum() / counts.sum()), 1)
+    return value, [round(100 * float(means[int(0.025 * resamples)]), 1),
+                   round(100 * float(means[int(0.975 * resamples) - 1]), 1)]
+
+
+def check_args(sizes: Sequence[int], tune_cases: Sequence[int], n_available: int) -> None:
+    """Refuse sizes the file cannot fill and tuning cases that overlap the evaluated ones."""
+    if not sizes or min(sizes) < 1:
+        raise RetrievalError(f"--sizes: expected positive case counts, got {list(sizes)}. Fix: pass e.g. --sizes 25 50 100")
+    if max(sizes) > n_available:
+        raise RetrievalError(f"--sizes: {max(sizes)} cases asked, the file has {n_available}. Fix: pass smaller --sizes")
+    start, stop = tune_cases
+    if not 0 <= start < stop <= n_available:
+        raise RetrievalError(f"--tune_cases: [{start}, {stop}) is not a range of the file's {n_available} cases. "
+                             "Fix: pass START STOP with 0 <= START < STOP <= the number of cases")
+    if start < max(sizes):
+        raise RetrievalError(f"--tune_cases: starts at case {start}, inside the evaluated first {max(sizes)} cases. "
+                             f"Fix: pass --tune_cases {max(sizes)} {max(sizes) + (stop - start)} or later")
+
+
+def render_markdown(out: dict) -> str:
+    """The markdown table from the JSON alone."""
+    names = out["procedures"]
+    lines = [f"# MQuAKE retrieval recall without a model ({out['encoder']})", "",
+             f"First N cases of `{out['data']}`, one memory of their edits; recall of the case's edited facts among "
+             "those each multi-hop question gets (percent, 95% bootstrap interval over cases).", "",
+             "| cases | facts in memory | questions | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    for size in out["sizes"]:
+        row = out["results"][str(size)]
+        cells = [f"{row['procedures'][p]['recall']:.1f} [{row['procedures'][p]['ci95'][0]:.1f}–"
+                 f"{row['procedures'][p]['ci95'][1]:.1f}]" for p in names]
+        lines.append(f"| {size} | {row['facts']} | {row['questions']} | " + " | ".join(cells) + " |")
+    tuning = out["tuning"]
+    lines += ["", f"`iterative_bridge` weight {tuning['chosen']} picked on cases {tuning['cases'][0]}–"
+              f"{tuning['cases'][1] - 1} (recall by weight: "
+              + ", ".join(f"{w}: {r:.1f}" for w, r in tuning["recall_by_weight"].items()) + ").", "",
+              f"Command: `{out['command']}` ({out['seconds']:.0f} s, {out['date']})."]
+    return "\n".join(lines + notes_lines(out)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--tune_cases", type=int, nargs=2, default=[100, 200], metavar=("START", "STOP"),
+                        help="cases [START, STOP) on which iterative_bridge's weight is picked")
+    parser.add_argument("--bridge_weights", type=float, nargs="+", default=[0.0, 0.3, 0.6])
+    parser.add_argument("--data_dir", default=None, help="data folder (default: INSTRUCTEDIT_DATA_DIR), or the MQuAKE file")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "mquake_retrieval.json"))
+    parser.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
+    parser.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON as notes")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return json.loads(Path(args.out).read_text(encoding="utf-8"))
+    setup_logging()
+    notes = read_notes(args.notes) if args.notes else None
+    command = command_line(SCRIPT, argv)
+    started = time.perf_counter()
+    from instructedit_plugin.data import load_mquake, resolve_data_dir
+    from instructedit_plugin.instructed.encoder import SentenceEncoder
+
+    path = Path(args.data_dir) if args.data_dir and Path(args.data_dir).is_file() else \
+        Path(resolve_data_dir(args.data_dir)) / DATA_FILE
+    cases = list(load_mquake(path))
+    check_args(args.sizes, args.tune_cases, len(cases))
+    encoder = SentenceEncoder()
+    tune = cases[args.tune_cases[0]:args.tune_cases[1]]
+    tune_memory = shared_memory(tune, encoder)
+    by_weight = {}
+    for weight in args.bridge_weights:
+        by_weight[str(weight)] = recall_with_interval(case_recalls(tune, tune_memory, "iterative_bridge", weight))[0]
+        LOG.info("tuning: weight %s -> recall %.1f", weight, by_weight[str(weight)])
+    chosen = float(max(by_weight, key=lambda w: (by_weight[w], -float(w))))
+    results = {}
+    for size in args.sizes:
+        memory = shared_memory(cases[:size], encoder)
+        row = {"facts": len(memory), "questions": sum(len(c.questions) for c in cases[:size]), "procedures": {}}
+        for name in PROCEDURES:
+            recall, ci = recall_with_interval(case_recalls(cases[:size], memory, name, chosen))
+            row["procedures"][name] = {"recall": recall, "ci95": ci}
+        results[str(size)] = row
+        LOG.info("%d cases: %s", size, {p: v["recall"] for p, v in row["procedures"].items()})
+    out = {"benchmark": "mquake_retrieval", "encoder": encoder.name, "data": f"{path.parent.name}/{path.name}",
+           "sizes": list(args.sizes), "procedures": list(PROCEDURES), "results": results,
+           "tuning": {"cases": list(args.tune_cases), "recall_by_weight": by_weight, "chosen": chosen},
+           "seconds": round(time.perf_counter() - started, 1), "date": today(), "command": command}
+    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
+    print(render_markdown(json.loads(json.dumps(out))))
+    print(f"wrote {args.out} and {md_path}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RetrievalError as exc:
+        raise SystemExit(f"mquake_retrieval: {exc}") from None
