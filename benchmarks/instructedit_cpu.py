@@ -89,6 +89,8 @@ PROTOCOLS = {
 SECTIONS = (("tasks", "Seen instruction / baselines"), ("unseen_instruction", "Unseen (held-back) instruction"),
             ("tasks_plain_inputs", "Seen instruction, scored on plain inputs (beside the paper's instructed inputs)"),
             ("unseen_instruction_plain_inputs", "Unseen instruction, scored on plain inputs"))
+#: sections the paper's figures are quoted in (it scores instructed inputs only, never the plain-input sections)
+PAPER_SECTIONS = ("tasks", "unseen_instruction")
 
 
 def _bool(text: str) -> bool:
@@ -330,8 +332,9 @@ def render_markdown(out: dict) -> str:
             for method, cell in per_method.items():
                 lines.append(f"| {task} | {method} | " + " | ".join(_with_ci(cell, m) for m in METRICS)
                              + f" | {_with_ci(cell, 'Score', value=_score(cell))} | {cell.get('n', n.get(task, ''))} |")
-                lines += paper_figures.instructedit_rows(task, method, unseen=section != "tasks")
-        lines += ["", paper_figures.INSTRUCTEDIT_NOTE, ""]
+                if section in PAPER_SECTIONS:
+                    lines += paper_figures.instructedit_rows(task, method, unseen=section == "unseen_instruction")
+        lines += ["", paper_figures.INSTRUCTEDIT_NOTE, ""] if section in PAPER_SECTIONS else [""]
     sent = [(section, method, cell["sentiment"]) for section, _ in SECTIONS
             for per_method in (out.get(section) or {}).values() for method, cell in per_method.items() if cell.get("sentiment")]
     if sent and all("flipped" in s for _, _, s in sent):

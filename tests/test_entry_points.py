@@ -442,6 +442,11 @@ def test_instructedit_cpu_benchmark_max_iters_trains_every_editor_exactly_n_step
     # the markdown shows each interval of the JSON
     rel = out["tasks"]["zsre_holdout"]["instructedit"]
     assert f"| zsre_holdout | instructedit | {rel['Rel']:.2f} [{rel['ci']['Rel'][0]:.2f}, {rel['ci']['Rel'][1]:.2f}] |" in md
+    # the paper's figures are quoted beside the instructed-input tables only (it never scores plain inputs)
+    blocks = {b.split("\n", 1)[0]: b for b in md.split("\n## ")[1:]}
+    assert "*paper: InstructEdit (Table 3" in blocks["Seen instruction / baselines"]
+    assert "*paper: InstructEdit, unseen" in blocks["Unseen (held-back) instruction"]
+    assert not any("*paper:" in b for h, b in blocks.items() if "plain inputs" in h)
     # --render rebuilds the same markdown from the JSON alone
     out_json.with_suffix(".md").unlink()
     assert bench.main(["--render", "--out", str(out_json)]) == 0
