@@ -285,6 +285,13 @@ def row_intervals(summary: dict, release_by_case: list[float]) -> dict[str, list
     }
 
 
+def shown_path(path: str) -> str:
+    """A prefix folder as the report shows it: one shipped inside a checkout of this package from the
+    package folder on (``instructedit_plugin/assets/...``, the same in every clone), any other folder as given."""
+    marker = "instructedit_plugin/assets/"
+    return path[path.index(marker):] if marker in str(path) else path
+
+
 def render_markdown(out: dict) -> str:
     """``<name>.md`` from ``<name>.json`` alone."""
     def cell(value: Any) -> str:
@@ -316,7 +323,7 @@ def render_markdown(out: dict) -> str:
     lines += ["", "Settings: " + "; ".join(f"`{k}` = {SETTINGS[k][3] if k in SETTINGS else k}" for k in out["settings"])
               + f". Multi-hop gate: {out['multihop_gate']}; per-hop (chain) gate {out['retrieval_gate']} over the top "
               f"{out['top_k']}.", "",
-              f"Prefixes: `{out['archive']}`" + (f"; instructed_multihop: `{out['multihop_archive']}`"
+              f"Prefixes: `{shown_path(out['archive'])}`" + (f"; instructed_multihop: `{shown_path(out['multihop_archive'])}`"
                                                   if out.get("multihop_archive") else "") + ".", "",
               f"Command: `{out['command']}` ({out['total_seconds'] / 60:.1f} min in all, torch threads "
               f"{out['threads']}, dtype {out['dtype']})."]

@@ -322,3 +322,12 @@ def test_merge_combines_parallel_runs_of_the_same_cases(tmp_path):
         run.main(["--merge", files[0], str(tmp_path / "d.json"), "--name", "x", "--metrics_save_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="two parts"):
         run.main(["--merge", files[0], files[0], "--name", "x", "--metrics_save_dir", str(tmp_path)])
+
+
+def test_the_report_shows_shipped_prefixes_the_same_from_every_checkout():
+    run = load_script("examples/run_mquake.py", "run_mquake_for_paths")
+    for checkout in ("/work/main", "/tmp/some/clone", "/home/u/wt-branch"):
+        assert run.shown_path(f"{checkout}/instructedit_plugin/assets/instructed/gemma-3-270m") == \
+            "instructedit_plugin/assets/instructed/gemma-3-270m"
+    cached = "/root/.cache/instructedit_plugin/instructed_recipes/242a1c1c757a9d5a/results/best"
+    assert run.shown_path(cached) == cached  # a trained archive elsewhere keeps its full path
