@@ -57,6 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.instructedit_cpu import add_editor_arguments  # noqa: E402  (the shared editor options)
 from benchmarks.results_io import (  # noqa: E402
     bootstrap_ci, command_line, notes_lines, read_notes, today, write_results,
 )
@@ -105,17 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="training steps of every editor of the analysis")
     p.add_argument("--n_test", type=int, default=40, help="test records per task (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    p.add_argument("--max_pairs", type=int, default=2, help="locality/portability prompts scored per key and record")
-    p.add_argument("--layers", default="16,17",
-                   help="decoder layers whose MLP up/down projections are edited; 'yaml': the YAML's inner_params")
-    p.add_argument("--rank", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--edit_lr", type=float, default=1e-6)
-    p.add_argument("--lr_lr", type=float, default=1e-6)
-    p.add_argument("--cedit", type=float, default=1.0)
-    p.add_argument("--cloc", type=float, default=1.0)
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    p.add_argument("--threads", type=int, default=1)
+    add_editor_arguments(p, max_pairs=2, layers_help="decoder layers whose MLP up/down projections are edited; "
+                                                      "'yaml': the YAML's inner_params")
     p.add_argument("--instructions", default="easyedit",
                    help="instruction library: easyedit (the paper's, from --data_dir), plugin, or a path")
     p.add_argument("--convsent_subsample", type=int, default=PAPER_RECORDS["convsent_balanced"],

@@ -113,16 +113,11 @@ def protocol_settings(args: argparse.Namespace) -> dict:
     return {"name": args.protocol, **settings}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
-    p.add_argument("--budget_minutes", type=float, default=15.0, help="CPU training budget for all editors together")
-    p.add_argument("--max_iters", type=int, default=None,
-                   help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
-    p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
-    p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    p.add_argument("--max_pairs", type=int, default=4, help="locality/portability prompts scored per key and record")
-    p.add_argument("--layers", default="16,17", help="decoder layers whose MLP up/down projections are edited")
+def add_editor_arguments(p: argparse.ArgumentParser, *, max_pairs: int,
+                         layers_help: str = "decoder layers whose MLP up/down projections are edited") -> None:
+    """The editor and run options every InstructEdit benchmark shares (this one and ``instructedit_analyses.py``)."""
+    p.add_argument("--max_pairs", type=int, default=max_pairs, help="locality/portability prompts scored per key and record")
+    p.add_argument("--layers", default="16,17", help=layers_help)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--edit_lr", type=float, default=1e-6)
@@ -131,6 +126,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cloc", type=float, default=1.0)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: $INSTRUCTEDIT_DATA_DIR)")
+    p.add_argument("--budget_minutes", type=float, default=15.0, help="CPU training budget for all editors together")
+    p.add_argument("--max_iters", type=int, default=None,
+                   help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
+    p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
+    p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
+    add_editor_arguments(p, max_pairs=4)
     p.add_argument("--no_single_task", action="store_true", help="skip the single-task MEND baseline")
     p.add_argument("--protocol", default="paper", choices=sorted(PROTOCOLS),
                    help="paper: InstructEdit's protocol as EasyEdit runs it; plugin: the earlier setting (see the docstring)")
