@@ -141,8 +141,11 @@ def register() -> Any:
         return info
 
 
-#: EasyEdit's own hparams classes that don't follow the ``<alg_name>HyperParams`` naming.
-_EASYEDIT_HPARAMS_NAMES = {"SERAC": "SERACHparams", "FT-Api": "FTApiHyperParams"}
+#: EasyEdit algorithm names whose hparams class is not ``<alg_name>HyperParams`` (EasyEdit main 14cea82)
+_EASYEDIT_HPARAMS_NAMES = {"SERAC": "SERACHparams", "FT-Api": "FTApiHyperParams", "GRACE": "GraceHyperParams",
+                           "MEMIT-FE": "MEMITFEHyperParams", "R-ROME": "R_ROMEHyperParams",
+                           "ULTRAEDIT": "UltraEditHyperParams", "DeepEdit-Api": "DeepEditApiHyperParams",
+                           "DEFER": "DeferHyperParams"}
 
 
 def hparams_class_for(alg_name: str, training: bool = False) -> type:

@@ -1,11 +1,14 @@
 """Every shipped YAML loads with its class; every invalid field raises a named, actionable error."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 import instructedit_plugin
+from instructedit_plugin.core.config import read_yaml
 from instructedit_plugin.errors import HyperParamsError, PluginError
 from instructedit_plugin.registry import load_hparams
 
@@ -15,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted((REPO / "hparams").rglob("*.yaml"))
 
 
-#: baselines only EasyEdit main has, read by its own ``from_hparams`` (WISE's ``act_margin`` becomes
-#: ``alpha``/``beta``/``gamma`` there) in ``benchmarks/memory_editors.py``
+#: baselines only EasyEdit main has: its own hparams classes build them through the plugin's loader
+#: (WISE's ``act_margin`` split into ``alpha``/``beta``/``gamma`` as main's ``from_hparams`` does);
+#: the PyPI flavour has no such class and says so
 EASYEDIT_MAIN_ONLY = {"GRACE", "WISE"}
 
 
@@ -31,13 +35,35 @@ def test_hparams_folder_is_not_empty():
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO / "hparams")))
 def test_every_shipped_yaml_loads_with_its_class(path):
-    if path.parent.name in EASYEDIT_MAIN_ONLY:
-        pytest.skip(f"{path.parent.name}: EasyEdit main's own loader reads it (benchmarks/memory_editors.py, "
-                    "tests/test_memory_editors.py)")
     training = "TRAINING" in path.parts
+    if path.parent.name in EASYEDIT_MAIN_ONLY and instructedit_plugin.register().flavour != "main":
+        with pytest.raises(PluginError, match=rf"unknown alg_name '{path.parent.name}'.*Fix:"):
+            load_hparams(str(path), training=training)
+        return
     hparams = load_hparams(str(path), training=training)
     alg = getattr(hparams, "alg" if training else "alg_name")
     assert alg == path.parent.name or (training and alg.upper() == path.parent.name.upper())
+    if path.parent.name == "WISE":
+        margin = read_yaml(path)[0]["act_margin"]
+        assert [hparams.alpha, hparams.beta, hparams.gamma] == [float(v) for v in margin]
+
+
+@pytest.mark.parametrize("margin", ["[5.0, 20.0]", "'wide'", "[5.0, big, 10.0]"])
+def test_wise_act_margin_must_be_three_numbers(margin):
+    from instructedit_plugin.compat.hparams_bridge import load_easyedit_hparams
+
+    @dataclasses.dataclass
+    class WISEHyperParams:  # the fields EasyEdit main's class reads act_margin into
+        alg_name: str
+        alpha: float
+        beta: float
+        gamma: float
+
+    good = load_easyedit_hparams(WISEHyperParams, {"alg_name": "WISE", "act_margin": [5, "2e1", 10]})
+    assert (good.alpha, good.beta, good.gamma) == (5.0, 20.0, 10.0)
+    with pytest.raises(HyperParamsError) as info:
+        load_easyedit_hparams(WISEHyperParams, {"alg_name": "WISE", "act_margin": yaml.safe_load(margin)})
+    assert info.value.field == "act_margin" and "Fix:" in str(info.value)
 
 
 def _write(tmp_path, text: str) -> str:
@@ -107,3 +133,22 @@ def test_instructed_training_reads_its_earlier_field_names_with_a_deprecation_wa
     with pytest.raises(HyperParamsError) as info:
         InstructEdTrainingHparams.from_hparams(_write(tmp_path, old + "max_iters: 5\n"))
     assert info.value.field == "max_steps" and "Fix: keep only `max_iters:`" in str(info.value)
+
+
+def test_every_algorithm_of_the_imported_easyedit_has_an_hparams_class():
+    """``load_hparams`` must find the class of every name in EasyEdit's ``ALG_DICT`` (GRACE's is
+    ``GraceHyperParams``, R-ROME's ``R_ROMEHyperParams``, ...), on whichever flavour is imported."""
+    import sys
+
+    from instructedit_plugin.registry import hparams_class_for
+
+    alg_dict = sys.modules["easyeditor.util.alg_dict"].ALG_DICT
+    unresolved = []
+    for name in alg_dict:
+        try:
+            cls = hparams_class_for(name)
+        except PluginError:
+            unresolved.append(name)
+            continue
+        assert dataclasses.is_dataclass(cls), (name, cls)
+    assert not unresolved, f"no hparams class for {unresolved}"

@@ -43,10 +43,33 @@ def _as_number(value: Any) -> Any:
     return value
 
 
+def _split_act_margin(data: dict[str, Any], where: str) -> None:
+    """WISE's YAML gives ``act_margin: [alpha, beta, gamma]``; EasyEdit main's ``from_hparams`` splits it
+    into the dataclass's ``alpha``/``beta``/``gamma`` fields. Done in place, checked first."""
+    if "act_margin" not in data:
+        return
+    margin = data.pop("act_margin")
+    if not (isinstance(margin, (list, tuple)) and len(margin) == 3):
+        raise HyperParamsError("act_margin", f"must be three numbers [alpha, beta, gamma], got {margin!r}",
+                               "write e.g. `act_margin: [5.0, 20.0, 10.0]`", source=where)
+    try:
+        data["alpha"], data["beta"], data["gamma"] = (float(_as_number(v)) for v in margin)
+    except (TypeError, ValueError):
+        raise HyperParamsError("act_margin", f"must be three numbers [alpha, beta, gamma], got {margin!r}",
+                               "write e.g. `act_margin: [5.0, 20.0, 10.0]`", source=where) from None
+
+
+#: what an EasyEdit class's own ``from_hparams`` does to the YAML before building the dataclass
+FROM_HPARAMS_RULES = {"WISEHyperParams": _split_act_margin}
+
+
 def load_easyedit_hparams(cls: type, source: str | os.PathLike | dict, **overrides: Any) -> Any:
     """Build EasyEdit hparams class ``cls`` from a YAML path or dict, plus ``overrides``."""
     data, where = _read(source)
     data.update(overrides)
+    rule = FROM_HPARAMS_RULES.get(cls.__name__)
+    if rule is not None:
+        rule(data, where)
     data = resolve_named_values(data)  # model_name: embedded
     fields = {f.name: f for f in dataclasses.fields(cls)}
     dropped = sorted(set(data) - set(fields))
