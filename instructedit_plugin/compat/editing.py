@@ -9,6 +9,8 @@ evaluate each edit alone), main takes ``sequential_edit`` (True = accumulate).
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,8 +61,16 @@ def make_editor(hparams: Any, model: Any = None, tok: Any = None) -> Any:
         check_editor_hparams(hparams)
         pair = load_local_model(hparams)
         if pair is None:
-            return easyeditor.BaseEditor.from_hparams(hparams)
+            with _easyedit_prints_to_stderr():
+                return easyeditor.BaseEditor.from_hparams(hparams)
         model, tok = pair
     editor = easyeditor.BaseEditor.__new__(easyeditor.BaseEditor)
-    init_on_pair(easyeditor.BaseEditor.__init__, editor, hparams, (model, tok))
+    with _easyedit_prints_to_stderr():
+        init_on_pair(easyeditor.BaseEditor.__init__, editor, hparams, (model, tok))
     return editor
+
+
+def _easyedit_prints_to_stderr() -> contextlib.AbstractContextManager:
+    """``BaseEditor.__init__`` prints (e.g. "We are creating the logger files" when ``./logs`` is new);
+    send that to stderr so a caller's stdout (the command line's results) holds only its own output."""
+    return contextlib.redirect_stdout(sys.stderr)
