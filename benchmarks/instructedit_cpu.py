@@ -113,17 +113,18 @@ def protocol_settings(args: argparse.Namespace) -> dict:
     return {"name": args.protocol, **settings}
 
 
-def add_editor_arguments(p: argparse.ArgumentParser, *, max_pairs: int,
+def add_editor_arguments(p: argparse.ArgumentParser, *, max_pairs: int, layers: str, cedit: float, cloc: float,
                          layers_help: str = "decoder layers whose MLP up/down projections are edited") -> None:
-    """The editor and run options every InstructEdit benchmark shares (this one and ``instructedit_analyses.py``)."""
+    """The editor and run options every InstructEdit benchmark shares (this one and ``instructedit_analyses.py``);
+    each names its own defaults for the edited layers and the loss weights (those of its committed results)."""
     p.add_argument("--max_pairs", type=int, default=max_pairs, help="locality/portability prompts scored per key and record")
-    p.add_argument("--layers", default="16,17", help=layers_help)
+    p.add_argument("--layers", default=layers, help=layers_help)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--edit_lr", type=float, default=1e-6)
     p.add_argument("--lr_lr", type=float, default=1e-6)
-    p.add_argument("--cedit", type=float, default=1.0)
-    p.add_argument("--cloc", type=float, default=1.0)
+    p.add_argument("--cedit", type=float, default=cedit, help="weight of the edit loss")
+    p.add_argument("--cloc", type=float, default=cloc, help="weight of the locality (KL) loss")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
 
@@ -136,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
     p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    add_editor_arguments(p, max_pairs=4)
+    add_editor_arguments(p, max_pairs=4, layers="16,17", cedit=1.0, cloc=1.0)
     p.add_argument("--no_single_task", action="store_true", help="skip the single-task MEND baseline")
     p.add_argument("--protocol", default="paper", choices=sorted(PROTOCOLS),
                    help="paper: InstructEdit's protocol as EasyEdit runs it; plugin: the earlier setting (see the docstring)")
