@@ -23,6 +23,9 @@ Every switch can also be set on its own (``--instructions``, ``--metric_inputs``
 ``--raw_edit_loss``, ``--task_mixing``, ``--convsent_subsample``, ``--convsent_direction``,
 ``--fluency_tokens``); the JSON records the settings used (``protocol``).
 
+``--tasks`` names the test tasks to evaluate and their order; the result files are rewritten after
+each task (a partial file lists ``evaluated_tasks``), so a run stopped early keeps what it finished.
+
 All editors train for the same number of steps: InstructEdit trains for half of
 ``--budget_minutes`` (its steps are the most expensive: the instruction makes
 the inputs 3-4x longer), the baselines for the same step count. Then it edits
