@@ -24,6 +24,7 @@ SCRIPTS = {
     "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
     "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
+    "instructedit_cpu_loc": REPO / "benchmarks" / "instructedit_cpu.py",  # beside-run: last layer, cedit 0.1
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "mquake_cpu_subject_chain": REPO / "examples" / "run_mquake.py",
