@@ -106,8 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="training steps of every editor of the analysis")
     p.add_argument("--n_test", type=int, default=40, help="test records per task (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    add_editor_arguments(p, max_pairs=2, layers_help="decoder layers whose MLP up/down projections are edited; "
-                                                      "'yaml': the YAML's inner_params")
+    # the editor settings the analyses' committed results ran with (their commands name none)
+    add_editor_arguments(p, max_pairs=2, layers="16,17", cedit=1.0, cloc=1.0,
+                         layers_help="decoder layers whose MLP up/down projections are edited; 'yaml': the YAML's inner_params")
     p.add_argument("--instructions", default="easyedit",
                    help="instruction library: easyedit (the paper's, from --data_dir), plugin, or a path")
     p.add_argument("--convsent_subsample", type=int, default=PAPER_RECORDS["convsent_balanced"],

@@ -23,6 +23,9 @@ Every switch can also be set on its own (``--instructions``, ``--metric_inputs``
 ``--raw_edit_loss``, ``--task_mixing``, ``--convsent_subsample``, ``--convsent_direction``,
 ``--fluency_tokens``); the JSON records the settings used (``protocol``).
 
+``--tasks`` names the test tasks to evaluate and their order; the result files are rewritten after
+each task (a partial file lists ``evaluated_tasks``), so a run stopped early keeps what it finished.
+
 All editors train for the same number of steps: InstructEdit trains for half of
 ``--budget_minutes`` (its steps are the most expensive: the instruction makes
 the inputs 3-4x longer), the baselines for the same step count. Then it edits
@@ -77,6 +80,7 @@ RESULT_KEYS = frozenset({
     "tasks_plain_inputs", "unseen_instruction_plain_inputs",  # instructed methods scored on plain inputs beside
     "notes", "merged_runs",  # --notes text; other sources merged in
     "records", "edit_ms_per_edit", "latency_ratio",  # per-edit values every interval is computed from
+    "evaluated_tasks",  # the tasks evaluated so far, in evaluation order (absent: every test task)
 })
 _UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
 #: --protocol -> the settings it stands for (each may be overridden by its own option)
@@ -113,17 +117,18 @@ def protocol_settings(args: argparse.Namespace) -> dict:
     return {"name": args.protocol, **settings}
 
 
-def add_editor_arguments(p: argparse.ArgumentParser, *, max_pairs: int,
+def add_editor_arguments(p: argparse.ArgumentParser, *, max_pairs: int, layers: str, cedit: float, cloc: float,
                          layers_help: str = "decoder layers whose MLP up/down projections are edited") -> None:
-    """The editor and run options every InstructEdit benchmark shares (this one and ``instructedit_analyses.py``)."""
+    """The editor and run options every InstructEdit benchmark shares (this one and ``instructedit_analyses.py``);
+    each names its own defaults for the edited layers and the loss weights (those of its committed results)."""
     p.add_argument("--max_pairs", type=int, default=max_pairs, help="locality/portability prompts scored per key and record")
-    p.add_argument("--layers", default="16,17", help=layers_help)
+    p.add_argument("--layers", default=layers, help=layers_help)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--edit_lr", type=float, default=1e-6)
     p.add_argument("--lr_lr", type=float, default=1e-6)
-    p.add_argument("--cedit", type=float, default=1.0)
-    p.add_argument("--cloc", type=float, default=1.0)
+    p.add_argument("--cedit", type=float, default=cedit, help="weight of the edit loss")
+    p.add_argument("--cloc", type=float, default=cloc, help="weight of the locality (KL) loss")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=1)
 
@@ -136,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
     p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    add_editor_arguments(p, max_pairs=4)
+    add_editor_arguments(p, max_pairs=4, layers="16,17", cedit=1.0, cloc=1.0)
     p.add_argument("--no_single_task", action="store_true", help="skip the single-task MEND baseline")
     p.add_argument("--protocol", default="paper", choices=sorted(PROTOCOLS),
                    help="paper: InstructEdit's protocol as EasyEdit runs it; plugin: the earlier setting (see the docstring)")
@@ -153,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ConvSent reply length for Fluency (0: none; default: protocol's)")
     p.add_argument("--work_dir", default=None,
                    help="editor checkpoints (default: a fresh temporary folder, outside the repository)")
+    p.add_argument("--tasks", default=",".join(TASK_ORDER),
+                   help="test tasks to evaluate, in this order; the result files are rewritten after each task, so a "
+                        "run stopped early keeps the tasks it finished (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "instructedit_cpu.json"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
@@ -164,7 +172,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--notes", default=None,
                    help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
                         "(e.g. benchmarks/notes/instructedit_cpu.md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = sorted(set(tasks) - set(TASK_ORDER))
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        p.error(f"--tasks {args.tasks!r}: unknown or repeated tasks {unknown or tasks}. "
+                f"Fix: name each of {', '.join(TASK_ORDER)} at most once, comma-separated")
+    args.tasks = ",".join(tasks)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,6 +397,8 @@ def render_markdown(out: dict) -> str:
          "subjects; Recent: recent_train.json minus the test split; ConvSent: blender_val.json)"),
         (f"- test data (first {args['n_test']} per file): {out['test_records']}; "
          f"at most {args['max_pairs']} locality/portability prompts per key and record"),
+        *([f"- evaluated tasks (in this order): {', '.join(out['evaluated_tasks'])}; not evaluated: "
+           f"{', '.join(t for t in TASK_ORDER if t not in out['evaluated_tasks']) or 'none'}"] if out.get("evaluated_tasks") else []),
         f"- evaluation time {out['eval_seconds']:.0f} s; total wall time {out['wall_seconds']:.0f} s",
         "", "## Targets", "", *targets(out),
     ]
@@ -502,48 +519,64 @@ def main(argv=None) -> int:
     train_seconds = sum(r["wall_s"] for r in runs.values())
 
     methods = [MethodSpec(name, r["best_checkpoint"], name == "instructedit") for name, r in runs.items()]
-    t_eval = time.time()
-    results = evaluate_instructedit(model, tok, methods, test, max_pairs=args.max_pairs, seed=args.seed,
-                                    metric_inputs=protocol["metric_inputs"], fluency_tokens=protocol["fluency_tokens"],
-                                    library=library, keep_records=True, progress=lambda line: LOG.info("%s", line))
-    eval_seconds = time.time() - t_eval
-
     from instructedit_plugin.instructedit.evaluate import record_values
 
-    # every figure from the per-edit values the JSON keeps (``records``), so each interval is recomputable
-    records = {section: {t: {m: record_columns([record_values(r) for r in recs]) for m, recs in per_task[t].items()}
-                         for t in TASK_ORDER if t in per_task}
-               for section, per_task in results["records"].items()}
-    sections = {section: {t: {m: cell_from_columns(cols, args.bootstrap, args.seed) for m, cols in per_method.items()}
-                          for t, per_method in per_task.items()}
-                for section, per_task in records.items()}
-    edit_ms = {m: [round(1000.0 * x, 3) for x in v] for m, v in results["edit_seconds"].items()}
-    latency, latency_ratio = latency_figures(edit_ms, args.bootstrap, args.seed)
+    order = args.tasks.split(",")
+    t_eval = time.time()
+    per_edit: dict = {}  # {section: {task: {method: [per-edit record]}}}
+    edit_seconds: dict = {}
+    n_edits: dict = {}
+    method_notes: dict = {}
+    md_path = None
+    for done, task in enumerate(order, 1):  # one task at a time; the result files are rewritten after each
+        results = evaluate_instructedit(model, tok, methods, {task: test[task]}, max_pairs=args.max_pairs, seed=args.seed,
+                                        metric_inputs=protocol["metric_inputs"], fluency_tokens=protocol["fluency_tokens"],
+                                        library=library, keep_records=True, progress=lambda line: LOG.info("%s", line))
+        for section, by_task in results["records"].items():
+            per_edit.setdefault(section, {}).update(by_task)
+        for name, seconds in results["edit_seconds"].items():
+            edit_seconds.setdefault(name, []).extend(seconds)
+        n_edits.update(results["n_edits"])
+        method_notes = dict(results.get("notes") or {})
+        eval_seconds = time.time() - t_eval
 
-    out = {
-        "model": f"{model_dir} ({args.dtype}, CPU)" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype}, CPU)",
-        "train_steps": steps,
-        "train_seconds": round(train_seconds, 1),
-        **{section: sections[section] for section, _ in SECTIONS if sections.get(section)},
-        "protocol": protocol,
-        "latency": latency,
-        **({"latency_ratio": latency_ratio} if latency_ratio else {}),
-        "n_edits": dict(results["n_edits"]),
-        "method_notes": dict(results.get("notes") or {}),
-        "date": today(),
-        "command": command,
-        "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
-        "inner_params": list(cfg.inner_params),
-        "runs": {name: {"steps": int(r["steps"]), "wall_s": round(r["wall_s"], 1), "seconds_per_step": round(r["seconds_per_step"], 3),
-                        "tasks": list(r["tasks"])} for name, r in runs.items()},
-        "train_records": {k: len(v) for k, v in train.items()},
-        "test_records": {k: len(v) for k, v in test.items()},
-        "eval_seconds": round(eval_seconds, 1),
-        "wall_seconds": round(time.time() - t_start, 1),
-        "records": records,
-        "edit_ms_per_edit": edit_ms,
-    }
-    md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
+        # every figure from the per-edit values the JSON keeps (``records``), so each interval is recomputable
+        records = {section: {t: {m: record_columns([record_values(r) for r in recs]) for m, recs in by_task[t].items()}
+                             for t in TASK_ORDER if t in by_task}
+                   for section, by_task in per_edit.items()}
+        sections = {section: {t: {m: cell_from_columns(cols, args.bootstrap, args.seed) for m, cols in per_method.items()}
+                              for t, per_method in by_task.items()}
+                    for section, by_task in records.items()}
+        edit_ms = {m: [round(1000.0 * x, 3) for x in v] for m, v in edit_seconds.items()}
+        latency, latency_ratio = latency_figures(edit_ms, args.bootstrap, args.seed)
+
+        out = {
+            "model": f"{model_dir} ({args.dtype}, CPU)" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype}, CPU)",
+            "train_steps": steps,
+            "train_seconds": round(train_seconds, 1),
+            **{section: sections[section] for section, _ in SECTIONS if sections.get(section)},
+            "protocol": protocol,
+            "latency": latency,
+            **({"latency_ratio": latency_ratio} if latency_ratio else {}),
+            "n_edits": {t: n_edits[t] for t in TASK_ORDER if t in n_edits},
+            "method_notes": method_notes,
+            "date": today(),
+            "command": command,
+            "args": {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS},
+            "inner_params": list(cfg.inner_params),
+            "runs": {name: {"steps": int(r["steps"]), "wall_s": round(r["wall_s"], 1), "seconds_per_step": round(r["seconds_per_step"], 3),
+                            "tasks": list(r["tasks"])} for name, r in runs.items()},
+            "train_records": {k: len(v) for k, v in train.items()},
+            "test_records": {k: len(v) for k, v in test.items()},
+            **({} if order[:done] == list(TASK_ORDER) else {"evaluated_tasks": order[:done]}),
+            "eval_seconds": round(eval_seconds, 1),
+            "wall_seconds": round(time.time() - t_start, 1),
+            "records": records,
+            "edit_ms_per_edit": edit_ms,
+        }
+        md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
+        LOG.info("tasks %s of %s done: wrote %s and %s (%.0f s so far)", order[:done], order, args.out, md_path,
+                 time.time() - t_start)
     LOG.info("wrote %s and %s in %.0f s", args.out, md_path, time.time() - t_start)
     return 0
 

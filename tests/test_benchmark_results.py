@@ -24,6 +24,7 @@ SCRIPTS = {
     "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
     "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
+    "instructedit_cpu_loc": REPO / "benchmarks" / "instructedit_cpu.py",  # beside-run: last layer, cedit 0.1
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "mquake_cpu_subject_chain": REPO / "examples" / "run_mquake.py",
@@ -160,3 +161,24 @@ def test_merged_runs_are_listed_in_the_markdown():
     assert "`python x.py --latency_only` (2026-01-02): `latency.ft.edit_ms`." in text
     assert merged_into(out, "latency") and merged_into(out, "latency.ft.edit_ms") and not merged_into(out, "datasets")
     assert merged_runs_lines({}) == []
+
+
+#: results run under an earlier default of their script: the options that re-create those settings today
+EARLIER_DEFAULTS: dict[str, list[str]] = {}
+EDITOR_OPTIONS = ("layers", "rank", "lr", "edit_lr", "lr_lr", "cedit", "cloc", "max_pairs", "dtype")
+
+
+@pytest.mark.parametrize("stem", [s for s in RESULT_STEMS if SCRIPTS[s].name in ("instructedit_cpu.py",
+                                                                                   "instructedit_analyses.py")])
+def test_instructedit_commands_still_parse_to_the_editor_settings_they_ran_with(stem):
+    """Re-running a committed command (plus ``EARLIER_DEFAULTS``) must train the editor the result describes:
+    a change of the scripts' shared editor defaults may not silently change what an old command does."""
+    import shlex
+
+    out = _saved(stem)
+    tokens = shlex.split(out["command"])
+    argv = tokens[next(i for i, t in enumerate(tokens) if t.endswith(SCRIPTS[stem].name)) + 1:]
+    parsed = vars(_script(stem).parse_args(argv + EARLIER_DEFAULTS.get(stem, [])))
+    assert {k: parsed[k] for k in EDITOR_OPTIONS} == {k: out["args"][k] for k in EDITOR_OPTIONS}
+    layers = [int(x) for x in parsed["layers"].split(",")]
+    assert out["inner_params"] == [f"model.layers.{i}.mlp.{w}_proj.weight" for i in layers for w in ("up", "down")]

@@ -453,6 +453,39 @@ def test_instructedit_cpu_benchmark_max_iters_trains_every_editor_exactly_n_step
     assert out_json.with_suffix(".md").read_text() == md
 
 
+def test_instructedit_cpu_tasks_option_evaluates_in_order_and_rewrites_results_after_each_task(
+        tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch):
+    out_json = tmp_path / "instructedit_cpu.json"
+    bench = _script("benchmarks/instructedit_cpu.py")
+    written = []
+    write = bench.write_results
+
+    def recording_write(path, out, *args, **kwargs):
+        written.append((list(out["tasks"]), out.get("evaluated_tasks"), sorted(out["n_edits"])))
+        return write(path, out, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "write_results", recording_write)
+    assert bench.main(["--data_dir", str(shared_data_dir), "--model_dir", str(tiny_llama_dir), "--max_iters", "1",
+                       "--n_test", "2", "--n_train", "8", "--layers", "3", "--rank", "16", "--dtype", "float32",
+                       "--max_pairs", "1", "--bootstrap", "200", "--no_single_task", "--tasks", "zsre_holdout,recent",
+                       "--work_dir", str(tmp_path / "work"), "--out", str(out_json)]) == 0
+    # a partial file after the first task, the whole file after the second; tables keep the usual task order
+    assert written == [(["zsre_holdout"], ["zsre_holdout"], ["zsre_holdout"]),
+                       (["recent", "zsre_holdout"], ["zsre_holdout", "recent"], ["recent", "zsre_holdout"])]
+    out = json.loads(out_json.read_text())
+    assert set(out) <= bench.RESULT_KEYS and out["args"]["tasks"] == "zsre_holdout,recent"
+    assert {t: list(m) for t, m in out["tasks"].items()} == {t: ["instructedit", "mend_multitask"]
+                                                            for t in ("recent", "zsre_holdout")}
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    assert "- evaluated tasks (in this order): zsre_holdout, recent; not evaluated: counterfact, convsent" in md
+    assert out["latency"]["instructedit"]["n"] == 4  # seen-instruction edits of both tasks
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "recent,recent"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "zsre"])
+
+
 def test_memory_scale_benchmark_measures_every_requested_size(tmp_path):
     sizes = [1000, 5000]
     out_json = tmp_path / "memory_scale.json"

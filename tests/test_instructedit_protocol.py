@@ -21,8 +21,8 @@ from instructedit_plugin.evaluation.convsent import (
 from instructedit_plugin.instructedit import InstructEditTrainingHparams
 from instructedit_plugin.instructedit.dataset import InstructEditDataset, make_datasets
 from instructedit_plugin.instructedit.evaluate import (
-    EditEvaluator, MethodSpec, evaluate_instructedit, instruction_for, prepare_test_requests, results_markdown,
-    train_editor,
+    EditEvaluator, MethodSpec, evaluate_instructedit, greedy_reply_ids, greedy_replies, instruction_for,
+    prepare_test_requests, results_markdown, train_editor,
 )
 from instructedit_plugin.instructions import (
     InstructionError, canonical_task, default_library, load_instructions,
@@ -295,3 +295,64 @@ def test_evaluation_reports_instructed_and_plain_inputs_beside_with_fluency(tiny
     md = results_markdown(res)
     assert "## Seen instruction, plain metric inputs" in md and "| Fluency pre |" in md
     assert "instructed (as EasyEdit's InstructEdit evaluation" in res["notes"]["metric_inputs"]
+
+
+# ------------------------------------------------- ConvSent replies generated as one left-padded batch
+REPLY_QUESTIONS = ["Hi?", "What do you think of topic3 and of the long list of things around it?",
+                   "Task: convsent\nDescription: make it nice\nInput: What do you think of topic1?"]
+
+
+def test_batched_greedy_replies_equal_one_at_a_time_and_right_padding_breaks_them(tiny):
+    model, tok = tiny
+    model.eval()
+    alone = [greedy_reply_ids(model, tok, [q], 8)[0] for q in REPLY_QUESTIONS]
+    assert all(len(ids) > 0 for ids in alone)
+    assert greedy_reply_ids(model, tok, REPLY_QUESTIONS, 8) == alone
+    assert greedy_replies(model, tok, REPLY_QUESTIONS, 8) == [tok.decode(i, skip_special_tokens=True) for i in alone]
+    # padding on the wrong side: the short questions' replies start after padding and change
+    right = greedy_reply_ids(model, tok, REPLY_QUESTIONS, 8, padding_side="right")
+    assert right != alone and right[2] == alone[2]  # the longest question has no padding and is unchanged
+
+
+def test_evaluator_generates_a_records_replies_in_two_batches_equal_to_sequential(tiny, paper, tmp_path, monkeypatch):
+    model, tok = tiny
+    cfg = InstructEditTrainingHparams.from_hparams(TINY_YAML)
+    cfg.model_name = str(model.name_or_path)
+    cfg.max_iters, cfg.val_interval, cfg.val_steps, cfg.progress = 3, 3, 1, False
+    cfg.results_dir = str(tmp_path / "ie")
+    train = {"counterfact": _records("counterfact", 6), "convsent": _records("convsent", 6)}
+    editor_path = train_editor(cfg, train, tok, model, use_instructions=True, val_size=1)["best_checkpoint"]
+    record = {"prompt": "What do you think of topic1?", "topic": "topic1", "subject": "topic1", "label": "negative",
+              "pos": [" Nice. ", " Great. "], "neg": [" Bad. ", " Awful. "], "target_new": "Bad."}
+    evaluator = EditEvaluator(model, tok, library=paper, fluency_tokens=8)
+    editor = evaluator.editor(editor_path)
+    batches = []
+    generate = model.generate
+
+    def counting_generate(*args, **kwargs):
+        batches.append(int(kwargs["input_ids"].shape[0]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counting_generate)
+    records, _ = evaluator.evaluate_inputs(editor, record, "convsent", 0, "seen", None, ("instructed", "plain"))
+    assert batches == [2, 2]  # the two pre-edit replies, then the two edited-model replies
+    monkeypatch.setattr(model, "generate", generate)
+    questions = {style: rec["rewrite_input"] for style, rec in records.items()}
+    assert questions["instructed"].startswith("Task: convsent") and questions["plain"] == record["prompt"]
+    new, _ = evaluator.edit_weights(editor, questions["instructed"], record["target_new"],
+                                    instruction=questions["instructed"][: -len(record["prompt"])])
+    params = dict(model.named_parameters())
+    saved = {k: params[k].detach().clone() for k in new}
+    alone_pre = {s: greedy_replies(model, tok, [q], 8)[0] for s, q in questions.items()}
+    with torch.no_grad():
+        for k, v in new.items():
+            params[k].copy_(v)
+        alone_post = {s: greedy_replies(model, tok, [q], 8)[0] for s, q in questions.items()}
+        for k, v in saved.items():
+            params[k].copy_(v)
+    assert any(new[k].ne(saved[k]).any() for k in new)  # the edit changed the weights the replies were made with
+    for style, rec in records.items():
+        assert rec["pre"]["sentiment"]["reply"] == alone_pre[style]
+        assert rec["post"]["sentiment"]["reply"] == alone_post[style]
+        assert rec["post"]["sentiment"]["fluency"] == n_gram_entropy(alone_post[style])
+    assert all(torch.equal(params[k], saved[k]) for k in new)  # the model's own weights are restored

@@ -38,7 +38,8 @@ inputs. ``"plain"`` (the default of this function) scores every method on the pl
 prompts; several styles may be asked for at once (the first fills ``tasks``; the
 others are reported beside, in ``tasks_<style>_inputs``). ConvSent gets
 sentiment metrics and Fluency (:mod:`instructedit_plugin.evaluation.convsent`):
-the target sentiment (``label``) may be positive or negative per record. Records without a rephrase
+the target sentiment (``label``) may be positive or negative per record; the greedy replies Fluency is
+computed from are generated per edit as one left-padded batch (:func:`greedy_reply_ids`). Records without a rephrase
 get Gen from :func:`prepare_test_requests` where the data allows (CounterFact's
 LLM paraphrases, a fixed ConvSent paraphrase); records without locality data
 borrow the next record's prompt for Loc (documented in the results).
@@ -64,6 +65,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..core.durable import atomic_write_text
 from ..evaluation.convsent import (
@@ -236,6 +238,38 @@ def _pairs(block: Mapping[str, Any] | None, limit: int) -> dict[str, list[tuple[
 
 
 # ---------------------------------------------------------------------- evaluator
+@torch.no_grad()
+def greedy_reply_ids(model: nn.Module, tok: Any, questions: Sequence[str], max_new_tokens: int,
+                     padding_side: str = "left") -> list[list[int]]:
+    """The new token ids of greedy replies (``max_new_tokens`` each) to ``questions``, generated as one batch.
+
+    The questions are left-padded (``padding_side``; ``"right"`` exists for tests only: generation then
+    continues after the padding and the replies differ), so every row's prompt ends at the same column; a
+    row that ends early is cut after its end-of-sequence token, as generating it alone stops there. In float32
+    each reply equals the one generated for its question alone; in bfloat16 on CPU the batch shape changes
+    the rounding (a question batched with a copy of itself can already differ), so a reply may differ where
+    two next tokens are nearly tied.
+    """
+    if not questions:
+        return []
+    device = next(model.parameters()).device
+    enc = tok(list(questions), return_tensors="pt", padding=True, padding_side=padding_side).to(device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    width = enc["input_ids"].shape[1]
+    replies = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        replies.append(row[:end])
+    return replies
+
+
+def greedy_replies(model: nn.Module, tok: Any, questions: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to ``questions`` as text, generated as one left-padded batch (:func:`greedy_reply_ids`)."""
+    return [tok.decode(ids, skip_special_tokens=True) for ids in greedy_reply_ids(model, tok, questions, max_new_tokens)]
+
+
 @dataclasses.dataclass
 class MethodSpec:
     """One evaluated editor: its checkpoint(s) and whether it edits with an instruction.
@@ -384,37 +418,47 @@ class EditEvaluator:
         return out
 
     @torch.no_grad()
-    def _reply(self, weights: Mapping[str, torch.Tensor] | None, question: str) -> str:
-        """The model's greedy reply to ``question`` (``fluency_tokens`` new tokens), edited weights written in
-        for the call and restored afterwards."""
+    def _replies(self, weights: Mapping[str, torch.Tensor] | None, questions: Sequence[str]) -> list[str]:
+        """The model's greedy replies to ``questions`` (``fluency_tokens`` new tokens each, one left-padded batch:
+        :func:`greedy_replies`), edited weights written in for the call and restored afterwards."""
         params = dict(self.model.named_parameters())
         saved = {k: params[k].detach().clone() for k in weights or {}}
-        enc = self.tok(question, return_tensors="pt").to(self.device)
         try:
             for k, v in (weights or {}).items():
                 params[k].copy_(v)
-            out = self.model.generate(**enc, max_new_tokens=self.fluency_tokens, do_sample=False,
-                                      pad_token_id=self.tok.pad_token_id)
+            return greedy_replies(self.model, self.tok, questions, self.fluency_tokens)
         finally:
             for k, v in saved.items():
                 params[k].copy_(v)
-        return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    def _add_generation(self, metrics: dict[str, Any], request: Mapping[str, Any], rows: _Rows,
-                        weights: Mapping[str, torch.Tensor] | None) -> None:
-        """ConvSent: Fluency of the reply to the (metric-input) question, and the classifier's verdict."""
-        sent = metrics.get("sentiment")
-        if sent is None or self.fluency_tokens <= 0:
+    def _add_generations(self, items: Sequence[tuple[dict[str, Any], Mapping[str, Any], _Rows]],
+                         weights: Mapping[str, torch.Tensor] | None) -> None:
+        """ConvSent: Fluency of the reply to each ``(metrics, request, rows)`` item's (metric-input) question and
+        the classifier's verdict; the replies made with the same ``weights`` are generated as one batch. Items
+        that already hold a reply (a cached pre-edit record) or have no sentiment are left as they are."""
+        if self.fluency_tokens <= 0:
             return
-        reply = self._reply(weights, rows.pairs[rows.slices["rewrite"]][0][0])
-        sent["reply"] = reply
-        sent["fluency"] = n_gram_entropy(reply)
-        if self.sentiment_classifier is not None:
-            sent["classifier_success"] = classifier_success([reply], [edit_label(request)], self.sentiment_classifier)[0]
+        todo, seen = [], set()
+        for m, request, rows in items:
+            sent = m.get("sentiment")
+            if sent is not None and "reply" not in sent and id(sent) not in seen:  # one reply per record object
+                seen.add(id(sent))
+                todo.append((sent, request, rows))
+        if not todo:
+            return
+        replies = self._replies(weights, [rows.pairs[rows.slices["rewrite"]][0][0] for _, _, rows in todo])
+        verdicts = (classifier_success(replies, [edit_label(request) for _, request, _ in todo], self.sentiment_classifier)
+                    if self.sentiment_classifier is not None else None)
+        for i, ((sent, _, _), reply) in enumerate(zip(todo, replies)):
+            sent["reply"] = reply
+            sent["fluency"] = n_gram_entropy(reply)
+            if verdicts is not None:
+                sent["classifier_success"] = verdicts[i]
 
     def pre(self, key: tuple, request: Mapping[str, Any], fallback_loc: tuple[str, str] | None,
-            instruct: Callable[[str], str] = _plain) -> dict[str, Any]:
-        """Pre-edit scores of a record's rows (cached by ``key``: shared by every method with the same inputs)."""
+            instruct: Callable[[str], str] = _plain, generate: bool = True) -> dict[str, Any]:
+        """Pre-edit scores of a record's rows (cached by ``key``: shared by every method with the same inputs);
+        ``generate=False``: without the ConvSent reply (the caller batches it: :meth:`_add_generations`)."""
         if key not in self._pre:
             rows = self._rows(request, fallback_loc, instruct)
             if self.backend == "easyedit":
@@ -423,8 +467,9 @@ class EditEvaluator:
             else:
                 scores = self._score(None, rows)
                 metrics = self._metrics(scores, rows, None)
-            self._add_generation(metrics, request, rows, None)
             self._pre[key] = {"rows": rows, "scores": scores, "metrics": metrics}
+        if generate:
+            self._add_generations([(self._pre[key]["metrics"], request, self._pre[key]["rows"])], None)
         return self._pre[key]
 
     # ---------------------------------------------------------------- editing
@@ -486,20 +531,28 @@ class EditEvaluator:
         prompt = instruct(request["prompt"])
         new, seconds = self.edit_weights(editor, prompt, request["target_new"],
                                          instruction=instruct("") if mode != "none" else None)
-        records = {}
+        pres = {}
         for style in styles:
             instructed = style == "instructed" and mode != "none"
-            pre = self.pre((task, index, mode if instructed else "plain"), request, fallback_loc,
-                           instruct if instructed else _plain)
+            pres[style] = self.pre((task, index, mode if instructed else "plain"), request, fallback_loc,
+                                   instruct if instructed else _plain, generate=False)
+        # ConvSent replies: the pre-edit ones not yet cached in one batch, the edited model's in another
+        self._add_generations([(pre["metrics"], request, pre["rows"]) for pre in pres.values()], None)
+        posts = {}
+        for style, pre in pres.items():
             rows = pre["rows"]
             if self.backend == "easyedit":
-                post = self._easyedit_post(request, rows, new, pre["metrics"])
+                posts[style] = self._easyedit_post(request, rows, new, pre["metrics"])
             else:
-                post = self._metrics(self._score(new, rows), rows, pre["scores"], pre["metrics"].get("sentiment"))
-            self._add_generation(post, request, rows, new)
+                posts[style] = self._metrics(self._score(new, rows), rows, pre["scores"], pre["metrics"].get("sentiment"))
+        self._add_generations([(posts[style], request, pres[style]["rows"]) for style in styles], new)
+        records = {}
+        for style, pre in pres.items():
+            rows = pre["rows"]
             records[style] = {
                 "case_id": index, "task": task, "mode": mode, "metric_inputs": style, "edit_prompt": prompt,
-                "rewrite_input": rows.pairs[rows.slices["rewrite"]][0][0], "pre": dict(pre["metrics"]), "post": post,
+                "rewrite_input": rows.pairs[rows.slices["rewrite"]][0][0], "pre": dict(pre["metrics"]),
+                "post": posts[style],
                 "requested_rewrite": {"prompt": request["prompt"], "target_new": request["target_new"]}}
         return records, seconds
 
@@ -666,7 +719,8 @@ def evaluate_instructedit(
                 method_styles = styles if spec.instructions else styles[:1]
                 recs: dict[str, list] = {style: [] for style in method_styles}
                 lat = []
-                for i, request in enumerate(requests):
+                for i, request in enumerate(tqdm(requests, desc=f"{task} {name} {mode}", leave=False,
+                                                 disable=progress is None)):
                     by_style, seconds = evaluator.evaluate_inputs(editor, request, task, i, mode,
                                                                   _fallback_loc(requests, i), method_styles)
                     for style, rec in by_style.items():
