@@ -159,6 +159,17 @@ def recall_with_interval(per_case: list[list[float]], resamples: int = BOOTSTRAP
                    round(100 * float(means[int(0.975 * resamples) - 1]), 1)]
 
 
+def wilson_over_facts(per_case: list[list[float]], facts_per_case: list[int]) -> tuple[int, int, list[float]]:
+    """``(found, asked, [low, high])``: the (question, fact) pairs found over all questions and their 95% Wilson
+    interval in percent (pairs of one case are not independent: narrower than the bootstrap over cases)."""
+    from scipy.stats import binomtest
+
+    found = round(sum(sum(v) * n for v, n in zip(per_case, facts_per_case)))
+    asked = sum(len(v) * n for v, n in zip(per_case, facts_per_case))
+    ci = binomtest(found, asked).proportion_ci(confidence_level=0.95, method="wilson")
+    return found, asked, [round(100 * float(ci.low), 1), round(100 * float(ci.high), 1)]
+
+
 def check_args(sizes: Sequence[int], tune_cases: Sequence[int], n_available: int,
                retriever_cases: Sequence[int] | None = None) -> None:
     """Refuse sizes the file cannot fill, and tuning or retriever training cases that overlap the evaluated ones
@@ -198,6 +209,15 @@ def render_markdown(out: dict) -> str:
         cells = [f"{row['procedures'][p]['recall']:.1f} [{row['procedures'][p]['ci95'][0]:.1f}–"
                  f"{row['procedures'][p]['ci95'][1]:.1f}]" for p in names]
         lines.append(f"| {size} | {row['facts']} | {row['questions']} | " + " | ".join(cells) + " |")
+    if all("wilson95" in out["results"][str(size)]["procedures"][p] for size in out["sizes"] for p in names):
+        lines += ["", "The same recalls with 95% Wilson intervals over the (question, fact) pairs found / asked (a case's "
+                  "questions share its facts, so these are narrower than the bootstrap over cases):", "",
+                  "| cases | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+        for size in out["sizes"]:
+            row = out["results"][str(size)]["procedures"]
+            lines.append(f"| {size} | " + " | ".join(
+                f"{row[p]['recall']:.1f} [{row[p]['wilson95'][0]:.1f}–{row[p]['wilson95'][1]:.1f}] "
+                f"({row[p]['facts_found']}/{row[p]['facts_asked']})" for p in names) + " |")
     tuning = out["tuning"]
     lines += ["", f"`iterative_bridge` weight {tuning['chosen']} picked on cases {tuning['cases'][0]}–"
               f"{tuning['cases'][1] - 1} (recall by weight: "
@@ -330,8 +350,11 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"facts": len(memory), "questions": sum(len(c.questions) for c in cases[:size]), "procedures": {}}
         for name in procedures:
             use = trained_memory if name in TRAINED_PROCEDURES else memory
-            recall, ci = recall_with_interval(case_recalls(cases[:size], use, name, chosen))
-            row["procedures"][name] = {"recall": recall, "ci95": ci}
+            per_case = case_recalls(cases[:size], use, name, chosen)
+            recall, ci = recall_with_interval(per_case)
+            found, asked, wilson = wilson_over_facts(per_case, [len(c.edits) for c in cases[:size]])
+            row["procedures"][name] = {"recall": recall, "ci95": ci, "wilson95": wilson, "facts_found": found,
+                                       "facts_asked": asked}
         results[str(size)] = row
         LOG.info("%d cases: %s", size, {p: v["recall"] for p, v in row["procedures"].items()})
     out = {"benchmark": "mquake_retrieval", "encoder": encoder.name, "data": f"{path.parent.name}/{path.name}",

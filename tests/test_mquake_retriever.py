@@ -212,3 +212,10 @@ def test_the_benchmark_adds_the_trained_rows(tmp_path, trained):
     assert saved["retriever"]["training_case_ids"] == [c.case_id for c in TRAINING]
     md = (tmp_path / "mquake_retrieval.md").read_text(encoding="utf-8")
     assert md == mr.render_markdown(saved) and "trained_iterative" in md
+
+
+def test_wilson_interval_over_question_fact_pairs():
+    mr = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "mquake_retrieval.py")
+    found, asked, (low, high) = mr.wilson_over_facts([[1.0, 0.5], [0.25, 0.0]], [4, 4])
+    assert (found, asked) == (7, 16) and low < 100 * 7 / 16 < high
+    assert mr.wilson_over_facts([[1.0] * 3] * 25, [4] * 25)[2] == [98.7, 100.0]  # 300 of 300: Wilson, not [100, 100]
