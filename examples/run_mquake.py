@@ -386,6 +386,13 @@ def render_saved(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_key(out: dict, key: str) -> Any:
+    """What ``--merge`` compares of ``key``: the prefixes shipped in the package as :func:`shown_path` shows them
+    (the same asset from any checkout), everything else as saved."""
+    value = out.get(key)
+    return shown_path(value) if key == "archive" and isinstance(value, str) else value
+
+
 def merge_saved(args: argparse.Namespace) -> int:
     """``--merge``: one ``<name>.json`` from parts this script wrote for the same cases; the first part's command
     stays ``command``, every other part is a ``merged_runs`` entry naming its command and rows."""
@@ -393,7 +400,7 @@ def merge_saved(args: argparse.Namespace) -> int:
     out = json.loads(json.dumps(parts[0][1]))
     out.pop("notes", None)
     for path, part in parts[1:]:
-        differ = [key for key in MERGE_SAME if part.get(key) != out.get(key)]
+        differ = [key for key in MERGE_SAME if _merge_key(part, key) != _merge_key(out, key)]
         if differ:
             raise SystemExit(f"run_mquake: --merge: {path} differs from {parts[0][0]} in {', '.join(differ)}. "
                              "Fix: merge only runs of the same cases, model and scoring")
