@@ -12,6 +12,11 @@ Settings (``--settings``, a comma-separated list; one table row per setting and 
 * ``shared_subject_chain`` (this plugin's option, same memory): N facts, hop 1 the question's best
   fact, each next one the fact about the previous fact's new object (the stored edit's ``subject``)
   closest to the question -- retrieval that follows the chain of edited entities;
+* ``shared_iterative`` (same memory): N facts, ungated, hop ``k`` queried with the question followed by every
+  fact retrieved at hops ``< k`` -- reads only the question and the memory; with ``--retriever FOLDER`` the
+  memory's encoder is a retriever fine-tuned for that query on MQuAKE cases disjoint from the evaluated
+  ones (``benchmarks/mquake_retrieval.py --train_retriever``,
+  :mod:`~instructedit_plugin.instructed.retriever_training`; refused when it was trained on an evaluated case);
 * ``shared_chain``: the same memory, one fact per hop through the std gate (the old ``--shared_memory``);
 * ``oracle`` ("oracle memory", the old default): a fresh memory per case holding only that case's own
   edits (no distractors: the memory itself says which facts belong to the question), one gated fact per
@@ -87,6 +92,8 @@ DEFAULT_METHODS = ("instructed", "in_context", "unedited")
 SETTINGS: dict[str, tuple[bool, str, str, str]] = {
     "shared_top_n": (True, "top_n", "question", "paper: one memory, top-N facts per question"),
     "shared_subject_chain": (True, "subject_chain", "question", "one memory, subject-chained N facts (option)"),
+    "shared_iterative": (True, "iterative", "question",
+                         "one memory, N facts, hop k queried with the question + the facts retrieved so far"),
     "shared_chain": (True, "chain", "question", "one memory, one gated fact per hop"),
     "oracle": (False, "chain", "own", "oracle memory: per case, its own edits only"),
 }
@@ -124,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    + ", plus instructed_multihop with --multihop_archive/--train_multihop)")
     p.add_argument("--settings", default="shared_top_n",
                    help="comma-separated subset of " + ",".join(SETTINGS) + " (default: shared_top_n, the paper's)")
+    p.add_argument("--retriever", default=None,
+                   help="the instruction memory's encoder for retrieval: a retriever archive (benchmarks/mquake_retrieval.py "
+                        "--train_retriever); default: the YAML's encoder. Refused when trained on an evaluated case")
     p.add_argument("--multihop_gate", type=float, default=None,
                    help="shared_top_n: a question whose std gate over its top-k scores stays shut gets no facts "
                         "(default: off, as in the paper and the release)")
@@ -292,6 +302,18 @@ def shown_path(path: str) -> str:
     return path[path.index(marker):] if marker in str(path) else path
 
 
+def shown_retriever(folder: str | None) -> str | None:
+    """A retriever archive as the report shows it: under the plugin cache from there on, any other folder as given."""
+    if folder is None:
+        return None
+    from instructedit_plugin.models.cache import cache_dir
+
+    try:
+        return "<plugin cache>/" + Path(folder).resolve().relative_to(cache_dir().resolve()).as_posix()
+    except ValueError:
+        return folder
+
+
 def render_markdown(out: dict) -> str:
     """``<name>.md`` from ``<name>.json`` alone."""
     def cell(value: Any) -> str:
@@ -320,7 +342,10 @@ def render_markdown(out: dict) -> str:
             if setting == "shared_top_n":  # the paper's setting: its figure beside ours
                 lines += paper_figures.mquake_rows(name)
     lines += ["", paper_figures.MQUAKE_NOTE]
-    lines += ["", "Settings: " + "; ".join(f"`{k}` = {SETTINGS[k][3] if k in SETTINGS else k}" for k in out["settings"])
+    retrievers = {k: (out["evaluation_config"].get(k) or {}).get("retriever") for k in out["settings"]}
+    lines += ["", "Settings: " + "; ".join(f"`{k}` = {SETTINGS[k][3] if k in SETTINGS else k}"
+                                          + (f" (retriever: `{retrievers[k]}`)" if retrievers.get(k) else "")
+                                          for k in out["settings"])
               + f". Multi-hop gate: {out['multihop_gate']}; per-hop (chain) gate {out['retrieval_gate']} over the top "
               f"{out['top_k']}.", "",
               f"Prefixes: `{shown_path(out['archive'])}`" + (f"; instructed_multihop: `{shown_path(out['multihop_archive'])}`"
@@ -361,6 +386,13 @@ def render_saved(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_key(out: dict, key: str) -> Any:
+    """What ``--merge`` compares of ``key``: the prefixes shipped in the package as :func:`shown_path` shows them
+    (the same asset from any checkout), everything else as saved."""
+    value = out.get(key)
+    return shown_path(value) if key == "archive" and isinstance(value, str) else value
+
+
 def merge_saved(args: argparse.Namespace) -> int:
     """``--merge``: one ``<name>.json`` from parts this script wrote for the same cases; the first part's command
     stays ``command``, every other part is a ``merged_runs`` entry naming its command and rows."""
@@ -368,7 +400,7 @@ def merge_saved(args: argparse.Namespace) -> int:
     out = json.loads(json.dumps(parts[0][1]))
     out.pop("notes", None)
     for path, part in parts[1:]:
-        differ = [key for key in MERGE_SAME if part.get(key) != out.get(key)]
+        differ = [key for key in MERGE_SAME if _merge_key(part, key) != _merge_key(out, key)]
         if differ:
             raise SystemExit(f"run_mquake: --merge: {path} differs from {parts[0][0]} in {', '.join(differ)}. "
                              "Fix: merge only runs of the same cases, model and scoring")
@@ -442,12 +474,22 @@ def main(argv: list[str] | None = None) -> int:
              if args.notes else None)
     if not cases:
         raise SystemExit(f"run_mquake: no cases in {path}")
+    retriever = None
+    if args.retriever:  # refused before any model is loaded when it was trained on an evaluated case
+        from instructedit_plugin.instructed.retriever_training import check_retriever_disjoint
+
+        check_retriever_disjoint(args.retriever, cases)
+        retriever = str(Path(args.retriever).resolve())
     hp = editing_hparams(args)
     multihop_archive, multihop_training = (multihop_prefixes(args, cases, str(hp.model_name))
                                            if "instructed_multihop" in methods else (None, None))
     model, tok = load_causal_lm(hp.model_name, dtype=args.dtype)
     model.to(resolve_device(hp.device)).eval()
     fns, encoder = answer_functions(model, tok, hp, args, methods, multihop_archive)
+    if retriever is not None:
+        from instructedit_plugin.instructed.encoder import SentenceEncoder
+
+        encoder = SentenceEncoder(retriever)  # the memory's encoder; the model's own stays as it is
 
     results: dict[str, dict] = {}
     ci95: dict[str, dict] = {}
@@ -472,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             s = result.summary
             results[setting][name] = {"Por_Nhop": s["por_paper"], "Hop-Acc": s["hop_acc"], **s}
             ci95[setting][name] = row_intervals(s, [r.release_acc for r in result.records if r.release_acc is not None])
-            config[setting] = result.config
+            config[setting] = {**result.config, "retriever": shown_retriever(retriever)}
             records[setting][name] = result.to_dict()["records"]
             LOG.info("%s / %s: Por_Nhop %s (release %s, case %s), Hop-Acc %s, recall %s (%.0fs)", setting, name,
                      s["por_paper"], s["por_release"], s["por"], s["hop_acc"], s["retrieval_recall"],

@@ -187,3 +187,28 @@ def test_run_mquake_two_hop_answer_needs_both_facts_in_memory(instructed_world, 
     assert full["correct"] and not no_first["correct"], records["instructed"]
     assert full["questions"][0]["instructions"] == [FACT1, FACT2]
     assert summary["methods"]["instructed"]["por"] >= 100 / 3 - 0.01  # any of its questions (MQuAKE)
+
+
+def test_run_mquake_shared_iterative_with_a_trained_retriever(instructed_world, mquake_file, tmp_path):  # noqa: F811
+    """``--settings shared_iterative --retriever FOLDER``: one memory, N facts per question from the question and
+    the facts so far, searched with the retriever's encoder (recorded in the row's configuration and the
+    table); a retriever trained on an evaluated case is refused before any model is loaded."""
+    from instructedit_plugin.errors import RequestError
+    from instructedit_plugin.instructed.retriever_training import MANIFEST, RetrieverConfig, train_retriever
+
+    from .test_mquake_retriever import TRAINING
+
+    run = _load_example("run_mquake")
+    folder = train_retriever(TRAINING, [], RetrieverConfig(steps=0), cache_dir=tmp_path / "cache", progress=False)
+    summary, records = _run_mquake(instructed_world, mquake_file, tmp_path / "out", "--methods", "instructed",
+                                   "--no_single_hops", "--retriever", str(folder), setting="shared_iterative")
+    assert summary["evaluation_config"]["shared_iterative"]["retrieval"] == "iterative"
+    assert summary["evaluation_config"]["shared_iterative"]["retriever"] == str(folder.resolve())
+    assert f"(retriever: `{folder.resolve()}`)" in (tmp_path / "out" / "mq.md").read_text()
+    full = records["instructed"][0]
+    assert all(len(q["instructions"]) == 2 and q["instructions"][0] == FACT1 for q in full["questions"]), full
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    (leaky / MANIFEST).write_text(json.dumps({"key": "x", "training": {"case_ids": [7, 2]}}))
+    with pytest.raises(RequestError, match=r"was trained on 1 of the evaluated MQuAKE cases \(case_id 2\)\. Fix:"):
+        run.main(["--hparams_dir", "does/not/matter.yaml", "--data_dir", str(mquake_file), "--retriever", str(leaky)])

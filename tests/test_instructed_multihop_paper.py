@@ -324,6 +324,24 @@ def test_merge_combines_parallel_runs_of_the_same_cases(tmp_path):
         run.main(["--merge", files[0], files[0], "--name", "x", "--metrics_save_dir", str(tmp_path)])
 
 
+def test_merge_takes_the_shipped_prefixes_of_two_checkouts_as_the_same(tmp_path):
+    """Parts run from two worktrees name the package's prefixes by two absolute paths: they merge; two
+    different trained archives do not."""
+    run = load_script("examples/run_mquake.py", "run_mquake_for_merge_paths")
+    shipped = "instructedit_plugin/assets/instructed/gemma-3-270m"
+    parts = {"a": _part("shared_top_n", "instructed", archive=f"/work/wt-one/{shipped}"),
+             "b": _part("shared_iterative", "instructed", archive=f"/work/wt-two/{shipped}"),
+             "c": _part("oracle", "instructed", archive="/root/.cache/other/results/best")}
+    for stem, part in parts.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(part))
+    assert run.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "ab",
+                     "--metrics_save_dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "ab.json").read_text())["settings"] == ["shared_top_n", "shared_iterative"]
+    with pytest.raises(SystemExit, match=r"differs from .* in archive\. Fix:"):
+        run.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--name", "ac",
+                  "--metrics_save_dir", str(tmp_path)])
+
+
 def test_the_report_shows_shipped_prefixes_the_same_from_every_checkout():
     run = load_script("examples/run_mquake.py", "run_mquake_for_paths")
     for checkout in ("/work/main", "/tmp/some/clone", "/home/u/wt-branch"):

@@ -22,7 +22,8 @@ Retrieval (``retrieval``, see :mod:`.memory.chains`)
 ----------------------------------------------------
 ``"top_n"`` (the paper's): one search with the question, its N best facts (N = the case's hop
 count) as one instruction, no gate. ``"subject_chain"``: N facts, each next one about the previous
-fact's new object. ``"chain"`` (:func:`retrieve_facts_for_question`, the default of
+fact's new object. ``"iterative"``: N facts, ungated, hop i queried with the question
+followed by every fact so far (the query of a trained retriever). ``"chain"`` (:func:`retrieve_facts_for_question`, the default of
 :func:`evaluate_multihop`): one fact per hop, from the question alone -- never from the gold single-hop
 decomposition (``new_single_hops``), whose questions name the intermediate
 entities and would leak the answer path:
@@ -82,6 +83,7 @@ from .memory import (
     InstructionMemory,
     SelectedInstruction,
     default_chain_query,
+    retrieve_iterative,
     retrieve_subject_chains,
     retrieve_top_n,
 )
@@ -362,6 +364,8 @@ def _question_facts(memory: InstructionMemory, questions: list[str], hops: int, 
         return retrieve_top_n(memory, questions, hops, multihop_gate, top_k)
     if retrieval == "subject_chain":
         return retrieve_subject_chains(memory, questions, hops)
+    if retrieval == "iterative":
+        return retrieve_iterative(memory, questions, hops)
     return memory.retrieve_chains(questions, hops, gate, top_k, query_builder=query_builder, pad_score=pad_score)
 
 
@@ -402,7 +406,7 @@ def evaluate_multihop(
         gate, top_k, pad_score: the selection gate (see :mod:`.memory`) of ``retrieval="chain"`` and of
             the sub-questions' own retrieval (``hop_instructions="own"``).
         retrieval: ``"chain"`` (one gated fact per hop), ``"top_n"`` (the paper's: the N best facts for
-            the question, N = hops) or ``"subject_chain"``; see :mod:`.memory.chains`.
+            the question, N = hops), ``"subject_chain"`` or ``"iterative"``; see :mod:`.memory.chains`.
         multihop_gate: ``top_n`` only: None (paper, release) gives every question its N facts; a
             threshold gives none to a question whose std gate over its top-k scores stays shut.
         hop_instructions: ``"own"`` or ``"question"`` (Hop-Acc with the instruction retrieved for the

@@ -7,7 +7,7 @@ One module per job:
 * :mod:`.calibration` -- fitting the gate's threshold on held-out questions (``instructedit calibrate-gate``);
 * :mod:`.index` -- exact torch / exact FAISS / approximate FAISS (IVF-SQ8) search, :func:`recall_at_1`;
 * :mod:`.persistence` -- the saved folder (one manifest, ``durable.commit_folder``);
-* :mod:`.chains` -- multi-hop retrieval (the paper's top-N facts, subject-chained, or one gated fact per hop).
+* :mod:`.chains` -- multi-hop retrieval (the paper's top-N facts, subject-chained, iterative, or one gated fact per hop).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .chains import (
     all_facts_chain_query,
     default_chain_query,
     retrieve_chains,
+    retrieve_iterative,
     retrieve_subject_chains,
     retrieve_top_n,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "gate_spread",
     "recall_at_1",
     "retrieve_chains",
+    "retrieve_iterative",
     "retrieve_subject_chains",
     "retrieve_top_n",
 ]

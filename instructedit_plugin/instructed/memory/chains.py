@@ -1,6 +1,6 @@
 """Multi-hop retrieval from an instruction memory: the facts an N-hop question gets, from the question alone.
 
-Three procedures (``RETRIEVALS``), none of which reads the gold decomposition of the question:
+Four procedures (``RETRIEVALS``), none of which reads the gold decomposition of the question:
 
 * ``top_n`` (:func:`retrieve_top_n`, the InstructEd paper's, Sec. 4.2: "for an N-hop question, we
   retrieve N facts (the top N retrieved facts) as instructions"; the release does the same, without a
@@ -10,7 +10,10 @@ Three procedures (``RETRIEVALS``), none of which reads the gold decomposition of
   best fact; hop ``i`` takes, among the facts whose ``subject`` metadata is the previous fact's
   ``target_new`` (the bridge entity), the one closest to the question (the best remaining fact when
   no stored fact has that subject). N facts, no gate;
-* ``chain`` (:func:`retrieve_chains`, below): one gated fact per hop.
+* ``chain`` (:func:`retrieve_chains`, below): one gated fact per hop;
+* ``iterative`` (:func:`retrieve_iterative`): N facts, no gate, hop ``i`` queried with the question
+  followed by every fact retrieved so far (:func:`all_facts_chain_query`) -- the query a trained
+  retriever (:mod:`..retriever_training`) is fine-tuned on.
 
 ``chain``: hop 1 queries the memory with the question; hop ``i`` queries with
 ``query_builder(question, facts_so_far)`` (default: the question followed by the
@@ -31,11 +34,11 @@ from .store import SelectedInstruction, check_texts
 if TYPE_CHECKING:
     from .store import InstructionMemory
 
-__all__ = ["RETRIEVALS", "all_facts_chain_query", "default_chain_query", "retrieve_chains", "retrieve_subject_chains",
-           "retrieve_top_n"]
+__all__ = ["RETRIEVALS", "all_facts_chain_query", "default_chain_query", "retrieve_chains", "retrieve_iterative",
+           "retrieve_subject_chains", "retrieve_top_n"]
 
 #: Multi-hop retrieval procedures (see the module docs).
-RETRIEVALS = ("top_n", "subject_chain", "chain")
+RETRIEVALS = ("top_n", "subject_chain", "chain", "iterative")
 
 
 def default_chain_query(question: str, facts: Sequence[str]) -> str:
@@ -81,6 +84,13 @@ def retrieve_chains(memory: InstructionMemory, questions: Sequence[str], hops: i
                 still.append(i)
         active = still
     return chains
+
+
+def retrieve_iterative(memory: InstructionMemory, questions: Sequence[str], hops: int | Sequence[int]
+                       ) -> list[list[SelectedInstruction]]:
+    """``hops`` facts per question, ungated: hop 1 the question's best fact, hop ``i`` the best fact not yet
+    chosen for the question followed by every fact retrieved so far."""
+    return retrieve_chains(memory, questions, hops, None, query_builder=all_facts_chain_query)
 
 
 def _limits(questions: Sequence[str], hops: int | Sequence[int]) -> list[int]:
