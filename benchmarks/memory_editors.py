@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    bootstrap_ci, command_line, figures_with_ci, notes_lines, read_notes, render_saved, setup_logging, today,
-    write_results,
+    bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
+    setup_logging, today, write_results,
 )
 
 LOG = logging.getLogger("memory_editors")
@@ -67,9 +67,9 @@ DATASETS = ("counterfact", "zsre")
 IKE_DEMO_FILE = "counterfact/counterfact-train.json"
 RESULT_KEYS = frozenset({
     "model", "date", "command", "args", "wall_minutes", "archive", "recipe", "easyedit", "hparams",
-    "datasets", "latency", "sequential", "n_evaluated", "errors", "base_query_ms", "notes", "finished",
+    "datasets", "latency", "sequential", "n_evaluated", "errors", "base_query_ms", "notes", "finished", "merged_runs",
 })
-_UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
+_UNSAVED_ARGS = ("out", "render", "notes", "work_dir", "merge")
 
 
 class BenchmarkInputError(ValueError):
@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work_dir", default=str(ROOT / "logs" / "memory_editors"),
                    help="scratch folder (IKE's demonstration embeddings)")
+    p.add_argument("--merge", action="store_true",
+                   help="add this run's rows to the saved --out file (its other rows kept; the command goes into merged_runs)")
     p.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
     p.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON as the run's notes")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_editors.json"))
@@ -123,7 +125,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("limit", "bootstrap"):
         if getattr(args, name) < 1:
             raise BenchmarkInputError(f"--{name} must be >= 1, got {getattr(args, name)}. Fix: pass a positive number")
+    if args.merge and not args.render and not Path(args.out).is_file():
+        raise BenchmarkInputError(f"--merge: no saved results at {args.out} to add this run's rows to. "
+                                  "Fix: run once without --merge first, or pass the saved file as --out")
     return args
+
+
+def merge_results(base: Mapping[str, Any], run: Mapping[str, Any], command: str) -> dict:
+    """``base`` (a saved result) with the rows this ``run`` measured put in (a row of the same method and
+    dataset replaced), its errors added and the command recorded in ``merged_runs`` with the keys it set.
+    The configuration lines (command, args, wall time, unedited forward time) stay ``base``'s; every row
+    carries its own n, and a merged query ratio compares with the unedited forward timed in its own run."""
+    out = json.loads(json.dumps(base))
+    keys: list[str] = []
+    for ds, rows in (run.get("datasets") or {}).items():
+        merged = {**out.setdefault("datasets", {}).get(ds, {}), **rows}
+        out["datasets"][ds] = {m: merged[m] for m in METHODS if m in merged}
+        out.setdefault("n_evaluated", {}).setdefault(ds, {}).update((run.get("n_evaluated") or {}).get(ds, {}))
+        keys += [f"datasets.{ds}.{m}" for m in rows]
+    for method, row in (run.get("latency") or {}).items():
+        if method != "unedited":
+            out.setdefault("latency", {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]}})[method] = row
+            keys.append(f"latency.{method}")
+    seq = run.get("sequential")
+    if seq and seq.get("methods"):
+        saved = out.get("sequential") or {"dataset": seq["dataset"], "n": seq["n"], "methods": {}}
+        if saved["dataset"] != seq["dataset"]:
+            raise BenchmarkInputError(f"--merge: the saved sequential rows edit {saved['dataset']}, this run "
+                                      f"{seq['dataset']}. Fix: pass --sequential_dataset {saved['dataset']} or another --out")
+        saved["n"] = max(saved["n"], seq["n"])
+        saved["methods"] = {**saved["methods"], **seq["methods"]}
+        out["sequential"] = saved
+        keys += [f"sequential.{m}" for m in seq["methods"]]
+    errors = out.setdefault("errors", {})
+    for key in keys:  # a method measured again: the saved run's errors for it no longer describe the file
+        section, _, method = key.rpartition(".")
+        errors.pop(f"sequential {method}" if section == "sequential" else method, None)
+    errors.update(run.get("errors") or {})
+    for key in ("hparams",):
+        out[key] = {**(out.get(key) or {}), **(run.get(key) or {})}
+    if run.get("finished") is False:
+        out["finished"] = False
+    out.setdefault("merged_runs", []).append(merged_run(command, keys))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +520,9 @@ def render_markdown(out: Mapping[str, Any]) -> str:
         f"* Records: the first {args['limit']} (GRACE and WISE: {args.get('baseline_limit') or args['limit']}) of "
         "`counterfact_portability_gpt4_ins.json` and of "
         f"`zsre_mend_eval_portability_gpt4.json`; IKE retrieves its k demonstrations from the first {args['ike_demos']} "
-        f"records of `{IKE_DEMO_FILE}` (evaluated subjects left out).",
+        f"records of `{IKE_DEMO_FILE}` (evaluated subjects left out)."
+        + (" Rows merged from later runs (see *Merged into this file*) have their own counts: each row's n."
+           if out.get("merged_runs") else ""),
         "",
     ]
     if out.get("datasets"):
@@ -521,6 +567,7 @@ def render_markdown(out: Mapping[str, Any]) -> str:
                       "with LLaMA-1/2-7B; WISE is not in the paper).", ""]
     if out.get("errors"):
         lines += ["## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()] + [""]
+    lines += merged_runs_lines(out)
     lines += notes_lines(out)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -605,6 +652,7 @@ def main(argv=None) -> int:
         return torch.float32 if method in args.float32_list else getattr(torch, args.dtype)
 
     sequential: dict | None = None
+    base_out = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.merge else None
 
     def save(finished: bool = False) -> Path:
         """Write the JSON and markdown of everything measured so far (after every method: a run stopped
@@ -631,6 +679,8 @@ def main(argv=None) -> int:
             "base_query_ms": bootstrap_median([t for ds in DATASETS for t in base_times[ds]], args.bootstrap, args.seed),
         }
         out["finished"] = finished
+        if base_out is not None:
+            out = merge_results(base_out, out, command)
         return write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
 
     for ds in DATASETS:

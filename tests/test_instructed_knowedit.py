@@ -207,6 +207,30 @@ def test_bootstrap_intervals_hold_the_point_and_repeat():
     assert run.summarize([[1.0, None, 1.0, None]])["ci"]["Rel"] == [100.0, 100.0]
 
 
+def test_h_interval_uses_only_resamples_that_hold_every_measured_metric():
+    run = _knowedit_script()
+    # portability measured on one record of ten (as on KnowEdit's WikiData-Recent): H = H(100, 100, 10) = 25
+    records = [[1.0, None, 1.0, None]] * 9 + [[1.0, None, 1.0, 0.1]]
+    out = run.summarize(records)
+    assert out["H"] == 25.0
+    # a resample without that record would give H of Rel and Loc alone (100): not the same figure
+    assert out["ci"]["H"] == [25.0, 25.0], out["ci"]
+
+
+def test_resummarize_recomputes_saved_rows_from_their_records_and_says_so():
+    run = _knowedit_script()
+    records = [[1.0, None, 1.0, None]] * 9 + [[1.0, None, 1.0, 0.1]]
+    current = dict(run.summarize(records), records=records)
+    stale = dict(current, ci=dict(current["ci"], H=[25.0, 100.0]))  # as an older summarize() wrote it
+    saved = {"datasets": {"wiki_recent": {"ft": current, "gold_shipped_cosine_gate": stale}}}
+    out = run.resummarize(saved, "python benchmarks/instructed_cpu.py --knowedit --resummarize")
+    assert out["datasets"]["wiki_recent"]["gold_shipped_cosine_gate"]["ci"]["H"] == [25.0, 25.0]
+    assert saved["datasets"]["wiki_recent"]["gold_shipped_cosine_gate"]["ci"]["H"] == [25.0, 100.0]  # a copy
+    (entry,) = out["merged_runs"]
+    assert entry["keys"] == ["datasets.wiki_recent.gold_shipped_cosine_gate"] and "nothing re-run" in entry["note"]
+    assert run.resummarize({"datasets": {"zsre": {"ft": current}}}, "c").get("merged_runs") is None
+
+
 def test_targets_compare_with_rome_on_romes_own_records():
     run = _knowedit_script()
     good = [[1.0, 1.0, 1.0, 1.0]] * 5 + [[1.0, 1.0, 1.0, 0.0]] * 5  # Por 0 on the last five

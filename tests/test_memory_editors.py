@@ -133,3 +133,51 @@ def test_wise_gets_gemma3s_activation_under_the_name_it_reads():
     hp = SimpleNamespace(hidden_act="silu")
     BENCH.wise_activation(hp, SimpleNamespace(config=SimpleNamespace(hidden_activation="gelu_pytorch_tanh")))
     assert hp.hidden_act == "silu"  # a value already there is kept
+
+
+def _saved_run(rows: dict, seq: dict | None = None, errors: dict | None = None) -> dict:
+    cell = lambda v: [v, v, v]  # noqa: E731
+    return {
+        "model": "m", "date": "2026-11-30", "command": "python benchmarks/memory_editors.py --limit 5",
+        "args": {"limit": 5, "baseline_limit": 2, "bootstrap": 10, "threads": 1, "ike_demos": 200, "latency_n": 2},
+        "wall_minutes": 1.0, "archive": "a", "recipe": "r", "easyedit": "main", "hparams": {"grace": "hparams/GRACE/x.yaml"},
+        "datasets": {"zsre": {m: {k: cell(v) for k, v in figs.items()} for m, figs in rows.items()}},
+        "n_evaluated": {"zsre": {m: 5 for m in rows}},
+        "latency": {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]},
+                    **{m: {"edit_ms": [10.0, 9.0, 11.0], "query_ratio": [1.0, 0.9, 1.1]} for m in rows}},
+        "sequential": seq, "errors": errors or {}, "base_query_ms": [5.0, 4.0, 6.0], "finished": True,
+    }
+
+
+def test_merge_puts_a_later_runs_rows_into_the_saved_file_and_records_the_command(tmp_path):
+    base = _saved_run({"instructed_gold": {"Rel": 100.0}, "grace": {"Rel": 50.0}},
+                      seq={"dataset": "zsre", "n": 10, "methods": {"grace": {"n": 3, "figures": {}, "edit_ms": None}}},
+                      errors={"wise": ["zsre: AttributeError"], "sequential wise": ["AttributeError"]})
+    run = _saved_run({"grace": {"Rel": 90.0}, "wise": {"Rel": 80.0}},
+                     seq={"dataset": "zsre", "n": 100, "methods": {"wise": {"n": 20, "figures": {}, "edit_ms": None}}})
+    run["n_evaluated"]["zsre"] = {"grace": 20, "wise": 20}
+    merged = BENCH.merge_results(base, run, "python benchmarks/memory_editors.py --merge --methods grace,wise")
+    zsre = merged["datasets"]["zsre"]
+    assert list(zsre) == ["instructed_gold", "grace", "wise"]  # METHODS order, the untouched row kept
+    assert zsre["grace"]["Rel"] == [90.0, 90.0, 90.0] and zsre["instructed_gold"]["Rel"] == [100.0] * 3
+    assert merged["n_evaluated"]["zsre"] == {"instructed_gold": 5, "grace": 20, "wise": 20}
+    assert merged["sequential"]["n"] == 100 and set(merged["sequential"]["methods"]) == {"grace", "wise"}
+    assert merged["errors"] == {}  # WISE measured now: its old errors no longer describe the file
+    assert merged["command"] == base["command"] and base["datasets"]["zsre"]["grace"]["Rel"] == [50.0] * 3
+    entry = merged["merged_runs"][-1]
+    assert entry["command"].endswith("--methods grace,wise")
+    assert {"datasets.zsre.grace", "datasets.zsre.wise", "latency.wise", "sequential.wise"} <= set(entry["keys"])
+    assert "datasets.zsre.instructed_gold" not in entry["keys"]
+    out = tmp_path / "memory_editors.json"
+    md = BENCH.write_results(out, merged, BENCH.render_markdown, BENCH.RESULT_KEYS).read_text()
+    assert "## Merged into this file" in md and "--methods grace,wise" in md and "| wise | 20 |" in md
+    assert "have their own counts" in md  # the header's record counts are the first run's
+    run["sequential"]["dataset"] = "counterfact"
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"sequential rows edit zsre.*Fix: pass --sequential_dataset"):
+        BENCH.merge_results(base, run, "cmd")
+
+
+def test_merge_without_a_saved_file_names_it(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--merge: no saved results at .*nope.json.*Fix:"):
+        BENCH.parse_args(["--merge", "--out", str(missing)])
