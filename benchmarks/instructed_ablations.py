@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -477,11 +478,15 @@ def render_markdown(out: dict) -> str:
     args = out["args"]
     own = ", ".join(f"`{n}`" for n, v in out["variants"].items() if v.get("own_steps"))
     evaluated = [ds for ds in DATASETS if out["datasets"].get(ds)]
+    out_arg = shlex.split(out["command"]) if "--out" in out["command"] else []
+    out_path = Path(out_arg[out_arg.index("--out") + 1]) if "--out" in out_arg else None  # a run's own result file
+    result_file = out_path.name if out_path else "instructed_ablations.json"
+    render_out = f" --out benchmarks/results/{result_file}" if out_path else ""
     lines = [
         f"# {args.get('title', TITLE)}",
         "",
-        f"Generated {out['date']} by `{SCRIPT}`; rendered from `instructed_ablations.json` "
-        f"(`python {SCRIPT} --render`). Every figure: mean over the records and its 95% bootstrap interval "
+        f"Generated {out['date']} by `{SCRIPT}`; rendered from `{result_file}` "
+        f"(`python {SCRIPT} --render{render_out}`). Every figure: mean over the records and its 95% bootstrap interval "
         f"({args['bootstrap']} resamples of the records).",
         "",
         "## Configuration",

@@ -23,6 +23,7 @@ NOTES = REPO / "benchmarks" / "notes"
 SCRIPTS = {
     "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
     "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
+    "instructed_long_recipe": REPO / "benchmarks" / "instructed_ablations.py",  # --variants paper,long --datasets counterfact
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",

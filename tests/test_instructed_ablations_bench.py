@@ -124,6 +124,7 @@ def test_long_variant_trains_its_recipe_steps_and_evaluates_only_the_named_datas
     gen = out["datasets"]["counterfact"]["long"]["Gen"]
     md = out_json.with_suffix(".md").read_text()
     assert md == bench.render_markdown(out) and md.startswith("# Longer recipe\n")
+    assert f"rendered from `long.json` (`python {bench.SCRIPT} --render --out benchmarks/results/long.json`)" in md
     assert "### zsre" not in md and "zsre_mend_eval_portability_gpt4.json" not in md.split("## Quality")[0]
     target = [row for row in _table_rows(md) if row[0].startswith("`long` CounterFact gold Gen >= 85")]
     assert target == [[target[0][0], "yes" if gen[0] >= 85 else "no", f"{gen[0]:.1f} [{gen[1]:.1f}, {gen[2]:.1f}] (n {limit})"]]
