@@ -23,6 +23,7 @@ NOTES = REPO / "benchmarks" / "notes"
 SCRIPTS = {
     "instructed_cpu": REPO / "benchmarks" / "instructed_cpu.py",
     "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
+    "instructed_long_recipe": REPO / "benchmarks" / "instructed_ablations.py",  # --variants paper,long --datasets counterfact
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
     "instructedit_cpu_loc": REPO / "benchmarks" / "instructedit_cpu.py",  # beside-run: last layer, cedit 0.1
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",

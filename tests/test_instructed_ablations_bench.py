@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ._scripts import load_script
 from .test_entry_points import _short_records_first, _table_rows
 
@@ -83,3 +85,51 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_records():
     assert small["Gen"] == [100.0, 100.0, 100.0]
     assert small["Score"][0] == round((50.0 + 100.0 + 50.0) / 3, 2)  # Por not measured: left out
     assert bench.ratio_interval([10.0] * 5, [11.0] * 5, resamples=20) == [1.1, 1.1, 1.1]
+
+
+def test_long_variant_trains_its_recipe_steps_and_evaluates_only_the_named_dataset(
+        tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch):
+    """``long`` (#15 item 5) trains the longer recipe's own steps and edits, not ``--steps``; ``--datasets
+    counterfact`` evaluates CounterFact alone; the report states the Gen >= 85 target with its interval."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from instructedit_plugin.instructed import recipes
+
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
+    long_recipe = dataclasses.replace(recipes.BENCHMARK_LONG, steps=3, n_train=5, val_interval=3)
+    monkeypatch.setitem(recipes.RECIPES, "benchmark-cf-long", long_recipe)
+    limit = 2
+    data = tmp_path / "data"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    for rel in set(recipes.EVAL_FILES.values()) | {f for f, _ in recipes.TRAIN_SOURCES.values()}:
+        if rel in recipes.EVAL_FILES.values():
+            _short_records_first(shared_data_dir / rel, data / rel, tok, limit)
+        else:
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).symlink_to(shared_data_dir / rel)
+    out_json = tmp_path / "results" / "long.json"
+    bench = _bench()
+    assert "long" in bench.VARIANTS and "long" not in bench.DEFAULT_VARIANTS  # never run without being asked for
+    assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--steps", "2",
+                       "--limit", str(limit), "--variants", "long", "--datasets", "counterfact",
+                       "--latency_variants", "", "--bootstrap", "50", "--dtype", "float32",
+                       "--cache_dir", str(tmp_path / "cache"), "--title", "Longer recipe", "--out", str(out_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert out["errors"] == {} and out["variants"]["long"]["own_steps"] is True
+    rec = out["recipes"]["long"]
+    assert rec["recipe"] == "benchmark-cf-long" and rec["steps"] == 3 and not rec["stopped_by_budget"]
+    assert list(out["datasets"]) == ["counterfact"] and out["datasets"]["counterfact"]["long"]["n"] == limit
+    gen = out["datasets"]["counterfact"]["long"]["Gen"]
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out) and md.startswith("# Longer recipe\n")
+    assert f"rendered from `long.json` (`python {bench.SCRIPT} --render --out benchmarks/results/long.json`)" in md
+    assert "### zsre" not in md and "zsre_mend_eval_portability_gpt4.json" not in md.split("## Quality")[0]
+    target = [row for row in _table_rows(md) if row[0].startswith("`long` CounterFact gold Gen >= 85")]
+    assert target == [[target[0][0], "yes" if gen[0] >= 85 else "no", f"{gen[0]:.1f} [{gen[1]:.1f}, {gen[2]:.1f}] (n {limit})"]]
+    assert "Not measured in this run" in md
+    # a dataset subset caches its evaluation under its own key
+    assert len(list((tmp_path / "cache").glob("instructed_recipes/*/ablation_eval_*.json"))) == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--datasets", "wiki"])

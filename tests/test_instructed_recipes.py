@@ -244,3 +244,20 @@ def test_layer_block_last_trains_prefixes_on_the_last_third(tiny_llama_dir, tiny
     assert recipe_info(last.folder)["recipe"]["prefix_layers"] == "last"
     with pytest.raises(PluginError, match="prefix_layers 'first'.*Fix:"):
         train_embedded_prefixes(prefix_layers="first", **kwargs)
+
+
+def test_long_recipe_is_the_benchmark_protocol_with_more_steps_on_more_edits(shared_data_dir):
+    """#15 item 5: ``benchmark-cf-long`` trains the benchmark's CounterFact-only data (ZsRE unseen, the evaluated
+    records excluded) for more optimizer steps on twice the edits, and caches under its own key."""
+    from instructedit_plugin.instructed.recipes import BENCHMARK_LONG, RECIPES, recipe_files
+
+    assert RECIPES["benchmark-cf-long"] is BENCHMARK_LONG
+    assert BENCHMARK_LONG.steps > BENCHMARK.steps and BENCHMARK_LONG.n_train == 2 * BENCHMARK.n_train
+    same = {f.name for f in dataclasses.fields(BENCHMARK)} - {"name", "steps", "n_train", "budget_minutes"}
+    assert {k: getattr(BENCHMARK_LONG, k) for k in same} == {k: getattr(BENCHMARK, k) for k in same}
+    assert recipe_files(BENCHMARK_LONG) == recipe_files(BENCHMARK)
+    evaluation = evaluation_records(shared_data_dir)
+    train, val, _ = training_split(BENCHMARK_LONG, shared_data_dir, evaluation=evaluation)
+    assert len(train) == BENCHMARK_LONG.n_train and {r["recipe_source"] for r in train} == set(BENCHMARK.sources)
+    _assert_disjoint(train + val, evaluation)
+    assert recipe_key(BENCHMARK_LONG, {"m": 1}) != recipe_key(BENCHMARK, {"m": 1})
