@@ -279,6 +279,24 @@ class SpacedTargetTokenizer:
         return self._tok.encode(text, *args, add_special_tokens=add_special_tokens, **kwargs)
 
 
+class ContinuationTokenizer(SpacedTargetTokenizer):
+    """:class:`SpacedTargetTokenizer`, and a *call* on text that starts with whitespace adds no special tokens.
+
+    EasyEdit's IKE metric (``icl_lm_eval``, the branch for models other than T5/LLaMA) tokenizes
+    ``' ' + target + '\\n'`` with the tokenizer's defaults and lines those ids up with the last
+    positions of the scored prompt. A tokenizer that puts ``<bos>`` in front of every text (Gemma's)
+    shifts that line-up by one: the first compared id is ``<bos>``, which the model never predicts there,
+    so a k-token target scores at most k/(k+1) however right the edited model is (every IKE Rel on
+    Gemma was 50.0 with no spread). Text that continues a prompt is not the start of a document, so it
+    gets no ``<bos>`` here; prompts (which never start with a space) keep theirs.
+    """
+
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(text, str) and text[:1].isspace():
+            kwargs.setdefault("add_special_tokens", False)
+        return self._tok(text, *args, **kwargs)
+
+
 def wise_activation(hparams: Any, model: Any) -> None:
     """Give WISE the model's activation function under the name it reads.
 
@@ -635,6 +653,8 @@ def main(argv=None) -> int:
         editor = make_editor(hp, model, tok)
         if method == "grace":  # EasyEdit's generation metric with the target read as it follows the prompt
             editor.tok = SpacedTargetTokenizer(tok)
+        elif method == "ike":  # EasyEdit's IKE metric with the target's ids lined up without a <bos>
+            editor.tok = ContinuationTokenizer(tok)
         return editor
 
     def limit_for(method: str, n: int, baseline_n: int | None) -> int:

@@ -14,8 +14,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ._scripts import load_script
 
@@ -181,3 +183,55 @@ def test_merge_without_a_saved_file_names_it(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--merge: no saved results at .*nope.json.*Fix:"):
         BENCH.parse_args(["--merge", "--out", str(missing)])
+
+
+def _bos_adding_tokenizer():
+    """The tests' tokenizer, but putting ``<bos>`` in front of every text as Gemma's does."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from tests.support.tokenizer import load_tokenizer
+
+    tok = copy.deepcopy(load_tokenizer())
+    bos = tok.convert_tokens_to_ids(tok.bos_token)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                              special_tokens=[(tok.bos_token, bos)])
+    assert tok("Rome")["input_ids"][0] == bos
+    return tok
+
+
+class _NextTokenOracle(torch.nn.Module):
+    """A "model" whose greedy prediction at every position is the token that really follows there."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float())
+
+
+def test_ike_metric_scores_a_perfect_continuation_1_with_a_bos_adding_tokenizer():
+    pytest.importorskip("easyeditor")
+    import instructedit_plugin
+
+    instructedit_plugin.register()
+    icl_lm_eval = sys.modules["easyeditor.evaluate.evaluate"].icl_lm_eval
+    tok = _bos_adding_tokenizer()
+    model = _NextTokenOracle(len(tok))
+    hp = SimpleNamespace(device="cpu")
+    demos = ["New Fact: The capital of Italy is Rome\nPrompt: The capital of Italy is Rome\n\n"]
+    args = dict(icl_examples=demos, target="Paris Berlin", x="New Fact: The capital of France is Paris Berlin\nPrompt: "
+                "The capital of France is")
+    from instructedit_plugin.compat.devices import cuda_strings_to_cpu
+
+    with cuda_strings_to_cpu(True):  # PyPI's metric formats the device as f"cuda:{device}"
+        raw = icl_lm_eval(model, "gemma-3-270m", hp, tok, **args)
+        fixed = icl_lm_eval(model, "gemma-3-270m", hp, BENCH.ContinuationTokenizer(tok), **args)
+    assert fixed == 1.0, fixed  # the model continues with exactly the target
+    assert raw < 1.0, raw  # EasyEdit with the bare tokenizer: the <bos> position can never match
+    proxy = BENCH.ContinuationTokenizer(tok)
+    assert proxy("The capital")["input_ids"] == tok("The capital")["input_ids"]  # prompts keep their <bos>
+    assert proxy(" Paris\n")["input_ids"] == tok(" Paris\n", add_special_tokens=False)["input_ids"]
