@@ -32,6 +32,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,9 +60,26 @@ DEFAULT_METHODS = ("unedited", "in_context", "gold_shipped_cosine", "gold_shippe
 CALIBRATION = (("counterfact/train_cf.json", 0, 150), ("recent/recent_train.json", 100, 150))
 METRICS = ("Rel", "Gen", "Loc", "Por")
 BOOTSTRAP = 2000
-RESULT_KEYS = frozenset({"model", "date", "command", "args", "wall_minutes", "files", "recipe", "relation_gate",
+RESULT_KEYS = frozenset({"model", "date", "command", "args", "wall_minutes", "easyedit", "files", "recipe", "relation_gate",
                          "datasets", "errors", "complete", "notes", "merged_runs"})
 _UNSAVED_ARGS = ("out", "render", "notes", "merge", "knowedit", "resummarize")
+
+
+def easyedit_flavour(info: Any) -> str:
+    """What the JSON records of the EasyEdit that ran FT, ROME and the metrics (``pypi`` or ``main``)."""
+    return info.flavour
+
+
+def check_same_easyedit(saved: dict, easyedit: str, out_path: Path) -> None:
+    """A merge must not mix rows from two EasyEdit flavours (their FT and metrics differ): refuse it."""
+    from instructedit_plugin.errors import PluginError
+
+    recorded = saved.get("easyedit")
+    if recorded is not None and recorded != easyedit:
+        raise PluginError(
+            f"--merge: {out_path} was measured with EasyEdit {recorded}, this run imports EasyEdit {easyedit}. "
+            f"Fix: {'unset EASYEDIT_SRC' if recorded == 'pypi' else 'set EASYEDIT_SRC to the EasyEdit main clone'} "
+            "and run again, or write to another --out")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -209,7 +227,7 @@ def main(argv=None) -> int:
     import instructedit_plugin
     import instructedit_plugin.instructed  # noqa: F401 - registers InstructEd
 
-    instructedit_plugin.register()
+    easyedit = easyedit_flavour(instructedit_plugin.register())
     from easyeditor import FTHyperParams, ROMEHyperParams
 
     from instructedit_plugin.compat import load_easyedit_hparams, make_editor
@@ -279,6 +297,8 @@ def main(argv=None) -> int:
     out_path = Path(args.out)
     saved_args = {k: v for k, v in vars(args).items() if k not in _UNSAVED_ARGS}
     base_out = json.loads(out_path.read_text(encoding="utf-8")) if args.merge and out_path.is_file() else None
+    if base_out is not None:
+        check_same_easyedit(base_out, easyedit, out_path)
 
     def save(complete: bool) -> Path:
         """Write what is measured so far (after every method: a stopped run keeps its finished rows)."""
@@ -291,7 +311,7 @@ def main(argv=None) -> int:
                 out["datasets"][ds] = {m: merged[m] for m in METHODS if m in merged}
                 keys += [f"datasets.{ds}.{m}" for m in rows]
             out["errors"].update(errors)
-            for key, value in (("recipe", recipe), ("relation_gate", gate_info)):
+            for key, value in (("recipe", recipe), ("relation_gate", gate_info), ("easyedit", easyedit)):
                 if value is not None and value != out.get(key):
                     out[key] = value
                     keys.append(key)
@@ -300,6 +320,7 @@ def main(argv=None) -> int:
             out = {"model": (f"{model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})"),
                    "date": today(), "command": command, "args": saved_args,
                    "wall_minutes": round((time.perf_counter() - started) / 60, 1), "complete": complete,
+                   "easyedit": easyedit,
                    "files": {ds: FILES[ds] for ds in files}, "recipe": recipe, "relation_gate": gate_info,
                    "datasets": {ds: {m: rows[m] for m in METHODS if m in rows} for ds, rows in results.items()},
                    "errors": errors}
@@ -397,6 +418,7 @@ def render_markdown(out: dict) -> str:
         "",
         f"* Command: `{out['command']}` ({out['date']}); model {out['model']}, torch threads {args['threads']}"
         + (f"; wall time {out['wall_minutes']:.1f} min." if out.get("wall_minutes") is not None else "."),
+        *([f"* EasyEdit (FT, ROME, metrics): {out['easyedit']}; every merged run used the same."] if out.get("easyedit") else []),
         f"* Records: the first {args['limit']} of " + ", ".join(f"`{f}` ({ds})" for ds, f in out["files"].items())
         + "; `recent_train.json` stands in for KnowEdit's recent test file (not available offline).",
         "* Rows `<source>_<prefixes>_<similarity>`: `gold` = each input its own edit's instruction, `retrieval` = a memory"

@@ -243,3 +243,16 @@ def test_targets_compare_with_rome_on_romes_own_records():
     weak = dict(row, Loc=79.9)
     out["datasets"]["zsre"]["gold_shipped_cosine_gate"] = weak
     assert not run.check_targets(out)[0][1]
+
+
+def test_merge_refuses_rows_from_another_easyedit_flavour(tmp_path):
+    """FT and the metrics differ between EasyEdit PyPI and main: a merge that would mix them is refused
+    (one such merge once put main's FT into a PyPI file), naming both flavours and the fix."""
+    run = _knowedit_script()
+    out = tmp_path / "k.json"
+    run.check_same_easyedit({"easyedit": "pypi"}, "pypi", out)
+    run.check_same_easyedit({}, "main", out)  # files written before the flavour was recorded
+    with pytest.raises(PluginError, match=r"measured with EasyEdit pypi, this run imports EasyEdit main.*Fix: unset EASYEDIT_SRC"):
+        run.check_same_easyedit({"easyedit": "pypi"}, "main", out)
+    with pytest.raises(PluginError, match=r"Fix: set EASYEDIT_SRC"):
+        run.check_same_easyedit({"easyedit": "main"}, "pypi", out)
