@@ -535,7 +535,9 @@ def render_markdown(out: Mapping[str, Any]) -> str:
         f"* EasyEdit: {out['easyedit']}.",
         f"* InstructEd prefixes: `{out['archive']}` ({out['recipe']}).",
         "* Hparams: " + "; ".join(f"{m}: `{p}`" for m, p in out["hparams"].items()) + ".",
-        f"* Records: the first {args['limit']} (GRACE and WISE: {args.get('baseline_limit') or args['limit']}) of "
+        f"* Records (the command above): the first {args['limit']}"
+        + (f" (GRACE and WISE: {args.get('baseline_limit') or args['limit']})"
+           if {"grace", "wise"} & set(str(args.get("methods", "")).split(",")) else "") + " of "
         "`counterfact_portability_gpt4_ins.json` and of "
         f"`zsre_mend_eval_portability_gpt4.json`; IKE retrieves its k demonstrations from the first {args['ike_demos']} "
         f"records of `{IKE_DEMO_FILE}` (evaluated subjects left out)."
