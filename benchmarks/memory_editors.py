@@ -188,9 +188,10 @@ def require_easyedit_main() -> Any:
 def easyedit_hparams(method: str, yaml_path: Path, model_name: str, work_dir: Path, **overrides: Any) -> Any:
     """EasyEdit main's hparams object for ``method`` from ``yaml_path``.
 
-    WISE's ``act_margin: [alpha, beta, gamma]`` is split as EasyEdit's ``from_hparams`` does; IKE's
-    ``all-MiniLM-L6-v2`` becomes the packaged offline encoder folder and its ``results_dir`` the
-    scratch folder; ``overrides`` replace YAML fields (e.g. ``inner_params`` for another model).
+    WISE's ``act_margin: [alpha, beta, gamma]`` is split by the plugin's loader (``load_easyedit_hparams``,
+    as EasyEdit's ``from_hparams`` does); IKE's ``all-MiniLM-L6-v2`` becomes the packaged offline encoder
+    folder and its ``results_dir`` the scratch folder; ``overrides`` replace YAML fields (e.g.
+    ``inner_params`` for another model).
     """
     import easyeditor
 
@@ -199,21 +200,16 @@ def easyedit_hparams(method: str, yaml_path: Path, model_name: str, work_dir: Pa
 
     if not yaml_path.is_file():
         raise BenchmarkInputError(f"{method}: no hparams file {yaml_path}. Fix: pass --hparams_dir / --hparams_name")
-    data = {**read_yaml(yaml_path)[0], **overrides}
-    if "act_margin" in data:
-        margin = data.pop("act_margin")
-        if not (isinstance(margin, list) and len(margin) == 3):
-            raise BenchmarkInputError(f"{yaml_path}: act_margin must be [alpha, beta, gamma], got {margin!r}. "
-                                      "Fix: give three numbers")
-        data["alpha"], data["beta"], data["gamma"] = (float(v) for v in margin)
+    extra = dict(overrides)
     if method == "ike":
         from instructedit_plugin.instructed.encoder import default_encoder_path
 
-        if data.get("sentence_model_name") in (None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-            data["sentence_model_name"] = str(default_encoder_path())
-        data["results_dir"] = str(work_dir)
+        encoder = {**read_yaml(yaml_path)[0], **extra}.get("sentence_model_name")
+        if encoder in (None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+            extra["sentence_model_name"] = str(default_encoder_path())
+        extra["results_dir"] = str(work_dir)
     cls = getattr(easyeditor, EASYEDIT_METHODS[method][0])
-    return load_easyedit_hparams(cls, data, model_name=model_name)
+    return load_easyedit_hparams(cls, yaml_path, model_name=model_name, **extra)
 
 
 def prepare_ike_demonstrations(hparams: Any, demos: list[dict]) -> list[dict]:
