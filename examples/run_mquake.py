@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -262,15 +261,14 @@ def answer_functions(model: Any, tok: Any, hp: Any, args: argparse.Namespace, me
     return fns, editing_state(model).encoder
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> list[float] | None:
-    """Wilson score interval (95% by default) of a proportion, in percent with one decimal."""
+def wilson_interval(successes: int, n: int) -> list[float] | None:
+    """Wilson score 95% interval of a proportion (scipy's ``binomtest``), in percent with one decimal."""
+    from scipy.stats import binomtest
+
     if n <= 0:
         return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [round(100 * max(0.0, centre - half), 1), round(100 * min(1.0, centre + half), 1)]
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [round(100 * ci.low, 1), round(100 * ci.high, 1)]
 
 
 def bootstrap_interval(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float] | None:
