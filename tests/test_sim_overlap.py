@@ -172,3 +172,49 @@ def test_one_unpadded_row_gets_the_same_logits_as_in_a_padded_batch(tiny):
             real = mask[i].bool()
             assert alone.shape[1] == int(real.sum()) == len(row)
             torch.testing.assert_close(alone[0], together[i, real], atol=2e-4, rtol=0)
+
+
+def test_a_warmed_edit_leaves_a_retrieval_query_only_its_search_encoding(instructed_world):
+    """``warm_instruction_cache`` computes an edit's instruction embedding at edit time too: a retrieval query then
+    encodes nothing beyond its memory search (before, each edit's first query also encoded its instruction), with
+    the logits of the lazily filled cache, and the same again with ``sim_overlap``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from instructedit_plugin.instructed import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, release
+
+    tok = AutoTokenizer.from_pretrained(instructed_world["base_dir"])
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(instructed_world["base_dir"]).eval()
+
+    def hparams(**kw):
+        return InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=str(instructed_world["base_dir"]),
+                                                    archive=str(instructed_world["archive"]), device="cpu",
+                                                    reweight_mode="question_rows", instruction_source="retrieval", **kw))
+
+    edits = [dict(e) for e in instructed_world["test"][:3]]
+    try:
+        logits = {}
+        for warm, overlap in ((False, False), (True, False), (True, True)):
+            release(model)
+            lm, _ = apply_instructed_to_model(model, tok, edits, hparams(warm_instruction_cache=warm, sim_overlap=overlap))
+            cache = lm.embedding_cache
+            assert cache.misses == (3 if warm else 0)  # warmed: every instruction encoded at edit time, alone
+            encoded = []
+            encoder = editing_state(model).encoder
+            inner = encoder.encode
+            encoder.encode = lambda texts: (encoded.extend(texts), inner(texts))[1]
+            try:
+                with torch.no_grad():
+                    logits[warm, overlap] = [lm(**tok([e["prompt"]], return_tensors="pt")).logits for e in edits]
+            finally:
+                del encoder.encode
+            questions = [e["prompt"] for e in edits]
+            if warm:  # only the memory searches' encodings of the questions
+                assert encoded == questions and cache.misses == 3
+            else:  # each first query under an instruction also encoded the instruction
+                assert cache.misses >= 1 and len(encoded) == 3 + cache.misses and set(questions) <= set(encoded)
+        for key in ((True, False), (True, True)):
+            assert all(torch.equal(a, b) for a, b in zip(logits[key], logits[False, False]))
+    finally:
+        release(model)

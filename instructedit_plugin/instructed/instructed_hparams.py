@@ -131,8 +131,8 @@ class InstructEdHyperParams(EditingHyperParams):
     embedding_cache: int = hp_field(4096, min=0, help="instructions whose sentence embeddings (for sim) are kept per "
                                     "model and encoder, so a query encodes only its question (0: off)")
     warm_instruction_cache: bool = hp_field(False, help="question_rows: compute an edit's instruction keys/values "
-                                            "at edit time (a longer edit, then every query is cached) instead of "
-                                            "at its first query")
+                                            "(and its sentence embedding) at edit time (a longer edit, then every "
+                                            "query is cached) instead of at its first query")
     use_prefixes: bool = hp_field(True, help="false: the instruction in context only (no prefixes, no re-weighting), "
                                               "the in-context baseline")
     sim_overlap: bool = hp_field(False, help="question_rows: compute a query's sim (its question's encoding) in a "

@@ -559,9 +559,13 @@ class InstructedLM(nn.Module):
 
     @torch.no_grad()
     def warm_instructions(self, instructions: Sequence[str]) -> int:
-        """Compute (or refresh) the cached keys/values of ``instructions`` now; returns how many were new."""
+        """Compute (or refresh) the cached keys/values of ``instructions`` now, and their sentence embeddings (for
+        ``sim``, when there is an embedding cache), so a query asking under them runs neither; returns how many
+        keys/values were new."""
         if self.instruction_cache is None or not self.use_prefixes:
             return 0
+        if self.embedding_cache is not None and self.similarity == "cosine" and self.mode != "none":
+            self.embedding_cache.vectors(self.encoder, list(instructions))  # each encoded alone, as a query would
         before = self.instruction_cache.misses
         with self.activated():
             for instruction in instructions:
