@@ -679,7 +679,7 @@ def _ratio(q) -> str:
 def _share_line(share: dict, what: str) -> str:
     e = share["ratio"]
     return (f"{what}: median {share['encode_ms']:.1f} ms beside the unedited forward's {share['base_ms']:.1f} ms, "
-            f"**{e[0]:.3f}x [{e[1]:.3f}, {e[2]:.3f}]** of it, timed back to back on the same inputs and threads.")
+            f"**{e[0]:.3f}x [{e[1]:.3f}, {e[2]:.3f}]** of it, timed back to back on the same inputs and threads")
 
 
 def _query_cost_lines(out: dict) -> list[str]:
@@ -730,7 +730,7 @@ def _query_cost_lines(out: dict) -> list[str]:
             said.append(f"machine load average (1 min) {load[0]} before and {load[1]} after the query-cost "
                         "measurement (2 cores, shared with other jobs)")
         if said:
-            lines.append(f"* Run {run}: " + "; ".join(said))
+            lines.append(f"* Run {run}: " + "; ".join(said) + ".")
     lines += ["", "## Targets", "", f"Query cost <= {QUERY_TARGET:g} x the unedited model, in `question_rows` with the "
               "embedding cache (the sim-before-timer diagnostic rows excluded). Wall clock is what the target measures; "
               "the CPU-time column says whether it was met by using a second core.", "",
