@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from concurrent.futures import wait as futures_wait
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -583,10 +584,12 @@ class InstructedLM(nn.Module):
         if self.sim_overlap:  # the forward below waits for it in its first attention
             sim = defer_similarity(lambda: self.similarities(*pairs), len(chosen))
             try:
-                return self._forward_cached_with(sim, window, rows, selections, chosen, input_ids, attention_mask,
-                                                 kwargs)
+                logits = self._forward_cached_with(sim, window, rows, selections, chosen, input_ids, attention_mask,
+                                                   kwargs)
             finally:
-                sim.future.result()  # never leave the worker running (an error surfaces here if nothing read it)
+                futures_wait([sim.future])  # never leave the worker running (a forward error keeps its own traceback)
+            sim.value()  # a sim nothing read still reports its error
+            return logits
         sim = self.similarities(*pairs)
         return self._forward_cached_with(sim, window, rows, selections, chosen, input_ids, attention_mask, kwargs)
 
