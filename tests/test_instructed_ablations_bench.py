@@ -63,6 +63,17 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
     outside = [r for r in out["latency"]["rows"] if r["sim_outside_timer"]]
     assert sorted((r["variant"], r["source"]) for r in outside) == [("paper", "gold"), ("question_rows", "gold")]
     assert all(r["query_ratio"][1] <= r["query_ratio"][0] <= r["query_ratio"][2] for r in lat.values())
+    # question_rows adds the query-cost options (#15 item 3): sim overlapped, the bfloat16 encoder, both;
+    # every row carries a CPU-time ratio beside the wall-clock one
+    options = sorted((r["source"], r["sim_overlap"], r["encoder_dtype"]) for r in out["latency"]["rows"]
+                     if r["variant"] == "question_rows" and not r["sim_outside_timer"])
+    assert options == [("gold", False, "bfloat16"), ("gold", False, "float32"), ("gold", True, "bfloat16"),
+                       ("gold", True, "float32"), ("retrieval", False, "bfloat16"), ("retrieval", False, "float32")]
+    assert all(r["cpu_ratio"][1] <= r["cpu_ratio"][0] <= r["cpu_ratio"][2] and r["query_cpu_ms"] > 0
+               for r in out["latency"]["rows"])
+    dev = out["latency"]["sim_deviation"]  # the bfloat16 encoder's sim beside float32's, on the evaluated records
+    assert dev["pairs"] >= 2 * 2 * 3 and 0 < dev["max"] < 0.05 and dev["mean"][1] <= dev["mean"][0] <= dev["mean"][2]
+    assert out["latency"]["encoder_bfloat16"]["encode_ms"] > 0
     assert lat[("paper", "gold", 4096)]["embedding_cache_hits"] > 0  # the one instruction, asked again
     assert lat[("paper", "gold", 0)]["embedding_cache_hits"] is None
     share = out["latency"]["encoder"]  # the question encoding alone, beside the unedited forward
@@ -72,6 +83,32 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
     assert any(row[:2] == ["LLaMA-2", "w/o re-weight"] and row[2] == "95.34" for row in _table_rows(md))
     # each variant's evaluation is cached beside its prefixes (one file per evaluated mode)
     assert len(list((tmp_path / "cache").glob("instructed_recipes/*/ablation_eval_*.json"))) == len(variants)
+
+    # --merge: a later run's variant and query-cost rows join the saved ones (kept, numbered by run)
+    assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--steps", str(steps),
+                       "--n_train", "4", "--limit", str(limit), "--variants", "question_rows_eval_bf16",
+                       "--latency_variants", "question_rows_eval", "--latency_n", "1", "--bootstrap", "50",
+                       "--dtype", "float32", "--cache_dir", str(tmp_path / "cache"), "--out", str(out_json),
+                       "--merge"]) == 0
+    merged = json.loads(out_json.read_text())
+    assert merged["recipes"] == out["recipes"] and merged["datasets"]["zsre"]["paper"] == out["datasets"]["zsre"]["paper"]
+    for ds in ("counterfact", "zsre"):
+        assert list(merged["datasets"][ds]) == ["unedited", *variants, "question_rows_eval_bf16"]
+        assert merged["datasets"][ds]["question_rows_eval_bf16"]["n"] == limit
+    assert merged["variants"]["question_rows_eval_bf16"]["editing"] == {"encoder_dtype": "bfloat16"}
+    rows = merged["latency"]["rows"]
+    assert [r["run"] for r in rows] == [1] * len(out["latency"]["rows"]) + [2] * (len(rows) - len(out["latency"]["rows"]))
+    assert {r["variant"] for r in rows if r["run"] == 2} == {"question_rows_eval"}
+    assert merged["latency"]["runs"]["2"]["inputs"] == 2 and merged["latency"]["runs"]["2"]["sim_deviation"]["pairs"] > 0
+    assert len(merged["merged_runs"]) == 1 and "--merge" in merged["merged_runs"][0]["command"]
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(merged) and "## Merged into this file" in md
+    targets = [row for row in _table_rows(md) if row[0] == "2" and "query <= 1.1 x unedited" in row[1]]
+    assert {row[2] for row in targets} == {"as the paper", "sim overlapped", "bfloat16 encoder (option)",
+                                           "sim overlapped, bfloat16 encoder (option)"}
+    with pytest.raises(SystemExit, match="--merge: .* does not exist"):
+        bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--variants", "", "--latency_variants",
+                    "", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "none.json"), "--merge"])
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_records():

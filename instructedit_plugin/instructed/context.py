@@ -24,6 +24,9 @@ Conventions
     The similarity scalar of every example (shape ``[batch]``), a Python float
     (broadcast) or ``None`` (no re-weighting at all). It is clamped to
     ``[0, 1]`` where it is used, so a negative similarity behaves like ``0``.
+    A :class:`DeferredSim` (a future of that tensor, still being computed in
+    another thread) is waited for where an attention first reads it, so the
+    layers before need not wait (``InstructedLM(sim_overlap=True)``).
 ``use_prefix``
     ``None`` (use the handle's default, see ``InstructedHandle.prefix_enabled``),
     a bool for the whole batch, or a bool sequence/tensor of shape ``[batch]``
@@ -39,7 +42,9 @@ context again: run ``backward()`` inside the same ``instruction_context``.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -48,6 +53,7 @@ import torch
 from ..errors import RequestError
 
 __all__ = [
+    "DeferredSim",
     "InstructionContext",
     "instruction_context",
     "current_instruction_context",
@@ -115,6 +121,29 @@ def _sim_to_tensor(sim: SimLike) -> torch.Tensor | None:
     return out
 
 
+class DeferredSim:
+    """``sim`` of ``size`` examples that another thread is still computing (a :class:`concurrent.futures.Future`
+    of what :func:`instruction_context` accepts as ``sim``). :meth:`value` waits for it once, validates it like
+    an immediate ``sim`` and keeps the result; :attr:`waited` says whether anything asked for it yet."""
+
+    def __init__(self, future: Future, size: int):
+        self.future = future
+        self.size = int(size)
+        self.waited = False
+        self._value: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            self.waited = True
+            sim = _sim_to_tensor(self.future.result())
+            if sim is None or (sim.ndim == 1 and sim.shape[0] not in (1, self.size)):
+                got = "None" if sim is None else f"shape {tuple(sim.shape)}"
+                raise RequestError(f"sim: the deferred similarity gave {got} for {self.size} examples. "
+                                   "Fix: return one value per example")
+            self._value = sim
+        return self._value
+
+
 def _switch_to_tensor(use_prefix: PrefixSwitch) -> bool | torch.Tensor | None:
     if use_prefix is None or isinstance(use_prefix, bool):
         return use_prefix
@@ -151,20 +180,22 @@ class InstructionContext:
     """
 
     spans: torch.Tensor | None = None
-    sim: torch.Tensor | None = None
+    sim: torch.Tensor | DeferredSim | None = None
     use_prefix: bool | torch.Tensor | None = None
     #: the attention's per-call memo: what every layer with the same mask shares (``attention._layout_for``)
     layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, spans: SpanLike = None, sim: SimLike = None, use_prefix: PrefixSwitch = None) -> "InstructionContext":
+    def build(cls, spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None) -> "InstructionContext":
         spans_t = _spans_to_tensor(spans)
-        sim_t = _sim_to_tensor(sim)
+        sim_t = sim if isinstance(sim, DeferredSim) else _sim_to_tensor(sim)
         switch = _switch_to_tensor(use_prefix)
         sizes = {}
         if spans_t is not None:
             sizes["spans"] = spans_t.shape[0]
-        if sim_t is not None and sim_t.ndim == 1 and sim_t.shape[0] != 1:
+        if isinstance(sim_t, DeferredSim):
+            sizes["sim"] = sim_t.size
+        elif sim_t is not None and sim_t.ndim == 1 and sim_t.shape[0] != 1:
             sizes["sim"] = sim_t.shape[0]
         if isinstance(switch, torch.Tensor) and switch.shape[0] != 1:
             sizes["use_prefix"] = switch.shape[0]
@@ -176,9 +207,10 @@ class InstructionContext:
         return cls(spans=spans_t, sim=sim_t, use_prefix=switch)
 
     # ---- accessors used by the attention function -------------------------------------------
-    @property
+    @functools.cached_property
     def has_instruction(self) -> bool:
-        """True when at least one example has a non-empty instruction span."""
+        """True when at least one example has a non-empty instruction span (computed once per context: every
+        layer of a call asks)."""
         return self.spans is not None and bool((self.spans[:, 1] > self.spans[:, 0]).any())
 
     @property
@@ -196,7 +228,8 @@ class InstructionContext:
         """``[batch]`` float32 similarity clamped to ``[0, 1]`` (ones when no sim was given)."""
         if self.sim is None:
             return torch.ones(batch, dtype=torch.float32, device=device)
-        sim = self.sim.to(device=device, dtype=torch.float32)
+        sim = self.sim.value() if isinstance(self.sim, DeferredSim) else self.sim  # waits for a deferred one here
+        sim = sim.to(device=device, dtype=torch.float32)
         sim = sim.reshape(1) if sim.ndim == 0 else sim
         return _per_example(sim, batch, "sim").clamp(0.0, 1.0)
 
@@ -228,7 +261,7 @@ def current_instruction_context() -> InstructionContext | None:
 
 @contextmanager
 def instruction_context(
-    spans: SpanLike = None, sim: SimLike = None, use_prefix: PrefixSwitch = None
+    spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None
 ) -> Iterator[InstructionContext]:
     """Make ``spans``/``sim``/``use_prefix`` visible to InstructEd attention for the calls inside the block.
 

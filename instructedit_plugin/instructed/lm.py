@@ -17,7 +17,9 @@ positions -- and ``generate()`` for fluency/demos. For every example the wrapper
 3. computes ``sim = cos(Enc(question), Enc(instruction))`` with the sentence encoder (``similarity=
    "subject_masked"``: with the edit's subject removed from both texts, see :mod:`.similarity`); the
    instruction's embedding is cached (:mod:`.embedding_cache`), and under retrieval the question's is the
-   one the memory search computed, so a query runs the encoder once;
+   one the memory search computed, so a query runs the encoder once; with ``sim_overlap`` (an option,
+   ``question_rows`` with cached instruction keys/values) it is computed in a worker thread while the
+   forward runs up to its first attention, which waits for it (:mod:`.sim_overlap`; bit-identical outputs);
 4. runs the base model with the prefixes attached under ``instruction_context(spans, sim,
    use_prefix)`` and slices the logits back onto the caller's positions, so ``.logits`` has the
    caller's shape. Logits at padding positions of instructed examples are 0 (nothing reads them).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from concurrent.futures import wait as futures_wait
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +46,11 @@ from ..errors import MissingDependencyError, PluginError, RequestError
 from .instructed_hparams import DEFAULT_TEMPLATE
 from .memory.gate import CALIBRATED, gate_for_memory
 from .context import instruction_context
-from .prefix import PrefixBank, attach_instructed, get_instructed_handle
+from .prefix import PrefixBank, attach_instructed, find_attention_modules, get_instructed_handle
 from .embedding_cache import DEFAULT_EMBEDDING_CACHE, InstructionEmbeddingCache
 from .instruction_cache import InstructionKVCache
 from .similarity import SIMILARITIES, relation_gate_open, similarity as pair_similarity
+from .sim_overlap import defer_similarity
 from .templates import InstructionTemplate
 
 LOG = logging.getLogger(__name__)
@@ -67,16 +71,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Collaborators written elsewhere (imported lazily): the sentence encoder and the memory
 # ----------------------------------------------------------------------------------------------
-def load_encoder(spec: Any = "default", device: str | torch.device = "cpu") -> Any:
+def load_encoder(spec: Any = "default", device: str | torch.device = "cpu", dtype: str = "float32") -> Any:
     """A sentence encoder: ``spec`` itself when it already is one (has ``encode``/``cosine``),
-    else ``SentenceEncoder(name_or_path=spec, device=device)`` from :mod:`.encoder`."""
+    else ``SentenceEncoder(name_or_path=spec, device=device, dtype=dtype)`` from :mod:`.encoder`."""
     if hasattr(spec, "cosine") and hasattr(spec, "encode"):
         return spec
     try:
         from .encoder import SentenceEncoder  # noqa: PLC0415 - optional module, imported on use
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise MissingDependencyError("instructedit_plugin.instructed.encoder", "InstructEd's sentence encoder") from exc
-    return SentenceEncoder(name_or_path=spec, device=str(device))
+    return SentenceEncoder(name_or_path=spec, device=str(device), dtype=dtype)
 
 
 def new_memory(encoder: Any) -> Any:
@@ -297,6 +301,9 @@ class InstructedLM(nn.Module):
             (question and instruction encoded together at every query). In mode ``none`` and without prefixes
             ``sim`` is unused and never computed.
         similarity: how ``sim`` is computed (:data:`~.similarity.SIMILARITIES`; ``cosine`` is the paper's).
+        sim_overlap: ``question_rows`` with an instruction cache: compute ``sim`` in a worker thread while the
+            forward runs up to its first attention (:mod:`.sim_overlap`); bit-identical outputs, less wall
+            clock where a second core is free, the same CPU time.
         relation_gate: ``None`` (the paper: every input keeps its instruction) or a threshold: an input whose
             relation similarity to its instruction (:func:`~.similarity.relation_similarity`, the edit's
             subject masked) is below it runs without instruction, exactly as the base model.
@@ -323,6 +330,7 @@ class InstructedLM(nn.Module):
         embedding_cache: int | InstructionEmbeddingCache | None = None,
         similarity: str = "cosine",
         relation_gate: float | None = None,
+        sim_overlap: bool = False,
     ):
         super().__init__()
         if similarity not in SIMILARITIES:
@@ -355,6 +363,14 @@ class InstructedLM(nn.Module):
             embedding_cache = InstructionEmbeddingCache(embedding_cache) if embedding_cache else None
         #: instruction sentence embeddings reused across questions (any mode)
         self.__dict__["embedding_cache"] = embedding_cache
+        if sim_overlap and instruction_cache is None:
+            raise PluginError("sim_overlap computes sim beside the cached-instruction forward, which needs "
+                              "reweight_mode 'question_rows' and an instruction cache. Fix: set reweight_mode: "
+                              "question_rows (instruction_cache > 0), or sim_overlap: false")
+        #: compute sim in a worker thread while the cached-instruction forward starts (:mod:`.sim_overlap`)
+        self.sim_overlap = bool(sim_overlap)
+        #: the base model's attention modules by layer (found once; every call attaches the prefixes to them)
+        self.__dict__["_attention_modules"] = None
         #: the prefixes' keys/values, projected once and kept across calls (each call attaches the bank anew;
         #: entries are checked against the bank's and the layers' version counters, see ``attach_instructed``)
         self.__dict__["_prefix_memo"] = {}
@@ -402,8 +418,11 @@ class InstructedLM(nn.Module):
             finally:
                 handle.mode = previous
             return
+        if self.__dict__["_attention_modules"] is None:
+            self.__dict__["_attention_modules"] = find_attention_modules(self.model)
         handle = attach_instructed(self.model, bank=self.bank, mode=self.mode, freeze=False,
-                                   prefix_memo=self.__dict__["_prefix_memo"])
+                                   prefix_memo=self.__dict__["_prefix_memo"],
+                                   modules=self.__dict__["_attention_modules"])
         handle.prefix_enabled = False
         try:
             yield handle
@@ -541,9 +560,13 @@ class InstructedLM(nn.Module):
 
     @torch.no_grad()
     def warm_instructions(self, instructions: Sequence[str]) -> int:
-        """Compute (or refresh) the cached keys/values of ``instructions`` now; returns how many were new."""
+        """Compute (or refresh) the cached keys/values of ``instructions`` now, and their sentence embeddings (for
+        ``sim``, when there is an embedding cache), so a query asking under them runs neither; returns how many
+        keys/values were new."""
         if self.instruction_cache is None or not self.use_prefixes:
             return 0
+        if self.embedding_cache is not None and self.similarity == "cosine" and self.mode != "none":
+            self.embedding_cache.vectors(self.encoder, list(instructions))  # each encoded alone, as a query would
         before = self.instruction_cache.misses
         with self.activated():
             for instruction in instructions:
@@ -556,11 +579,25 @@ class InstructedLM(nn.Module):
         """Logits of the instructed rows from their instructions' cached keys/values plus their own tokens;
         ``None`` when an instruction does not fit a sliding-window layer's cache (then the full forward runs)."""
         window = getattr(self.model.config, "sliding_window", None)
+        pairs = ([selections[i].question for i in chosen], [selections[i].instruction for i in chosen],
+                 [selections[i].subject for i in chosen], [selections[i].encoded for i in chosen])
+        if self.sim_overlap:  # the forward below waits for it in its first attention
+            sim = defer_similarity(lambda: self.similarities(*pairs), len(chosen))
+            try:
+                logits = self._forward_cached_with(sim, window, rows, selections, chosen, input_ids, attention_mask,
+                                                   kwargs)
+            finally:
+                futures_wait([sim.future])  # never leave the worker running (a forward error keeps its own traceback)
+            sim.value()  # a sim nothing read still reports its error
+            return logits
+        sim = self.similarities(*pairs)
+        return self._forward_cached_with(sim, window, rows, selections, chosen, input_ids, attention_mask, kwargs)
+
+    def _forward_cached_with(self, sim: Any, window: int | None, rows: list[list[int]],
+                             selections: list[Selection | None], chosen: list[int], input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        """:meth:`_forward_cached` once ``sim`` is known or deferred (a :class:`~.context.DeferredSim`)."""
         entries, tails = [], []
-        questions = [selections[i].question for i in chosen]
-        instructions = [selections[i].instruction for i in chosen]
-        sim = self.similarities(questions, instructions, [selections[i].subject for i in chosen],
-                                [selections[i].encoded for i in chosen])
         with self.activated():
             for i in chosen:
                 encoded = self.template.encode_instruction(selections[i].instruction)
@@ -587,8 +624,13 @@ class InstructedLM(nn.Module):
         """Logits of the caller's shape: the instructed rows' ``kept`` logits (``question_starts[j]``: the
         column of row ``chosen[j]``'s first question token in them) moved onto the caller's positions, the
         rows without instruction from the plain base model, zeros at padding."""
-        logits = kept.new_zeros((*input_ids.shape, kept.shape[-1]))
         plain = [i for i, s in enumerate(selections) if s is None]
+        if not plain and len(chosen) == 1 and bool(attention_mask.all()):  # one unpadded row: a slice, no copy
+            stripped = len(self.template.strip_bos(rows[0])) != len(rows[0])
+            first = question_starts[0] - (1 if stripped else 0)
+            if first >= 0 and first + input_ids.shape[1] <= kept.shape[1]:
+                return kept[:, first : first + input_ids.shape[1]]
+        logits = kept.new_zeros((*input_ids.shape, kept.shape[-1]))
         if plain:
             logits[plain] = self.model(input_ids=input_ids[plain], attention_mask=attention_mask[plain], **kwargs).logits
         for j, i in enumerate(chosen):

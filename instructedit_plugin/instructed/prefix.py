@@ -284,6 +284,7 @@ def attach_instructed(
     init_std: float = 0.02,
     freeze: bool = True,
     prefix_memo: dict | None = None,
+    modules: dict[int, nn.Module] | None = None,
 ) -> InstructedHandle:
     """Install InstructEd attention on ``model`` and return its :class:`InstructedHandle`.
 
@@ -301,6 +302,8 @@ def attach_instructed(
             (:meth:`InstructedHandle.prefix_key_value`); passing the same dict to every attachment of the same
             model and bank (as ``InstructedLM`` does per call) skips re-projecting the prefixes each time. Its
             entries are checked against the same version counters, so a changed bank or layer recomputes them.
+        modules: ``model``'s :func:`find_attention_modules`, when the caller already has them (``InstructedLM``
+            finds them once instead of walking the model at every call).
     """
     if get_instructed_handle(model) is not None:
         raise PluginError("InstructEd is already attached to this model; call detach() on its handle first")
@@ -309,7 +312,7 @@ def attach_instructed(
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise PluginError(f"{type(model).__name__} is not a transformers PreTrainedModel")
 
-    modules = find_attention_modules(model)
+    modules = find_attention_modules(model) if modules is None else modules
     if not modules:
         raise PluginError(f"{type(model).__name__}: found no attention module InstructEd can attach to")
     num_layers = max(modules) + 1
