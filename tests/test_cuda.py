@@ -5,7 +5,8 @@ CI has no GPU, so this module is skipped there; run it on a GPU machine with
 the tests themselves were checked on a machine without CUDA). What they assert on the device:
 
 * InstructEd's instructed forward (``paper`` and ``question_rows`` with cached instruction
-  keys/values) gives the CPU's logits on the tiny LLaMA and Gemma 3, and the prefixes move them;
+  keys/values, also with ``sim_overlap``) gives the CPU's logits on the tiny LLaMA and Gemma 3, and the
+  prefixes move them;
 * InstructEd's trainer trains the prefixes on the device (validation loss falls, float32 and bf16
   autocast), and the checkpoint it writes reloads on the CPU to the same tensors and logits;
 * InstructEdit's trainer meta-trains the editor on the device in the tiny fact world, one edit made
@@ -103,6 +104,10 @@ def _compare_devices(path, mode):
             again = lm(**enc, instructions=FACTS).logits
             assert lm.instruction_cache.hits == 3 and torch.equal(again, first)
             assert all(t.device.type == device.type for t in _tensors(lm.instruction_cache))
+            # sim computed in a worker thread while the forward starts: the same logits
+            overlapped = InstructedLM(model, tok, lm.bank, encoder=CosineByLength(), mode=mode, instruction_cache=8,
+                                      sim_overlap=True)
+            assert torch.equal(overlapped(**enc, instructions=FACTS).logits, first)
         plain = model(**enc).logits
         real = enc["attention_mask"].bool()
         assert (first[real] - plain[real]).abs().max() > 100 * ATOL  # the prefixes and instruction move the logits
