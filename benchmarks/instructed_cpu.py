@@ -599,9 +599,10 @@ def main(argv=None) -> int:
         for m, row in latency.items():  # edit times not re-timed stay the saved ones (with their interval, if any)
             if m not in retimed and m in saved and m != "unedited":
                 row["edit_ms"], row["edit_ms_ci"] = saved[m].get("edit_ms"), saved[m].get("edit_ms_ci")
-        out["latency"] = {m: latency[m] for m in METHODS if m in latency}
+        # methods not measured here (not in --methods) keep their saved figures
+        out["latency"] = {m: latency[m] if m in latency else saved[m] for m in METHODS if m in latency or m in saved}
         out.update(base_query_ms=round(base_ms, 2), latency_inputs=len(latency_requests), retrieval_hits=hits)
-        replaced = ([f"latency.{m}.{f}" for m in out["latency"] if m != "unedited" for f in ("query_ratio", "query_ratio_ci")]
+        replaced = ([f"latency.{m}.{f}" for m in latency if m != "unedited" for f in ("query_ratio", "query_ratio_ci")]
                     + [f"latency.{m}.{f}" for m in retimed for f in ("edit_ms", "edit_ms_ci")]
                     + ["base_query_ms", "latency_inputs", "retrieval_hits"])
         out.setdefault("merged_runs", []).append(merged_run(command, replaced))
