@@ -188,17 +188,21 @@ def run_method(editor, requests: list[dict], with_subject: bool, name: str) -> t
 # Latency
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def query_times_ms(model, tok, texts: list[str]) -> list[float]:
-    """Forward time (ms) of each of ``texts``, in order, after two warm-up forwards."""
-    times = []
+def paired_query_times_ms(base, edited, tok, texts: list[str]) -> tuple[list[float], list[float]]:
+    """Forward times (ms) of ``base`` and ``edited`` on each of ``texts``, the two forwards of an input timed
+    back to back (after two warm-up inputs), so that a change of the machine's load between inputs falls on
+    both alike."""
     for text in texts[:2]:  # warm-up
-        model(**tok([text], return_tensors="pt"))
+        base(**tok([text], return_tensors="pt"))
+        edited(**tok([text], return_tensors="pt"))
+    base_ms, edited_ms = [], []
     for text in texts:
         enc = tok([text], return_tensors="pt")
-        t0 = time.perf_counter()
-        model(**enc)
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
+        for model, times in ((base, base_ms), (edited, edited_ms)):
+            t0 = time.perf_counter()
+            model(**enc)
+            times.append((time.perf_counter() - t0) * 1000)
+    return base_ms, edited_ms
 
 
 def median_edit_ms(times: list[float], resamples: int) -> tuple[float | None, list[float] | None]:
@@ -211,13 +215,14 @@ def median_edit_ms(times: list[float], resamples: int) -> tuple[float | None, li
 
 def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms, resamples: int = 2000):
     """Median query time of each method's edited model on ``prompt + ' ' + target_new`` of ``requests``
-    as a ratio to the unedited forward, and the median edit time (EasyEdit's per-edit ``time``), each
-    with its 95% bootstrap interval (``query_ratio_ci``: the timed inputs resampled in pairs)."""
+    as a ratio to the unedited forward of the same inputs (timed back to back with it,
+    :func:`paired_query_times_ms`), and the median edit time (EasyEdit's per-edit ``time``), each with its
+    95% bootstrap interval (``query_ratio_ci``: the timed inputs resampled in pairs). Returns the latency
+    block, the median of every unedited forward timed, and the retrieval hits."""
     from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
 
     texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
-    base_times = query_times_ms(model, tok, texts)
-    base_ms = statistics.median(base_times)
+    all_base: list[float] = []
     latency = {"unedited": {"edit_ms": 0.0, "query_ratio": 1.0}}
     hits = None
     for method in methods:
@@ -233,13 +238,16 @@ def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms,
                            for r in requests)
         else:
             qm = query_models.get(method, model)  # FT / ROME: the (restored) model itself, same architecture
-        times = query_times_ms(qm, tok, texts)
+        base_times, times = paired_query_times_ms(model, qm, tok, texts)
+        all_base += base_times
         reset_memory(model)
         edit, edit_ci = median_edit_ms(edit_ms.get(method) or [], resamples)
         ratio = ratio_interval(base_times, times, resamples)
         latency[method] = {"edit_ms": edit, "query_ratio": ratio[0], "edit_ms_ci": edit_ci, "query_ratio_ci": ratio[1:]}
         LOG.info("latency %s: %s", method, latency[method])
-    return latency, base_ms, hits
+    if not all_base:  # nothing but the unedited model: time it alone
+        all_base = paired_query_times_ms(model, model, tok, texts)[0]
+    return latency, statistics.median(all_base), hits
 
 
 # ----------------------------------------------------------------------------------------------

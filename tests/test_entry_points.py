@@ -458,6 +458,20 @@ def test_instructed_cpu_merge_keeps_the_rows_of_another_run_and_names_their_comm
     ft_row = next(r for r in _table_rows(md) if r[0] == "ft" and len(r) == 8)
     assert ft_row[2:] == ["30.0", "31.0", "32.0", "33.0", "34.0", "35.0"]  # bare: the earlier run kept no records
     assert "Rows without an interval (counterfact/in_context, counterfact/ft, counterfact/rome" in md
+    # --latency_only re-measures the methods it names; the merged methods keep their latency and its provenance
+    before = json.loads(out_json.read_text())
+    assert bench.main(_instructed_cpu_argv(data, tiny_llama_dir, limit, methods, out_json)
+                      + ["--latency_only", "--retime_edits", "instructed_gold"]) == 0
+    after = json.loads(out_json.read_text())
+    assert {m: after["latency"][m] for m in ("in_context", "ft", "rome")} == {
+        m: source["latency"][m] for m in ("in_context", "ft", "rome")}
+    assert list(after["latency"]) == ["unedited", "in_context", "instructed_gold", "ft", "rome"]
+    assert after["merged_runs"][:-1] == before["merged_runs"] and after["datasets"] == before["datasets"]
+    assert set(after["merged_runs"][-1]["keys"]) == {
+        "latency.instructed_gold.query_ratio", "latency.instructed_gold.query_ratio_ci", "latency.instructed_gold.edit_ms",
+        "latency.instructed_gold.edit_ms_ci", "base_query_ms", "latency_inputs", "retrieval_hits"}
+    gold = after["latency"]["instructed_gold"]
+    assert gold["edit_ms_ci"][0] <= gold["edit_ms"] <= gold["edit_ms_ci"][1]
 
 
 @pytest.mark.parametrize("field, theirs, message", [
