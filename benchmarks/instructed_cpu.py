@@ -329,6 +329,18 @@ def _prefix_training_line(out: dict) -> str:
             f"prefix length {cfg['prefix_len']} on {layers}, {cfg['dtype']}.")
 
 
+def current_merged_runs(runs: list[dict]) -> list[dict]:
+    """``merged_runs`` as the markdown lists them: each entry with only the keys no later entry replaced (the JSON
+    keeps the whole history); entries left with no key are left out."""
+    out = []
+    for i, run in enumerate(runs):
+        later = [k for r in runs[i + 1:] for k in r.get("keys", [])]
+        keys = [k for k in run.get("keys", []) if not any(k == k2 or k.startswith(k2 + ".") for k2 in later)]
+        if keys:
+            out.append(dict(run, keys=keys))
+    return out
+
+
 def render_markdown(out: dict) -> str:
     """``instructed_cpu.md`` from ``instructed_cpu.json`` alone."""
     rec = out["recipe"]
@@ -399,7 +411,7 @@ def render_markdown(out: dict) -> str:
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {fig} |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
-    lines += merged_runs_lines(out)
+    lines += merged_runs_lines({"merged_runs": current_merged_runs(out.get("merged_runs") or [])})
     lines += notes_lines(out)
     return "\n".join(lines) + "\n"
 

@@ -690,3 +690,15 @@ def test_gate_calibration_benchmark_reports_default_and_calibrated_gates(shared_
         assert r["f1"] == pytest.approx(f1, abs=2e-4)
     assert out["timing"][0]["sentences"] == 3 * size
     assert out_json.with_suffix(".md").read_text() == bench.render_markdown(out)
+
+
+def test_instructed_cpu_markdown_names_one_producer_per_merged_key():
+    """A key a later run replaced is listed under that run only (the JSON keeps the whole history)."""
+    bench = _script("benchmarks/instructed_cpu.py")
+    runs = [{"command": "first", "date": None, "keys": ["latency.ft.edit_ms", "latency.rome.query_ratio"]},
+            {"command": "migration", "date": "2026-01-01", "keys": ["n_evaluated"]},
+            {"command": "retime", "date": "2026-01-02", "keys": ["latency.ft.edit_ms", "n_evaluated"]}]
+    assert bench.current_merged_runs(runs) == [
+        {"command": "first", "date": None, "keys": ["latency.rome.query_ratio"]},
+        {"command": "retime", "date": "2026-01-02", "keys": ["latency.ft.edit_ms", "n_evaluated"]}]
+    assert runs[0]["keys"] == ["latency.ft.edit_ms", "latency.rome.query_ratio"]  # not changed in place
