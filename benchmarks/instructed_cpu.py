@@ -19,8 +19,8 @@
      same in-memory model (ROME with ``mom2_adjustment: false``: no Wikipedia statistics offline);
 
    every method through EasyEdit's ``BaseEditor.edit`` and ``compute_edit_quality`` (one edit per
-   call, weights / memory restored after each), summarised with
-   :func:`~instructedit_plugin.evaluation.summary.summarize_metrics` (Rel, Gen, Loc, Por, Score, H).
+   call, weights / memory restored after each); each edit's Rel, Gen, Loc, Por
+   (:func:`~instructedit_plugin.evaluation.summary.edit_metrics`) averaged over the records, with Score and H.
 3. Latency: median edit time (EasyEdit's own per-edit ``time``) and median query time of the
    edited model on ``prompt + ' ' + target_new`` inputs, as a ratio to the unedited forward pass.
 
@@ -40,6 +40,17 @@ WikiData-CounterFact and -Recent with FT and ROME on the same records; its own o
 
 ``--latency_only`` re-measures the latency block of the saved results and records itself in the
 JSON's ``merged_runs`` (the markdown says which figures it replaced).
+
+``--merge FILE`` takes the rows of every method that ``--methods`` leaves out from an earlier result of this
+script (e.g. the recipe-independent baselines of the committed file when only the InstructEd rows are re-run
+with another ``--recipe``), with their per-record values and latency where that file has them; each merged
+key is recorded in ``merged_runs`` with the command that produced it. Files of other record limits, another
+model or (for InstructEd rows) other prefixes are refused.
+
+Every figure of a row evaluated by the run carries its 95% percentile-bootstrap interval over the records
+(``benchmarks.results_io.figures_with_ci``: Score and H recomputed on each resample); the per-record
+Rel/Gen/Loc/Por are kept in the JSON (``records``), so the intervals can be recomputed. Latency: the median
+edit time's and the query ratio's intervals resample the timed edits / inputs (inputs in pairs).
 """
 from __future__ import annotations
 
@@ -64,9 +75,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
+from benchmarks.instructed_ablations import ratio_interval, record_values, summarize_with_intervals  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    command_line, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today,
-    write_results, setup_logging,
+    command_line, figures_with_ci, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
+    today, write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_cpu")
@@ -80,10 +92,15 @@ RESULT_KEYS = frozenset({
     "date", "command", "args", "wall_minutes",  # the run
     "recipe",  # the prefixes: recipe config, steps, timing, training sources
     "n_evaluated", "errors", "base_query_ms", "latency_inputs", "retrieval_hits",  # evaluation details
-    "notes", "merged_runs",  # --notes text; later runs merged in (--latency_only)
+    "records",  # per-record Rel/Gen/Loc/Por in [0, 1] of each evaluated row (the intervals' source)
+    "notes", "merged_runs",  # --notes text; runs merged in (--latency_only, --merge)
 })
 #: Arguments that say what was run (the others only steer this script).
 _UNSAVED_ARGS = ("out", "render", "latency_only", "retime_edits", "notes")
+#: Methods whose rows depend on the InstructEd prefixes (merged only from a run with the same prefixes).
+PREFIX_METHODS = ("instructed_gold", "instructed_retrieval")
+#: ``--merge`` refuses a file whose value of one of these differs from the run's (rows must be comparable).
+MERGE_MUST_MATCH = ("limit", "baseline_limit", "dtype")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,6 +128,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads (1: on a shared 2-core machine 2 threads ran 8x slower, spinning against other jobs)")
     p.add_argument("--retrieval_gate", type=float, default=0.1)
     p.add_argument("--latency_n", type=int, default=20, help="query-latency inputs per dataset")
+    p.add_argument("--merge", default=None,
+                   help="an earlier result JSON of this script: the rows of every method --methods leaves out are "
+                        "taken from it (same --limit / --baseline_limit / model required; InstructEd rows also the "
+                        "same prefixes), each merged key recorded with the command that produced it")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of every 95%% interval")
     p.add_argument("--latency_only", action="store_true",
                    help="re-measure only the latency block of the saved results (recipe from the cache)")
     p.add_argument("--retime_edits", default="",
@@ -166,26 +188,41 @@ def run_method(editor, requests: list[dict], with_subject: bool, name: str) -> t
 # Latency
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def median_query_ms(model, tok, texts: list[str], repeats: int = 1) -> float:
-    times = []
+def paired_query_times_ms(base, edited, tok, texts: list[str]) -> tuple[list[float], list[float]]:
+    """Forward times (ms) of ``base`` and ``edited`` on each of ``texts``, the two forwards of an input timed
+    back to back (after two warm-up inputs), so that a change of the machine's load between inputs falls on
+    both alike."""
     for text in texts[:2]:  # warm-up
-        model(**tok([text], return_tensors="pt"))
-    for _ in range(repeats):
-        for text in texts:
-            enc = tok([text], return_tensors="pt")
+        base(**tok([text], return_tensors="pt"))
+        edited(**tok([text], return_tensors="pt"))
+    base_ms, edited_ms = [], []
+    for text in texts:
+        enc = tok([text], return_tensors="pt")
+        for model, times in ((base, base_ms), (edited, edited_ms)):
             t0 = time.perf_counter()
             model(**enc)
             times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return base_ms, edited_ms
 
 
-def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms):
+def median_edit_ms(times: list[float], resamples: int) -> tuple[float | None, list[float] | None]:
+    """Median edit time (ms) and its 95% bootstrap interval over the timed edits (None, None without edits)."""
+    if not times:
+        return None, None
+    fig = figures_with_ci(times, lambda rows: {"median": statistics.median(rows)}, resamples, digits=2)["median"]
+    return fig[0], fig[1:]
+
+
+def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms, resamples: int = 2000):
     """Median query time of each method's edited model on ``prompt + ' ' + target_new`` of ``requests``
-    as a ratio to the unedited forward, and the median edit time (EasyEdit's per-edit ``time``)."""
+    as a ratio to the unedited forward of the same inputs (timed back to back with it,
+    :func:`paired_query_times_ms`), and the median edit time (EasyEdit's per-edit ``time``), each with its
+    95% bootstrap interval (``query_ratio_ci``: the timed inputs resampled in pairs). Returns the latency
+    block, the median of every unedited forward timed, and the retrieval hits."""
     from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
 
     texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
-    base_ms = median_query_ms(model, tok, texts)
+    all_base: list[float] = []
     latency = {"unedited": {"edit_ms": 0.0, "query_ratio": 1.0}}
     hits = None
     for method in methods:
@@ -201,50 +238,76 @@ def measure_latency(model, tok, requests, methods, specs, query_models, edit_ms)
                            for r in requests)
         else:
             qm = query_models.get(method, model)  # FT / ROME: the (restored) model itself, same architecture
-        q = median_query_ms(qm, tok, texts)
+        base_times, times = paired_query_times_ms(model, qm, tok, texts)
+        all_base += base_times
         reset_memory(model)
-        latency[method] = {"edit_ms": round(statistics.median(edit_ms[method]), 2) if edit_ms.get(method) else None,
-                           "query_ratio": round(q / base_ms, 3)}
+        edit, edit_ci = median_edit_ms(edit_ms.get(method) or [], resamples)
+        ratio = ratio_interval(base_times, times, resamples)
+        latency[method] = {"edit_ms": edit, "query_ratio": ratio[0], "edit_ms_ci": edit_ci, "query_ratio_ci": ratio[1:]}
         LOG.info("latency %s: %s", method, latency[method])
-    return latency, base_ms, hits
+    if not all_base:  # nothing but the unedited model: time it alone
+        all_base = paired_query_times_ms(model, model, tok, texts)[0]
+    return latency, statistics.median(all_base), hits
 
 
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
+def _point(v) -> float | None:
+    """A figure's value: a cell is ``[value, low, high]`` (evaluated by the run) or a bare value (merged from a
+    run that kept no per-record values)."""
+    return v[0] if isinstance(v, list) else v
+
+
 def _fmt(v, nd=1) -> str:
-    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, (int, float)) else str(v))
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return f"{v[0]:.{nd}f} [{v[1]:.{nd}f}, {v[2]:.{nd}f}]"
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _with_ci(value, ci) -> list[float] | float | None:
+    """``[value, low, high]`` when the interval is known, else the bare value."""
+    return [value, *ci] if value is not None and ci else value
 
 
 def check_targets(out: dict) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, figures) for each target of the brief; None: not measured."""
+    """(target, met?, figures) for each target of the brief (met on the point estimate; the figures show its
+    95% interval where the row has one)."""
     rows = []
     d, lat = out["datasets"], out["latency"]
     for ds in DATASETS:
         g = d.get(ds, {}).get("instructed_gold")
         if g:
-            rows.append((f"{ds}: InstructEd gold Rel >= 95", g["Rel"] is not None and g["Rel"] >= 95, f"Rel {_fmt(g['Rel'])}"))
-            rows.append((f"{ds}: InstructEd gold Gen >= 85", g["Gen"] is not None and g["Gen"] >= 85, f"Gen {_fmt(g['Gen'])}"))
+            for metric, bound in (("Rel", 95), ("Gen", 85)):
+                v = _point(g[metric])
+                rows.append((f"{ds}: InstructEd gold {metric} >= {bound}", v is not None and v >= bound,
+                             f"{metric} {_fmt(g[metric])}"))
         r = d.get(ds, {}).get("instructed_retrieval")
         if r:
-            rows.append((f"{ds}: InstructEd retrieval Loc >= 90", r["Loc"] is not None and r["Loc"] >= 90, f"Loc {_fmt(r['Loc'])}"))
-        for method in ("instructed_gold", "instructed_retrieval"):
+            v = _point(r["Loc"])
+            rows.append((f"{ds}: InstructEd retrieval Loc >= 90", v is not None and v >= 90, f"Loc {_fmt(r['Loc'])}"))
+        for method in PREFIX_METHODS:
             m = d.get(ds, {}).get(method)
             if not m:
                 continue
             for metric in ("Por", "H"):
-                others = {o: d[ds][o][metric] for o in ("in_context", "ft", "rome") if o in d[ds] and d[ds][o][metric] is not None}
-                ok = m[metric] is not None and all(m[metric] > v for v in others.values())
+                others = {o: d[ds][o][metric] for o in ("in_context", "ft", "rome")
+                          if o in d[ds] and d[ds][o][metric] is not None}
+                ok = m[metric] is not None and all(_point(m[metric]) > _point(v) for v in others.values())
                 rows.append((f"{ds}: {method} {metric} above in-context, FT and ROME", ok,
                              f"{_fmt(m[metric])} vs " + ", ".join(f"{o} {_fmt(v)}" for o, v in others.items())))
     ft_ms = (lat.get("ft") or {}).get("edit_ms")
-    for method in ("instructed_gold", "instructed_retrieval"):
+    for method in PREFIX_METHODS:
         e = (lat.get(method) or {}).get("edit_ms")
         if e is not None and ft_ms:
             rows.append((f"{method}: edit <= 0.01 x FT edit", e <= 0.01 * ft_ms, f"{e:.1f} ms vs FT {ft_ms:.0f} ms ({e / ft_ms:.4f}x)"))
         q = (lat.get(method) or {}).get("query_ratio")
         if q is not None:
-            rows.append((f"{method}: edited query <= 1.3 x unedited", q <= 1.3, f"{q:.2f}x"))
+            ci = (lat.get(method) or {}).get("query_ratio_ci")
+            rows.append((f"{method}: edited query <= 1.3 x unedited", q <= 1.3,
+                         f"{q:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")))
     return rows
 
 
@@ -266,6 +329,18 @@ def _prefix_training_line(out: dict) -> str:
             f"prefix length {cfg['prefix_len']} on {layers}, {cfg['dtype']}.")
 
 
+def current_merged_runs(runs: list[dict]) -> list[dict]:
+    """``merged_runs`` as the markdown lists them: each entry with only the keys no later entry replaced (the JSON
+    keeps the whole history); entries left with no key are left out."""
+    out = []
+    for i, run in enumerate(runs):
+        later = [k for r in runs[i + 1:] for k in r.get("keys", [])]
+        keys = [k for k in run.get("keys", []) if not any(k == k2 or k.startswith(k2 + ".") for k2 in later)]
+        if keys:
+            out.append(dict(run, keys=keys))
+    return out
+
+
 def render_markdown(out: dict) -> str:
     """``instructed_cpu.md`` from ``instructed_cpu.json`` alone."""
     rec = out["recipe"]
@@ -278,6 +353,11 @@ def render_markdown(out: dict) -> str:
         "one edit per call with weights / memory restored afterwards; Rel = rewrite_acc, Gen = rephrase_acc, Loc = locality,",
         "Por = the GPT-4 one-hop portability question; Score = mean, H = harmonic mean of the four).",
         "Rendered from `instructed_cpu.json` (`python benchmarks/instructed_cpu.py --render`).",
+    ]
+    if args.get("bootstrap"):
+        lines.append(f"Each figure of a row this run evaluated: the mean over the records and its 95% percentile-bootstrap "
+                     f"interval ({args['bootstrap']} resamples of the records; Score and H recomputed on each resample).")
+    lines += [
         "",
         "## Configuration",
         "",
@@ -290,7 +370,9 @@ def render_markdown(out: dict) -> str:
         f"* Training data: {out['train_edits']} edits (+{rec['val_edits']} validation): "
         + ", ".join(f"{k} {v['taken']} (`{v['file']}`, first {v['skipped_first']} records skipped, "
                     f"{v['excluded_eval_overlap']} excluded for sharing a case id / subject / question with the evaluation records)"
-                    for k, v in rec["sources"].items()) + ".",
+                    for k, v in rec["sources"].items()) + "."
+        + ("" if any(k.startswith("zsre") for k in rec["sources"])
+           else " No ZsRE record is trained on: ZsRE is out of distribution, as in the paper."),
         f"* Evaluation: the first **{args['limit']}** records of `counterfact_portability_gpt4_ins.json` and of "
         f"`zsre_mend_eval_portability_gpt4.json`" + (f"; FT and ROME on the first {args['baseline_limit']} of them"
                                                       if args.get("baseline_limit") else "") + ".",
@@ -307,22 +389,29 @@ def render_markdown(out: dict) -> str:
             lines.append(f"| {m} | {n.get(ds, {}).get(m, '')} | " + " | ".join(_fmt(row[k]) for k in METRICS) + " |")
             lines += paper_figures.reference_rows(ds, paper_figures.PAPER_NAMES.get(m, ""), extra_cells=1)
         lines += ["", paper_figures.REFERENCE_NOTE, ""]
+    bare = [f"{ds}/{m}" for ds in DATASETS for m, row in out["datasets"].get(ds, {}).items()
+            if any(row[k] is not None and not isinstance(row[k], list) for k in METRICS)]
+    if bare and any(isinstance(row[k], list) for rows in out["datasets"].values() for row in rows.values() for k in METRICS):
+        lines += ["Rows without an interval (" + ", ".join(bare) + ") come from a run merged into this file that kept no "
+                  "per-record values; see *Merged into this file*.", ""]
     lines += ["### Latency", ""]
     if merged_into(out, "latency") or merged_into(out, "base_query_ms"):
-        lines += ["Measured (in part) by a later run merged into this file; see *Merged into this file* below.", ""]
+        lines += ["Measured (in part) by another run merged into this file (each ratio is to that run's own unedited "
+                  "forward); see *Merged into this file* below.", ""]
     inputs = f" over {out['latency_inputs']} inputs" if out.get("latency_inputs") else ""
     lines += [f"Unedited forward (`prompt + target`, median{inputs}): {out['base_query_ms']:.1f} ms."
               + (f" Retrieval: {out['retrieval_hits']} of the {out['latency_inputs']} inputs open the gate."
                  if out.get("retrieval_hits") is not None and out.get("latency_inputs") else ""), "",
               "| method | median edit (ms) | query / unedited |", "|---|---|---|"]
     for m, row in out["latency"].items():
-        lines.append(f"| {m} | {_fmt(row['edit_ms'])} | {_fmt(row['query_ratio'], 2)} |")
+        lines.append(f"| {m} | {_fmt(_with_ci(row['edit_ms'], row.get('edit_ms_ci')))} | "
+                     f"{_fmt(_with_ci(row['query_ratio'], row.get('query_ratio_ci')), 2)} |")
     lines += ["", "## Targets", "", "| target | met | figures |", "|---|---|---|"]
     for name, ok, fig in check_targets(out):
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {fig} |")
     if out.get("errors"):
         lines += ["", "## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()]
-    lines += merged_runs_lines(out)
+    lines += merged_runs_lines({"merged_runs": current_merged_runs(out.get("merged_runs") or [])})
     lines += notes_lines(out)
     return "\n".join(lines) + "\n"
 
@@ -336,6 +425,100 @@ def recipe_block(info: dict) -> dict:
             "best_val_loss": info.get("best_val_loss"), "sources": info["data"]["sources"]}
 
 
+def _stored(rows: list[dict]) -> list[dict]:
+    """Per-record values as the JSON keeps them (6 decimals): the intervals are computed from these, so they
+    can be recomputed from the file."""
+    return [{k: (None if v is None else round(float(v), 6)) for k, v in r.items()} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# --merge: rows of methods this run leaves out, from an earlier result
+# ----------------------------------------------------------------------------------------------
+def read_merge_source(path: str | Path, args: argparse.Namespace, model: str) -> dict:
+    """The result JSON ``--merge`` names, checked against this run before any work: the same record limits,
+    dtype and model (rows of different records or models must not share a table)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--merge {path}: no such file. Fix: name an earlier result JSON of this script, e.g. "
+                         "benchmarks/results/instructed_cpu.json")
+    source = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(source.get("datasets"), dict) or not isinstance(source.get("args"), dict):
+        raise SystemExit(f"--merge {path}: not a result of {SCRIPT} (no 'datasets' / 'args'). "
+                         f"Fix: name a JSON that {SCRIPT} wrote")
+    theirs = source["args"]
+    for field in MERGE_MUST_MATCH:
+        if theirs.get(field) != getattr(args, field):
+            raise SystemExit(f"--merge {path}: its --{field} is {theirs.get(field)!r}, this run's is "
+                             f"{getattr(args, field)!r}; rows of different record limits / dtypes must not share a table. "
+                             f"Fix: run with --{field} {theirs.get(field)} (or re-run the merged methods with this --{field})")
+    if source.get("model") != model:
+        raise SystemExit(f"--merge {path}: its model is {source.get('model')!r}, this run's is {model!r}. "
+                         "Fix: merge a result of the same model (--model_dir / --dtype)")
+    return source
+
+
+def _producer(source: dict, key: str) -> tuple[str, str | None, str | None]:
+    """(command, date, note) of the run that produced ``key`` of ``source``: the last of its ``merged_runs``
+    that replaced the key or a key above it, else the source's own run."""
+    for run in reversed(source.get("merged_runs") or []):
+        if any(key == k or key.startswith(k + ".") for k in run.get("keys", [])):
+            return run["command"], run.get("date"), run.get("note")
+    return source["command"], source.get("date"), None
+
+
+def merge_methods(out: dict, source: dict, source_path: str | Path, methods: list[str]) -> list[str]:
+    """Copy into ``out`` the rows of ``source`` (a result of this script) for every method of METHODS that
+    ``methods`` (this run's) leaves out: tables, record counts, per-record values, latency and errors; the
+    InstructEd rows only when the source used the same prefixes. Appends one ``merged_runs`` entry per
+    command that produced the copied keys (tracing keys the source itself had merged back to their run);
+    returns the merged methods."""
+    taken = [m for m in METHODS if m not in methods and any(m in rows for rows in source["datasets"].values())]
+    if not taken:
+        return []
+    prefixes = [m for m in taken if m in PREFIX_METHODS]
+    their_key, our_key = (source.get("recipe") or {}).get("key"), out["recipe"].get("key")
+    if prefixes and (their_key is None or their_key != our_key):
+        raise SystemExit(f"--merge {source_path}: its {', '.join(prefixes)} rows come from other prefixes (recipe key "
+                         f"{their_key!r}, this run's {our_key!r}). Fix: add {','.join(prefixes)} to --methods so this "
+                         "run evaluates them")
+    keys: list[str] = []
+    for ds in DATASETS:
+        for m in taken:
+            if m not in source["datasets"].get(ds, {}):
+                continue
+            out["datasets"].setdefault(ds, {})[m] = source["datasets"][ds][m]
+            keys.append(f"datasets.{ds}.{m}")
+            n = (source.get("n_evaluated") or {}).get(ds, {}).get(m)
+            if n is not None:
+                out["n_evaluated"].setdefault(ds, {})[m] = n
+                keys.append(f"n_evaluated.{ds}.{m}")
+            rec = (source.get("records") or {}).get(ds, {}).get(m)
+            if rec is not None:
+                out.setdefault("records", {}).setdefault(ds, {})[m] = rec
+                keys.append(f"records.{ds}.{m}")
+    for m in taken:
+        for field, value in ((source.get("latency") or {}).get(m) or {}).items():
+            out["latency"].setdefault(m, {})[field] = value
+            if m != "unedited":
+                keys.append(f"latency.{m}.{field}")
+        if (source.get("errors") or {}).get(m):
+            out["errors"][m] = source["errors"][m]
+            keys.append(f"errors.{m}")
+    # tables in METHODS order, whatever ran first
+    out["datasets"] = {ds: {m: rows[m] for m in METHODS if m in rows} for ds, rows in out["datasets"].items()}
+    out["n_evaluated"] = {ds: {m: rows[m] for m in METHODS if m in rows} for ds, rows in out["n_evaluated"].items()}
+    out["latency"] = {m: out["latency"][m] for m in METHODS if m in out["latency"]}
+    by_run: dict[tuple, list[str]] = {}
+    for key in keys:
+        by_run.setdefault(_producer(source, key), []).append(key)
+    for (command, date, note), run_keys in by_run.items():
+        taken_by = f"Taken by `--merge {source_path}`."
+        entry = merged_run(command, run_keys, note=f"{taken_by} {note}" if note else taken_by)
+        entry["date"] = date  # the producing run's date (None: not recorded), not the merge's
+        out.setdefault("merged_runs", []).append(entry)
+    return taken
+
+
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     if "--knowedit" in (sys.argv[1:] if argv is None else list(argv)):  # the KnowEdit section, its own options
@@ -347,6 +530,8 @@ def main(argv=None) -> int:
         print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
         return 0
     notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
+    model_name = f"{args.model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})"
+    merge_source = read_merge_source(args.merge, args, model_name) if args.merge else None  # fails before any work
     command = command_line(SCRIPT, argv)
     torch.set_num_threads(args.threads)
     setup_logging()
@@ -360,7 +545,6 @@ def main(argv=None) -> int:
 
     from instructedit_plugin.compat import load_easyedit_hparams, make_editor
     from instructedit_plugin.data import resolve_data_dir
-    from instructedit_plugin.evaluation.summary import summarize_metrics
     from instructedit_plugin.instructed import InstructEdHyperParams
     from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, reset_memory
     from instructedit_plugin.instructed.recipes import (
@@ -401,6 +585,7 @@ def main(argv=None) -> int:
     query_models: dict[str, object] = {}
     errors: dict[str, list[str]] = {}
     pre_metrics: dict[str, list] = {}
+    records: dict[str, dict[str, list]] = {ds: {} for ds in DATASETS}
     ft_hp = load_easyedit_hparams(FTHyperParams, ROOT / "hparams/FT/gemma-3-270m.yaml", model_name=model_dir)
     rome_hp = load_easyedit_hparams(ROMEHyperParams, ROOT / "hparams/ROME/gemma-3-270m.yaml", model_name=model_dir)
     specs = {
@@ -413,7 +598,8 @@ def main(argv=None) -> int:
     if args.latency_only:  # re-measure the latency block of saved results (edit times kept), marked as merged
         out_path = Path(args.out)
         out = json.loads(out_path.read_text())
-        kept = {m: [v["edit_ms"]] for m, v in out["latency"].items() if v.get("edit_ms") is not None}
+        saved = {m: dict(v) for m, v in out["latency"].items()}
+        kept = {m: [v["edit_ms"]] for m, v in saved.items() if v.get("edit_ms") is not None}
         latency_requests = [r for ds in DATASETS for r in evaluation[ds][: args.latency_n]]
         retimed = [m for m in args.retime_edits.split(",") if m]
         if "rome" in retimed or not set(retimed) <= set(specs):
@@ -427,13 +613,18 @@ def main(argv=None) -> int:
                                            name=f"retime {ds}/{method}")
                 times += [float(m.get("time", 0.0)) * 1000 for m in metrics]
             reset_memory(model)
-            kept[method] = [statistics.median(times)]
-            LOG.info("re-timed %s edits: median %.1f ms over %d edits", method, kept[method][0], len(times))
-        latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, {}, kept)
-        out["latency"] = {m: latency[m] for m in METHODS if m in latency}
+            kept[method] = times
+            LOG.info("re-timed %s edits: median %.1f ms over %d edits", method, statistics.median(times), len(times))
+        latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, {}, kept, args.bootstrap)
+        for m, row in latency.items():  # edit times not re-timed stay the saved ones (with their interval, if any)
+            if m not in retimed and m in saved and m != "unedited":
+                row["edit_ms"], row["edit_ms_ci"] = saved[m].get("edit_ms"), saved[m].get("edit_ms_ci")
+        # methods not measured here (not in --methods) keep their saved figures
+        out["latency"] = {m: latency[m] if m in latency else saved[m] for m in METHODS if m in latency or m in saved}
         out.update(base_query_ms=round(base_ms, 2), latency_inputs=len(latency_requests), retrieval_hits=hits)
-        replaced = ([f"latency.{m}.query_ratio" for m in out["latency"] if m != "unedited"]
-                    + [f"latency.{m}.edit_ms" for m in retimed] + ["base_query_ms", "latency_inputs", "retrieval_hits"])
+        replaced = ([f"latency.{m}.{f}" for m in latency if m != "unedited" for f in ("query_ratio", "query_ratio_ci")]
+                    + [f"latency.{m}.{f}" for m in retimed for f in ("edit_ms", "edit_ms_ci")]
+                    + ["base_query_ms", "latency_inputs", "retrieval_hits"])
         out.setdefault("merged_runs", []).append(merged_run(command, replaced))
         if notes is not None:
             out["notes"] = notes
@@ -476,31 +667,24 @@ def main(argv=None) -> int:
                 reset_memory(model)
             errors.setdefault(method, []).extend(f"{ds} {e}" for e in errs)
             edit_ms[method] += [float(m.get("time", 0.0)) * 1000 for m in metrics]
-            summary = summarize_metrics(metrics)
-            results[ds][method] = {k: (round(summary[k], 2) if summary[k] is not None else None) for k in METRICS}
-            results[ds][method]["n"] = len(metrics)
+            records[ds][method] = _stored(record_values(metrics))
+            results[ds][method] = dict(summarize_with_intervals(records[ds][method], args.bootstrap), n=len(metrics))
             pre_metrics.setdefault(ds, metrics) if metrics else None
             LOG.info("%s %s: %s (%.0fs)", ds, method, results[ds][method], time.perf_counter() - t0)
-        if "unedited" in methods and ds in pre_metrics:
-            pre = summarize_metrics(pre_metrics[ds], phase="pre")
-            pre["Loc"] = 100.0  # the unedited model agrees with itself
-            vals = [pre[k] for k in ("Rel", "Gen", "Loc", "Por") if pre[k] is not None]
-            from instructedit_plugin.evaluation.summary import harmonic_mean, score
-
-            pre["Score"], pre["H"] = score(vals), harmonic_mean(vals)
-            results[ds]["unedited"] = {k: round(pre[k], 2) for k in METRICS}
-            results[ds]["unedited"]["n"] = len(pre_metrics[ds])
-        if ds == DATASETS[0] and "instructed_retrieval" in methods:
-            pass
+        if "unedited" in methods and ds in pre_metrics:  # EasyEdit's pre-edit metrics; Loc 100: the model agrees with itself
+            rows = _stored([dict(r, Loc=1.0) for r in record_values([{"post": m.get("pre", {})} for m in pre_metrics[ds]])])
+            records[ds]["unedited"] = rows
+            results[ds]["unedited"] = dict(summarize_with_intervals(rows, args.bootstrap), n=len(rows))
 
     # 3. latency: every timed query is an *edited* query. Retrieval: the memory holds the edits of
     # every timed input (both datasets), so each input retrieves (the gate permitting) and runs with
     # its instruction; gold / in-context: one edit's instruction in front of every input.
     latency_requests = [r for ds in DATASETS for r in evaluation[ds][: args.latency_n]]
-    latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, query_models, edit_ms)
+    latency, base_ms, hits = measure_latency(model, tok, latency_requests, methods, specs, query_models, edit_ms,
+                                             args.bootstrap)
 
     out = {
-        "model": (f"{model_dir} ({args.dtype})" if args.model_dir else "gemma-3-270m (embedded, " + args.dtype + ")"),
+        "model": model_name,
         "train_edits": int(info["train_edits"]),
         "train_seconds": round(float(info["train_seconds"]), 1),
         "datasets": {ds: {m: {k: results[ds][m][k] for k in METRICS} for m in METHODS if m in results[ds]} for ds in DATASETS},
@@ -513,7 +697,11 @@ def main(argv=None) -> int:
         "n_evaluated": {ds: {m: results[ds][m].get("n") for m in METHODS if m in results[ds]} for ds in DATASETS},
         "errors": {m: e[:5] + ([f"... {len(e) - 5} more"] if len(e) > 5 else []) for m, e in errors.items() if e},
         "base_query_ms": round(base_ms, 2), "latency_inputs": len(latency_requests), "retrieval_hits": hits,
+        "records": {ds: {m: records[ds][m] for m in METHODS if m in records[ds]} for ds in DATASETS},
     }
+    if merge_source is not None:
+        merged = merge_methods(out, merge_source, args.merge, methods)
+        LOG.info("merged from %s: %s", args.merge, ", ".join(merged) or "nothing")
     md_path = write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
     print(md_path.read_text(), end="")
     return 0

@@ -114,6 +114,37 @@ def test_mquake_intervals_are_the_scripts_wilson_intervals(stem):
             assert low <= s["por_release"] <= high
 
 
+def test_instructed_cpu_intervals_are_the_scripts_bootstrap_of_its_records():
+    """Every evaluated cell of ``instructed_cpu.json`` is ``[value, low, high]`` as the script computes it from the
+    per-record values the JSON keeps; merged cells without records are the ones *Merged into this file* names."""
+    from benchmarks.instructed_ablations import summarize_with_intervals
+
+    out = _saved("instructed_cpu")
+    merged = {k for run in out.get("merged_runs") or [] for k in run["keys"]}
+    for ds, rows in out["datasets"].items():
+        for method, cell in rows.items():
+            recs = (out.get("records") or {}).get(ds, {}).get(method)
+            if recs is None:
+                assert f"datasets.{ds}.{method}" in merged, (ds, method)
+                continue
+            assert len(recs) == out["n_evaluated"][ds][method]
+            assert cell == summarize_with_intervals(recs, out["args"]["bootstrap"]), (ds, method)
+            assert all(v[1] <= v[0] <= v[2] for v in cell.values() if v is not None), (ds, method)
+
+
+def test_instructed_cpu_is_the_long_recipe_and_agrees_with_the_long_recipe_file():
+    """#15 item 5: the committed benchmark runs the longer step-count recipe to its end, and its CounterFact gold row
+    is ``instructed_long_recipe``'s ``long`` row (the same prefixes, records and evaluation)."""
+    out, long_run = _saved("instructed_cpu"), _saved("instructed_long_recipe")
+    assert out["recipe"]["config"]["name"] == "benchmark-cf-long" and out["recipe"]["steps"] == 600
+    assert not out["recipe"]["stopped_by_budget"] and not any(k.startswith("zsre") for k in out["recipe"]["sources"])
+    assert out["recipe"]["key"] == long_run["recipes"]["long"]["key"]
+    assert out["args"]["limit"] == long_run["args"]["limit"] == 100
+    gold = {k: v for k, v in out["datasets"]["counterfact"]["instructed_gold"].items()}
+    assert gold == {k: v for k, v in long_run["datasets"]["counterfact"]["long"].items() if k != "n"}
+    assert gold["Gen"][0] >= 85  # the recipe's target
+
+
 def test_wilson_interval():
     run = _script("mquake_cpu")
     assert run.wilson_interval(19, 25) == [56.6, 88.5]  # the textbook formula, z = 1.96

@@ -314,14 +314,14 @@ def _short_records_first(src: Path, dst: Path, tokenizer, n: int, within: int = 
     dst.write_text(json.dumps([raw[i] for i in short] + [r for i, r in enumerate(raw) if i not in short]))
 
 
-def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(tiny_llama_dir, shared_data_dir,
-                                                                               tmp_path, monkeypatch):
+def _instructed_cpu_data(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch, limit: int) -> Path:
+    """A data folder for ``benchmarks/instructed_cpu.py`` on the tiny model (evaluation records that fit its
+    max_length first); the recipe's prefixes go to the test's cache."""
     from transformers import AutoTokenizer
 
     from instructedit_plugin.instructed.recipes import BENCHMARK, EVAL_FILES, recipe_files
 
-    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))  # the recipe's prefixes go there
-    limit, steps = 2, 2
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "data"
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     for rel in recipe_files(BENCHMARK):
@@ -330,12 +330,43 @@ def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(t
         else:
             (data / rel).parent.mkdir(parents=True, exist_ok=True)
             (data / rel).symlink_to(shared_data_dir / rel)
+    return data
+
+
+def _instructed_cpu_argv(data: Path, model_dir, limit: int, methods: list[str], out_json: Path) -> list[str]:
+    return ["--data_dir", str(data), "--model_dir", str(model_dir), "--quick", "--steps", "2", "--n_train", "4",
+            "--limit", str(limit), "--methods", ",".join(methods), "--dtype", "float32", "--latency_n", "1",
+            "--bootstrap", "300", "--out", str(out_json)]
+
+
+def _assert_cpu_intervals_recomputable(bench, out: dict, methods: list[str]) -> None:
+    """Every evaluated cell is ``[value, low, high]`` as the per-record values in the JSON give it (the same
+    bootstrap), with the value inside its interval; each latency interval holds its point."""
+    from benchmarks.instructed_ablations import summarize_with_intervals
+
+    for ds in ("counterfact", "zsre"):
+        for m in methods:
+            cell = out["datasets"][ds][m]
+            recs = out["records"][ds][m]
+            assert len(recs) == out["n_evaluated"][ds][m]
+            assert cell == summarize_with_intervals(recs, out["args"]["bootstrap"]), (ds, m)
+            for k in bench.METRICS:
+                if cell[k] is not None:
+                    assert cell[k][1] <= cell[k][0] <= cell[k][2], (ds, m, k, cell[k])
+    for m in methods[1:]:
+        row = out["latency"][m]
+        assert row["query_ratio_ci"][0] <= row["query_ratio"] <= row["query_ratio_ci"][1], (m, row)
+        assert row["edit_ms_ci"][0] <= row["edit_ms"] <= row["edit_ms_ci"][1], (m, row)
+
+
+def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(tiny_llama_dir, shared_data_dir,
+                                                                               tmp_path, monkeypatch):
+    limit, steps = 2, 2
+    data = _instructed_cpu_data(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch, limit)
     methods = ["unedited", "in_context", "instructed_gold", "instructed_retrieval"]  # FT/ROME: Gemma layer settings
     out_json = tmp_path / "results" / "instructed_cpu.json"
     bench = _script("benchmarks/instructed_cpu.py")
-    assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--quick", "--steps", str(steps),
-                       "--n_train", "4", "--limit", str(limit), "--methods", ",".join(methods), "--dtype", "float32",
-                       "--latency_n", "1", "--out", str(out_json)]) == 0
+    assert bench.main(_instructed_cpu_argv(data, tiny_llama_dir, limit, methods, out_json)) == 0
     out = json.loads(out_json.read_text())
     assert set(out) <= bench.RESULT_KEYS
     assert out["model"] == f"{tiny_llama_dir} (float32)" and out["args"]["model_dir"] == str(tiny_llama_dir)
@@ -348,7 +379,8 @@ def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(t
     assert out["n_evaluated"] == {ds: {m: limit for m in methods} for ds in ("counterfact", "zsre")}
     for ds, per_method in out["datasets"].items():
         assert list(per_method) == methods, ds
-        assert per_method["unedited"]["Loc"] == 100.0
+        assert per_method["unedited"]["Loc"] == [100.0, 100.0, 100.0]  # the unedited model agrees with itself
+    _assert_cpu_intervals_recomputable(bench, out, methods)
     assert out["latency_inputs"] == 2 and list(out["latency"]) == methods
     assert all(v["query_ratio"] > 0 for v in out["latency"].values())
     md = out_json.with_suffix(".md").read_text()
@@ -357,6 +389,132 @@ def test_instructed_cpu_benchmark_trains_the_recipe_and_evaluates_every_method(t
     for method in methods:  # one row per dataset in the results tables, one in the latency table
         assert sum(row[0] == method and row[1] == str(limit) for row in rows) == 2, method
         assert sum(row[0] == method and len(row) == 3 for row in rows) == 1, method
+    gold_rows = [r for r in rows if r[0] == "instructed_gold" and len(r) == 8]  # counterfact's, then zsre's
+    for row, ds in zip(gold_rows, ("counterfact", "zsre")):  # each cell: the value and its interval
+        assert row[2:] == [f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"
+                           for v in (out["datasets"][ds]["instructed_gold"][k] for k in bench.METRICS)], (ds, row)
+
+
+def _merge_source(model: str, limit: int, baseline_limit, recipe_key: str = "other-prefixes") -> dict:
+    """An earlier result of ``instructed_cpu.py`` as the committed file has it: bare baseline figures (no per-record
+    values), one latency figure re-measured by a later ``--latency_only`` run, and InstructEd rows of other prefixes."""
+    row = lambda base: {k: base + i for i, k in enumerate(("Rel", "Gen", "Loc", "Por", "Score", "H"))}  # noqa: E731
+    datasets = {ds: {"in_context": row(10.0 + j), "instructed_gold": row(90.0), "ft": row(30.0 + j), "rome": row(50.0 + j)}
+                for j, ds in enumerate(("counterfact", "zsre"))}
+    main_cmd = f"python benchmarks/instructed_cpu.py --limit {limit} --threads 1"
+    return {
+        "model": model, "datasets": datasets, "command": main_cmd, "date": "2026-01-01",
+        "args": {"limit": limit, "baseline_limit": baseline_limit, "dtype": "float32"},
+        "n_evaluated": {ds: {"in_context": limit, "instructed_gold": limit, "ft": limit, "rome": limit}
+                        for ds in datasets},
+        "latency": {"unedited": {"edit_ms": 0.0, "query_ratio": 1.0}, "in_context": {"edit_ms": 9.0, "query_ratio": 1.2},
+                    "instructed_gold": {"edit_ms": 9.5, "query_ratio": 1.4},
+                    "ft": {"edit_ms": 1500.0, "query_ratio": 1.01}, "rome": {"edit_ms": 16000.0, "query_ratio": 1.02}},
+        "errors": {"rome": ["zsre record 1: RuntimeError: boom"]},
+        "recipe": {"key": recipe_key},
+        "merged_runs": [{"command": main_cmd + " --latency_only --retime_edits ft", "date": "2026-01-02",
+                         "keys": ["latency.ft.edit_ms", "latency.ft.query_ratio"]}],
+    }
+
+
+def test_instructed_cpu_merge_keeps_the_rows_of_another_run_and_names_their_commands(tiny_llama_dir, shared_data_dir,
+                                                                                     tmp_path, monkeypatch):
+    limit = 2
+    data = _instructed_cpu_data(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch, limit)
+    bench = _script("benchmarks/instructed_cpu.py")
+    source = _merge_source(f"{tiny_llama_dir} (float32)", limit, None)
+    source_json = tmp_path / "earlier.json"
+    source_json.write_text(json.dumps(source))
+    methods = ["unedited", "instructed_gold"]  # in_context, ft and rome come from the earlier result
+    out_json = tmp_path / "results" / "instructed_cpu.json"
+    assert bench.main(_instructed_cpu_argv(data, tiny_llama_dir, limit, methods, out_json)
+                      + ["--merge", str(source_json)]) == 0
+    out = json.loads(out_json.read_text())
+    assert set(out) <= bench.RESULT_KEYS
+    for ds in ("counterfact", "zsre"):
+        # tables in the script's method order; merged rows keep their figures exactly; gold is this run's
+        assert list(out["datasets"][ds]) == ["unedited", "in_context", "instructed_gold", "ft", "rome"]
+        for m in ("in_context", "ft", "rome"):
+            assert out["datasets"][ds][m] == source["datasets"][ds][m], (ds, m)
+            assert out["n_evaluated"][ds][m] == limit
+        assert out["datasets"][ds]["instructed_gold"] != source["datasets"][ds]["instructed_gold"]
+    _assert_cpu_intervals_recomputable(bench, out, methods)
+    assert {m: out["latency"][m] for m in ("in_context", "ft", "rome")} == {
+        m: source["latency"][m] for m in ("in_context", "ft", "rome")}
+    assert out["errors"]["rome"] == source["errors"]["rome"]
+    # every merged key names the command that produced it: the earlier run's, or the --latency_only run it merged
+    by_command = {run["command"]: run for run in out["merged_runs"]}
+    assert set(by_command) == {source["command"], source["merged_runs"][0]["command"]}
+    first, retimed = by_command[source["command"]], by_command[source["merged_runs"][0]["command"]]
+    assert first["date"] == "2026-01-01" and retimed["date"] == "2026-01-02"
+    assert set(retimed["keys"]) == {"latency.ft.edit_ms", "latency.ft.query_ratio"}
+    assert {"datasets.counterfact.ft", "datasets.zsre.rome", "latency.rome.edit_ms", "latency.in_context.query_ratio",
+            "n_evaluated.zsre.in_context", "errors.rome"} <= set(first["keys"])
+    assert not any(k.startswith(("datasets.counterfact.instructed_gold", "latency.instructed_gold"))
+                   for run in out["merged_runs"] for k in run["keys"])
+    md = out_json.with_suffix(".md").read_text()
+    assert md == bench.render_markdown(out)
+    assert f"* `{source['command']}` (2026-01-01): " in md and "Taken by `--merge" in md
+    ft_row = next(r for r in _table_rows(md) if r[0] == "ft" and len(r) == 8)
+    assert ft_row[2:] == ["30.0", "31.0", "32.0", "33.0", "34.0", "35.0"]  # bare: the earlier run kept no records
+    assert "Rows without an interval (counterfact/in_context, counterfact/ft, counterfact/rome" in md
+    # --latency_only re-measures the methods it names; the merged methods keep their latency and its provenance
+    before = json.loads(out_json.read_text())
+    assert bench.main(_instructed_cpu_argv(data, tiny_llama_dir, limit, methods, out_json)
+                      + ["--latency_only", "--retime_edits", "instructed_gold"]) == 0
+    after = json.loads(out_json.read_text())
+    assert {m: after["latency"][m] for m in ("in_context", "ft", "rome")} == {
+        m: source["latency"][m] for m in ("in_context", "ft", "rome")}
+    assert list(after["latency"]) == ["unedited", "in_context", "instructed_gold", "ft", "rome"]
+    assert after["merged_runs"][:-1] == before["merged_runs"] and after["datasets"] == before["datasets"]
+    assert set(after["merged_runs"][-1]["keys"]) == {
+        "latency.instructed_gold.query_ratio", "latency.instructed_gold.query_ratio_ci", "latency.instructed_gold.edit_ms",
+        "latency.instructed_gold.edit_ms_ci", "base_query_ms", "latency_inputs", "retrieval_hits"}
+    gold = after["latency"]["instructed_gold"]
+    assert gold["edit_ms_ci"][0] <= gold["edit_ms"] <= gold["edit_ms_ci"][1]
+
+
+@pytest.mark.parametrize("field, theirs, message", [
+    ("limit", 3, "its --limit is 3, this run's is 2; rows of different record limits / dtypes must not share a table. "
+                 "Fix: run with --limit 3 (or re-run the merged methods with this --limit)"),
+    ("baseline_limit", 1, "its --baseline_limit is 1, this run's is None; rows of different record limits / dtypes "
+                          "must not share a table. Fix: run with --baseline_limit 1 (or re-run the merged methods with "
+                          "this --baseline_limit)"),
+    ("model", "other-model (float32)", "its model is 'other-model (float32)', this run's is 'tiny (float32)'. "
+                                       "Fix: merge a result of the same model (--model_dir / --dtype)"),
+])
+def test_instructed_cpu_merge_refuses_other_records_or_models_before_any_work(tmp_path, field, theirs, message):
+    bench = _script("benchmarks/instructed_cpu.py")
+    source = _merge_source("tiny (float32)", 2, None)
+    if field == "model":
+        source["model"] = theirs
+    else:
+        source["args"][field] = theirs
+    (tmp_path / "earlier.json").write_text(json.dumps(source))
+    # a data folder that does not exist: the refusal comes before the recipe, the model or the data are touched
+    argv = ["--data_dir", str(tmp_path / "missing"), "--model_dir", "tiny", "--dtype", "float32", "--limit", "2",
+            "--merge", str(tmp_path / "earlier.json"), "--out", str(tmp_path / "out.json")]
+    with pytest.raises(SystemExit) as err:
+        bench.main(argv)
+    assert str(err.value) == f"--merge {tmp_path / 'earlier.json'}: {message}"
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_instructed_cpu_merge_refuses_instructed_rows_of_other_prefixes():
+    bench = _script("benchmarks/instructed_cpu.py")
+    source = _merge_source("tiny (float32)", 2, None, recipe_key="aaaa")
+    out = {"datasets": {"counterfact": {}, "zsre": {}}, "n_evaluated": {"counterfact": {}, "zsre": {}},
+           "latency": {}, "errors": {}, "recipe": {"key": "bbbb"}}
+    with pytest.raises(SystemExit, match=r"its instructed_gold rows come from other prefixes \(recipe key 'aaaa', this "
+                                         r"run's 'bbbb'\)\. Fix: add instructed_gold to --methods so this run evaluates "
+                                         r"them$"):
+        bench.merge_methods(out, source, "earlier.json", ["unedited", "instructed_retrieval"])
+    assert out["datasets"] == {"counterfact": {}, "zsre": {}} and "merged_runs" not in out  # nothing half-merged
+    # the same prefixes: the gold rows are taken, with the earlier run's command
+    source["recipe"]["key"] = "bbbb"
+    assert bench.merge_methods(out, source, "earlier.json", ["unedited", "instructed_retrieval"]) == [
+        "in_context", "instructed_gold", "ft", "rome"]
+    assert out["datasets"]["zsre"]["instructed_gold"] == source["datasets"]["zsre"]["instructed_gold"]
 
 
 def test_instructedit_cpu_benchmark_trains_three_editors_the_same_steps(tiny_llama_dir, shared_data_dir, tmp_path):
@@ -532,3 +690,15 @@ def test_gate_calibration_benchmark_reports_default_and_calibrated_gates(shared_
         assert r["f1"] == pytest.approx(f1, abs=2e-4)
     assert out["timing"][0]["sentences"] == 3 * size
     assert out_json.with_suffix(".md").read_text() == bench.render_markdown(out)
+
+
+def test_instructed_cpu_markdown_names_one_producer_per_merged_key():
+    """A key a later run replaced is listed under that run only (the JSON keeps the whole history)."""
+    bench = _script("benchmarks/instructed_cpu.py")
+    runs = [{"command": "first", "date": None, "keys": ["latency.ft.edit_ms", "latency.rome.query_ratio"]},
+            {"command": "migration", "date": "2026-01-01", "keys": ["n_evaluated"]},
+            {"command": "retime", "date": "2026-01-02", "keys": ["latency.ft.edit_ms", "n_evaluated"]}]
+    assert bench.current_merged_runs(runs) == [
+        {"command": "first", "date": None, "keys": ["latency.rome.query_ratio"]},
+        {"command": "retime", "date": "2026-01-02", "keys": ["latency.ft.edit_ms", "n_evaluated"]}]
+    assert runs[0]["keys"] == ["latency.ft.edit_ms", "latency.rome.query_ratio"]  # not changed in place
