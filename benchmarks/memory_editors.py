@@ -568,8 +568,9 @@ def _last_of_method(rows: Mapping[str, Any], key: str) -> bool:
     return i == len(keys) - 1 or base_method(keys[i + 1]) != base_method(key)
 
 
-def _hours(ms: float) -> str:
-    return f"{ms / 3.6e6:.1f} h"
+def _duration(ms: float) -> str:
+    """``ms`` as hours, or minutes under an hour."""
+    return f"{ms / 3.6e6:.1f} h" if ms >= 3.6e6 else f"{ms / 6e4:.0f} min"
 
 
 def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
@@ -578,7 +579,7 @@ def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
     Asked: IKE, GRACE and WISE on the same records as the InstructEd rows (the first ``--limit`` of
     each file) and :data:`SEQUENTIAL_REQUESTED` sequential edits for InstructEd retrieval, GRACE and
     WISE. For each missing or smaller row: the n reached, the measured median edit time and the time the
-    requested count of edits alone would take at it (scoring not included), or the error that stopped it.
+    asked-for edits alone would take at it (scoring not included), or the error that stopped it.
     """
     args, errors = out["args"], out.get("errors") or {}
     latency, n_eval = out.get("latency") or {}, out.get("n_evaluated") or {}
@@ -588,25 +589,26 @@ def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
         cells = [(rows.get(k) or {}).get("edit_ms") for k in rows if base_method(k) == method]
         return next((c for c in cells if c), None)
 
-    def why(method: str, n_done: int, asked: int, edit_cell: list | None, error_key: str) -> str:
-        text = f"n = {n_done} of {asked}" if n_done else "not measured"
+    def cost(asked_edits: int, edit_cell: list | None, error_key: str) -> str:
+        text = ""
         if edit_cell:
             text += (f"; median edit {edit_cell[0] / 1000:.1f} s [{edit_cell[1] / 1000:.1f}, {edit_cell[2] / 1000:.1f}], "
-                     f"so {asked} edits alone take about {_hours(asked * edit_cell[0])} on this CPU (scoring not included)")
+                     f"so the {asked_edits} edits asked for take about {_duration(asked_edits * edit_cell[0])} of editing "
+                     "alone on this CPU (scoring not included)")
         if errors.get(error_key):
             text += f"; error: {errors[error_key][0]}"
         return text
 
     if out.get("datasets"):
         asked = int(args["limit"])
+        present = [ds for ds in DATASETS if out["datasets"].get(ds)]
         for method in ("ike", "grace", "wise"):
-            reached = {ds: max([n_eval.get(ds, {}).get(k, 0) for k in (out["datasets"].get(ds) or {})
-                                if base_method(k) == method] or [0]) for ds in DATASETS if out["datasets"].get(ds)}
-            short = {ds: n for ds, n in reached.items() if n < asked}
-            if short:
-                counts = ", ".join(f"{ds} {n}" for ds, n in short.items())
-                items.append(f"* **{method}, one edit at a time**: {counts} of the {asked} records per file of the "
-                             f"InstructEd rows ({why(method, max(short.values()), asked, edit_ms_of(latency, method), method)}).")
+            reached = {ds: max([n_eval.get(ds, {}).get(k, 0) for k in out["datasets"][ds] if base_method(k) == method]
+                               or [0]) for ds in present}
+            if any(n < asked for n in reached.values()):
+                counts = ", ".join(f"{ds} {n}" for ds, n in reached.items())
+                items.append(f"* **{method}, one edit at a time**: n = {counts} of the {asked} records per file of the "
+                             f"InstructEd rows{cost(asked * len(present), edit_ms_of(latency, method), method)}.")
     seq = out.get("sequential")
     if seq is not None:
         rows = seq.get("methods") or {}
@@ -614,7 +616,8 @@ def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
             mine = {k: r for k, r in rows.items() if base_method(k) == method}
             done = max([r["n"] for r in mine.values()] or [0])
             if done < SEQUENTIAL_REQUESTED:
-                items.append(f"* **{method}, sequential**: {why(method, done, SEQUENTIAL_REQUESTED, edit_ms_of(mine, method), f'sequential {method}')}.")
+                items.append(f"* **{method}, sequential**: " + (f"n = {done} of {SEQUENTIAL_REQUESTED}" if done else "not run")
+                             + cost(SEQUENTIAL_REQUESTED, edit_ms_of(mine, method), f"sequential {method}") + ".")
     if not items:
         return []
     return ["## Requests of #15 item 4 this file does not meet", "",

@@ -338,11 +338,13 @@ def test_the_unmet_requests_section_names_each_short_row_with_its_n_and_projecte
     lines = BENCH.unmet_requests_lines(out)
     text = "\n".join(lines)
     assert lines[0] == "## Requests of #15 item 4 this file does not meet"
-    assert "**grace, one edit at a time**: zsre 2 of the 5 records" in text
-    assert "**wise, one edit at a time**: zsre 0 of the 5 records" in text
+    assert "**grace, one edit at a time**: n = zsre 2 of the 5 records per file of the InstructEd rows; median edit " \
+           "0.0 s [0.0, 0.0], so the 5 edits asked for take about 0 min of editing alone" in text
+    assert "**wise, one edit at a time**: n = zsre 0 of the 5 records" in text
     assert "ike, one edit" not in text and "instructed_retrieval" not in text  # met: not listed
-    assert "**grace, sequential**: n = 3 of 100; median edit 72.0 s [70.0, 80.0], so 100 edits alone take about 2.0 h" in text
-    assert "**wise, sequential**: not measured; error: MemoryError: out of memory" in text
+    assert "**grace, sequential**: n = 3 of 100; median edit 72.0 s [70.0, 80.0], so the 100 edits asked for take " \
+           "about 2.0 h of editing alone" in text
+    assert "**wise, sequential**: not run; error: MemoryError: out of memory." in text
     out["n_evaluated"]["zsre"]["grace"] = 5
     out["n_evaluated"]["counterfact"] = {"grace": 5, "ike": 5, "wise": 5}
     out["datasets"]["counterfact"] = {m: {} for m in ("grace", "ike", "wise")}
