@@ -17,9 +17,13 @@ One edit per call, the model restored after each (EasyEdit's non-sequential prot
 Rel / Gen / Loc / Por / Score / H (:func:`~instructedit_plugin.evaluation.summary.summarize_metrics`),
 the median edit time (the method's ``apply_algo`` call, timed around EasyEdit's own call) and the
 median query time of the edited model on ``prompt + target_new`` as a ratio to the unedited model,
-each with a 95% bootstrap interval over the records. ``--sequential_methods``: ``--sequential_n``
-edits applied one after another to one model (the InstructEd memory, the GRACE codebook, the WISE
-side memory grow), then every edit evaluated on the final model.
+each with a 95% bootstrap interval over the records (GRACE / WISE: timed on the last edit's model right
+after its edit). ``--sequential_methods``: ``--sequential_n`` edits applied one after another to one
+model (the InstructEd memory, the GRACE codebook, the WISE side memory grow), then every edit evaluated
+on the final model. ``--hparams_variant grace=STEM`` runs a labelled other setting
+(``hparams/GRACE/STEM.yaml``) whose rows stand beside the default's. The markdown ends with the requests
+of #15 item 4 the file does not meet (rows short of the records / the 100 sequential edits asked for,
+with the measured edit time and the time the asked-for edits would take at it).
 
 EasyEdit main is imported from ``EASYEDIT_SRC`` (as the plugin's compat loader does), e.g.::
 
@@ -41,7 +45,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,6 +64,7 @@ LOG = logging.getLogger("memory_editors")
 SCRIPT = "benchmarks/memory_editors.py"
 METHODS = ("unedited", "instructed_gold", "instructed_retrieval", "ike", "grace", "wise")
 SEQUENTIAL_METHODS = ("instructed_retrieval", "grace", "wise")
+SEQUENTIAL_REQUESTED = 100  # #15 item 4: sequential editing of 100 edits (the paper's Table 11)
 EASYEDIT_METHODS = {"ike": ("IKEHyperParams", "IKE"), "grace": ("GraceHyperParams", "GRACE"),
                     "wise": ("WISEHyperParams", "WISE")}
 METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
@@ -85,6 +90,33 @@ def parse_methods(text: str, allowed: Sequence[str], option: str) -> list[str]:
     return names
 
 
+def parse_variants(items: Sequence[str]) -> dict[str, str]:
+    """``--hparams_variant METHOD=STEM`` values as ``{method: stem}`` (methods with a YAML: ike, grace, wise)."""
+    out: dict[str, str] = {}
+    for item in items:
+        method, sep, stem = (part.strip() for part in item.partition("="))
+        if not sep or not stem or method not in EASYEDIT_METHODS:
+            raise BenchmarkInputError(f"--hparams_variant: {item!r} is not METHOD=STEM with METHOD one of "
+                                      f"{', '.join(EASYEDIT_METHODS)}. Fix: pass e.g. --hparams_variant grace=gemma-3-270m-n_iter20")
+        out[method] = stem
+    return out
+
+
+def row_label(method: str, stem: str | None = None) -> str:
+    """The key of ``method``'s rows: its name, or ``'grace (gemma-3-270m-n_iter20)'`` for a labelled hparams variant."""
+    return f"{method} ({stem})" if stem else method
+
+
+def base_method(label: str) -> str:
+    """The method of a row key (:func:`row_label` undone)."""
+    return label.split(" (", 1)[0]
+
+
+def in_method_order(labels: Iterable[str]) -> list[str]:
+    """Row keys in ``METHODS`` order, a variant right after its method's default row."""
+    return sorted(labels, key=lambda k: (METHODS.index(base_method(k)), k != base_method(k), k))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data_dir", default=None, help="dataset folder (default $INSTRUCTEDIT_DATA_DIR)")
@@ -93,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="InstructEd prefixes (default: the cached prefixes of the default recipe; never trained here)")
     p.add_argument("--hparams_dir", default=str(ROOT / "hparams"), help="folder with {IKE,GRACE,WISE}/<name>.yaml")
     p.add_argument("--hparams_name", default="gemma-3-270m", help="YAML stem under each method's folder")
+    p.add_argument("--hparams_variant", action="append", default=[], metavar="METHOD=STEM",
+                   help="run METHOD (ike, grace, wise) with <hparams_dir>/<METHOD>/<STEM>.yaml instead of --hparams_name; "
+                        "its rows are labelled 'METHOD (STEM)' so they stand beside the default setting's rows")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sequential_methods", default=",".join(SEQUENTIAL_METHODS))
     p.add_argument("--limit", type=int, default=40, help="records per dataset (one edit each)")
@@ -122,6 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.method_list = parse_methods(args.methods, METHODS, "--methods")
     args.sequential_list = parse_methods(args.sequential_methods, SEQUENTIAL_METHODS, "--sequential_methods")
     args.float32_list = parse_methods(args.float32_methods, METHODS, "--float32_methods")
+    args.variant_stems = parse_variants(args.hparams_variant)
     for name in ("limit", "bootstrap"):
         if getattr(args, name) < 1:
             raise BenchmarkInputError(f"--{name} must be >= 1, got {getattr(args, name)}. Fix: pass a positive number")
@@ -140,7 +176,7 @@ def merge_results(base: Mapping[str, Any], run: Mapping[str, Any], command: str)
     keys: list[str] = []
     for ds, rows in (run.get("datasets") or {}).items():
         merged = {**out.setdefault("datasets", {}).get(ds, {}), **rows}
-        out["datasets"][ds] = {m: merged[m] for m in METHODS if m in merged}
+        out["datasets"][ds] = {m: merged[m] for m in in_method_order(merged)}
         out.setdefault("n_evaluated", {}).setdefault(ds, {}).update((run.get("n_evaluated") or {}).get(ds, {}))
         keys += [f"datasets.{ds}.{m}" for m in rows]
     for method, row in (run.get("latency") or {}).items():
@@ -154,7 +190,8 @@ def merge_results(base: Mapping[str, Any], run: Mapping[str, Any], command: str)
             raise BenchmarkInputError(f"--merge: the saved sequential rows edit {saved['dataset']}, this run "
                                       f"{seq['dataset']}. Fix: pass --sequential_dataset {saved['dataset']} or another --out")
         saved["n"] = max(saved["n"], seq["n"])
-        saved["methods"] = {**saved["methods"], **seq["methods"]}
+        merged_seq = {**saved["methods"], **seq["methods"]}
+        saved["methods"] = {m: merged_seq[m] for m in in_method_order(merged_seq)}
         out["sequential"] = saved
         keys += [f"sequential.{m}" for m in seq["methods"]]
     errors = out.setdefault("errors", {})
@@ -371,21 +408,33 @@ def edit_kwargs(req: Mapping[str, Any], loc_prompt: str | None = None) -> dict:
 
 
 class TimedApply:
-    """Wraps ``editor.apply_algo``: EasyEdit main records no edit time, so each call is timed here."""
+    """Wraps ``editor.apply_algo``: EasyEdit main records no edit time, so each call is timed here.
+
+    ``after``, when set, is called with the edited model right after a timed call (outside the timing),
+    while EasyEdit has not yet scored or restored it.
+    """
 
     def __init__(self, apply: Callable[..., Any]):
         self.apply, self.ms = apply, []
+        self.after: Callable[[Any], None] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         out = self.apply(*args, **kwargs)
         self.ms.append((time.perf_counter() - t0) * 1000)
+        if self.after is not None:
+            self.after(out[0] if isinstance(out, tuple) else out)
         return out
 
 
 def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, train_ds: list | None = None,
-                loc_prompts: Sequence[str] | None = None) -> tuple[list[dict], list[float], Any, list[str]]:
-    """One ``BaseEditor.edit`` call per request (restored after each): metrics, edit ms, last edited model, errors."""
+                loc_prompts: Sequence[str] | None = None, query_texts: Sequence[str] | None = None,
+                query_ms_out: list[float] | None = None) -> tuple[list[dict], list[float], Any, list[str]]:
+    """One ``BaseEditor.edit`` call per request (restored after each): metrics, edit ms, last edited model, errors.
+
+    With ``query_texts``, the edited model of the last request is timed on them (:func:`query_times`) right
+    after its edit, before EasyEdit scores and restores it, and the times go into ``query_ms_out`` (GRACE
+    and WISE: no second edit only to time queries)."""
     timer = TimedApply(editor.apply_algo)
     editor.apply_algo = timer
     metrics, errors, edited = [], [], None
@@ -394,6 +443,8 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
         for i, req in enumerate(requests):
             try:
                 loc = loc_prompts[i % len(loc_prompts)] if loc_prompts else None
+                if query_texts and query_ms_out is not None and i == len(requests) - 1:
+                    timer.after = lambda edited_model: query_ms_out.extend(query_times(edited_model, editor.tok, query_texts))
                 out, edited, _ = editor.edit(**edit_kwargs(req, loc), sequential_edit=False, verbose=False, **extra)
                 metrics.extend(out)
             except Exception as exc:  # noqa: BLE001 - one failing record must not sink the benchmark
@@ -510,6 +561,69 @@ def _ci(cell: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _last_of_method(rows: Mapping[str, Any], key: str) -> bool:
+    """Whether ``key`` is the last row of its method in ``rows`` (the paper's rows follow it)."""
+    keys = list(rows)
+    i = keys.index(key)
+    return i == len(keys) - 1 or base_method(keys[i + 1]) != base_method(key)
+
+
+def _duration(ms: float) -> str:
+    """``ms`` as hours, or minutes under an hour."""
+    return f"{ms / 3.6e6:.1f} h" if ms >= 3.6e6 else f"{ms / 6e4:.0f} min"
+
+
+def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
+    """The section that names what #15 item 4 asked for and this file does not have, from the JSON alone.
+
+    Asked: IKE, GRACE and WISE on the same records as the InstructEd rows (the first ``--limit`` of
+    each file) and :data:`SEQUENTIAL_REQUESTED` sequential edits for InstructEd retrieval, GRACE and
+    WISE. For each missing or smaller row: the n reached, the measured median edit time and the time the
+    asked-for edits alone would take at it (scoring not included), or the error that stopped it.
+    """
+    args, errors = out["args"], out.get("errors") or {}
+    latency, n_eval = out.get("latency") or {}, out.get("n_evaluated") or {}
+    items: list[str] = []
+
+    def edit_ms_of(rows: Mapping[str, Any], method: str) -> list | None:
+        cells = [(rows.get(k) or {}).get("edit_ms") for k in rows if base_method(k) == method]
+        return next((c for c in cells if c), None)
+
+    def cost(asked_edits: int, edit_cell: list | None, error_key: str) -> str:
+        text = ""
+        if edit_cell:
+            text += (f"; median edit {edit_cell[0] / 1000:.1f} s [{edit_cell[1] / 1000:.1f}, {edit_cell[2] / 1000:.1f}], "
+                     f"so the {asked_edits} edits asked for take about {_duration(asked_edits * edit_cell[0])} of editing "
+                     "alone on this CPU (scoring not included)")
+        if errors.get(error_key):
+            text += f"; error: {errors[error_key][0]}"
+        return text
+
+    if out.get("datasets"):
+        asked = int(args["limit"])
+        present = [ds for ds in DATASETS if out["datasets"].get(ds)]
+        for method in ("ike", "grace", "wise"):
+            reached = {ds: max([n_eval.get(ds, {}).get(k, 0) for k in out["datasets"][ds] if base_method(k) == method]
+                               or [0]) for ds in present}
+            if any(n < asked for n in reached.values()):
+                counts = ", ".join(f"{ds} {n}" for ds, n in reached.items())
+                items.append(f"* **{method}, one edit at a time**: n = {counts} of the {asked} records per file of the "
+                             f"InstructEd rows{cost(asked * len(present), edit_ms_of(latency, method), method)}.")
+    seq = out.get("sequential")
+    if seq is not None:
+        rows = seq.get("methods") or {}
+        for method in SEQUENTIAL_METHODS:
+            mine = {k: r for k, r in rows.items() if base_method(k) == method}
+            done = max([r["n"] for r in mine.values()] or [0])
+            if done < SEQUENTIAL_REQUESTED:
+                items.append(f"* **{method}, sequential**: " + (f"n = {done} of {SEQUENTIAL_REQUESTED}" if done else "not run")
+                             + cost(SEQUENTIAL_REQUESTED, edit_ms_of(mine, method), f"sequential {method}") + ".")
+    if not items:
+        return []
+    return ["## Requests of #15 item 4 this file does not meet", "",
+            "Measured here, from this file's rows (the reasons in words are under *How this run was made*):", ""] + items + [""]
+
+
 def render_markdown(out: Mapping[str, Any]) -> str:
     """``memory_editors.md`` from ``memory_editors.json`` alone."""
     args = out["args"]
@@ -551,7 +665,8 @@ def render_markdown(out: Mapping[str, Any]) -> str:
         lines += [f"### {ds}", "", "| method | n | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
         for m, cells in rows.items():
             lines.append(f"| {m} | {n.get(ds, {}).get(m, '')} | " + " | ".join(_ci(cells.get(k)) for k in METRICS) + " |")
-            lines += paper_figures.reference_rows(ds, paper_figures.PAPER_NAMES.get(m, ""), extra_cells=1)
+            if _last_of_method(rows, m):
+                lines += paper_figures.reference_rows(ds, paper_figures.PAPER_NAMES.get(base_method(m), ""), extra_cells=1)
         lines += ["", paper_figures.REFERENCE_NOTE, ""]
     if len(out.get("latency") or {}) > 1:  # more than the unedited row
         lines += ["### Latency", "",
@@ -573,14 +688,18 @@ def render_markdown(out: Mapping[str, Any]) -> str:
         for m, row in seq["methods"].items():
             lines.append(f"| {m} | {row['n']} | " + " | ".join(_ci(row["figures"].get(k)) for k in METRICS)
                          + f" | {_ci(row.get('edit_ms'))} |")
-            theirs = {"instructed_retrieval": "InstructEd", "grace": "GRACE"}.get(m)
+            theirs = {"instructed_retrieval": "InstructEd", "grace": "GRACE"}.get(base_method(m))
+            if not _last_of_method(seq["methods"], m):
+                continue
             for model in ("LLaMA-2-7B", "LLaMA-1-7B"):
                 fig = paper_figures.INSTRUCTED_SEQUENTIAL_100.get((seq["dataset"], model), {}).get(theirs or "")
                 if fig:
                     lines.append(f"| *paper: {theirs} (Table 11, {model})* | 100 | "
                                  + " | ".join(paper_figures._cell(v) for v in fig) + " | – |")
-        lines += ["", f"Rows in *italics* quote {paper_figures.HAN}, Table 11 (sequential editing of 100 edits "
-                      "with LLaMA-1/2-7B; WISE is not in the paper).", ""]
+        lines += ["", f"Rows in *italics* quote {paper_figures.HAN}, Table 11: the paper's rows are at n = "
+                      f"{SEQUENTIAL_REQUESTED} sequential edits (LLaMA-1/2-7B; WISE is not in the paper); ours are at the "
+                      "n of each row, so a row with a smaller n is not the paper's setting.", ""]
+    lines += unmet_requests_lines(out)
     if out.get("errors"):
         lines += ["## Errors", ""] + [f"* {m}: {'; '.join(e)}" for m, e in out["errors"].items()] + [""]
     lines += merged_runs_lines(out)
@@ -634,7 +753,9 @@ def main(argv=None) -> int:
         return InstructEdHyperParams.from_dict(dict(alg_name="InstructEd", model_name=model_dir, archive=str(archive),
                                                     device="cpu", max_length=40, retrieval_gate=args.retrieval_gate, **kw))
 
-    yaml_of = {m: Path(args.hparams_dir) / EASYEDIT_METHODS[m][1] / f"{args.hparams_name}.yaml" for m in EASYEDIT_METHODS}
+    yaml_of = {m: Path(args.hparams_dir) / EASYEDIT_METHODS[m][1] / f"{args.variant_stems.get(m, args.hparams_name)}.yaml"
+               for m in EASYEDIT_METHODS}
+    label = {m: row_label(m, args.variant_stems.get(m)) for m in METHODS}  # the key of each method's rows
     specs: dict[str, Callable[[], Any]] = {
         "instructed_gold": lambda: ins_hparams(instruction_source="gold"),
         "instructed_retrieval": lambda: ins_hparams(instruction_source="retrieval"),
@@ -678,8 +799,9 @@ def main(argv=None) -> int:
         latency = {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]}}
         for method in args.method_list:
             if method in edit_ms or method in query_ratio:
-                latency[method] = {"edit_ms": bootstrap_median(edit_ms.get(method, []), args.bootstrap, args.seed),
-                                   "query_ratio": bootstrap_median(query_ratio.get(method, []), args.bootstrap, args.seed, 3)}
+                latency[label[method]] = {
+                    "edit_ms": bootstrap_median(edit_ms.get(method, []), args.bootstrap, args.seed),
+                    "query_ratio": bootstrap_median(query_ratio.get(method, []), args.bootstrap, args.seed, 3)}
         out = {
             "model": f"{model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})",
             "date": today(), "command": command,
@@ -688,7 +810,7 @@ def main(argv=None) -> int:
             "archive": str(archive),
             "recipe": f"recipe {rinfo['recipe']['name']}, {rinfo['steps']} steps, sources {', '.join(rinfo['recipe']['sources'])}",
             "easyedit": f"{info.flavour} ({Path(info.location).parent if info.location else '?'})",
-            "hparams": {m: os.path.relpath(yaml_of[m], ROOT) for m in EASYEDIT_METHODS
+            "hparams": {label[m]: os.path.relpath(yaml_of[m], ROOT) for m in EASYEDIT_METHODS
                         if m in args.method_list or m in args.sequential_list},
             "datasets": {ds: results[ds] for ds in DATASETS if results[ds]},
             "latency": latency, "sequential": sequential,
@@ -717,28 +839,32 @@ def main(argv=None) -> int:
                 if method == "instructed_retrieval":
                     reset_memory(model)
                     apply_instructed_to_model(model, tok, [dict(r) for r in requests], hp, keep_original_weight=False)
+                timed_in_edit = method in ("grace", "wise")  # their query times come from the last edit itself
+                in_edit_qtimes: list[float] = []
                 with ModuleGuard(model, edited_module_paths(hp)):
-                    metrics, times, edited, errs = run_one_hop(editor, requests, f"{ds}/{method}", train_ds, locs)
+                    metrics, times, edited, errs = run_one_hop(editor, requests, f"{ds}/{method}", train_ds, locs,
+                                                               latency_texts[ds] if timed_in_edit else None, in_edit_qtimes)
                     # query latency of this method's edited model on this dataset's latency inputs
-                    qtimes = method_query_times(method, model, tok, hp, requests, latency_texts[ds], edited, demos, locs)
+                    qtimes = in_edit_qtimes if timed_in_edit else method_query_times(
+                        method, model, tok, hp, requests, latency_texts[ds], edited, demos, locs)
             except Exception as exc:  # noqa: BLE001 - a method that cannot run is reported, not fatal
                 LOG.exception("%s/%s could not run", ds, method)
-                errors.setdefault(method, []).append(f"{ds}: {type(exc).__name__}: {exc}")
+                errors.setdefault(label[method], []).append(f"{ds}: {type(exc).__name__}: {exc}")
                 model.to(getattr(torch, args.dtype))
                 continue
             finally:
                 reset_memory(model)
             model.to(getattr(torch, args.dtype))
-            errors.setdefault(method, []).extend(f"{ds} {e}" for e in errs)
+            errors.setdefault(label[method], []).extend(f"{ds} {e}" for e in errs)
             edit_ms.setdefault(method, []).extend(times)
             if qtimes:
                 query_ratio.setdefault(method, []).extend(q / b for q, b in zip(qtimes, base_times[ds]))
             if metrics:
-                results[ds][method] = bootstrap_summary(per_record(metrics), args.bootstrap, args.seed)
-                n_evaluated[ds][method] = len(metrics)
+                results[ds][label[method]] = bootstrap_summary(per_record(metrics), args.bootstrap, args.seed)
+                n_evaluated[ds][label[method]] = len(metrics)
                 if pre_rows is None and method != "ike":  # IKE's pre metrics are scored on the bare prompt too
                     pre_rows = per_record(metrics, phase="pre")
-            LOG.info("%s %s: %s (%.0fs)", ds, method, results[ds].get(method), time.perf_counter() - t0)
+            LOG.info("%s %s: %s (%.0fs)", ds, label[method], results[ds].get(label[method]), time.perf_counter() - t0)
             if "unedited" in args.method_list and pre_rows and "unedited" not in results[ds]:
                 results[ds] = {"unedited": bootstrap_summary(pre_rows, args.bootstrap, args.seed), **results[ds]}
                 n_evaluated[ds]["unedited"] = len(pre_rows)
@@ -758,15 +884,15 @@ def main(argv=None) -> int:
                                                     loc_prompts if method == "wise" else None)
             except Exception as exc:  # noqa: BLE001
                 LOG.exception("sequential %s could not run", method)
-                errors.setdefault(f"sequential {method}", []).append(f"{type(exc).__name__}: {exc}")
+                errors.setdefault(f"sequential {label[method]}", []).append(f"{type(exc).__name__}: {exc}")
                 continue
             finally:
                 reset_memory(model)
                 model.to(getattr(torch, args.dtype))
-            sequential["methods"][method] = {
+            sequential["methods"][label[method]] = {
                 "n": len(metrics), "figures": bootstrap_summary(per_record(metrics), args.bootstrap, args.seed),
                 "edit_ms": bootstrap_median(times, args.bootstrap, args.seed)}
-            LOG.info("sequential %s: %s (%.0fs)", method, sequential["methods"][method], time.perf_counter() - t0)
+            LOG.info("sequential %s: %s (%.0fs)", label[method], sequential["methods"][label[method]], time.perf_counter() - t0)
             save()
 
     md_path = save(finished=True)

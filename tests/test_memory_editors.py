@@ -86,6 +86,70 @@ def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_pa
     assert out["layer_restored"]  # the adaptor is gone after the guard
 
 
+WISE_RUN = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    torch.manual_seed(0)
+    sys.path.insert(0, {repo!r})
+    from tests._scripts import load_script
+    bench = load_script("benchmarks/memory_editors.py", "bench_memory_editors")
+    bench.require_easyedit_main()
+    from instructedit_plugin.compat import make_editor
+    from instructedit_plugin.models.loading import load_causal_lm
+
+    model, tok = load_causal_lm({model!r}, dtype="float32")
+    requests = [dict(prompt="The capital of France is", target_new="Rome", ground_truth="Paris",
+                     locality={{"neighborhood": {{"prompt": "The capital of Spain is", "ground_truth": "Madrid"}}}}),
+                dict(prompt="The capital of Egypt is", target_new="Berlin", ground_truth="Cairo")]
+    loc_prompts = ["The capital of Japan is Tokyo", "Water boils at one hundred degrees"]
+    hp = bench.easyedit_hparams("wise", Path({repo!r}) / "hparams/WISE/gemma-3-270m.yaml", {model!r}, Path({work!r}),
+                                inner_params=["model.layers[3].mlp.down_proj.weight"], n_iter=5)
+    layer = model.model.layers[3].mlp.down_proj
+    out = {{"activation_in_config": getattr(model.config, "hidden_act", None)}}
+    for label in ("as_shipped", "with_activation"):
+        if label == "with_activation":
+            bench.wise_activation(hp, model)
+        editor = make_editor(hp, model, tok)
+        query_ms = []
+        with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+            metrics, ms, _, errors = bench.run_one_hop(editor, requests, label, None, loc_prompts,
+                                                       ["The capital of Italy is Rome", "a b"], query_ms)
+        out[label] = dict(n=len(metrics), errors=errors, n_ms=len(ms), query_ms=query_ms,
+                          loc=[r["Loc"] for r in bench.per_record(metrics)])
+    editor = make_editor(hp, model, tok)
+    with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+        metrics, ms = bench.run_sequential(editor, requests, "sequential", loc_prompts)
+    out["sequential"] = dict(n=len(metrics), n_ms=len(ms))
+    out["layer_restored"] = model.model.layers[3].mlp.down_proj is layer
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.easyedit_main
+@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def test_wise_edits_a_gemma3_model_through_the_benchmark_runner_only_with_the_activation_fix(tiny_gemma3_dir, tmp_path):
+    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", WISE_RUN.format(repo=str(REPO), model=str(tiny_gemma3_dir), work=str(tmp_path))],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["activation_in_config"] is None  # Gemma 3 calls it hidden_activation
+    shipped, fixed = out["as_shipped"], out["with_activation"]
+    # EasyEdit main's WISE as shipped: every Gemma 3 edit fails on the activation's name
+    assert shipped["n"] == 0 and len(shipped["errors"]) == 2
+    assert all("hidden_act" in e for e in shipped["errors"])
+    assert fixed["errors"] == [] and fixed["n"] == 2 and fixed["n_ms"] == 2  # both edits ran, each timed
+    assert fixed["loc"][0] == 1.0  # WISE's router leaves the unrelated prompt to the original layer
+    # the query times of the last edited model, taken right after its edit (no second edit to time them)
+    assert len(fixed["query_ms"]) == 2 and all(t > 0 for t in fixed["query_ms"])
+    assert out["sequential"] == {"n": 2, "n_ms": 2}
+    assert out["layer_restored"]
+
+
 def test_unknown_method_names_raise_a_clear_error():
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--methods: unknown method 'rome'.*Fix: use some of"):
         BENCH.parse_args(["--methods", "grace,rome"])
@@ -235,3 +299,57 @@ def test_ike_metric_scores_a_perfect_continuation_1_with_a_bos_adding_tokenizer(
     proxy = BENCH.ContinuationTokenizer(tok)
     assert proxy("The capital")["input_ids"] == tok("The capital")["input_ids"]  # prompts keep their <bos>
     assert proxy(" Paris\n")["input_ids"] == tok(" Paris\n", add_special_tokens=False)["input_ids"]
+
+
+def test_hparams_variant_rows_stand_beside_the_default_rows_with_their_own_label(tmp_path):
+    args = BENCH.parse_args(["--hparams_variant", "grace=gemma-3-270m-n_iter20"])
+    assert args.variant_stems == {"grace": "gemma-3-270m-n_iter20"}
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--hparams_variant: 'rome=x'.*Fix: pass e.g."):
+        BENCH.parse_args(["--hparams_variant", "rome=x"])
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--hparams_variant: 'grace'.*Fix:"):
+        BENCH.parse_args(["--hparams_variant", "grace"])
+    variant = BENCH.row_label("grace", "gemma-3-270m-n_iter20")
+    assert variant == "grace (gemma-3-270m-n_iter20)" and BENCH.base_method(variant) == "grace"
+    seq = lambda rows: {"dataset": "zsre", "n": 100, "methods": rows}  # noqa: E731
+    row = lambda n: {"n": n, "figures": {"Rel": [90.0, 80.0, 100.0]}, "edit_ms": [1000.0, 900.0, 1100.0]}  # noqa: E731
+    base = _saved_run({"instructed_gold": {"Rel": 100.0}, "grace": {"Rel": 50.0}, "wise": {"Rel": 40.0}},
+                      seq=seq({"instructed_retrieval": row(100), "grace": row(3)}))
+    run = _saved_run({variant: {"Rel": 70.0}}, seq=seq({variant: row(60)}))
+    merged = BENCH.merge_results(base, run, "python benchmarks/memory_editors.py --merge --hparams_variant grace=x")
+    assert list(merged["datasets"]["zsre"]) == ["instructed_gold", "grace", variant, "wise"]  # beside its method
+    assert list(merged["sequential"]["methods"]) == ["instructed_retrieval", "grace", variant]
+    assert merged["datasets"]["zsre"]["grace"]["Rel"] == [50.0] * 3  # the default row is kept
+    md = BENCH.render_markdown(merged)
+    table = md.split("## Sequential editing")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| grace") or "paper: GRACE" in line]
+    # the paper's GRACE rows (at 100 edits) follow the last GRACE row, not the first
+    assert [line.split(" |")[0] for line in lines] == ["| grace", f"| {variant}", "| *paper: GRACE (Table 11, LLaMA-2-7B)*",
+                                                       "| *paper: GRACE (Table 11, LLaMA-1-7B)*"]
+    assert f"| {variant} | 60 |" in md
+
+
+def test_the_unmet_requests_section_names_each_short_row_with_its_n_and_projected_hours():
+    seq = {"dataset": "zsre", "n": 100, "methods": {
+        "instructed_retrieval": {"n": 100, "figures": {}, "edit_ms": [30.0, 20.0, 40.0]},
+        "grace": {"n": 3, "figures": {}, "edit_ms": [72000.0, 70000.0, 80000.0]}}}
+    out = _saved_run({"grace": {"Rel": 90.0}, "ike": {"Rel": 90.0}}, seq=seq,
+                     errors={"sequential wise": ["MemoryError: out of memory"]})
+    out["n_evaluated"]["zsre"] = {"grace": 2, "ike": 5}  # --limit 5: IKE reached it, GRACE did not
+    lines = BENCH.unmet_requests_lines(out)
+    text = "\n".join(lines)
+    assert lines[0] == "## Requests of #15 item 4 this file does not meet"
+    assert "**grace, one edit at a time**: n = zsre 2 of the 5 records per file of the InstructEd rows; median edit " \
+           "0.0 s [0.0, 0.0], so the 5 edits asked for take about 0 min of editing alone" in text
+    assert "**wise, one edit at a time**: n = zsre 0 of the 5 records" in text
+    assert "ike, one edit" not in text and "instructed_retrieval" not in text  # met: not listed
+    assert "**grace, sequential**: n = 3 of 100; median edit 72.0 s [70.0, 80.0], so the 100 edits asked for take " \
+           "about 2.0 h of editing alone" in text
+    assert "**wise, sequential**: not run; error: MemoryError: out of memory." in text
+    out["n_evaluated"]["zsre"]["grace"] = 5
+    out["n_evaluated"]["counterfact"] = {"grace": 5, "ike": 5, "wise": 5}
+    out["datasets"]["counterfact"] = {m: {} for m in ("grace", "ike", "wise")}
+    out["datasets"]["zsre"]["wise"] = {}
+    out["n_evaluated"]["zsre"]["wise"] = 5
+    out["sequential"]["methods"].update(grace={"n": 100, "figures": {}, "edit_ms": None},
+                                        wise={"n": 100, "figures": {}, "edit_ms": None})
+    assert BENCH.unmet_requests_lines(out) == []  # everything asked for is there: no section
