@@ -25,6 +25,10 @@ Every switch can also be set on its own (``--instructions``, ``--metric_inputs``
 
 ``--tasks`` names the test tasks to evaluate and their order; the result files are rewritten after
 each task (a partial file lists ``evaluated_tasks``), so a run stopped early keeps what it finished.
+``--merge_from PART.json`` runs nothing: it adds the tasks of a saved part (the same command with
+``--tasks`` naming the missing tasks and another ``--out``) to the saved ``--out`` file, after checking
+that both were made with the same settings (:func:`merge_results`; the part's command and the keys it
+set are recorded in ``merged_runs``).
 
 All editors train for the same number of steps: InstructEdit trains for half of
 ``--budget_minutes`` (its steps are the most expensive: the instruction makes
@@ -46,10 +50,12 @@ Run from the repository root::
     python benchmarks/instructedit_cpu.py --data_dir ../shared/data --notes benchmarks/notes/instructedit_cpu.md
     python benchmarks/instructedit_cpu.py --data_dir ../shared/data --budget_minutes 3 --n_test 10   # quick
     python benchmarks/instructedit_cpu.py --render      # rebuild the .md from the .json (--notes FILE: new notes)
+    python benchmarks/instructedit_cpu.py --merge_from part.json --out benchmarks/results/instructedit_cpu.json
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -61,8 +67,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, merged_runs_lines, notes_lines, read_notes,
-    render_saved, today, write_results,
+    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines,
+    read_notes, render_saved, today, write_results,
 )
 
 LOG = logging.getLogger("instructedit_cpu")
@@ -82,7 +88,7 @@ RESULT_KEYS = frozenset({
     "records", "edit_ms_per_edit", "latency_ratio",  # per-edit values every interval is computed from
     "evaluated_tasks",  # the tasks evaluated so far, in evaluation order (absent: every test task)
 })
-_UNSAVED_ARGS = ("out", "render", "notes", "work_dir")
+_UNSAVED_ARGS = ("out", "render", "notes", "work_dir", "merge_from")
 #: --protocol -> the settings it stands for (each may be overridden by its own option)
 PROTOCOLS = {
     "paper": {"instructions": "easyedit", "metric_inputs": "instructed,plain", "raw_edit_loss": False,
@@ -141,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train every editor exactly this many steps (reproducible under load; replaces --budget_minutes)")
     p.add_argument("--n_test", type=int, default=100, help="records per test file (first N)")
     p.add_argument("--n_train", type=int, default=2000, help="at most this many training records per task")
-    add_editor_arguments(p, max_pairs=4, layers="16,17", cedit=1.0, cloc=1.0)
+    # the locality settings of #13 item 5 (results/instructedit_cpu.md); until then 16,17 / cedit 1.0 (instructedit_cpu_cedit1.md)
+    add_editor_arguments(p, max_pairs=4, layers="17", cedit=0.1, cloc=1.0)
     p.add_argument("--no_single_task", action="store_true", help="skip the single-task MEND baseline")
     p.add_argument("--protocol", default="paper", choices=sorted(PROTOCOLS),
                    help="paper: InstructEdit's protocol as EasyEdit runs it; plugin: the earlier setting (see the docstring)")
@@ -172,7 +179,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--notes", default=None,
                    help="markdown file whose text goes into the JSON as the run's notes and ends the .md "
                         "(e.g. benchmarks/notes/instructedit_cpu.md)")
+    p.add_argument("--merge_from", default=None, metavar="PART_JSON",
+                   help="run nothing: add the tasks of this saved part (same settings, other --tasks) to the saved "
+                        "--out file and rebuild its .md (with --notes: replace its notes too)")
     args = p.parse_args(argv)
+    if args.merge_from and args.render:
+        p.error("--merge_from and --render: both only rewrite the saved --out file. Fix: pass one of them "
+                "(--merge_from also rebuilds the .md)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASK_ORDER))
     if unknown or not tasks or len(set(tasks)) != len(tasks):
@@ -262,6 +275,108 @@ def latency_figures(edit_ms: dict, n_boot: int, seed: int) -> tuple[dict, dict |
 
         ratio = {"instructedit/mend_multitask": figures_with_ci(list(zip(ie, mm)), median_ratio, n_boot, seed, digits=3)["ratio"]}
     return latency, ratio
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging a saved part (--merge_from)
+# ----------------------------------------------------------------------------------------------
+class MergeError(ValueError):
+    """A part that cannot be merged into a saved result (other settings, a task both hold, no per-edit values)."""
+
+
+#: saved settings a part may differ in: which tasks it evaluated, and where it read the (same) data from
+MERGE_FREE_ARGS = ("tasks", "data_dir")
+#: run-level keys that must agree, besides ``args``: the same editors, trained on the same records, the same tests
+MERGE_SAME_KEYS = ("model", "protocol", "inner_params", "train_steps", "train_records", "test_records")
+#: the per-task blocks a part brings: the figure sections and their per-edit values
+_TASK_SECTIONS = tuple(section for section, _ in SECTIONS)
+
+
+def evaluated_tasks(out: dict) -> list[str]:
+    """The tasks a saved result evaluated, in evaluation order (a whole run: ``TASK_ORDER``)."""
+    return list(out.get("evaluated_tasks") or [t for t in TASK_ORDER if t in (out.get("n_edits") or {})])
+
+
+def merge_mismatches(base: dict, part: dict) -> list[str]:
+    """``'<field>: <base value> here, <part value> in the part'`` for every setting the two runs do not share
+    (``args`` other than ``MERGE_FREE_ARGS``, compared where both record them, and ``MERGE_SAME_KEYS``)."""
+    diffs = []
+    base_args, part_args = base.get("args") or {}, part.get("args") or {}
+    for key in base_args:
+        if key in part_args and key not in MERGE_FREE_ARGS and base_args[key] != part_args[key]:
+            diffs.append(f"args.{key}: {base_args[key]!r} here, {part_args[key]!r} in the part")
+    for key in MERGE_SAME_KEYS:
+        if base.get(key) != part.get(key):
+            diffs.append(f"{key}: {base.get(key)!r} here, {part.get(key)!r} in the part")
+    return diffs
+
+
+def merge_results(base: dict, part: dict, *, base_name: str = "the saved file", part_name: str = "the part",
+                  merged_by: str | None = None) -> dict:
+    """``base`` (a saved result of this script) with the tasks ``part`` evaluated added: their cells of every
+    section and their per-edit values (``records``), ``n_edits``, the evaluation order, and the part's edit
+    latencies appended to the saved ones (median latencies and their ratio recomputed with the saved run's
+    ``--bootstrap`` / ``--seed``). The configuration (command, args, training and evaluation times, notes)
+    stays ``base``'s; ``merged_runs`` gains the part's command, the keys it set and its date.
+
+    Raises :class:`MergeError` when the two runs differ in a setting (:func:`merge_mismatches`: other
+    editors, protocol, records or interval settings), when both evaluated a task, or when either lacks
+    the per-edit values a merged interval is computed from."""
+    for name, out in ((base_name, base), (part_name, part)):
+        if not out.get("records") or not out.get("edit_ms_per_edit"):
+            raise MergeError(f"{name}: no per-edit values (`records`, `edit_ms_per_edit`), so merged intervals cannot "
+                             "be computed. Fix: merge results written by this script since it keeps per-edit values")
+    diffs = merge_mismatches(base, part)
+    if diffs:
+        raise MergeError(f"{part_name} was not made with the settings of {base_name}: " + "; ".join(diffs)
+                         + f". Fix: re-run the part with the saved command (`{base.get('command')}`), changing only "
+                         "--tasks and --out")
+    base_tasks, part_tasks = evaluated_tasks(base), evaluated_tasks(part)
+    both = [t for t in part_tasks if t in base_tasks]
+    if both:
+        raise MergeError(f"{part_name}: tasks {', '.join(both)} are already in {base_name} (evaluated: "
+                         f"{', '.join(base_tasks)}). Fix: merge a part whose --tasks names only tasks the saved file "
+                         f"lacks ({', '.join(t for t in TASK_ORDER if t not in base_tasks) or 'none'})")
+    if sorted(part["edit_ms_per_edit"]) != sorted(base["edit_ms_per_edit"]):
+        raise MergeError(f"{part_name} edited with methods {sorted(part['edit_ms_per_edit'])}, {base_name} with "
+                         f"{sorted(base['edit_ms_per_edit'])}. Fix: pass --no_single_task to both runs or to neither")
+
+    out = json.loads(json.dumps(base))
+    keys: list[str] = []
+    for section in _TASK_SECTIONS:
+        for block, prefix in ((out, section), (out.setdefault("records", {}), f"records.{section}")):
+            source = part if block is out else part["records"]
+            added = {t: v for t, v in (source.get(section) or {}).items() if t in part_tasks}
+            if added:
+                merged = {**(block.get(section) or {}), **added}
+                block[section] = {t: merged[t] for t in TASK_ORDER if t in merged}
+                keys += [f"{prefix}.{t}" for t in added]
+    n_edits = {**out.get("n_edits", {}), **{t: part["n_edits"][t] for t in part_tasks}}
+    out["n_edits"] = {t: n_edits[t] for t in TASK_ORDER if t in n_edits}
+    keys += [f"n_edits.{t}" for t in part_tasks]
+    order = base_tasks + part_tasks
+    out.pop("evaluated_tasks", None)
+    if order != list(TASK_ORDER):
+        out["evaluated_tasks"] = order
+    keys.append("evaluated_tasks")
+    out["edit_ms_per_edit"] = {m: ms + part["edit_ms_per_edit"][m] for m, ms in out["edit_ms_per_edit"].items()}
+    latency, ratio = latency_figures(out["edit_ms_per_edit"], out["args"]["bootstrap"], out["args"]["seed"])
+    out["latency"] = latency
+    out.pop("latency_ratio", None)
+    if ratio:
+        out["latency_ratio"] = ratio
+    keys += ["edit_ms_per_edit", "latency"] + (["latency_ratio"] if ratio else [])
+    added_notes = {k: v for k, v in (part.get("method_notes") or {}).items() if k not in (out.get("method_notes") or {})}
+    if added_notes:
+        out["method_notes"] = {**(out.get("method_notes") or {}), **added_notes}
+        keys += [f"method_notes.{k}" for k in added_notes]
+    trained = "; ".join(f"{name} {r['steps']} steps in {r['wall_s']:.0f} s" for name, r in part["runs"].items())
+    note = (f"Tasks {', '.join(part_tasks)} evaluated by this separate run of the same settings, which trained its own "
+            f"editors with the same seed ({trained}) and evaluated in {part['eval_seconds']:.0f} s; its edit latencies "
+            "are appended to this run's before the medians are taken."
+            + (f" Merged with `{merged_by}`." if merged_by else ""))
+    out["merged_runs"] = [*(out.get("merged_runs") or []), merged_run(part["command"], keys, note=note, date=part.get("date"))]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,10 +545,32 @@ def load_data(data_dir: Path, n_test: int, n_train: int, seed: int, convsent_dir
     return train, test
 
 
+def merge_saved(out_path: str | Path, part_path: str | Path, command: str, notes: str | Path | None = None) -> Path:
+    """``--merge_from``: :func:`merge_results` of the saved ``part_path`` into the saved ``out_path``, written
+    back (JSON, then the markdown rendered from it; with ``notes``, that file's text as the notes)."""
+    out_path, part_path = Path(out_path), Path(part_path)
+    for label, path in (("--out", out_path), ("--merge_from", part_path)):
+        if not path.is_file():
+            raise MergeError(f"{label}: no saved results at {path}. Fix: pass the JSON a run of this script wrote")
+    base = json.loads(out_path.read_text(encoding="utf-8"))
+    part = json.loads(part_path.read_text(encoding="utf-8"))
+    out = merge_results(base, part, base_name=str(out_path), part_name=str(part_path), merged_by=command)
+    if notes is not None:
+        out["notes"] = read_notes(notes)
+        if not out["notes"]:
+            out.pop("notes")
+    md_path = write_results(out_path, out, render_markdown, RESULT_KEYS)
+    LOG.info("merged tasks %s of %s into %s and %s", evaluated_tasks(part), part_path, out_path, md_path)
+    return md_path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:  # rebuild the .md from the saved .json alone (--notes: replace its notes first)
         print(render_saved(args.out, render_markdown, RESULT_KEYS, notes=args.notes))
+        return 0
+    if args.merge_from:  # add a saved part's tasks to the saved --out file; nothing runs
+        print(merge_saved(args.out, args.merge_from, command_line(SCRIPT, argv), notes=args.notes))
         return 0
     notes = read_notes(args.notes) if args.notes else None  # a missing notes file fails before any work
     command = command_line(SCRIPT, argv)

@@ -25,7 +25,7 @@ SCRIPTS = {
     "instructed_ablations": REPO / "benchmarks" / "instructed_ablations.py",
     "instructed_long_recipe": REPO / "benchmarks" / "instructed_ablations.py",  # --variants paper,long --datasets counterfact
     "instructedit_cpu": REPO / "benchmarks" / "instructedit_cpu.py",
-    "instructedit_cpu_loc": REPO / "benchmarks" / "instructedit_cpu.py",  # beside-run: last layer, cedit 0.1
+    "instructedit_cpu_cedit1": REPO / "benchmarks" / "instructedit_cpu.py",  # earlier defaults: layers 16-17, cedit 1
     "memory_scale": REPO / "benchmarks" / "memory_scale.py",
     "mquake_cpu": REPO / "examples" / "run_mquake.py",
     "mquake_cpu_subject_chain": REPO / "examples" / "run_mquake.py",
@@ -196,7 +196,7 @@ def test_merged_runs_are_listed_in_the_markdown():
 
 
 #: results run under an earlier default of their script: the options that re-create those settings today
-EARLIER_DEFAULTS: dict[str, list[str]] = {}
+EARLIER_DEFAULTS: dict[str, list[str]] = {"instructedit_cpu_cedit1": ["--layers", "16,17", "--cedit", "1.0"]}
 EDITOR_OPTIONS = ("layers", "rank", "lr", "edit_lr", "lr_lr", "cedit", "cloc", "max_pairs", "dtype")
 
 
