@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
 BENCH = load_script("benchmarks/memory_editors.py", "benchmark_memory_editors")
 
-GRACE_RUN = textwrap.dedent(
+#: what both subprocess runs start with: the tiny model, EasyEdit main and two edit requests
+RUN_HEAD = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
@@ -42,6 +43,11 @@ GRACE_RUN = textwrap.dedent(
     requests = [dict(prompt="The capital of France is", target_new="Rome", ground_truth="Paris",
                      locality={{"neighborhood": {{"prompt": "The capital of Spain is", "ground_truth": "Madrid"}}}}),
                 dict(prompt="The capital of Egypt is", target_new="Berlin", ground_truth="Cairo")]
+    """
+)
+
+GRACE_RUN = RUN_HEAD + textwrap.dedent(
+    """
     hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
                                 Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"])
     layer = model.model.layers[2].mlp.down_proj
@@ -86,23 +92,8 @@ def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_pa
     assert out["layer_restored"]  # the adaptor is gone after the guard
 
 
-WISE_RUN = textwrap.dedent(
+WISE_RUN = RUN_HEAD + textwrap.dedent(
     """
-    import json, sys
-    from pathlib import Path
-    import torch
-    torch.manual_seed(0)
-    sys.path.insert(0, {repo!r})
-    from tests._scripts import load_script
-    bench = load_script("benchmarks/memory_editors.py", "bench_memory_editors")
-    bench.require_easyedit_main()
-    from instructedit_plugin.compat import make_editor
-    from instructedit_plugin.models.loading import load_causal_lm
-
-    model, tok = load_causal_lm({model!r}, dtype="float32")
-    requests = [dict(prompt="The capital of France is", target_new="Rome", ground_truth="Paris",
-                     locality={{"neighborhood": {{"prompt": "The capital of Spain is", "ground_truth": "Madrid"}}}}),
-                dict(prompt="The capital of Egypt is", target_new="Berlin", ground_truth="Cairo")]
     loc_prompts = ["The capital of Japan is Tokyo", "Water boils at one hundred degrees"]
     hp = bench.easyedit_hparams("wise", Path({repo!r}) / "hparams/WISE/gemma-3-270m.yaml", {model!r}, Path({work!r}),
                                 inner_params=["model.layers[3].mlp.down_proj.weight"], n_iter=5)
