@@ -40,6 +40,7 @@ SCRIPTS = {
        for a in ("pilot", "scaling", "mixing", "directions")},
     "memory_editors": REPO / "benchmarks" / "memory_editors.py",
     "instructedit_latency": REPO / "benchmarks" / "instructedit_latency.py",
+    "instructedit_latency_layer17": REPO / "benchmarks" / "instructedit_latency.py",  # --layers 17: instructedit_cpu's editor
     "memory_editors_sequential": REPO / "benchmarks" / "memory_editors.py",
 }
 #: results stems whose script also draws a figure, ``<name>.png``, from the JSON
