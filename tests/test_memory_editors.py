@@ -25,6 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
 BENCH = load_script("benchmarks/memory_editors.py", "benchmark_memory_editors")
 
+def _run_script(template: str, model_dir, tmp_path) -> dict:
+    """Run one of the subprocess scripts above against EasyEdit main; its ``RESULT`` line as a dict."""
+    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", template.format(repo=str(REPO), model=str(model_dir), work=str(tmp_path))],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 #: what both subprocess runs start with: the tiny model, EasyEdit main and two edit requests
 RUN_HEAD = textwrap.dedent(
     """
@@ -74,12 +84,7 @@ GRACE_RUN = RUN_HEAD + textwrap.dedent(
 @pytest.mark.easyedit_main
 @pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
 def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_path):
-    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", GRACE_RUN.format(repo=str(REPO), model=str(tiny_llama_dir), work=str(tmp_path))],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = _run_script(GRACE_RUN, tiny_llama_dir, tmp_path)
     spaced, bare = out["spaced"], out["bare"]
     assert not spaced["errors"] and spaced["n_ms"] == 2  # both edits ran, each apply_algo call timed
     assert spaced["pre"] == [0.0, 0.0]
@@ -122,12 +127,7 @@ WISE_RUN = RUN_HEAD + textwrap.dedent(
 @pytest.mark.easyedit_main
 @pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
 def test_wise_edits_a_gemma3_model_through_the_benchmark_runner_only_with_the_activation_fix(tiny_gemma3_dir, tmp_path):
-    env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", WISE_RUN.format(repo=str(REPO), model=str(tiny_gemma3_dir), work=str(tmp_path))],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = _run_script(WISE_RUN, tiny_gemma3_dir, tmp_path)
     assert out["activation_in_config"] is None  # Gemma 3 calls it hidden_activation
     shipped, fixed = out["as_shipped"], out["with_activation"]
     # EasyEdit main's WISE as shipped: every Gemma 3 edit fails on the activation's name
