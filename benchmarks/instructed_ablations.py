@@ -274,7 +274,7 @@ def evaluate_variant(name: str, archive: Path, model, tok, evaluation, args, dat
     """``{dataset: {"records": [...], "pre": [...], "errors": [...]}}`` for one variant (cached)."""
     import json
 
-    from benchmarks.instructed_cpu import run_method
+    from benchmarks.easyedit_calls import run_edits
     from instructedit_plugin.compat import make_editor
     from instructedit_plugin.core import durable
     from instructedit_plugin.instructed.instructed_main import reset_memory
@@ -290,7 +290,7 @@ def evaluate_variant(name: str, archive: Path, model, tok, evaluation, args, dat
         reset_memory(model)
         editor = make_editor(_hparams(archive, model_dir, args, reweight_mode=variant.reweight_mode,
                                       **dict(variant.editing)), model, tok)
-        metrics, _, errors = run_method(editor, evaluation[ds], with_subject=False, name=f"{ds}/{name}")
+        metrics, _, errors = run_edits(editor, evaluation[ds], f"{ds}/{name}", log=LOG)
         reset_memory(model)
         out[ds] = {"records": record_values(metrics),
                    "pre": record_values([{"post": m.get("pre", {})} for m in metrics]), "errors": errors,

@@ -62,7 +62,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
+from benchmarks.easyedit_calls import run_edits  # noqa: E402
 from benchmarks.instructed_ablations import ratio_interval, record_values, summarize_with_intervals  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     command_line, figures_with_ci, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
@@ -147,41 +147,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knowedit", action="store_true",
                    help="run the KnowEdit section instead (benchmarks/instructed_knowedit.py; see its --help)")
     return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------
-# EasyEdit plumbing
-# ----------------------------------------------------------------------------------------------
-def _edit_kwargs(req: dict, with_subject: bool) -> dict:
-    kw = dict(prompts=[req["prompt"]], target_new=[req["target_new"]], ground_truth=[req.get("ground_truth") or "<|endoftext|>"],
-              rephrase_prompts=[req["rephrase_prompt"]] if req.get("rephrase_prompt") else None)
-    loc = {k: {"prompt": [v["prompt"]], "ground_truth": [v["ground_truth"]]} for k, v in (req.get("locality") or {}).items()}
-    por = {k: {"prompt": [v["prompt"]], "ground_truth": [v["ground_truth"]]} for k, v in (req.get("portability") or {}).items()}
-    if loc:
-        kw["locality_inputs"] = loc
-    if por:
-        kw["portability_inputs"] = por
-    if with_subject:
-        kw["subject"] = [req["subject"]]
-    return kw
-
-
-def run_method(editor, requests: list[dict], with_subject: bool, name: str) -> tuple[list[dict], object, list[str]]:
-    """One ``BaseEditor.edit`` call per request (weights/memory restored after each)."""
-    metrics, errors, edited = [], [], None
-    t0 = time.perf_counter()
-    for i, req in enumerate(requests):
-        try:
-            out, edited, _ = editor.edit(**_edit_kwargs(req, with_subject), keep_original_weight=True, verbose=False)
-            metrics.extend(out)
-        except Exception as exc:  # noqa: BLE001 - one failing record must not sink the benchmark
-            errors.append(f"record {i}: {type(exc).__name__}: {exc}")
-            LOG.warning("%s: record %d failed: %s", name, i, exc)
-            if len(errors) <= 2:
-                traceback.print_exc()
-        if (i + 1) % 10 == 0:
-            LOG.info("%s: %d/%d edits (%.0fs)", name, i + 1, len(requests), time.perf_counter() - t0)
-    return metrics, edited, errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,8 +574,8 @@ def main(argv=None) -> int:
             for ds in DATASETS:
                 reset_memory(model)
                 requests = evaluation[ds][: args.latency_n]
-                metrics, _, _ = run_method(make_editor(specs[method](), model, tok), requests, with_subject=False,
-                                           name=f"retime {ds}/{method}")
+                metrics, _, _ = run_edits(make_editor(specs[method](), model, tok), requests,
+                                           f"retime {ds}/{method}", log=LOG)
                 times += [float(m.get("time", 0.0)) * 1000 for m in metrics]
             reset_memory(model)
             kept[method] = times
@@ -653,7 +618,7 @@ def main(argv=None) -> int:
             else:
                 model_dtype = None
             try:
-                metrics, edited, errs = run_method(editor, subset, with_subject=(method == "rome"), name=f"{ds}/{method}")
+                metrics, edited, errs = run_edits(editor, subset, f"{ds}/{method}", with_subject=(method == "rome"), log=LOG)
             finally:
                 if model_dtype is not None:
                     model.to(model_dtype)

@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.easyedit_calls import run_edits  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
 )
@@ -172,38 +172,18 @@ def resummarize(out: dict, command: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
-def _edit_kwargs(req: dict) -> dict:
-    kw = dict(prompts=[req["prompt"]], target_new=[req["target_new"]],
-              ground_truth=[req.get("ground_truth") or "<|endoftext|>"], subject=[req["subject"]],
-              rephrase_prompts=[req["rephrase_prompt"]] if req.get("rephrase_prompt") else None)
-    for section, key in (("locality", "locality_inputs"), ("portability", "portability_inputs")):
-        block = {k: {"prompt": [v["prompt"]], "ground_truth": [v["ground_truth"]]} for k, v in (req.get(section) or {}).items()}
-        if block:
-            kw[key] = block
-    return kw
-
-
 def run_method(editor, requests, name: str) -> tuple[list[list], list[list], list[str]]:
-    """``(post rows, pre rows, errors)``: per record [Rel, Gen, Loc, Por] in [0, 1] (None: not measured)."""
+    """``(post rows, pre rows, errors)``: per record [Rel, Gen, Loc, Por] in [0, 1] (None: not measured); every
+    request with its ``subject`` (as EasyEdit's KnowEdit script passes it)."""
     from instructedit_plugin.evaluation.summary import edit_metrics
 
-    post, pre, errors = [], [], []
-    t0 = time.perf_counter()
-    for i, req in enumerate(requests):
-        try:
-            metrics, _, _ = editor.edit(**_edit_kwargs(req), keep_original_weight=True, verbose=False)
-        except Exception as exc:  # noqa: BLE001 - one failing record must not sink the benchmark
-            errors.append(f"record {i}: {type(exc).__name__}: {exc}")
-            LOG.warning("%s: record %d failed: %s", name, i, exc)
-            if len(errors) <= 2:
-                traceback.print_exc()
-            continue
-        for m in metrics:
-            row = edit_metrics(m["post"], m.get("pre"))
-            post.append([row[k] for k in METRICS])
-            before = edit_metrics(m.get("pre") or {})
-            pre.append([before["Rel"], before["Gen"], 1.0 if row["Loc"] is not None else None, before["Por"]])
-        LOG.info("%s: %d/%d edits (%.0fs)", name, i + 1, len(requests), time.perf_counter() - t0)
+    metrics, _, errors = run_edits(editor, requests, name, with_subject=True, log=LOG)
+    post, pre = [], []
+    for m in metrics:
+        row = edit_metrics(m["post"], m.get("pre"))
+        post.append([row[k] for k in METRICS])
+        before = edit_metrics(m.get("pre") or {})
+        pre.append([before["Rel"], before["Gen"], 1.0 if row["Loc"] is not None else None, before["Por"]])
     return post, pre, errors
 
 
