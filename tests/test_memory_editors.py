@@ -344,3 +344,56 @@ def test_the_unmet_requests_section_names_each_short_row_with_its_n_and_projecte
     out["sequential"]["methods"].update(grace={"n": 100, "figures": {}, "edit_ms": None},
                                         wise={"n": 100, "figures": {}, "edit_ms": None})
     assert BENCH.unmet_requests_lines(out) == []  # everything asked for is there: no section
+
+
+GRACE_FLAGS_RUN = RUN_HEAD + textwrap.dedent(
+    """
+    from torch.profiler import profile
+    hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
+                                Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=10)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = {{"flags_before": sum(p.requires_grad for p in model.parameters())}}
+    restore, unedited = bench.RequiresGradFlags.restore, bench.RequiresGradFlags(model)
+
+    def spaced_editor():
+        editor = make_editor(hp, model, tok)
+        editor.tok = bench.SpacedTargetTokenizer(tok)
+        return editor
+
+    for label in ("as_grace_left_them", "restored"):
+        restore(unedited)  # each run starts from the unedited model's flags
+        bench.RequiresGradFlags.restore = restore if label == "restored" else (lambda self: None)
+        torch.manual_seed(0)  # GRACE's cold codebook values are random
+        with profile(record_shapes=True) as prof, bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+            metrics, ms = bench.run_sequential(spaced_editor(), requests, label)
+        # the output layer through bmm: the transposed weight [d, vocab] copied per generated token
+        lm_head_bmm = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                          if e.key == "aten::bmm" and any(s and s[-1] == vocab for s in e.input_shapes))
+        torch.manual_seed(0)
+        with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
+            one_hop, _, _, errors = bench.run_one_hop(spaced_editor(), requests, label)
+        out[label] = dict(sequential=json.dumps(metrics, sort_keys=True, default=str), lm_head_bmm=lm_head_bmm,
+                          one_hop=json.dumps(one_hop, sort_keys=True, default=str), errors=errors,
+                          flags_after=sum(p.requires_grad for p in model.parameters()),
+                          rel=[r["Rel"] for r in bench.per_record(metrics)])
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.mark.easyedit_main
+@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def test_grace_scoring_gets_the_unedited_models_grad_flags_back_with_identical_metrics(tiny_gemma3_dir, tmp_path):
+    """EasyEdit's GRACE freezes every parameter; generation then runs the LM head on the last-token slice
+    through ``bmm`` (a copy of the whole output weight per token: 18x slower scoring on Gemma-3-270M).
+    The benchmark puts the flags back before scoring: the same metrics, and the LM head through ``mm``."""
+    out = _run_script(GRACE_FLAGS_RUN, tiny_gemma3_dir, tmp_path)
+    left, restored = out["as_grace_left_them"], out["restored"]
+    assert out["flags_before"] > 0 and not left["errors"] and not restored["errors"]
+    assert left["flags_after"] == 0  # GRACE froze the model (its own codebook left the model with the guard)
+    assert restored["flags_after"] == out["flags_before"]  # every flag back as the unedited model had it
+    assert left["lm_head_bmm"] > 0  # the slow path: the frozen output layer through bmm in the scoring
+    assert restored["lm_head_bmm"] == 0
+    assert restored["sequential"] == left["sequential"]  # identical metrics (pre and post), every record
+    assert restored["one_hop"] == left["one_hop"]
+    assert max(restored["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
