@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import HyperParamsError, PluginError
+from ..models.output_layer import keep_output_layer_dense
 from .attention import (
     HANDLE_ATTR,
     INSTRUCTED_ATTENTION,
@@ -188,6 +189,7 @@ class InstructedHandle:
         self.attached = False
         self._modules = modules
         self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._head_hook = None  # models.output_layer's pre-hook while the model is frozen by this handle
         self._kv_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {} if prefix_memo is None else prefix_memo
 
     # -- configuration ---------------------------------------------------------------------------
@@ -251,6 +253,9 @@ class InstructedHandle:
         for param, flag in self._frozen:
             param.requires_grad_(flag)
         self._frozen = []
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
         self._kv_cache = {}  # a caller's prefix_memo keeps its entries for the next attachment
         self.attached = False
 
@@ -348,6 +353,8 @@ def attach_instructed(
         handle._frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in handle._frozen:
             p.requires_grad_(False)
+        # a frozen output layer fed generate()'s one-token slice takes torch's slow path (models.output_layer)
+        handle._head_hook = keep_output_layer_dense(model)
     for module in modules.values():
         setattr(module, HANDLE_ATTR, handle)
     setattr(model, HANDLE_ATTR, handle)

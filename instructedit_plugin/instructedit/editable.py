@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import HyperParamsError
+from ..models.output_layer import keep_output_layer_dense
 from .checkpoint import (
     META_KEY,
     base_model_identity,
@@ -358,6 +359,8 @@ class InstructEditModel(nn.Module):
         if not getattr(config, "train_base", False):
             for p in self.model.parameters():
                 p.requires_grad_(False)
+            # a frozen output layer fed generate()'s one-token slice takes torch's slow path (models.output_layer)
+            keep_output_layer_dense(self.model)
         device = next(self.model.parameters()).device
         self.hypernet.to(device)
         self.edit_lrs.data = self.edit_lrs.data.to(device)
