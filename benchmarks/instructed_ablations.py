@@ -17,7 +17,10 @@ one edit per ``BaseEditor.edit`` call with each input's own (gold) instruction. 
 * ``last_third`` -- prefixes on the last third of the layers instead of the middle third (Table 4 "L:20-30");
 * ``question_rows`` / ``question_rows_eval`` -- re-weighting on the question and answer rows only, so
   the instruction's keys/values do not depend on the question and are cached per instruction
-  (``instruction_cache``): prefixes trained in that mode, and the ``paper`` prefixes evaluated in it.
+  (``instruction_cache``): prefixes trained in that mode, and the ``paper`` prefixes evaluated in it;
+* ``question_only_eval`` -- **not in the paper** (a labelled option for #15 item 3's query cost): the ``paper``
+  prefixes evaluated with the re-weighting from the question's first token on, so the template's tail is cached
+  with the instruction and a query runs over its own tokens only.
 
 Each figure carries a 95% bootstrap interval over the records (``--bootstrap`` resamples, seeded).
 Query cost (``--latency_variants``): median forward of ``prompt + ' ' + target_new`` over the first
@@ -115,6 +118,9 @@ VARIANTS: dict[str, Variant] = {
                                        "item 3's query cost, not the paper's encoder)", "benchmark-cf",
                                        prefixes_of="paper", reweight_mode="question_rows",
                                        editing=(("encoder_dtype", "bfloat16"),)),
+    "question_only_eval": Variant("`paper` prefixes evaluated in `question_only` (NOT in the paper: only the question's "
+                                  "rows re-weighted, the whole template prefix cached; an option for #15 item 3)",
+                                  "benchmark-cf", prefixes_of="paper", reweight_mode="question_only"),
     "long": Variant("longer step-count recipe (#15 item 5): `paper` with the recipe's own steps and edits",
                     "benchmark-cf-long", own_steps=True, paper_row="InstructEd"),
 }

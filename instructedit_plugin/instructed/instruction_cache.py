@@ -6,7 +6,9 @@ instruction, the prefixes and the frozen model. :class:`InstructionKVCache` keep
 (least recently used first out, at most ``max_entries``), and :meth:`InstructionKVCache.assemble` lays the
 entries of a batch out as a transformers ``DynamicCache``: each example's instruction keys/values
 left-padded to the longest, followed by the example's own tokens (the template's tail and the question),
-which are all a query then runs through the model.
+which are all a query then runs through the model. In ``reweight_mode: question_only`` (not in the paper) the
+template's tail attends without ``sim`` too, so an entry holds ``[BOS] Instructions: {instruction}\nInput: `` whole
+and the query runs over the question's own tokens only.
 
 Exactness: the cached rows are computed with the same attention as in a full forward (prefixes active,
 positions ``0 .. len-1``), so a batch of one gives the full forward's logits to float rounding. Rows are
@@ -36,7 +38,7 @@ class CachedInstruction:
     """Per-layer ``(keys, values)`` (``[1, kv_heads, length, head_dim]``) of one instruction's head tokens."""
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    length: int  # tokens cached: [BOS] + template head + instruction
+    length: int  # tokens cached: [BOS] + template head + instruction (+ the template's tail in question_only)
     span: tuple[int, int]  # the instruction's span inside them
 
 
@@ -64,7 +66,8 @@ class InstructionKVCache:
         return (id(bank), id(emb), emb._version, emb.dtype)
 
     def entry(self, model: Any, ids: list[int], span: tuple[int, int], bank: Any) -> CachedInstruction:
-        """The cached keys/values of ``ids`` (``[BOS] head instruction``), computing them on a miss.
+        """The cached keys/values of ``ids`` (``[BOS] head instruction``, and the tail in ``question_only``),
+        computing them on a miss (no row of ``ids`` is re-weighted: ``sim`` 1, the question after them).
 
         ``model`` must have ``bank``'s prefixes attached (inside ``InstructedLM.activated()``).
         """
@@ -81,7 +84,8 @@ class InstructionKVCache:
         self.misses += 1
         device = next(model.parameters()).device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with torch.no_grad(), instruction_context(spans=[span], sim=1.0, use_prefix=True):
+        with torch.no_grad(), instruction_context(spans=[span], sim=1.0, use_prefix=True,
+                                                  question_starts=[len(ids)]):
             out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
                         logits_to_keep=1)
         cache = out.past_key_values
@@ -98,8 +102,9 @@ class InstructionKVCache:
         """Model inputs for ``tails`` (template tail + question ids) after their instructions' cached keys.
 
         Returns ``input_ids``, ``attention_mask`` (over cached + new columns), ``position_ids``,
-        ``past_key_values`` (a fresh ``DynamicCache``), ``spans`` (in column coordinates of cached + new)
-        and ``tail_start`` (the column of each tail's first token within the new columns).
+        ``past_key_values`` (a fresh ``DynamicCache``), ``spans`` (in column coordinates of cached + new),
+        ``tail_start`` (the column of each tail's first token within the new columns) and ``head`` (the cached
+        columns: the first new column in those coordinates).
         """
         device = next(model.parameters()).device
         head = max(e.length for e in entries)
@@ -130,4 +135,4 @@ class InstructionKVCache:
                 values.append(v)
             cache.update(torch.cat(keys), torch.cat(values), layer_idx)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
-                "spans": spans, "tail_start": tail_start}
+                "spans": spans, "tail_start": tail_start, "head": head}
