@@ -145,23 +145,43 @@ def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, request
     return out
 
 
-def fused_against_eager(qm, tok, texts: list[str]) -> dict:
-    """The fused kernel's logits beside the eager path's on the timed inputs (the same edited model, gold): the
-    largest absolute difference and how many of the input positions keep their top-1 token."""
+def _logit_agreement(run, texts: list[str], tok) -> dict:
+    """Largest absolute logit difference between ``run(enc, False)`` and ``run(enc, True)`` over ``texts``, and at
+    how many input positions their top-1 tokens agree."""
     import torch
 
     diff, agree, positions = 0.0, 0, 0
     with torch.no_grad():
         for text in texts:
             enc = tok([text], return_tensors="pt")
-            qm.fused_attention = False
-            eager = qm(**enc).logits.float()
-            qm.fused_attention = True
-            fused = qm(**enc).logits.float()
-            diff = max(diff, float((fused - eager).abs().max()))
-            agree += int((fused.argmax(-1) == eager.argmax(-1)).sum())
+            first, second = run(enc, False).float(), run(enc, True).float()
+            diff = max(diff, float((second - first).abs().max()))
+            agree += int((second.argmax(-1) == first.argmax(-1)).sum())
             positions += int(enc["input_ids"].numel())
-    out = {"inputs": len(texts), "max_abs_logit_diff": round(diff, 4), "top1_agree": agree, "positions": positions}
+    return {"max_abs_logit_diff": round(diff, 4), "top1_agree": agree, "positions": positions}
+
+
+def fused_against_eager(qm, tok, texts: list[str]) -> dict:
+    """The fused kernel's logits beside the eager path's on the timed inputs (the same edited model, gold): the
+    largest absolute difference and how many input positions keep their top-1 token; beside it, for scale, the
+    same comparison of the unedited model's own ``eager`` and ``sdpa`` attention (both stock transformers)."""
+    def instructed(enc, fused):
+        qm.fused_attention = fused
+        return qm(**enc).logits
+
+    model = qm.model
+    before = model.config._attn_implementation
+
+    def stock(enc, sdpa):
+        model.set_attn_implementation("sdpa" if sdpa else "eager")
+        try:
+            return model(**enc).logits
+        finally:
+            model.set_attn_implementation(before)
+
+    out = {"inputs": len(texts), **_logit_agreement(instructed, texts, tok)}
+    qm.fused_attention = True
+    out["stock_eager_vs_sdpa"] = _logit_agreement(stock, texts, tok)
     LOG.info("fused kernel against eager: %s", out)
     return out
 
@@ -283,9 +303,12 @@ def query_cost_lines(out: dict) -> list[str]:
             said.append(f"machine load average (1 min) {load[0]} before and {load[1]} after the query-cost "
                         "measurement (2 cores, shared with other jobs)")
         for variant, check in (info.get("fused_check") or {}).items():
+            stock = check.get("stock_eager_vs_sdpa")
             said.append(f"`{variant}` with the fused attention kernel beside the eager one on the {check['inputs']} "
                         f"timed inputs (gold): logits differ by at most {check['max_abs_logit_diff']:g}, the top-1 token "
-                        f"agrees at {check['top1_agree']} of {check['positions']} positions")
+                        f"agrees at {check['top1_agree']} of {check['positions']} positions"
+                        + ("" if not stock else f" (for scale, the unedited model's own eager and sdpa attention: "
+                           f"{stock['max_abs_logit_diff']:g}, {stock['top1_agree']} of {stock['positions']})"))
         if said:
             lines.append(f"* Run {run}: " + "; ".join(said) + ".")
     lines += ["", "## Targets", "", f"Query cost <= {QUERY_TARGET:g} x the unedited model, in `question_rows` (and "

@@ -99,6 +99,31 @@ def test_cached_template_prefix_gives_the_full_forward_logits(request, arch):
     assert (want[real] - rows[real]).abs().max() > 100 * ATOL  # and the mode is not question_rows
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_callers_bos_position_gets_the_cached_prefix_logits(request, arch):
+    """Rows that start with the tokenizer's BOS (Gemma's do): the BOS position's logits predict the question's first
+    token from the template's last token, which a cached query no longer runs; they come from the cache entry."""
+    model, tok = _model(request.getfixturevalue(f"tiny_{arch}_dir"))
+    model.config.sliding_window = 256 if arch == "gemma3" else getattr(model.config, "sliding_window", None)
+    full, cached = _lm(model, tok, cache=0), _lm(model, tok, cache=8)
+    for lm in (full, cached):  # as with a tokenizer that adds BOS (the tiny one does not)
+        lm.template.bos_id = tok.bos_token_id
+    rows = [[cached.template.bos_id] + tok(q)["input_ids"] for q in QUESTIONS]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        want = full(input_ids=ids, attention_mask=mask, instructions=FACTS).logits
+        got = cached(input_ids=ids, attention_mask=mask, instructions=FACTS).logits
+        one = cached(input_ids=ids[1:2, width - len(rows[1]):], instructions=FACTS[1:2]).logits  # the unpadded slice path
+    real = mask.bool()
+    assert cached.instruction_cache.misses == 3
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(one[0], want[1, width - len(rows[1]):], atol=ATOL, rtol=0)
+    first = [int(m.nonzero()[0]) for m in mask]  # the BOS column of each row
+    assert all(want[i, c].abs().max() > 0 for i, c in enumerate(first))
+
+
 def test_cached_template_prefix_on_gpt2_matches_unpadded_rows(tiny_gpt2_dir):
     model, tok = _model(tiny_gpt2_dir)
     full, cached = _lm(model, tok, cache=0), _lm(model, tok, cache=8)

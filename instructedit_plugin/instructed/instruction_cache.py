@@ -40,6 +40,9 @@ class CachedInstruction:
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     length: int  # tokens cached: [BOS] + template head + instruction (+ the template's tail in question_only)
     span: tuple[int, int]  # the instruction's span inside them
+    #: ``[vocab]`` logits at the last cached position (``keep_logits``): in ``question_only`` they predict the
+    #: question's first token, which a query no longer computes
+    last_logits: torch.Tensor | None = None
 
 
 class InstructionKVCache:
@@ -65,11 +68,13 @@ class InstructionKVCache:
         emb = bank.embeddings
         return (id(bank), id(emb), emb._version, emb.dtype)
 
-    def entry(self, model: Any, ids: list[int], span: tuple[int, int], bank: Any) -> CachedInstruction:
+    def entry(self, model: Any, ids: list[int], span: tuple[int, int], bank: Any,
+              keep_logits: bool = False) -> CachedInstruction:
         """The cached keys/values of ``ids`` (``[BOS] head instruction``, and the tail in ``question_only``),
         computing them on a miss (no row of ``ids`` is re-weighted: ``sim`` 1, the question after them).
 
-        ``model`` must have ``bank``'s prefixes attached (inside ``InstructedLM.activated()``).
+        ``model`` must have ``bank``'s prefixes attached (inside ``InstructedLM.activated()``). ``keep_logits``:
+        keep the logits of the last cached position too (``question_only``; an entry without them is recomputed).
         """
         bank_key = self._key_of_bank(bank)
         if bank_key != self._bank_key:
@@ -77,7 +82,7 @@ class InstructionKVCache:
             self._bank_key = bank_key
         key = (tuple(ids), span)
         hit = self._entries.get(key)
-        if hit is not None:
+        if hit is not None and (hit.last_logits is not None or not keep_logits):
             self.hits += 1
             self._entries.move_to_end(key)
             return hit
@@ -90,7 +95,8 @@ class InstructionKVCache:
                         logits_to_keep=1)
         cache = out.past_key_values
         layers = tuple((layer.keys.detach(), layer.values.detach()) for layer in cache.layers)
-        entry = CachedInstruction(layers, len(ids), span)
+        last = out.logits[0, -1].detach() if keep_logits else None
+        entry = CachedInstruction(layers, len(ids), span, last)
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

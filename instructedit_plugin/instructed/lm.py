@@ -583,7 +583,8 @@ class InstructedLM(nn.Module):
         with self.activated():
             for instruction in instructions:
                 encoded = self.template.encode_instruction(instruction)
-                self.instruction_cache.entry(self.model, self._cached_head(encoded), encoded.span, self.bank)
+                self.instruction_cache.entry(self.model, self._cached_head(encoded), encoded.span, self.bank,
+                                             keep_logits=self.mode == "question_only")
         return self.instruction_cache.misses - before
 
     def _cached_head(self, encoded: Any) -> list[int]:
@@ -621,7 +622,8 @@ class InstructedLM(nn.Module):
                 head = self._cached_head(encoded)
                 if window and len(encoded.ids) + len(rows[i]) > int(window):
                     return None  # a sliding layer would drop cached keys the full forward still sees
-                entries.append(self.instruction_cache.entry(self.model, head, encoded.span, self.bank))
+                entries.append(self.instruction_cache.entry(self.model, head, encoded.span, self.bank,
+                                                            keep_logits=self.mode == "question_only"))
                 tails.append(encoded.ids[len(head):] + self.template.strip_bos(rows[i]))
             inputs = InstructionKVCache.assemble(self.model, entries, tails, self.pad_id)
             width = min(inputs["input_ids"].shape[1], max(len(rows[i]) for i in chosen))
@@ -636,7 +638,13 @@ class InstructedLM(nn.Module):
                                  use_cache=False, logits_to_keep=keep)
         starts = [inputs["tail_start"][j] + len(tails[j]) - len(self.template.strip_bos(rows[i])) - (total - width)
                   for j, i in enumerate(chosen)]
-        return self._caller_logits(out.logits, starts, input_ids, attention_mask, rows, selections, chosen, kwargs)
+        logits = out.logits
+        if self.mode == "question_only":  # the logits before the question's first token are the cached position's
+            logits = torch.cat([logits.new_zeros(logits.shape[0], 1, logits.shape[-1]), logits], dim=1)
+            for j, entry in enumerate(entries):
+                logits[j, starts[j]] = entry.last_logits.to(logits.dtype)
+            starts = [start + 1 for start in starts]
+        return self._caller_logits(logits, starts, input_ids, attention_mask, rows, selections, chosen, kwargs)
 
     def _caller_logits(self, kept: torch.Tensor, question_starts: list[int], input_ids: torch.Tensor,
                        attention_mask: torch.Tensor, rows: list[list[int]], selections: list[Selection | None],
