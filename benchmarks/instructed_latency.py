@@ -3,8 +3,9 @@
 :func:`measure_query_cost` edits the embedded model (or a tiny test model) with ``apply_instructed_to_model``
 and times, input by input, the unedited forward and the instructed forward of ``prompt + ' ' + target_new``
 back to back (wall clock and process CPU time), gold and retrieval, with the query-cost options of the
-``question_rows`` variants (``sim_overlap``, the bfloat16 sentence encoder) and a diagnostic row whose ``sim`` is
-computed before the timer (the instructed forward's own cost). Beside it: the sentence encoder's own share of
+``question_rows`` / ``question_only`` variants (``sim_overlap``, the bfloat16 sentence encoder) and a diagnostic row
+whose ``sim`` is computed before the timer (the instructed forward's own cost); once per variant the fused attention
+kernel's logits beside the eager path's (:func:`fused_against_eager`). Beside it: the sentence encoder's own share of
 a forward (:func:`_encoder_share`) and how far the bfloat16 encoder moves ``sim`` (:func:`sim_deviation`).
 :func:`query_cost_lines` renders that part of the report from the saved JSON. The ablation script
 (``benchmarks/instructed_ablations.py``) calls both; every ratio carries a 95% bootstrap interval over the
@@ -58,7 +59,8 @@ def _latency_settings(variant: Any) -> list[tuple[str, dict, bool]]:
 def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, requests: list[dict],
                        hparams_for: Callable[..., Any], resamples: int) -> dict:
     """Query / unedited ratios (gold and retrieval) of each ``(name, variant, archive)`` of ``targets``, plus
-    ``paper`` without the instruction-embedding cache and, for ``question_rows`` variants, the query-cost options;
+    ``paper`` without the instruction-embedding cache and, for ``question_rows`` / ``question_only`` variants, the
+    query-cost options;
     each input's edited and unedited forwards are timed back to back (wall clock and process CPU time).
     ``hparams_for(archive, **fields)`` builds the variant's ``InstructEdHyperParams``; ``resamples``: bootstrap
     resamples of every interval."""
