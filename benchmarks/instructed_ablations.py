@@ -17,7 +17,10 @@ one edit per ``BaseEditor.edit`` call with each input's own (gold) instruction. 
 * ``last_third`` -- prefixes on the last third of the layers instead of the middle third (Table 4 "L:20-30");
 * ``question_rows`` / ``question_rows_eval`` -- re-weighting on the question and answer rows only, so
   the instruction's keys/values do not depend on the question and are cached per instruction
-  (``instruction_cache``): prefixes trained in that mode, and the ``paper`` prefixes evaluated in it.
+  (``instruction_cache``): prefixes trained in that mode, and the ``paper`` prefixes evaluated in it;
+* ``question_only_eval`` -- **not in the paper** (a labelled option for #15 item 3's query cost): the ``paper``
+  prefixes evaluated with the re-weighting from the question's first token on, so the template's tail is cached
+  with the instruction and a query runs over its own tokens only.
 
 Each figure carries a 95% bootstrap interval over the records (``--bootstrap`` resamples, seeded).
 Query cost (``--latency_variants``): median forward of ``prompt + ' ' + target_new`` over the first
@@ -50,7 +53,6 @@ import dataclasses
 import logging
 import os
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,15 +65,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.instructed_latency import measure_query_cost, query_cost_lines, sim_deviation  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    command_line, figures_with_ci, mean_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
-    setup_logging, today, write_results,
+    EDIT_METRICS, command_line, edit_figures, merged_run, merged_runs_lines, notes_lines, read_notes, record_values,
+    render_saved, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("instructed_ablations")
 SCRIPT = "benchmarks/instructed_ablations.py"
 DATASETS = ("counterfact", "zsre")
-METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+METRICS = EDIT_METRICS
 #: The evaluation file of each dataset (as the report names it).
 EVALUATED_FILES = {"counterfact": "counterfact_portability_gpt4_ins.json", "zsre": "zsre_mend_eval_portability_gpt4.json"}
 #: #15 item 5: the CounterFact gold Gen the longer step-count recipe (variant ``long``) must reach.
@@ -115,6 +118,9 @@ VARIANTS: dict[str, Variant] = {
                                        "item 3's query cost, not the paper's encoder)", "benchmark-cf",
                                        prefixes_of="paper", reweight_mode="question_rows",
                                        editing=(("encoder_dtype", "bfloat16"),)),
+    "question_only_eval": Variant("`paper` prefixes evaluated in `question_only` (NOT in the paper: only the question's "
+                                  "rows re-weighted, the whole template prefix cached; an option for #15 item 3)",
+                                  "benchmark-cf", prefixes_of="paper", reweight_mode="question_only"),
     "long": Variant("longer step-count recipe (#15 item 5): `paper` with the recipe's own steps and edits",
                     "benchmark-cf-long", own_steps=True, paper_row="InstructEd"),
 }
@@ -143,8 +149,6 @@ PAPER_TABLE4: dict[str, dict[str, dict[str, tuple[float, ...]]]] = {
 _UNSAVED_ARGS = ("out", "render", "notes", "train_only", "merge")
 RESULT_KEYS = frozenset({"model", "date", "command", "args", "wall_minutes", "variants", "recipes", "datasets",
                          "latency", "paper_table4", "errors", "notes", "merged_runs"})
-#: #15 item 3: the query cost target (edited / unedited forward).
-QUERY_TARGET = 1.1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -215,46 +219,6 @@ def train_variant(name: str, args) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Intervals
-# ----------------------------------------------------------------------------------------------
-def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
-    """Rel/Gen/Loc/Por in [0, 1] of each edit (EasyEdit's per-edit metrics), None where not measured."""
-    from instructedit_plugin.evaluation.summary import edit_metrics
-
-    return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
-
-
-def _summary(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
-    from instructedit_plugin.evaluation.summary import harmonic_mean, score
-
-    out: dict[str, float | None] = {}
-    for k in METRICS[:4]:
-        vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * sum(vals) / len(vals) if vals else None
-    measured = [out[k] for k in METRICS[:4] if out[k] is not None]
-    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
-    return out
-
-
-def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
-    """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
-    (:func:`benchmarks.results_io.figures_with_ci`: Score and H recomputed on each resample)."""
-    if not rows:
-        point = _summary(rows)
-        return {k: None if point[k] is None else [round(point[k], 2)] * 3 for k in METRICS}
-    return figures_with_ci(rows, _summary, resamples, seed, digits=2)
-
-
-def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:
-    """``[median(edited) / median(base), low, high]``: the query-cost ratio and its 95% bootstrap interval
-    (the timed inputs resampled in pairs, :func:`benchmarks.results_io.figures_with_ci`)."""
-    def ratio(pairs):
-        return {"ratio": statistics.median(e for _, e in pairs) / statistics.median(b for b, _ in pairs)}
-
-    return figures_with_ci(list(zip(base, edited)), ratio, resamples, seed, digits=3)["ratio"]
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation (one variant at a time; each variant's per-record metrics are cached beside its prefixes)
 # ----------------------------------------------------------------------------------------------
 def _eval_cache_file(archive: Path, variant: Variant, args, data_dir: Path) -> Path:
@@ -295,7 +259,7 @@ def evaluate_variant(name: str, archive: Path, model, tok, evaluation, args, dat
         out[ds] = {"records": record_values(metrics),
                    "pre": record_values([{"post": m.get("pre", {})} for m in metrics]), "errors": errors,
                    "seconds": round(time.perf_counter() - t0, 1)}
-        LOG.info("%s %s: %s (%.0fs)", ds, name, _summary(out[ds]["records"]), out[ds]["seconds"])
+        LOG.info("%s %s: %s (%.0fs)", ds, name, edit_figures(out[ds]["records"]), out[ds]["seconds"])
     durable.atomic_write_json(cache, out)
     return out
 
@@ -306,173 +270,6 @@ def _hparams(archive: Path, model_dir: str, args, **kw):
     cls = InstructEdHyperParams
     return cls.from_dict(dict(alg_name=cls.ALG_NAME, model_name=model_dir, archive=str(archive), device="cpu",
                               max_length=40, retrieval_gate=args.retrieval_gate, **kw))
-
-
-def _forward_ms(model, tok, text: str) -> tuple[float, float]:
-    """``(wall ms, process CPU ms)`` of one forward of ``text`` (CPU time of every thread of the process)."""
-    enc = tok([text], return_tensors="pt")
-    c0, t0 = time.process_time(), time.perf_counter()
-    model(**enc)
-    return (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
-
-
-def _latency_settings(variant: Variant) -> list[tuple[str, dict, bool]]:
-    """``(source, hparams overrides, sim before timer)`` of each query-cost row of ``variant``."""
-    editing = dict(variant.editing)
-    if variant.reweight_mode != "question_rows":
-        settings = [("gold", dict(editing), False), ("retrieval", dict(editing), False), ("gold", dict(editing), True)]
-        if not editing and variant.reweight_mode == "paper":
-            settings += [(s, {"embedding_cache": 0}, False) for s in ("gold", "retrieval")]
-        return settings
-    warm = dict(editing, warm_instruction_cache=True)  # instruction keys/values computed at edit time
-    settings = [("gold", warm, False), ("retrieval", warm, False), ("gold", warm, True)]
-    # #15 item 3's query-cost options: sim beside the forward (gold: the question's encoding; retrieval reuses the
-    # search's), the bfloat16 sentence encoder, and both
-    settings.append(("gold", dict(warm, sim_overlap=True), False))
-    if editing.get("encoder_dtype", "float32") == "float32":
-        half = dict(warm, encoder_dtype="bfloat16")
-        settings += [("gold", half, False), ("retrieval", half, False), ("gold", dict(half, sim_overlap=True), False)]
-    return settings
-
-
-def measure_query_cost(archives: dict, model, tok, requests: list[dict], args, model_dir: str) -> dict:
-    """Query / unedited ratios (gold and retrieval) of ``--latency_variants``, plus ``paper`` without the
-    instruction-embedding cache and, for ``question_rows`` variants, the query-cost options; each input's edited
-    and unedited forwards are timed back to back (wall clock and process CPU time)."""
-    import torch
-
-    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
-
-    texts = [f"{r['prompt']} {r['target_new']}" for r in requests]
-    rows = []
-    encoder_share: dict = {}
-    load_before = _load_average()
-    for name in [v for v in args.latency_variants.split(",") if v]:
-        variant = VARIANTS[name]
-        archive = archives.get(variant.prefixes_of or name)
-        if archive is None:
-            continue
-        for source, extra, sim_outside in _latency_settings(variant):
-            hp = _hparams(archive, model_dir, args, reweight_mode=variant.reweight_mode, instruction_source=source, **extra)
-            reset_memory(model)
-            edit_ms = []
-            for r in requests:  # one edit at a time: the edit cost (memory + warm caches)
-                t0 = time.perf_counter()
-                apply_instructed_to_model(model, tok, [dict(r)], hp, keep_original_weight=False)
-                edit_ms.append((time.perf_counter() - t0) * 1000)
-                reset_memory(model)
-            batch = [dict(r) for r in requests] if source == "retrieval" else [dict(requests[0])]
-            qm, _ = apply_instructed_to_model(model, tok, batch, hp, keep_original_weight=False)
-            hits = None
-            if source == "retrieval":
-                state = editing_state(model)
-                hits = sum(state.memory.select(r["prompt"], gate=qm.provider.gate, top_k=qm.provider.top_k) is not None
-                           for r in requests)
-            base, edited, base_cpu, edited_cpu = [], [], [], []
-            with torch.no_grad():
-                sims = [_sim_of(qm, tok, text) for text in texts] if sim_outside else None
-                if sims is not None:  # the precomputed sim gives the forward's own logits, bit for bit
-                    want = qm(**tok([texts[0]], return_tensors="pt")).logits
-                    qm.__dict__["similarities"] = lambda *a, **k: sims[0]
-                    if not torch.equal(qm(**tok([texts[0]], return_tensors="pt")).logits, want):
-                        raise RuntimeError("a precomputed sim changed the instructed logits; the diagnostic row "
-                                           "would not time the same forward")
-                if hp.sim_overlap:  # the overlapped forward gives the sequential one's logits, bit for bit
-                    qm.sim_overlap = False
-                    want = qm(**tok([texts[0]], return_tensors="pt")).logits
-                    qm.sim_overlap = True
-                    if not torch.equal(qm(**tok([texts[0]], return_tensors="pt")).logits, want):
-                        raise RuntimeError("sim_overlap changed the instructed logits")
-                for text in texts[:2]:  # warm-up
-                    model(**tok([text], return_tensors="pt"))
-                    qm(**tok([text], return_tensors="pt"))
-                for i, text in enumerate(texts):
-                    if sims is not None:  # an instance attribute shadows the method for this input's forward
-                        qm.__dict__["similarities"] = lambda *a, _sim=sims[i], **k: _sim
-                    wall, cpu = _forward_ms(model, tok, text)
-                    base.append(wall)
-                    base_cpu.append(cpu)
-                    wall, cpu = _forward_ms(qm, tok, text)
-                    edited.append(wall)
-                    edited_cpu.append(cpu)
-                qm.__dict__.pop("similarities", None)
-            dtype = hp.encoder_dtype
-            if dtype not in encoder_share:  # once per encoder: what encoding one question costs beside a forward
-                encoder_share[dtype] = _encoder_share(model, tok, editing_state(model).encoder, requests, texts, args)
-            reset_memory(model)
-            cache = qm.embedding_cache
-            rows.append({"variant": name, "source": source, "reweight_mode": variant.reweight_mode,
-                         "embedding_cache": extra.get("embedding_cache", 4096),
-                         "warm_instruction_cache": bool(extra.get("warm_instruction_cache")),
-                         "sim_outside_timer": sim_outside, "sim_overlap": bool(hp.sim_overlap), "encoder_dtype": dtype,
-                         "query_ratio": ratio_interval(base, edited, args.bootstrap),
-                         "cpu_ratio": ratio_interval(base_cpu, edited_cpu, args.bootstrap),
-                         "base_ms": round(statistics.median(base), 2), "query_ms": round(statistics.median(edited), 2),
-                         "base_cpu_ms": round(statistics.median(base_cpu), 2),
-                         "query_cpu_ms": round(statistics.median(edited_cpu), 2),
-                         "edit_ms": round(statistics.median(edit_ms), 2), "retrieval_hits": hits,
-                         "embedding_cache_hits": None if cache is None else cache.hits})
-            LOG.info("query cost %s", rows[-1])
-    out = {"inputs": len(texts), "rows": rows, "encoder": encoder_share.get("float32"),
-           "load_average": [load_before, _load_average()]}
-    if "bfloat16" in encoder_share:
-        out["encoder_bfloat16"] = encoder_share["bfloat16"]
-    return out
-
-
-def _load_average() -> float | None:
-    """The machine's 1-minute load average (``None`` where the OS has none): the report says how busy it was."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover - not on Linux/macOS
-        return None
-
-
-def sim_deviation(requests: list[dict], args) -> dict:
-    """How far the bfloat16 sentence encoder moves ``sim`` from the float32 one: ``|cos16 - cos32|`` over every
-    (question, instruction) pair of ``requests`` (prompt, rephrase, portability and locality questions against the
-    request's instruction; each text encoded alone, as the embedding cache does): max, and mean with its interval."""
-    from instructedit_plugin.instructed.lm import load_encoder
-    from instructedit_plugin.instructed.templates import instruction_of, request_prompts
-
-    full, half = load_encoder("default"), load_encoder("default", dtype="bfloat16")
-    pairs = [(q, instruction_of(r)) for r in requests for q in request_prompts(r, include_locality=True)]
-    texts = sorted({t for pair in pairs for t in pair})
-    vec32 = {t: full.encode([t])[0] for t in texts}
-    vec16 = {t: half.encode([t])[0] for t in texts}
-    delta = [abs(float(vec16[q] @ vec16[i]) - float(vec32[q] @ vec32[i])) for q, i in pairs]
-    out = {"dtype": "bfloat16", "pairs": len(pairs), "max": round(max(delta), 5),
-           "mean": mean_with_ci(delta, args.bootstrap, digits=5)}
-    LOG.info("sim deviation of the bfloat16 encoder: %s", out)
-    return out
-
-
-def _sim_of(qm, tok, text: str):
-    """``sim`` of ``text``'s instructed input, as the wrapper computes it in a forward."""
-    enc = tok([text], return_tensors="pt")
-    selection = qm.select(qm._rows(enc["input_ids"], enc["attention_mask"]))[0]
-    return qm.similarities([selection.question], [selection.instruction], [selection.subject], [selection.encoded])
-
-
-def _encoder_share(model, tok, encoder, requests: list[dict], texts: list[str], args) -> dict:
-    """The sentence encoder's own cost: ``encoder.encode([prompt])`` (what ``sim`` needs per query: the question
-    alone) timed back to back with the unedited forward of the same input, same threads; ratio with interval."""
-    import torch
-
-    base, encode = [], []
-    with torch.no_grad():
-        for r, text in zip(requests[:2], texts[:2]):  # warm-up
-            encoder.encode([r["prompt"]])
-            model(**tok([text], return_tensors="pt"))
-        for r, text in zip(requests, texts):
-            base.append(_forward_ms(model, tok, text)[0])
-            t0 = time.perf_counter()
-            encoder.encode([r["prompt"]])
-            encode.append((time.perf_counter() - t0) * 1000)
-    out = {"encode_ms": round(statistics.median(encode), 2), "base_ms": round(statistics.median(base), 2),
-           "ratio": ratio_interval(base, encode, args.bootstrap)}
-    LOG.info("question encoding alone: %s", out)
-    return out
 
 
 def evaluate(args, archives: dict) -> int:
@@ -510,11 +307,14 @@ def evaluate(args, archives: dict) -> int:
         rows = [dict(r, Loc=1.0) for r in pre]
         datasets[ds] = {"unedited": dict(summarize_with_intervals(rows, args.bootstrap), n=len(rows)), **datasets[ds]}
     latency_requests = [r for ds in _datasets(args) for r in evaluation[ds][: args.latency_n]]
-    latency = measure_query_cost(archives, model, tok, latency_requests, args, model_dir)
+    targets = [(n, VARIANTS[n], archives[VARIANTS[n].prefixes_of or n]) for n in args.latency_variants.split(",")
+               if n and (VARIANTS[n].prefixes_of or n) in archives]
+    latency = measure_query_cost(targets, model, tok, latency_requests,
+                                 lambda archive, **kw: _hparams(archive, model_dir, args, **kw), args.bootstrap)
     evaluated = [n for n in args.variants.split(",") if n]
     if any(r["encoder_dtype"] != "float32" for r in latency["rows"]) or any(
             dict(VARIANTS[n].editing).get("encoder_dtype", "float32") != "float32" for n in evaluated):
-        latency["sim_deviation"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]], args)
+        latency["sim_deviation"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]], args.bootstrap)
     recipes = {}
     for name, archive in archives.items():
         info = recipe_info(archive)
@@ -659,7 +459,7 @@ def render_markdown(out: dict) -> str:
     if not lat["rows"]:
         lines += ["", "## Query cost", "", "Not measured in this run (`--latency_variants` named none)."]
     else:
-        lines += _query_cost_lines(out)
+        lines += query_cost_lines(out)
     long_gen = (out["datasets"].get("counterfact", {}).get("long") or {}).get("Gen")
     if long_gen:  # #15 item 5: the longer step-count recipe's CounterFact gold Gen
         lines += ["", "## Target of the longer recipe", "", "| target | met | figures |", "|---|---|---|",
@@ -670,86 +470,6 @@ def render_markdown(out: dict) -> str:
     lines += merged_runs_lines(out)
     lines += notes_lines(out)
     return "\n".join(lines) + "\n"
-
-
-def _ratio(q) -> str:
-    return "–" if q is None else f"{q[0]:.2f} [{q[1]:.2f}, {q[2]:.2f}]"
-
-
-def _share_line(share: dict, what: str) -> str:
-    e = share["ratio"]
-    return (f"{what}: median {share['encode_ms']:.1f} ms beside the unedited forward's {share['base_ms']:.1f} ms, "
-            f"**{e[0]:.3f}x [{e[1]:.3f}, {e[2]:.3f}]** of it, timed back to back on the same inputs and threads")
-
-
-def _query_cost_lines(out: dict) -> list[str]:
-    """The report's query-cost section and its targets (every run's rows, numbered as ``--merge`` added them)."""
-    args, lat = out["args"], out["latency"]
-    lines = ["", "## Query cost", "",
-             f"Median forward of `prompt + ' ' + target_new` over {lat['inputs']} inputs (the first {args['latency_n']} "
-             "records of each file), edited model / unedited model, each input's two forwards timed back to back; "
-             "interval: bootstrap over the inputs. Gold: one edit's instruction in front of every input; retrieval: "
-             "the memory holds the edits of all timed inputs. Edit: median time of one `apply_instructed_to_model` "
-             "call (memory insert, and in `question_rows` with `warm_instruction_cache` the instruction's keys/values). "
-             "Rows with *sim* 'before timer' are a diagnostic: each input's `sim` is computed before its timer starts, "
-             "so they show the instructed forward's own cost without the sentence encoder. *sim* 'overlapped' "
-             "(`sim_overlap`): the question's encoding runs in a worker thread while the forward runs up to its first "
-             "attention, which waits for it -- outputs bit-identical (checked in the run), but it uses a second core: "
-             "its wall-clock ratio is what a query waits, its **CPU-time ratio** (process CPU time of every thread, "
-             "`time.process_time`) what it costs. Encoder `bfloat16` (`encoder_dtype`) is an option, not the "
-             "paper's encoder (its deviation in *sim* is below the table). Run: 1 = the run described above, higher: "
-             "runs merged in (`--merge`, listed at the end); CPU-time ratios were not recorded in run 1.", "",
-             "| run | variant | source | re-weighting | embedding cache | instruction K/V at edit | sim | encoder | "
-             "unedited ms | edited ms | query / unedited (wall) | query / unedited (CPU time) | edit ms | retrieval hits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in lat["rows"]:
-        sim = "before timer" if r.get("sim_outside_timer") else "overlapped" if r.get("sim_overlap") else "timed"
-        lines.append(f"| {r.get('run', 1)} | {r['variant']} | {r['source']} | {r['reweight_mode']} | "
-                     f"{'on' if r['embedding_cache'] else 'off'} | {'yes' if r['warm_instruction_cache'] else 'no'} | "
-                     f"{sim} | {r.get('encoder_dtype', 'float32')} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
-                     f"{_ratio(r['query_ratio'])} | {_ratio(r.get('cpu_ratio'))} | {r['edit_ms']:.1f} | "
-                     f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
-    runs = {"1": lat, **(lat.get("runs") or {})}
-    lines.append("")
-    for run, info in runs.items():
-        said = []
-        if info.get("encoder"):
-            said.append(_share_line(info["encoder"], "question encoding alone (`encoder.encode([prompt])`, which every "
-                                    "re-weighting mode needs for `sim`; in retrieval the memory search's encoding is "
-                                    "reused, so one per query)"))
-        if info.get("encoder_bfloat16"):
-            said.append(_share_line(info["encoder_bfloat16"], "the same with the bfloat16 encoder"))
-        dev = info.get("sim_deviation")
-        if dev:
-            m = dev["mean"]
-            said.append(f"the {dev['dtype']} encoder moves *sim* by at most {dev['max']:.4f} (mean {m[0]:.5f} "
-                        f"[{m[1]:.5f}, {m[2]:.5f}]) from the float32 encoder's over the {dev['pairs']} question / "
-                        "instruction pairs of the evaluated records")
-        load = info.get("load_average")
-        if load:
-            said.append(f"machine load average (1 min) {load[0]} before and {load[1]} after the query-cost "
-                        "measurement (2 cores, shared with other jobs)")
-        if said:
-            lines.append(f"* Run {run}: " + "; ".join(said) + ".")
-    lines += ["", "## Targets", "", f"Query cost <= {QUERY_TARGET:g} x the unedited model, in `question_rows` with the "
-              "embedding cache (the sim-before-timer diagnostic rows excluded). Wall clock is what the target measures; "
-              "the CPU-time column says whether it was met by using a second core.", "",
-              "| run | target | setting | met (wall clock) | wall clock | CPU time |", "|---|---|---|---|---|---|"]
-    for r in lat["rows"]:
-        if r["reweight_mode"] == "question_rows" and r["embedding_cache"] and not r.get("sim_outside_timer"):
-            q = r["query_ratio"]
-            setting = ", ".join(x for x in ("sim overlapped" if r.get("sim_overlap") else "",
-                                            f"{r.get('encoder_dtype')} encoder (option)"
-                                            if r.get("encoder_dtype", "float32") != "float32" else "") if x) or "as the paper"
-            lines.append(f"| {r.get('run', 1)} | {r['variant']} {r['source']}: query <= {QUERY_TARGET:g} x unedited | "
-                         f"{setting} | {'yes' if q[0] <= QUERY_TARGET else 'no'} | {_ratio(q)} | {_ratio(r.get('cpu_ratio'))} |")
-    for run, info in runs.items():
-        if info.get("encoder"):
-            e = info["encoder"]["ratio"]
-            lines.append(f"| {run} | floor of any mode with `sim` on one core: 1 + question encoding <= {QUERY_TARGET:g} | "
-                         f"float32 encoder | {'yes' if 1 + e[0] <= QUERY_TARGET else 'no'} | "
-                         f"1 + {e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}] | – |")
-    return lines
 
 
 _argv = None

@@ -75,10 +75,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import run_edits  # noqa: E402
-from benchmarks.instructed_ablations import ratio_interval, record_values, summarize_with_intervals  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    command_line, figures_with_ci, merged_into, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
-    today, write_results, setup_logging,
+    command_line, figures_with_ci, merged_into, merged_run, merged_runs_lines, notes_lines, ratio_interval, read_notes,
+    record_values, render_saved, summarize_with_intervals, today, write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_cpu")

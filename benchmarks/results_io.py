@@ -25,6 +25,7 @@ import datetime
 import json
 import math
 import shlex
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 NOTES_DIR = ROOT / "benchmarks" / "notes"
+#: The editing figures of a quality row: EasyEdit's four per-edit metrics, their mean (Score) and harmonic mean (H).
+EDIT_METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
 
 
 def today() -> str:
@@ -254,3 +257,45 @@ def figures_with_ci(records: Sequence[Any], figures: Callable[[Sequence[Any]], M
         out[k] = [float(value), lo, hi] if digits is None else [round(float(value), digits), round(lo, digits),
                                                                 round(hi, digits)]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing figures and query-cost ratios with their intervals (shared by the InstructEd benchmarks)
+# ----------------------------------------------------------------------------------------------
+def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
+    """Rel/Gen/Loc/Por in [0, 1] of each edit (EasyEdit's per-edit metrics), None where not measured."""
+    from instructedit_plugin.evaluation.summary import edit_metrics
+
+    return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
+
+
+def edit_figures(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """``{metric: value}`` in % of :data:`EDIT_METRICS` over per-record values (:func:`record_values`): the mean of
+    each measured metric, Score and H of those means."""
+    from instructedit_plugin.evaluation.summary import harmonic_mean, score
+
+    out: dict[str, float | None] = {}
+    for k in EDIT_METRICS[:4]:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = 100.0 * sum(vals) / len(vals) if vals else None
+    measured = [out[k] for k in EDIT_METRICS[:4] if out[k] is not None]
+    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
+    return out
+
+
+def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
+    """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
+    (:func:`figures_with_ci`: Score and H recomputed on each resample)."""
+    if not rows:
+        point = edit_figures(rows)
+        return {k: None if point[k] is None else [round(point[k], 2)] * 3 for k in EDIT_METRICS}
+    return figures_with_ci(rows, edit_figures, resamples, seed, digits=2)
+
+
+def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:
+    """``[median(edited) / median(base), low, high]``: the query-cost ratio and its 95% bootstrap interval
+    (the timed inputs resampled in pairs, :func:`figures_with_ci`)."""
+    def ratio(pairs):
+        return {"ratio": statistics.median(e for _, e in pairs) / statistics.median(b for b, _ in pairs)}
+
+    return figures_with_ci(list(zip(base, edited)), ratio, resamples, seed, digits=3)["ratio"]

@@ -118,7 +118,7 @@ def test_mquake_intervals_are_the_scripts_wilson_intervals(stem):
 def test_instructed_cpu_intervals_are_the_scripts_bootstrap_of_its_records():
     """Every evaluated cell of ``instructed_cpu.json`` is ``[value, low, high]`` as the script computes it from the
     per-record values the JSON keeps; merged cells without records are the ones *Merged into this file* names."""
-    from benchmarks.instructed_ablations import summarize_with_intervals
+    from benchmarks.results_io import summarize_with_intervals
 
     out = _saved("instructed_cpu")
     merged = {k for run in out.get("merged_runs") or [] for k in run["keys"]}

@@ -342,7 +342,7 @@ def _instructed_cpu_argv(data: Path, model_dir, limit: int, methods: list[str], 
 def _assert_cpu_intervals_recomputable(bench, out: dict, methods: list[str]) -> None:
     """Every evaluated cell is ``[value, low, high]`` as the per-record values in the JSON give it (the same
     bootstrap), with the value inside its interval; each latency interval holds its point."""
-    from benchmarks.instructed_ablations import summarize_with_intervals
+    from benchmarks.results_io import summarize_with_intervals
 
     for ds in ("counterfact", "zsre"):
         for m in methods:

@@ -112,7 +112,8 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_records():
-    bench = _bench()
+    from benchmarks import results_io as bench  # the shared interval helpers (moved there from this script)
+
     rows = [{"Rel": float(i % 2), "Gen": 1.0, "Loc": 0.5, "Por": None} for i in range(10)]
     small = bench.summarize_with_intervals(rows, resamples=400)
     large = bench.summarize_with_intervals(rows * 10, resamples=400)

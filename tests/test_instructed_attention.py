@@ -401,6 +401,7 @@ def test_reweighting_semantics_on_probabilities_and_rows(mode, mask_kind):
     handle = type("H", (), {})()  # minimal duck-typed handle: no prefix layers
     handle.attached, handle.layer_set, handle.prefix_enabled = True, frozenset(), False
     handle.mode, handle.base_implementation = mode, "sdpa"
+    handle.fused_attention = False  # the eager path returns the probabilities this test checks
     setattr(module, HANDLE_ATTR, handle)
     spans = [(1, 3), (2, 4)]
     sim = torch.tensor([0.25, -1.0])  # the negative one acts as 0
@@ -409,6 +410,8 @@ def test_reweighting_semantics_on_probabilities_and_rows(mode, mask_kind):
         given = torch.where(mask4d, 0.0, torch.finfo(torch.float16).min).to(torch.float16)
     with instruction_context(spans=spans, sim=sim):
         out, probs = instructed_attention_forward(module, query, key, value, given, scaling=d**-0.5)
+        handle.fused_attention = True  # paper: the fused kernel (no probabilities), the same output to rounding
+        fused_out, fused_probs = instructed_attention_forward(module, query, key, value, given, scaling=d**-0.5)
 
     scores = query @ key.transpose(-1, -2) * d**-0.5
     bias = torch.where(mask4d, 0.0, torch.finfo(torch.float32).min)
@@ -426,6 +429,11 @@ def test_reweighting_semantics_on_probabilities_and_rows(mode, mask_kind):
     assert (probs[0, :, :, 0] == 0).all()  # the padded key column stays masked in every mode
     assert (probs.triu(1) == 0).all()  # causal: nothing above the diagonal
     torch.testing.assert_close(out, (expected @ value).transpose(1, 2), atol=1e-6, rtol=0)
+    if mode == "paper":
+        assert fused_probs is None
+        torch.testing.assert_close(fused_out, (expected @ value).transpose(1, 2), atol=1e-5, rtol=0)
+    else:  # release re-weights query rows: always eager
+        assert torch.equal(fused_out, out) and fused_probs is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,8 +493,10 @@ def test_layer_independent_tensors_are_computed_once_per_mask_with_identical_out
         handle.bank.embeddings.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
     builds, calls = [], []
     real_layout, real_core = attention_module._layout, attention_module._instructed_core
+    real_fused = attention_module._fused_core
     monkeypatch.setattr(attention_module, "_layout", lambda *a, **k: builds.append(1) or real_layout(*a, **k))
     monkeypatch.setattr(attention_module, "_instructed_core", lambda *a, **k: calls.append(1) or real_core(*a, **k))
+    monkeypatch.setattr(attention_module, "_fused_core", lambda *a, **k: calls.append(1) or real_fused(*a, **k))
 
     def run():
         with instruction_context(spans=SPANS, sim=torch.tensor([0.6, 0.3])):
@@ -495,7 +505,8 @@ def test_layer_independent_tensors_are_computed_once_per_mask_with_identical_out
     forward, (seq, gen_logits) = run()
     n_layers = model.config.num_hidden_layers
     assert 0 < len(builds) < len(calls) and len(calls) >= n_layers
-    per_layer = lambda ctx, module, mask_, *rest: real_layout(module, mask_, *rest[:-1])  # noqa: E731
+    # _layout_for(ctx, module, mask, batch, q, kv, n_prefix, device, dtype, plan, default_on, fused)
+    per_layer = lambda ctx, module, mask_, *rest: real_layout(module, mask_, *rest[:-2], fused=rest[-1])  # noqa: E731
     monkeypatch.setattr(attention_module, "_layout_for", per_layer)
     want_forward, (want_seq, want_logits) = run()
     assert torch.equal(forward, want_forward) and torch.equal(seq, want_seq) and torch.equal(gen_logits, want_logits)

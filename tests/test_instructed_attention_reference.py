@@ -37,6 +37,9 @@ when a ``sim`` is given):
 ``question_rows``
     ``paper``'s column weights, applied only to rows at or after the instruction's end (every row when the
     example has no instruction).
+``question_only`` (not in the paper)
+    ``paper``'s column weights, applied only to rows at or after the example's first question token
+    (``question_starts``; every row when the example has no instruction).
 ``none`` (Table 4's "w/o re-weight")
     no re-weighting: ``sim`` is ignored, prefixes still join.
 ``release``
@@ -82,7 +85,8 @@ SPANS = [(4, 8), None, (1, 6)]  # example 0: inside its real tokens; 1: no instr
 SIM = [0.6, 0.45, -0.8]  # the negative one acts as 0
 ATOL = 1e-5
 MARGIN = 100 * ATOL  # a dropped ingredient must move the expected output by far more than the tolerance
-KNOWN_MODES = {"paper", "release", "pre_softmax", "none", "question_rows"}
+KNOWN_MODES = {"paper", "release", "pre_softmax", "none", "question_rows", "question_only"}
+QUESTION_STARTS = [10, 0, 8]  # each example's first question token (two tokens after its instruction; question_only)
 
 # (use_prefix, handle.prefix_enabled, sim) per scenario; spans are always SPANS
 SCENARIOS = {
@@ -306,13 +310,16 @@ def reference_attention(q, k, v, visible, prefix, spans, sim, mode, scaling, sof
                 scores = scores * col  # the raw scores of prefix and instruction columns, before mask and softmax
             probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
             probs = torch.where(seen.any(-1, keepdim=True), probs, torch.zeros_like(probs))  # sees nothing: zeros
-            if mode in ("paper", "question_rows") and s is not None:
+            if mode in ("paper", "question_rows", "question_only") and s is not None:
                 col = torch.ones(n_prefix + t)
                 col[:n_prefix] = s
                 if end > start:
                     col[n_prefix + start : n_prefix + end] = s
                 if mode == "question_rows":  # only rows at or after the instruction's end
                     first = end if end > start else 0
+                    col = torch.where((rows >= first)[:, None], col[None, :], torch.ones(1))
+                elif mode == "question_only":  # only rows at or after the question's first token
+                    first = QUESTION_STARTS[b] if end > start else 0
                     col = torch.where((rows >= first)[:, None], col[None, :], torch.ones(1))
                 probs = probs * col
             out[b, :, h] = probs @ values
@@ -381,7 +388,7 @@ def test_prefix_attention_with_reweighting_matches_hand_reference(model_of, arch
         for name, (use_prefix, enabled, sim) in SCENARIOS.items():
             handle.prefix_enabled = enabled
             active = _active(use_prefix, enabled, len(PADS))
-            with instruction_context(spans=SPANS, sim=sim, use_prefix=use_prefix):
+            with instruction_context(spans=SPANS, sim=sim, use_prefix=use_prefix, question_starts=QUESTION_STARTS):
                 captured = _run_capturing(model, ids, mask, position_ids)
             for layer, (x, got) in captured.items():
                 with torch.no_grad():
@@ -410,7 +417,7 @@ def test_reference_is_sensitive_to_prefix_sim_and_clamp(model_of, arch, mode):
         with torch.no_grad():
             handle.bank.embeddings.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
         active = [True] * len(PADS)
-        with instruction_context(spans=SPANS, sim=SIM, use_prefix=True):
+        with instruction_context(spans=SPANS, sim=SIM, use_prefix=True, question_starts=QUESTION_STARTS):
             captured = _run_capturing(model, ids, mask, position_ids)
         for layer, (x, got) in captured.items():
             def run(bank=handle.bank, sim=SIM, clamp=True, layer=layer, x=x):
@@ -437,7 +444,7 @@ def test_reference_is_sensitive_to_prefix_sim_and_clamp(model_of, arch, mode):
             # a negative sim not clamped to 0: example 2 (sim -0.8, has a span) changes
             assert _max_diff(want, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
             assert _max_diff(got, unclamped, mask, 2) > MARGIN, f"{where}: clamp"
-            if mode in ("paper", "pre_softmax", "question_rows") and layer in PREFIX_LAYERS:
+            if mode in ("paper", "pre_softmax", "question_rows", "question_only") and layer in PREFIX_LAYERS:
                 # paper mode scales the prefix columns of an example without instruction too (sim 0.45)
                 assert _max_diff(want, no_sim, mask, 1) > MARGIN, f"{where}: sim on prefix columns"
             if mode == "release" or layer not in PREFIX_LAYERS:
@@ -472,7 +479,8 @@ def test_softcapped_prefix_attention_matches_hand_reference(model_of, mode):
             pad[i, :n] = 0
         mask4d = instructed_attention_mask(batch_size=b, q_length=SEQ, kv_length=SEQ, attention_mask=pad.bool())
         use_prefix = [True, True, False]
-        with torch.no_grad(), instruction_context(spans=SPANS, sim=SIM, use_prefix=use_prefix):
+        with torch.no_grad(), instruction_context(spans=SPANS, sim=SIM, use_prefix=use_prefix,
+                                                  question_starts=QUESTION_STARTS):
             got, _ = instructed_attention_forward(module, q, k, v, mask4d, scaling=module.scaling, softcap=softcap)
         visible = torch.ones(SEQ, SEQ).tril().bool()[None] & pad.bool()[:, None, :]
         with torch.no_grad():

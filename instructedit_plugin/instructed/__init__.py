@@ -20,7 +20,7 @@ Modules (one job each):
   prefixes trained by EasyEdit's own ``EditTrainer``;
 * :mod:`.instructed_main` -- EasyEdit's apply function and the per-model instruction memory;
 * :mod:`.memory` -- the instruction memory (store, std gate, dense/FAISS index, persistence, chains);
-* :mod:`.instruction_cache` -- instruction keys/values reused across questions (``question_rows`` mode);
+* :mod:`.instruction_cache` -- instruction keys/values reused across questions (``question_rows`` / ``question_only`` modes);
 * :mod:`.embedding_cache` -- instruction sentence embeddings reused across questions (every mode);
 * :mod:`.encoder`, :mod:`.multihop`, :mod:`.answering` -- sentence encoder, MQuAKE evaluation;
 * :mod:`.recipes`, :mod:`.shipped` -- CPU training recipes for the embedded Gemma, the shipped prefixes.

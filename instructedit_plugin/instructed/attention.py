@@ -99,6 +99,28 @@ they can be computed once per instruction and reused (``InstructedLM(instruction
 makes a query cost its own tokens only. Not in the paper; offered for #15's query-cost target and
 benchmarked beside ``paper``.
 
+``mode="question_only"`` (**not in the paper**; a labelled option for #15's query cost): ``paper``'s
+re-weighting applied only to the query rows at or after the example's *first question token*
+(``instruction_context(question_starts=...)``, required for every example with an instruction); the
+template's tail (``\nInput: ``) attends without ``sim`` too, so the whole template prefix -- head,
+instruction and tail -- is cacheable per instruction and a query runs over the question's (and answer's)
+tokens only, as many as the unedited model's forward. It changes outputs against ``question_rows`` (the tail
+rows are no longer re-weighted).
+
+Fused kernel
+------------
+Where the re-weighting factors do not depend on the query row -- ``paper``, ``none``, and ``question_rows`` /
+``question_only`` when every row of the call lies after the instruction's end / the question's start (a query run
+against cached instruction keys/values) --
+a layer runs in torch's ``scaled_dot_product_attention`` instead of the eager matmul / softmax / multiply /
+matmul: multiplying the probability of key column ``j`` by ``w_j`` (no renormalisation) and summing the values
+is the same as summing the values scaled by ``w_j``, ``sum_j p_j w_j v_j = SDPA(q, k, w * v)``; the prefix
+columns are prepended to a boolean mask, rows that may attend to nothing still give zeros. The result equals the
+eager path's up to float rounding (the tests bound it), not bit for bit. The eager path stays for ``release``,
+``pre_softmax``, row-dependent weights, logit soft-capping, attention dropout in training and
+``output_attentions`` (the fused path returns no probabilities, like transformers' sdpa);
+``InstructedHandle.fused_attention = False`` forces it.
+
 Prefix details
 --------------
 * Prefix keys/values are computed from the frozen projections of the layer:
@@ -118,9 +140,9 @@ Prefix details
 * Prefixes are never written to the KV cache: they are concatenated inside the
   attention at every step (their K/V are memoised while no gradient is needed,
   see ``prefix.InstructedHandle.prefix_key_value``).
-* The probabilities returned as attention weights by the custom path have shape
+* The probabilities returned as attention weights by the eager path have shape
   ``[batch, heads, q_len, P + kv_len]`` with the prefix columns first (the delegated
-  sdpa path returns ``None``, like stock sdpa).
+  sdpa path and the fused path return ``None``, like stock sdpa).
 * A query row that may attend to nothing (a left-padding row outside prefix layers)
   gets all-zero probabilities, as torch's SDPA gives it.
 * A 4D mask that did not come from :func:`instructed_attention_mask` (a user-built
@@ -137,6 +159,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from ..errors import RequestError
 from .context import InstructionContext, current_instruction_context
 
 __all__ = [
@@ -152,7 +175,10 @@ __all__ = [
 #: Name under which the attention and mask functions are registered.
 INSTRUCTED_ATTENTION = "instructed"
 #: Supported re-weighting modes (see the module docstring).
-REWEIGHT_MODES = ("paper", "release", "pre_softmax", "none", "question_rows")
+REWEIGHT_MODES = ("paper", "release", "pre_softmax", "none", "question_rows", "question_only")
+#: Modes whose layers run in the fused kernel (``scaled_dot_product_attention``) where its output equals the
+#: eager computation's (see "Fused kernel" in the module docstring).
+FUSED_MODES = ("paper", "question_rows", "question_only", "none")
 
 _OFFSETS_ATTR = "_instructed_offsets"  # tag set on masks built by instructed_attention_mask
 HANDLE_ATTR = "_instructed_handle"  # set on attention modules (and the model) by prefix.attach_instructed
@@ -320,9 +346,9 @@ def _stock_attention(module, query, key, value, attention_mask, dropout, scaling
 class _Plan:
     """What InstructEd changes in one layer for one call."""
 
-    __slots__ = ("prefix_k", "prefix_v", "prefix_active", "spans", "sim", "mode", "reweight")
+    __slots__ = ("prefix_k", "prefix_v", "prefix_active", "spans", "sim", "mode", "reweight", "question_starts")
 
-    def __init__(self, prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight):
+    def __init__(self, prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight, question_starts=None):
         self.prefix_k = prefix_k  # [1, kv_heads, P, d] or None
         self.prefix_v = prefix_v
         self.prefix_active = prefix_active  # [batch] bool or None
@@ -330,6 +356,7 @@ class _Plan:
         self.sim = sim  # [batch] float32 in [0, 1]
         self.mode = mode
         self.reweight = reweight  # a sim was given
+        self.question_starts = question_starts  # [batch] long (question_only) or None
 
 
 class _Layout:
@@ -337,17 +364,29 @@ class _Layout:
     rows that may attend to nothing, and the re-weighting factors of the call's mode. Computed once per mask and
     call (:func:`_layout_for`) instead of once per layer; the per-layer math is unchanged, so results are too."""
 
-    __slots__ = ("bias", "fully_masked", "col_weight", "col_scale", "row_scale")
+    __slots__ = ("bias", "fully_masked", "col_weight", "col_scale", "row_scale", "visible", "value_weight",
+                 "any_fully_masked")
 
-    def __init__(self, bias, fully_masked, col_weight, col_scale, row_scale):
+    def __init__(self, bias, fully_masked, col_weight, col_scale, row_scale, visible=None, value_weight=None,
+                 any_fully_masked=False):
         self.bias = bias  # [batch, 1|heads, q_len, P + kv_len] float32
         self.fully_masked = fully_masked  # [batch, 1|heads, q_len, 1] bool
         self.col_weight = col_weight  # paper / question_rows: post-softmax factors, or None
         self.col_scale = col_scale  # pre_softmax: score factors in the scores' dtype, or None
         self.row_scale = row_scale  # release: score factors in the scores' dtype, or None
+        # The fused (SDPA) kernel's inputs, set only when it computes this layout exactly (``_fused_layout``):
+        self.visible = visible  # [batch, 1|heads, q_len, P + kv_len] bool (fully masked rows opened, see below)
+        self.value_weight = value_weight  # [batch, 1, P + kv_len, 1] float32: col_weight moved onto the values
+        self.any_fully_masked = any_fully_masked  # some row may attend to nothing: its output is zeroed
+
+    @property
+    def fused(self) -> bool:
+        """Whether :func:`_fused_core` computes this layout (else :func:`_instructed_core`, eager)."""
+        return self.visible is not None
 
 
-def _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan: _Plan | None) -> _Layout:
+def _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan: _Plan | None,
+            fused: bool = False) -> _Layout:
     bias = _additive_bias(module, attention_mask, batch, q_len, kv_len, device)
     if n_prefix:
         prefix_bias = torch.where(plan.prefix_active, 0.0, torch.finfo(torch.float32).min)
@@ -382,11 +421,39 @@ def _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtyp
             if plan.mode == "question_rows":  # rows before the instruction's end keep their probabilities
                 after = q_pos[None, :] >= torch.where(non_empty, end, 0)  # [batch, q_len]
                 col_weight = torch.where(after[:, None, :, None], col_weight, 1.0)
+            elif plan.mode == "question_only":  # rows before the question's first token keep their probabilities
+                first = torch.where(non_empty, plan.question_starts[:, None], 0)  # [batch, 1]
+                after = q_pos[None, :] >= first
+                col_weight = torch.where(after[:, None, :, None], col_weight, 1.0)
     # A query row that may attend to nothing (a left-padding row outside prefix layers) gets all-zero
     # probabilities, as torch's SDPA does, instead of a uniform average over masked keys (which would
     # make padded rows depend on future tokens).
     fully_masked = (bias <= torch.finfo(torch.float32).min / 2).all(dim=-1, keepdim=True)
-    return _Layout(bias, fully_masked, col_weight, col_scale, row_scale)
+    layout = _Layout(bias, fully_masked, col_weight, col_scale, row_scale)
+    if fused and col_scale is None and row_scale is None:
+        _fused_layout(layout)
+    return layout
+
+
+def _fused_layout(layout: _Layout) -> None:
+    """Give ``layout`` the fused kernel's inputs when its re-weighting does not depend on the query row.
+
+    ``paper`` (and ``question_rows`` where every row of the call lies after the instruction, as in a query run
+    against cached instruction keys/values) multiplies the probability of key column ``j`` by ``w_j`` without
+    renormalising, one ``w`` per example for all rows. Then ``sum_j (p_j w_j) v_j = sum_j p_j (w_j v_j)``: the
+    same output as plain softmax attention over the same scores with the values of those columns scaled by
+    ``w`` -- what torch's ``scaled_dot_product_attention`` computes in one kernel. Row-dependent weights
+    (``question_rows`` over rows before the instruction's end) keep the eager path."""
+    weight = layout.col_weight
+    if weight is not None:
+        if weight.shape[2] != 1 and not bool((weight == weight[:, :, :1]).all()):
+            return  # the weights differ between rows
+        weight = weight[:, :, :1].transpose(-1, -2)  # [batch, 1, P + kv_len, 1]
+    visible = layout.bias > torch.finfo(torch.float32).min / 2
+    any_fully = bool(layout.fully_masked.any())
+    if any_fully:  # a row that may attend to nothing: open it (no NaN, in the forward or the backward), zero it after
+        visible = visible | layout.fully_masked
+    layout.visible, layout.value_weight, layout.any_fully_masked = visible, weight, any_fully
 
 
 #: Layouts one call keeps (Gemma 3 has two masks per forward, full and sliding; generate() makes new ones per step).
@@ -394,20 +461,20 @@ _LAYOUTS_PER_CALL = 8
 
 
 def _layout_for(ctx: InstructionContext | None, module, attention_mask, batch, q_len, kv_len, n_prefix, device,
-                dtype, plan: _Plan | None, default_on: bool) -> _Layout:
+                dtype, plan: _Plan | None, default_on: bool, fused: bool = False) -> _Layout:
     """:func:`_layout`, reused by every layer of the call that sees the same mask object (kept in ``ctx``'s memo,
     which holds the mask itself, so its identity cannot be reused by another tensor while the entry lives)."""
     memo = getattr(ctx, "layouts", None)
     if memo is None or attention_mask is None:
-        return _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan)
+        return _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan, fused)
     key = (id(attention_mask), batch, q_len, kv_len, n_prefix, str(device), dtype, plan.mode, plan.reweight,
-           default_on, torch.is_grad_enabled())
+           default_on, torch.is_grad_enabled(), fused)
     hit = memo.get(key)
     if hit is not None and hit[0] is attention_mask:
         return hit[1]
     if len(memo) >= _LAYOUTS_PER_CALL:
         memo.clear()
-    layout = _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan)
+    layout = _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, device, dtype, plan, fused)
     memo[key] = (attention_mask, layout)
     return layout
 
@@ -446,6 +513,26 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
+
+
+def _fused_core(query, key, value, scaling, plan: _Plan, layout: _Layout):
+    """The layer's InstructEd attention in torch's ``scaled_dot_product_attention``: the prefix keys/values
+    prepended, the call's boolean mask (prefix columns first) and the re-weighting moved onto the values
+    (:func:`_fused_layout`); rows that may attend to nothing give zeros. Returns ``(out [b, q, heads, d], None)``
+    like transformers' sdpa path (no probabilities)."""
+    batch, num_heads, _, head_dim = query.shape
+    if plan.prefix_k is not None:
+        key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    if layout.value_weight is not None:
+        value = (value * layout.value_weight).to(query.dtype)
+    n_rep = num_heads // key.shape[1]
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=layout.visible, dropout_p=0.0,
+        scale=head_dim**-0.5 if scaling is None else scaling, enable_gqa=n_rep > 1)
+    if layout.any_fully_masked:
+        out = out.masked_fill(layout.fully_masked, 0.0)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def instructed_attention_forward(
@@ -495,10 +582,22 @@ def instructed_attention_forward(
     else:
         spans = torch.zeros(batch, 2, dtype=torch.long, device=device)
         sim = torch.ones(batch, dtype=torch.float32, device=device)
-    plan = _Plan(prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight)
+    question_starts = None
+    if reweight and mode == "question_only":
+        question_starts = ctx.question_starts_for(batch, device)
+        if question_starts is None:
+            raise RequestError("question_starts: reweight_mode question_only re-weights the rows from each example's "
+                               "first question token, but the instruction context gives none. Fix: pass "
+                               "instruction_context(..., question_starts=[...]) (InstructedLM does), or use "
+                               "reweight_mode question_rows")
+    plan = _Plan(prefix_k, prefix_v, prefix_active, spans, sim, mode, reweight, question_starts)
     n_prefix = 0 if prefix_k is None else prefix_k.shape[2]
+    fused = getattr(handle, "fused_attention", True) and mode in FUSED_MODES and softcap is None \
+        and not kwargs.get("output_attentions", False) and not (module.training and dropout > 0)
     layout = _layout_for(ctx, module, attention_mask, batch, query.shape[2], key.shape[2], n_prefix, device,
-                         query.dtype, plan, default_on)
+                         query.dtype, plan, default_on, fused)
+    if layout.fused:
+        return _fused_core(query, key, value, scaling, plan, layout)
     return _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan, layout)
 
 

@@ -27,6 +27,11 @@ Conventions
     A :class:`DeferredSim` (a future of that tensor, still being computed in
     another thread) is waited for where an attention first reads it, so the
     layers before need not wait (``InstructedLM(sim_overlap=True)``).
+``question_starts``
+    One int per example (or ``None``): the absolute position (same coordinates as ``spans``) of the example's
+    first question token, after the template's tail. Read only by ``reweight_mode: question_only`` (not in the
+    paper, see :mod:`.attention`), which re-weights the rows from there on and needs it for every example
+    that has an instruction.
 ``use_prefix``
     ``None`` (use the handle's default, see ``InstructedHandle.prefix_enabled``),
     a bool for the whole batch, or a bool sequence/tensor of shape ``[batch]``
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import operator
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -144,6 +150,24 @@ class DeferredSim:
         return self._value
 
 
+def _starts_to_tensor(starts: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+    if starts is None:
+        return None
+    try:
+        out = torch.as_tensor(starts if isinstance(starts, torch.Tensor) else [operator.index(s) for s in starts],
+                              dtype=None if isinstance(starts, torch.Tensor) else torch.long)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(f"question_starts: expected one int per example, got {starts!r}. "
+                           "Fix: pass the position of each example's first question token") from exc
+    if out.ndim != 1 or out.shape[0] == 0 or out.dtype.is_floating_point or out.dtype == torch.bool:
+        raise RequestError(f"question_starts: expected a non-empty [batch] sequence of ints, got {starts!r}. "
+                           "Fix: pass the position of each example's first question token")
+    if bool((out < 0).any()):
+        raise RequestError(f"question_starts: positions must be >= 0, got {out.tolist()}. "
+                           "Fix: pass the position of each example's first question token")
+    return out.detach().to(device="cpu", dtype=torch.long)
+
+
 def _switch_to_tensor(use_prefix: PrefixSwitch) -> bool | torch.Tensor | None:
     if use_prefix is None or isinstance(use_prefix, bool):
         return use_prefix
@@ -182,17 +206,23 @@ class InstructionContext:
     spans: torch.Tensor | None = None
     sim: torch.Tensor | DeferredSim | None = None
     use_prefix: bool | torch.Tensor | None = None
+    #: ``[n]`` CPU long tensor: each example's first question token (``question_only`` re-weighting), or ``None``
+    question_starts: torch.Tensor | None = None
     #: the attention's per-call memo: what every layer with the same mask shares (``attention._layout_for``)
     layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None) -> "InstructionContext":
+    def build(cls, spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None,
+              question_starts: Sequence[int] | torch.Tensor | None = None) -> "InstructionContext":
         spans_t = _spans_to_tensor(spans)
         sim_t = sim if isinstance(sim, DeferredSim) else _sim_to_tensor(sim)
         switch = _switch_to_tensor(use_prefix)
+        starts_t = _starts_to_tensor(question_starts)
         sizes = {}
         if spans_t is not None:
             sizes["spans"] = spans_t.shape[0]
+        if starts_t is not None and starts_t.shape[0] != 1:
+            sizes["question_starts"] = starts_t.shape[0]
         if isinstance(sim_t, DeferredSim):
             sizes["sim"] = sim_t.size
         elif sim_t is not None and sim_t.ndim == 1 and sim_t.shape[0] != 1:
@@ -204,7 +234,7 @@ class InstructionContext:
                 "instruction context: per-example entries disagree on the batch size: "
                 + ", ".join(f"{k}={v}" for k, v in sizes.items())
             )
-        return cls(spans=spans_t, sim=sim_t, use_prefix=switch)
+        return cls(spans=spans_t, sim=sim_t, use_prefix=switch, question_starts=starts_t)
 
     # ---- accessors used by the attention function -------------------------------------------
     @functools.cached_property
@@ -223,6 +253,12 @@ class InstructionContext:
         if self.spans is None:
             return torch.zeros(batch, 2, dtype=torch.long, device=device)
         return _per_example(self.spans, batch, "spans").to(device)
+
+    def question_starts_for(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """``[batch]`` long tensor of each example's first question token, or ``None`` when none were given."""
+        if self.question_starts is None:
+            return None
+        return _per_example(self.question_starts, batch, "question_starts").to(device)
 
     def sim_for(self, batch: int, device: torch.device) -> torch.Tensor:
         """``[batch]`` float32 similarity clamped to ``[0, 1]`` (ones when no sim was given)."""
@@ -261,13 +297,15 @@ def current_instruction_context() -> InstructionContext | None:
 
 @contextmanager
 def instruction_context(
-    spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None
+    spans: SpanLike = None, sim: SimLike | DeferredSim = None, use_prefix: PrefixSwitch = None,
+    question_starts: Sequence[int] | torch.Tensor | None = None,
 ) -> Iterator[InstructionContext]:
-    """Make ``spans``/``sim``/``use_prefix`` visible to InstructEd attention for the calls inside the block.
+    """Make ``spans``/``sim``/``use_prefix`` (and ``question_starts``) visible to InstructEd attention for the calls
+    inside the block.
 
     Contexts nest; the innermost one replaces (does not merge with) the outer one.
     """
-    ctx = InstructionContext.build(spans=spans, sim=sim, use_prefix=use_prefix)
+    ctx = InstructionContext.build(spans=spans, sim=sim, use_prefix=use_prefix, question_starts=question_starts)
     token = _CURRENT.set(ctx)
     try:
         yield ctx

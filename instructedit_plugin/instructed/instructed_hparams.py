@@ -26,7 +26,13 @@ LOG = logging.getLogger(__name__)
 ALG_NAME = "InstructEd"
 #: The paper's input layout; ``{instruction}`` is replaced by the edit's instruction, the question follows.
 DEFAULT_TEMPLATE = "Instructions: {instruction}\nInput: "
-REWEIGHT_CHOICES = ("paper", "release", "pre_softmax", "none", "question_rows")
+#: Re-weighting modes a trainer accepts (see :mod:`.attention`; ``paper`` is the paper's Eq. 15).
+TRAIN_REWEIGHT_CHOICES = ("paper", "release", "pre_softmax", "none", "question_rows")
+#: Modes an edit accepts: the trainable ones and ``question_only`` (**not in the paper**, evaluation only: the rows
+#: from the question's first token re-weighted, the whole template prefix cached; #15's query cost).
+REWEIGHT_CHOICES = TRAIN_REWEIGHT_CHOICES + ("question_only",)
+#: Modes whose instruction keys/values are cached per instruction (``instruction_cache``, ``sim_overlap``).
+CACHED_REWEIGHT_MODES = ("question_rows", "question_only")
 SOURCE_CHOICES = ("gold", "retrieval")
 
 TRAIN_HINT = (
@@ -104,7 +110,10 @@ class InstructEdHyperParams(EditingHyperParams):
     encoder_dtype: str = hp_field("float32", choices=ENCODER_DTYPES,
                                   help="the sentence encoder's weights: float32 (the paper's) or bfloat16 (an option: "
                                        "about 0.6x the encoding time on CPU, sim within a few thousandths)")
-    reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES,
+                                  help="paper (Eq. 15, the default), release, pre_softmax, none, question_rows, or "
+                                       "question_only (not in the paper: only the question's rows re-weighted, the whole "
+                                       "template prefix cached per instruction)")
     similarity: str = hp_field("cosine", choices=SIMILARITIES,
                                help="sim that re-weights attention: cosine of question and instruction (the paper's) or "
                                     "subject_masked (the edit's subject removed from both first; needs the requests' "
@@ -126,16 +135,16 @@ class InstructEdHyperParams(EditingHyperParams):
     top_k: int = hp_field(5, min=1, help="number of best retrieval scores whose spread the gate measures")
     template: str = hp_field(DEFAULT_TEMPLATE)
     instruction_max_length: int = hp_field(128, min=1, help="token limit of one instruction")
-    instruction_cache: int = hp_field(1024, min=0, help="reweight_mode question_rows only: instructions whose keys/"
+    instruction_cache: int = hp_field(1024, min=0, help="reweight_mode question_rows / question_only only: instructions whose keys/"
                                       "values are kept per model for reuse by every question (0: off)")
     embedding_cache: int = hp_field(4096, min=0, help="instructions whose sentence embeddings (for sim) are kept per "
                                     "model and encoder, so a query encodes only its question (0: off)")
-    warm_instruction_cache: bool = hp_field(False, help="question_rows: compute an edit's instruction keys/values "
+    warm_instruction_cache: bool = hp_field(False, help="question_rows / question_only: compute an edit's instruction keys/values "
                                             "(and its sentence embedding) at edit time (a longer edit, then every "
                                             "query is cached) instead of at its first query")
     use_prefixes: bool = hp_field(True, help="false: the instruction in context only (no prefixes, no re-weighting), "
                                               "the in-context baseline")
-    sim_overlap: bool = hp_field(False, help="question_rows: compute a query's sim (its question's encoding) in a "
+    sim_overlap: bool = hp_field(False, help="question_rows / question_only: compute a query's sim (its question's encoding) in a "
                                              "worker thread while the forward runs up to its first attention; "
                                              "bit-identical outputs, less wall clock where a second core is free")
 
@@ -147,10 +156,11 @@ class InstructEdHyperParams(EditingHyperParams):
             raise self._error("encoder", "is empty", "use 'default' or a sentence-encoder name/path")
         _check_layers(self, self.prefix_layers)
         _check_template(self, self.template)
-        if self.sim_overlap and (self.reweight_mode != "question_rows" or not self.instruction_cache
+        if self.sim_overlap and (self.reweight_mode not in CACHED_REWEIGHT_MODES or not self.instruction_cache
                                  or not self.use_prefixes):
             raise self._error("sim_overlap", "overlaps sim with the cached-instruction forward, which needs "
-                              f"reweight_mode question_rows with instruction_cache > 0 and prefixes (got reweight_mode "
+                              f"reweight_mode question_rows or question_only with instruction_cache > 0 and prefixes "
+                              f"(got reweight_mode "
                               f"{self.reweight_mode}, instruction_cache {self.instruction_cache}, use_prefixes "
                               f"{self.use_prefixes})", "set reweight_mode: question_rows, or sim_overlap: false")
 
@@ -192,7 +202,8 @@ class InstructEdTrainingHparams(PluginHyperParams):
     prefix_layers: Optional[list[int]] = hp_field(None, layer_index=True, help="null: the middle third of the layers")
     prefix_len: int = hp_field(5, min=1)
     encoder: str = hp_field("default")
-    reweight_mode: str = hp_field("paper", choices=REWEIGHT_CHOICES)
+    reweight_mode: str = hp_field("paper", choices=TRAIN_REWEIGHT_CHOICES,
+                                  help="question_only is an evaluation-time option of the edit hparams, not trainable")
     similarity: str = hp_field("cosine", choices=SIMILARITIES, help="sim of the training examples: cosine (the "
                                "paper's) or subject_masked (the request's subject removed first)")
     template: str = hp_field(DEFAULT_TEMPLATE)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import HyperParamsError, PluginError
 from .checkpoint import Checkpoint, load_checkpoint, resolve_archive
-from .instructed_hparams import InstructEdHyperParams
+from .instructed_hparams import CACHED_REWEIGHT_MODES, InstructEdHyperParams
 from .embedding_cache import InstructionEmbeddingCache
 from .instruction_cache import InstructionKVCache
 from .lm import GoldInstructions, InstructedLM, RetrievedInstructions, encoder_identity, load_encoder, new_memory
@@ -78,7 +78,7 @@ class EditingState:
     encoder_key: str | None = None
     memory: Any = None
     entries: list[_Entry] = field(default_factory=list)  # instructions added by edits, in order
-    #: instruction keys/values (``question_rows`` mode), one cache per archive, kept across edits
+    #: instruction keys/values (``question_rows`` / ``question_only``), one cache per archive, kept across edits
     instruction_caches: dict[str, InstructionKVCache] = field(default_factory=dict)
     #: instruction sentence embeddings, one cache per encoder, kept across edits
     embedding_caches: dict[str, InstructionEmbeddingCache] = field(default_factory=dict)
@@ -245,7 +245,7 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
                                          score=hparams.gate_score, std=hparams.gate_std, pad=hparams.gate_pad)
     vectors = state.embedding_cache(hparams.embedding_cache)
     cache = None
-    if hparams.reweight_mode == "question_rows" and hparams.use_prefixes:
+    if hparams.reweight_mode in CACHED_REWEIGHT_MODES and hparams.use_prefixes:
         cache = state.instruction_cache(str(ckpt.folder), hparams.instruction_cache)
     return InstructedLM(model, tok, ckpt.bank, encoder=encoder, provider=provider, template=hparams.template,
                         instruction_max_length=hparams.instruction_max_length, mode=hparams.reweight_mode,

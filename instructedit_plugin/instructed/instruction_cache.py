@@ -6,7 +6,9 @@ instruction, the prefixes and the frozen model. :class:`InstructionKVCache` keep
 (least recently used first out, at most ``max_entries``), and :meth:`InstructionKVCache.assemble` lays the
 entries of a batch out as a transformers ``DynamicCache``: each example's instruction keys/values
 left-padded to the longest, followed by the example's own tokens (the template's tail and the question),
-which are all a query then runs through the model.
+which are all a query then runs through the model. In ``reweight_mode: question_only`` (not in the paper) the
+template's tail attends without ``sim`` too, so an entry holds ``[BOS] Instructions: {instruction}\nInput: `` whole
+and the query runs over the question's own tokens only.
 
 Exactness: the cached rows are computed with the same attention as in a full forward (prefixes active,
 positions ``0 .. len-1``), so a batch of one gives the full forward's logits to float rounding. Rows are
@@ -36,8 +38,11 @@ class CachedInstruction:
     """Per-layer ``(keys, values)`` (``[1, kv_heads, length, head_dim]``) of one instruction's head tokens."""
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    length: int  # tokens cached: [BOS] + template head + instruction
+    length: int  # tokens cached: [BOS] + template head + instruction (+ the template's tail in question_only)
     span: tuple[int, int]  # the instruction's span inside them
+    #: ``[vocab]`` logits at the last cached position (``keep_logits``): in ``question_only`` they predict the
+    #: question's first token, which a query no longer computes
+    last_logits: torch.Tensor | None = None
 
 
 class InstructionKVCache:
@@ -63,10 +68,13 @@ class InstructionKVCache:
         emb = bank.embeddings
         return (id(bank), id(emb), emb._version, emb.dtype)
 
-    def entry(self, model: Any, ids: list[int], span: tuple[int, int], bank: Any) -> CachedInstruction:
-        """The cached keys/values of ``ids`` (``[BOS] head instruction``), computing them on a miss.
+    def entry(self, model: Any, ids: list[int], span: tuple[int, int], bank: Any,
+              keep_logits: bool = False) -> CachedInstruction:
+        """The cached keys/values of ``ids`` (``[BOS] head instruction``, and the tail in ``question_only``),
+        computing them on a miss (no row of ``ids`` is re-weighted: ``sim`` 1, the question after them).
 
-        ``model`` must have ``bank``'s prefixes attached (inside ``InstructedLM.activated()``).
+        ``model`` must have ``bank``'s prefixes attached (inside ``InstructedLM.activated()``). ``keep_logits``:
+        keep the logits of the last cached position too (``question_only``; an entry without them is recomputed).
         """
         bank_key = self._key_of_bank(bank)
         if bank_key != self._bank_key:
@@ -74,19 +82,21 @@ class InstructionKVCache:
             self._bank_key = bank_key
         key = (tuple(ids), span)
         hit = self._entries.get(key)
-        if hit is not None:
+        if hit is not None and (hit.last_logits is not None or not keep_logits):
             self.hits += 1
             self._entries.move_to_end(key)
             return hit
         self.misses += 1
         device = next(model.parameters()).device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with torch.no_grad(), instruction_context(spans=[span], sim=1.0, use_prefix=True):
+        with torch.no_grad(), instruction_context(spans=[span], sim=1.0, use_prefix=True,
+                                                  question_starts=[len(ids)]):
             out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True,
                         logits_to_keep=1)
         cache = out.past_key_values
         layers = tuple((layer.keys.detach(), layer.values.detach()) for layer in cache.layers)
-        entry = CachedInstruction(layers, len(ids), span)
+        last = out.logits[0, -1].detach() if keep_logits else None
+        entry = CachedInstruction(layers, len(ids), span, last)
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -98,8 +108,9 @@ class InstructionKVCache:
         """Model inputs for ``tails`` (template tail + question ids) after their instructions' cached keys.
 
         Returns ``input_ids``, ``attention_mask`` (over cached + new columns), ``position_ids``,
-        ``past_key_values`` (a fresh ``DynamicCache``), ``spans`` (in column coordinates of cached + new)
-        and ``tail_start`` (the column of each tail's first token within the new columns).
+        ``past_key_values`` (a fresh ``DynamicCache``), ``spans`` (in column coordinates of cached + new),
+        ``tail_start`` (the column of each tail's first token within the new columns) and ``head`` (the cached
+        columns: the first new column in those coordinates).
         """
         device = next(model.parameters()).device
         head = max(e.length for e in entries)
@@ -130,4 +141,4 @@ class InstructionKVCache:
                 values.append(v)
             cache.update(torch.cat(keys), torch.cat(values), layer_idx)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "past_key_values": cache,
-                "spans": spans, "tail_start": tail_start}
+                "spans": spans, "tail_start": tail_start, "head": head}

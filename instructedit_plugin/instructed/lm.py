@@ -20,6 +20,8 @@ positions -- and ``generate()`` for fluency/demos. For every example the wrapper
    one the memory search computed, so a query runs the encoder once; with ``sim_overlap`` (an option,
    ``question_rows`` with cached instruction keys/values) it is computed in a worker thread while the
    forward runs up to its first attention, which waits for it (:mod:`.sim_overlap`; bit-identical outputs);
+   in ``question_only`` (not in the paper) the rows are re-weighted from the question's first token, so the
+   whole template prefix is cached and a query runs over the caller's own tokens only;
 4. runs the base model with the prefixes attached under ``instruction_context(spans, sim,
    use_prefix)`` and slices the logits back onto the caller's positions, so ``.logits`` has the
    caller's shape. Logits at padding positions of instructed examples are 0 (nothing reads them).
@@ -56,6 +58,9 @@ from .templates import InstructionTemplate
 LOG = logging.getLogger(__name__)
 #: Instructions whose keys/values an ``InstructedLM`` in mode ``question_rows`` keeps by default.
 DEFAULT_INSTRUCTION_CACHE = 1024
+#: Re-weighting modes in which an instruction's keys/values do not depend on the question (cacheable):
+#: ``question_rows`` caches ``[BOS] head instruction``, ``question_only`` (not in the paper) the template's tail too.
+CACHEABLE_MODES = ("question_rows", "question_only")
 
 __all__ = [
     "Selection",
@@ -293,15 +298,15 @@ class InstructedLM(nn.Module):
         template / instruction_max_length: the input layout (see :mod:`.templates`).
         mode: re-weighting mode (:data:`~.attention.REWEIGHT_MODES`).
         instruction_cache: instructions whose keys/values are kept for reuse (:mod:`.instruction_cache`), or a
-            shared :class:`~.instruction_cache.InstructionKVCache`; ``None``: 1024 in mode ``question_rows``
-            (where reuse is exact), else 0 (off).
+            shared :class:`~.instruction_cache.InstructionKVCache`; ``None``: 1024 in modes ``question_rows``
+            and ``question_only`` (where reuse is exact, :data:`CACHEABLE_MODES`), else 0 (off).
         embedding_cache: instructions whose sentence embeddings are kept for ``sim`` (:mod:`.embedding_cache`),
             or a shared :class:`~.embedding_cache.InstructionEmbeddingCache`; ``None``: 4096 when the encoder's
             ``cosine`` is its ``encode`` rows' dot product (``cosine_from_encode``: the sentence encoder); 0: off
             (question and instruction encoded together at every query). In mode ``none`` and without prefixes
             ``sim`` is unused and never computed.
         similarity: how ``sim`` is computed (:data:`~.similarity.SIMILARITIES`; ``cosine`` is the paper's).
-        sim_overlap: ``question_rows`` with an instruction cache: compute ``sim`` in a worker thread while the
+        sim_overlap: ``question_rows`` / ``question_only`` with an instruction cache: compute ``sim`` in a worker thread while the
             forward runs up to its first attention (:mod:`.sim_overlap`); bit-identical outputs, less wall
             clock where a second core is free, the same CPU time.
         relation_gate: ``None`` (the paper: every input keeps its instruction) or a threshold: an input whose
@@ -349,13 +354,14 @@ class InstructedLM(nn.Module):
         self.__dict__["template"] = InstructionTemplate(tokenizer, template, instruction_max_length)
         self.mode = mode
         if instruction_cache is None:
-            instruction_cache = DEFAULT_INSTRUCTION_CACHE if mode == "question_rows" else 0
-        if instruction_cache and mode != "question_rows":
-            raise PluginError(f"an instruction key/value cache is exact only with reweight_mode 'question_rows', "
-                              f"not {mode!r}. Fix: set reweight_mode: question_rows, or instruction_cache=0")
+            instruction_cache = DEFAULT_INSTRUCTION_CACHE if mode in CACHEABLE_MODES else 0
+        if instruction_cache and mode not in CACHEABLE_MODES:
+            raise PluginError(f"an instruction key/value cache is exact only with reweight_mode 'question_rows' or "
+                              f"'question_only', not {mode!r}. Fix: set reweight_mode: question_rows, or "
+                              "instruction_cache=0")
         if isinstance(instruction_cache, int):
             instruction_cache = InstructionKVCache(instruction_cache) if instruction_cache else None
-        #: instruction keys/values reused across questions (``question_rows`` only, inference only)
+        #: instruction keys/values reused across questions (:data:`CACHEABLE_MODES` only, inference only)
         self.__dict__["instruction_cache"] = instruction_cache
         if embedding_cache is None:
             embedding_cache = DEFAULT_EMBEDDING_CACHE if InstructionEmbeddingCache.usable(encoder) else 0
@@ -365,10 +371,12 @@ class InstructedLM(nn.Module):
         self.__dict__["embedding_cache"] = embedding_cache
         if sim_overlap and instruction_cache is None:
             raise PluginError("sim_overlap computes sim beside the cached-instruction forward, which needs "
-                              "reweight_mode 'question_rows' and an instruction cache. Fix: set reweight_mode: "
-                              "question_rows (instruction_cache > 0), or sim_overlap: false")
+                              "reweight_mode 'question_rows' or 'question_only' and an instruction cache. Fix: set "
+                              "reweight_mode: question_rows (instruction_cache > 0), or sim_overlap: false")
         #: compute sim in a worker thread while the cached-instruction forward starts (:mod:`.sim_overlap`)
         self.sim_overlap = bool(sim_overlap)
+        #: run InstructEd layers in the fused kernel where it is exact (``InstructedHandle.fused_attention``)
+        self.fused_attention = True
         #: the base model's attention modules by layer (found once; every call attaches the prefixes to them)
         self.__dict__["_attention_modules"] = None
         #: the prefixes' keys/values, projected once and kept across calls (each call attaches the bank anew;
@@ -411,12 +419,12 @@ class InstructedLM(nn.Module):
         if handle is not None:
             if handle.bank is not self.bank:
                 raise PluginError("another InstructEd prefix bank is attached to this model; detach it first")
-            previous = handle.mode
-            handle.mode = self.mode
+            previous, fused = handle.mode, handle.fused_attention
+            handle.mode, handle.fused_attention = self.mode, self.fused_attention
             try:
                 yield handle
             finally:
-                handle.mode = previous
+                handle.mode, handle.fused_attention = previous, fused
             return
         if self.__dict__["_attention_modules"] is None:
             self.__dict__["_attention_modules"] = find_attention_modules(self.model)
@@ -424,6 +432,7 @@ class InstructedLM(nn.Module):
                                    prefix_memo=self.__dict__["_prefix_memo"],
                                    modules=self.__dict__["_attention_modules"])
         handle.prefix_enabled = False
+        handle.fused_attention = self.fused_attention
         try:
             yield handle
         finally:
@@ -507,8 +516,10 @@ class InstructedLM(nn.Module):
         return InstructedBatch(ids, mask, spans, sim, use_prefix, [s + p for s, p in zip(starts, pads)])
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, spans: Sequence[tuple[int, int] | None],
-            sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, **kwargs: Any) -> Any:
-        """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph).
+            sim: torch.Tensor | float, use_prefix: torch.Tensor | bool, question_starts: Sequence[int] | None = None,
+            **kwargs: Any) -> Any:
+        """One forward of the base model with prefixes under ``instruction_context`` (keeps the graph);
+        ``question_starts`` (each row's first question token) are what mode ``question_only`` needs.
 
         Rows are left-padded; unless the caller passes ``position_ids``, each row's real tokens get the
         positions ``0, 1, ...`` (padding not counted), so a row's result does not depend on how much
@@ -519,7 +530,8 @@ class InstructedLM(nn.Module):
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if not self.use_prefixes:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        with self.activated(), instruction_context(spans=list(spans), sim=sim, use_prefix=use_prefix):
+        with self.activated(), instruction_context(spans=list(spans), sim=sim, use_prefix=use_prefix,
+                                                   question_starts=question_starts):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- forward / generate --------------------------------------------------------------------
@@ -549,7 +561,7 @@ class InstructedLM(nn.Module):
             width = min(total, max(len(rows[i]) for i in chosen))
             keep = torch.arange(total - width, total, device=batch.input_ids.device)
             out = self.run(batch.input_ids, batch.attention_mask, batch.spans, batch.sim, batch.use_prefix,
-                           logits_to_keep=keep)
+                           question_starts=batch.question_start, logits_to_keep=keep)
             logits = self._caller_logits(out.logits, [q - (total - width) for q in batch.question_start],
                                          input_ids, attention_mask, rows, selections, chosen, kwargs)
         loss = None
@@ -571,8 +583,14 @@ class InstructedLM(nn.Module):
         with self.activated():
             for instruction in instructions:
                 encoded = self.template.encode_instruction(instruction)
-                self.instruction_cache.entry(self.model, encoded.ids[: encoded.span[1]], encoded.span, self.bank)
+                self.instruction_cache.entry(self.model, self._cached_head(encoded), encoded.span, self.bank,
+                                             keep_logits=self.mode == "question_only")
         return self.instruction_cache.misses - before
+
+    def _cached_head(self, encoded: Any) -> list[int]:
+        """The ids of an instruction's template prefix whose keys/values are cached: ``[BOS] head instruction``
+        (``question_rows``), the template's tail too (``question_only``: only the question's rows are re-weighted)."""
+        return list(encoded.ids) if self.mode == "question_only" else encoded.ids[: encoded.span[1]]
 
     def _forward_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: list[list[int]],
                         selections: list[Selection | None], chosen: list[int], kwargs: dict) -> torch.Tensor | None:
@@ -601,22 +619,32 @@ class InstructedLM(nn.Module):
         with self.activated():
             for i in chosen:
                 encoded = self.template.encode_instruction(selections[i].instruction)
-                head = encoded.ids[: encoded.span[1]]
-                if window and len(head) + len(rows[i]) + len(encoded.ids) - encoded.span[1] > int(window):
+                head = self._cached_head(encoded)
+                if window and len(encoded.ids) + len(rows[i]) > int(window):
                     return None  # a sliding layer would drop cached keys the full forward still sees
-                entries.append(self.instruction_cache.entry(self.model, head, encoded.span, self.bank))
-                tails.append(encoded.ids[encoded.span[1]:] + self.template.strip_bos(rows[i]))
+                entries.append(self.instruction_cache.entry(self.model, head, encoded.span, self.bank,
+                                                            keep_logits=self.mode == "question_only"))
+                tails.append(encoded.ids[len(head):] + self.template.strip_bos(rows[i]))
             inputs = InstructionKVCache.assemble(self.model, entries, tails, self.pad_id)
             width = min(inputs["input_ids"].shape[1], max(len(rows[i]) for i in chosen))
             total = inputs["input_ids"].shape[1]
             keep = torch.arange(total - width, total, device=inputs["input_ids"].device)
-            with instruction_context(spans=inputs["spans"], sim=sim, use_prefix=True):
+            # every new column lies after the cached ones: the question rows (question_only; padding included,
+            # whose outputs nobody reads), so the call's re-weighting is the same for all rows (fused kernel)
+            with instruction_context(spans=inputs["spans"], sim=sim, use_prefix=True,
+                                     question_starts=[inputs["head"]] * len(chosen)):
                 out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                  position_ids=inputs["position_ids"], past_key_values=inputs["past_key_values"],
                                  use_cache=False, logits_to_keep=keep)
         starts = [inputs["tail_start"][j] + len(tails[j]) - len(self.template.strip_bos(rows[i])) - (total - width)
                   for j, i in enumerate(chosen)]
-        return self._caller_logits(out.logits, starts, input_ids, attention_mask, rows, selections, chosen, kwargs)
+        logits = out.logits
+        if self.mode == "question_only":  # the logits before the question's first token are the cached position's
+            logits = torch.cat([logits.new_zeros(logits.shape[0], 1, logits.shape[-1]), logits], dim=1)
+            for j, entry in enumerate(entries):
+                logits[j, starts[j]] = entry.last_logits.to(logits.dtype)
+            starts = [start + 1 for start in starts]
+        return self._caller_logits(logits, starts, input_ids, attention_mask, rows, selections, chosen, kwargs)
 
     def _caller_logits(self, kept: torch.Tensor, question_starts: list[int], input_ids: torch.Tensor,
                        attention_mask: torch.Tensor, rows: list[list[int]], selections: list[Selection | None],
@@ -659,7 +687,8 @@ class InstructedLM(nn.Module):
         if not self.use_prefixes:
             out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         else:
-            with self.activated(), instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix):
+            with self.activated(), instruction_context(spans=batch.spans, sim=batch.sim, use_prefix=batch.use_prefix,
+                                                       question_starts=batch.question_start):
                 out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         reps = sequences.shape[0] // input_ids.shape[0]

@@ -175,6 +175,8 @@ class InstructedHandle:
         prefix_enabled: default for ``instruction_context(use_prefix=None)`` and for calls outside any
             context (settable; ``True`` after attaching).
         base_implementation: the model's attention implementation before attaching (restored on detach).
+        fused_attention: run InstructEd layers in torch's ``scaled_dot_product_attention`` where that equals the
+            eager computation (settable; ``True`` by default; see "Fused kernel" in :mod:`.attention`).
     """
 
     def __init__(self, model: nn.Module, bank: PrefixBank, modules: dict[int, nn.Module], mode: str, base_implementation: str,
@@ -186,6 +188,7 @@ class InstructedHandle:
         self.mode = mode
         self.prefix_enabled = True
         self.base_implementation = base_implementation
+        self.fused_attention = True
         self.attached = False
         self._modules = modules
         self._frozen: list[tuple[nn.Parameter, bool]] = []
