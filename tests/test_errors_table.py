@@ -939,7 +939,10 @@ def trig_recipe_capped(ctx):
     from tests.support.tiny_models import build_tiny_model_dir
 
     model = build_tiny_model_dir("llama", root=ctx.tmp / "tiny-models")
-    return _raised(lambda: train_embedded_prefixes(config=QUICK, budget_minutes=1e-6, data_dir=demo_data_dir(),
+    # a schedule whose first validation no machine reaches within the 1 s the cap leaves to training (the 40 steps
+    # of QUICK itself take about 1 s on a tiny model, so whether they finished first was a race)
+    config = dataclasses.replace(QUICK, steps=100_000, val_interval=100_000)
+    return _raised(lambda: train_embedded_prefixes(config=config, budget_minutes=1e-6, data_dir=demo_data_dir(),
                                                    cache_dir=ctx.tmp / "recipes", model_dir=model, dtype="float32",
                                                    n_train=12, n_val=2, progress=False))
 

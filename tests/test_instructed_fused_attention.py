@@ -159,3 +159,35 @@ def test_rows_that_attend_to_nothing_give_zeros_and_finite_gradients():
     torch.testing.assert_close(outs[True], outs[False], atol=ATOL, rtol=0)
     assert torch.isfinite(grads[True]).all()
     torch.testing.assert_close(grads[True], grads[False], atol=ATOL, rtol=0)
+
+
+def test_the_attention_kernel_hparam_picks_the_path_through_easyedits_apply(instructed_world, monkeypatch):
+    """``attention_kernel: eager`` (how results committed before the fused kernel were made) runs no fused layer;
+    the default ``fused`` runs them, with the same answers up to float rounding; a bad value names the field."""
+    from instructedit_plugin.errors import HyperParamsError
+    from instructedit_plugin.instructed import InstructEdHyperParams
+    from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, reset_memory
+    from instructedit_plugin.models.loading import load_causal_lm
+
+    model, tok = load_causal_lm(instructed_world["base_dir"])
+    model.eval()
+    base = dict(alg_name="InstructEd", model_name=str(instructed_world["base_dir"]),
+                archive=str(instructed_world["archive"]), device="cpu")
+    edit = dict(instructed_world["test"][0])
+    enc = tok([edit["prompt"]], return_tensors="pt")
+    logits, counts = {}, {}
+    for kernel in ("eager", "fused"):
+        hp = InstructEdHyperParams.from_dict(dict(base, attention_kernel=kernel))
+        reset_memory(model)
+        lm, _ = apply_instructed_to_model(model, tok, [dict(edit)], hp, keep_original_weight=False)
+        calls = _count_fused(monkeypatch)
+        with torch.no_grad():
+            logits[kernel] = lm(**enc).logits
+        counts[kernel] = len(calls)
+        monkeypatch.undo()
+    reset_memory(model)
+    assert counts["eager"] == 0 and counts["fused"] == model.config.num_hidden_layers
+    torch.testing.assert_close(logits["fused"], logits["eager"], atol=ATOL, rtol=0)
+    with pytest.raises(HyperParamsError) as err:
+        InstructEdHyperParams.from_dict(dict(base, attention_kernel="flash"))
+    assert err.value.field == "attention_kernel" and "Fix:" in str(err.value)

@@ -34,6 +34,8 @@ REWEIGHT_CHOICES = TRAIN_REWEIGHT_CHOICES + ("question_only",)
 #: Modes whose instruction keys/values are cached per instruction (``instruction_cache``, ``sim_overlap``).
 CACHED_REWEIGHT_MODES = ("question_rows", "question_only")
 SOURCE_CHOICES = ("gold", "retrieval")
+#: ``attention_kernel``: the fused SDPA kernel where it is exact (default) or the eager path everywhere (attention.py)
+ATTENTION_KERNELS = ("fused", "eager")
 
 TRAIN_HINT = (
     "train prefixes first, e.g. `InstructEdTrainer(InstructEdTrainingHparams.from_hparams("
@@ -114,6 +116,11 @@ class InstructEdHyperParams(EditingHyperParams):
                                   help="paper (Eq. 15, the default), release, pre_softmax, none, question_rows, or "
                                        "question_only (not in the paper: only the question's rows re-weighted, the whole "
                                        "template prefix cached per instruction)")
+    attention_kernel: str = hp_field("fused", choices=ATTENTION_KERNELS,
+                                     help="fused: InstructEd layers run in torch's scaled_dot_product_attention where that is "
+                                          "exact (paper, none, cached question_rows / question_only: the re-weighting moved "
+                                          "onto the values; equal to eager up to float rounding); eager: the matmul / "
+                                          "softmax / multiply path everywhere (results committed before the fused kernel)")
     similarity: str = hp_field("cosine", choices=SIMILARITIES,
                                help="sim that re-weights attention: cosine of question and instruction (the paper's) or "
                                     "subject_masked (the edit's subject removed from both first; needs the requests' "

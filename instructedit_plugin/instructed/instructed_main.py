@@ -252,7 +252,7 @@ def build_instructed_lm(model: nn.Module, tok: Any, hparams: InstructEdHyperPara
                         use_prefixes=hparams.use_prefixes, instruction_cache=cache if cache is not None else 0,
                         embedding_cache=vectors if vectors is not None else 0,
                         similarity=hparams.similarity, relation_gate=hparams.relation_gate,
-                        sim_overlap=hparams.sim_overlap)
+                        sim_overlap=hparams.sim_overlap, fused_attention=hparams.attention_kernel == "fused")
 
 
 def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], hparams: InstructEdHyperParams,

@@ -309,6 +309,9 @@ class InstructedLM(nn.Module):
         sim_overlap: ``question_rows`` / ``question_only`` with an instruction cache: compute ``sim`` in a worker thread while the
             forward runs up to its first attention (:mod:`.sim_overlap`); bit-identical outputs, less wall
             clock where a second core is free, the same CPU time.
+        fused_attention: run InstructEd layers in the fused SDPA kernel where it is exact (``attention.py``, "Fused
+            kernel"; equal to eager up to float rounding); ``False``: the eager path everywhere (hparam
+            ``attention_kernel: eager``).
         relation_gate: ``None`` (the paper: every input keeps its instruction) or a threshold: an input whose
             relation similarity to its instruction (:func:`~.similarity.relation_similarity`, the edit's
             subject masked) is below it runs without instruction, exactly as the base model.
@@ -336,6 +339,7 @@ class InstructedLM(nn.Module):
         similarity: str = "cosine",
         relation_gate: float | None = None,
         sim_overlap: bool = False,
+        fused_attention: bool = True,
     ):
         super().__init__()
         if similarity not in SIMILARITIES:
@@ -376,7 +380,7 @@ class InstructedLM(nn.Module):
         #: compute sim in a worker thread while the cached-instruction forward starts (:mod:`.sim_overlap`)
         self.sim_overlap = bool(sim_overlap)
         #: run InstructEd layers in the fused kernel where it is exact (``InstructedHandle.fused_attention``)
-        self.fused_attention = True
+        self.fused_attention = bool(fused_attention)
         #: the base model's attention modules by layer (found once; every call attaches the prefixes to them)
         self.__dict__["_attention_modules"] = None
         #: the prefixes' keys/values, projected once and kept across calls (each call attaches the bank anew;
