@@ -12,6 +12,9 @@ ordinary Hugging Face folders (load them with ``AutoModelForCausalLM`` /
   ``gpt`` or ``llama``.
 * ``embedded_model_dir``: the converted Gemma 3 270M folder, cached in
   ``$INSTRUCTEDIT_CACHE`` or ``~/.cache/instructedit_plugin`` (first build ~1 min).
+* ``single_torch_thread`` (module scope): one torch thread while a module's tests run, whatever
+  ``INSTRUCTEDIT_TEST_THREADS`` says (tests that compare two computation paths to a tolerance:
+  ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from instructedit_plugin.models import embedded as _embedded
 from instructedit_plugin.models.cache import CACHE_ENV_VAR
@@ -31,6 +35,7 @@ __all__ = [
     "tiny_gemma3_dir",
     "tiny_qwen2_dir",
     "embedded_model_dir",
+    "single_torch_thread",
 ]
 
 
@@ -67,3 +72,12 @@ def tiny_qwen2_dir(models_cache_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     return _embedded.embedded_model_dir()
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for the module (the tiny models gain nothing from intra-op threads), then the caller's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

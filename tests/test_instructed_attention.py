@@ -80,13 +80,7 @@ def _real(logits, mask):
     return logits[mask.bool()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny models are far too small to gain from intra-op threads; one thread avoids contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture

@@ -10,32 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from instructedit_plugin.errors import HyperParamsError, RequestError
 from instructedit_plugin.instructed.context import instruction_context
 from instructedit_plugin.instructed.lm import InstructedLM
 from instructedit_plugin.instructed.prefix import PrefixBank, attach_instructed, detach_instructed
 from tests.support.tiny_models import TINY_ARCHS, tiny_config
-
-QUESTIONS = ["What is the capital of France? Paris", "Who is the CEO of Apple?", "The Moon orbits the Earth"]
-FACTS = ["The capital of France is Rome.", "Tim Cook leads Apple, a company in California, since 2011.", "Moon."]
-ATOL = 2e-4
-
-
-class CosineByLength:
-    """A deterministic stand-in for the sentence encoder with a different cosine per pair."""
-
-    identity = "length-test-encoder"
-
-    def cosine(self, a, b):
-        return torch.tensor([0.3 + 0.6 * (len(x) % 7) / 7 for x in a])
-
-
-def _model(path):
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok
+# the questions, facts, stand-in encoder and model loading of the question_rows cache tests
+from tests.test_instruction_cache import ATOL, FACTS, QUESTIONS, CosineByLength, _model
 
 
 def _lm(model, tok, cache, mode="question_only"):
