@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
+from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
     setup_logging, today, write_results,
@@ -278,7 +279,7 @@ def _prepare(req: Mapping[str, Any], loc_prompt: str | None = None) -> dict:
     """EasyEdit main's request dict for ``req`` (its own ``_prepare_requests``)."""
     from easyeditor.editors.utils import _prepare_requests
 
-    kw = edit_kwargs(req, loc_prompt)
+    kw = edit_kwargs(req, loc_prompt=loc_prompt)
     return _prepare_requests(kw.pop("prompts"), kw.pop("target_new"), kw.pop("ground_truth"), None,
                              kw.pop("rephrase_prompts", None), kw.pop("locality_inputs", None),
                              kw.pop("portability_inputs", None), **kw)[0]
@@ -393,22 +394,6 @@ def ike_demonstrations(data_dir: Path, n: int, exclude_subjects: set[str]) -> li
     return out
 
 
-def edit_kwargs(req: Mapping[str, Any], loc_prompt: str | None = None) -> dict:
-    """``BaseEditor.edit`` keyword arguments for one request dict of ``evaluation_records``; ``loc_prompt``
-    (WISE): an unrelated sentence whose activations the side memory must leave alone."""
-    kw: dict[str, Any] = dict(prompts=[req["prompt"]], target_new=[req["target_new"]],
-                              ground_truth=[req.get("ground_truth") or "<|endoftext|>"])
-    if loc_prompt:
-        kw["loc_prompts"] = [loc_prompt]
-    if req.get("rephrase_prompt"):
-        kw["rephrase_prompts"] = [req["rephrase_prompt"]]
-    for key, arg in (("locality", "locality_inputs"), ("portability", "portability_inputs")):
-        group = {k: {"prompt": [v["prompt"]], "ground_truth": [v["ground_truth"]]} for k, v in (req.get(key) or {}).items()}
-        if group:
-            kw[arg] = group
-    return kw
-
-
 class RequiresGradFlags:
     """The ``requires_grad`` flag of every parameter of a model, saved on creation; :meth:`restore` puts them back.
 
@@ -478,7 +463,7 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
                 loc = loc_prompts[i % len(loc_prompts)] if loc_prompts else None
                 if query_texts and query_ms_out is not None and i == len(requests) - 1:
                     timer.after = lambda edited_model: query_ms_out.extend(query_times(edited_model, editor.tok, query_texts))
-                out, edited, _ = editor.edit(**edit_kwargs(req, loc), sequential_edit=False, verbose=False, **extra)
+                out, edited, _ = editor.edit(**edit_kwargs(req, loc_prompt=loc), sequential_edit=False, verbose=False, **extra)
                 metrics.extend(out)
             except Exception as exc:  # noqa: BLE001 - one failing record must not sink the benchmark
                 errors.append(f"record {i}: {type(exc).__name__}: {exc}")
