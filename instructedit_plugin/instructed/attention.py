@@ -479,6 +479,14 @@ def _layout_for(ctx: InstructionContext | None, module, attention_mask, batch, q
     return layout
 
 
+def _with_prefix(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` / ``value`` with the layer's prefix keys/values prepended (the same for every example of the batch)."""
+    batch = key.shape[0]
+    key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    return key, value
+
+
 def _instructed_core(module, query, key, value, attention_mask, dropout, scaling, softcap, plan: _Plan | None,
                      layout: _Layout | None = None):
     batch, num_heads, q_len, head_dim = query.shape
@@ -490,8 +498,7 @@ def _instructed_core(module, query, key, value, attention_mask, dropout, scaling
     n_prefix = 0
     if plan is not None and plan.prefix_k is not None:
         n_prefix = plan.prefix_k.shape[2]
-        key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        key, value = _with_prefix(plan, key, value)
     if layout is None:
         layout = _layout(module, attention_mask, batch, q_len, kv_len, n_prefix, query.device, query.dtype, plan)
 
@@ -520,10 +527,9 @@ def _fused_core(query, key, value, scaling, plan: _Plan, layout: _Layout):
     prepended, the call's boolean mask (prefix columns first) and the re-weighting moved onto the values
     (:func:`_fused_layout`); rows that may attend to nothing give zeros. Returns ``(out [b, q, heads, d], None)``
     like transformers' sdpa path (no probabilities)."""
-    batch, num_heads, _, head_dim = query.shape
+    _, num_heads, _, head_dim = query.shape
     if plan.prefix_k is not None:
-        key = torch.cat([plan.prefix_k.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([plan.prefix_v.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        key, value = _with_prefix(plan, key, value)
     if layout.value_weight is not None:
         value = (value * layout.value_weight).to(query.dtype)
     n_rep = num_heads // key.shape[1]
