@@ -106,9 +106,24 @@ def parse_variants(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def row_label(method: str, stem: str | None = None) -> str:
-    """The key of ``method``'s rows: its name, or ``'grace (gemma-3-270m-n_iter20)'`` for a labelled hparams variant."""
-    return f"{method} ({stem})" if stem else method
+def row_label(method: str, stem: str | None = None, dtype: str | None = None) -> str:
+    """The key of ``method``'s rows: its name, or with its labelled setting in brackets: ``'grace
+    (gemma-3-270m-n_iter20)'`` for an hparams variant, ``'wise (bfloat16)'`` for a run in another dtype,
+    ``'wise (stem, bfloat16)'`` for both."""
+    setting = ", ".join(part for part in (stem, dtype) if part)
+    return f"{method} ({setting})" if setting else method
+
+
+def method_dtype(args: argparse.Namespace, method: str) -> str:
+    """The dtype ``method`` runs the model in: float32 for ``--float32_methods``, else ``--dtype``."""
+    return "float32" if method in args.float32_list else args.dtype
+
+
+def row_labels(args: argparse.Namespace) -> dict[str, str]:
+    """Each method's row key for this run (:func:`row_label` with its ``--hparams_variant`` stem and, for
+    ``--dtype_in_label`` methods, its dtype)."""
+    return {m: row_label(m, args.variant_stems.get(m), method_dtype(args, m) if m in args.dtype_label_list else None)
+            for m in METHODS}
 
 
 def base_method(label: str) -> str:
@@ -145,6 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--float32_methods", default="",
                    help="methods run with the model in float32 (bf16 -> fp32 -> bf16 is lossless)")
+    p.add_argument("--dtype_in_label", default="",
+                   help="methods whose rows carry the dtype they ran in, e.g. 'wise (bfloat16)', so a run in "
+                        "another dtype than the saved rows of that method stands beside them")
     p.add_argument("--retrieval_gate", type=float, default=0.1)
     p.add_argument("--latency_n", type=int, default=10, help="query-latency inputs per dataset")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
@@ -161,6 +179,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.method_list = parse_methods(args.methods, METHODS, "--methods")
     args.sequential_list = parse_methods(args.sequential_methods, SEQUENTIAL_METHODS, "--sequential_methods")
     args.float32_list = parse_methods(args.float32_methods, METHODS, "--float32_methods")
+    args.dtype_label_list = parse_methods(args.dtype_in_label, METHODS, "--dtype_in_label")
     args.variant_stems = parse_variants(args.hparams_variant)
     for name in ("limit", "bootstrap"):
         if getattr(args, name) < 1:
@@ -777,7 +796,7 @@ def main(argv=None) -> int:
 
     yaml_of = {m: Path(args.hparams_dir) / EASYEDIT_METHODS[m] / f"{args.variant_stems.get(m, args.hparams_name)}.yaml"
                for m in EASYEDIT_METHODS}
-    label = {m: row_label(m, args.variant_stems.get(m)) for m in METHODS}  # the key of each method's rows
+    label = row_labels(args)  # the key of each method's rows
     specs: dict[str, Callable[[], Any]] = {
         "instructed_gold": lambda: ins_hparams(instruction_source="gold"),
         "instructed_retrieval": lambda: ins_hparams(instruction_source="retrieval"),
@@ -810,7 +829,7 @@ def main(argv=None) -> int:
     query_ratio: dict[str, list[float]] = {}
 
     def as_dtype(method: str) -> Any:
-        return torch.float32 if method in args.float32_list else getattr(torch, args.dtype)
+        return getattr(torch, method_dtype(args, method))
 
     sequential: dict | None = None
     base_out = json.loads(Path(args.out).read_text(encoding="utf-8")) if args.merge else None

@@ -301,6 +301,16 @@ def test_hparams_variant_rows_stand_beside_the_default_rows_with_their_own_label
         BENCH.parse_args(["--hparams_variant", "grace"])
     variant = BENCH.row_label("grace", "gemma-3-270m-n_iter20")
     assert variant == "grace (gemma-3-270m-n_iter20)" and BENCH.base_method(variant) == "grace"
+    # a run in another dtype: its rows carry it (and the hparams variant first when both are set)
+    labels = BENCH.row_labels(BENCH.parse_args(["--dtype_in_label", "wise", "--hparams_variant", "grace=g"]))
+    assert labels["wise"] == "wise (bfloat16)" and labels["grace"] == "grace (g)" and labels["ike"] == "ike"
+    labels = BENCH.row_labels(BENCH.parse_args(["--dtype_in_label", "wise,ike", "--float32_methods", "wise"]))
+    assert labels["wise"] == "wise (float32)" and labels["ike"] == "ike (bfloat16)"
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--dtype_in_label: unknown method 'rome'.*Fix:"):
+        BENCH.parse_args(["--dtype_in_label", "rome"])
+    assert BENCH.row_label("wise", None, "bfloat16") == "wise (bfloat16)"
+    assert BENCH.row_label("wise", "x", "bfloat16") == "wise (x, bfloat16)"
+    assert BENCH.base_method("wise (x, bfloat16)") == "wise"
     seq = lambda rows: {"dataset": "zsre", "n": 100, "methods": rows}  # noqa: E731
     row = lambda n: {"n": n, "figures": {"Rel": [90.0, 80.0, 100.0]}, "edit_ms": [1000.0, 900.0, 1100.0]}  # noqa: E731
     base = _saved_run({"instructed_gold": {"Rel": 100.0}, "grace": {"Rel": 50.0}, "wise": {"Rel": 40.0}},
