@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
+from benchmarks.sequential_checkpoint import SequentialCheckpoint, run_fingerprint  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
     setup_logging, today, write_results,
@@ -78,7 +80,7 @@ RESULT_KEYS = frozenset({
     "model", "date", "command", "args", "wall_minutes", "archive", "recipe", "easyedit", "hparams",
     "datasets", "latency", "sequential", "n_evaluated", "errors", "base_query_ms", "notes", "finished", "merged_runs",
 })
-_UNSAVED_ARGS = ("out", "render", "notes", "work_dir", "merge")
+_UNSAVED_ARGS = ("out", "render", "notes", "work_dir", "merge", "checkpoint_dir", "stop_after")
 
 
 class BenchmarkInputError(ValueError):
@@ -156,6 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sequential_baseline_n", type=int, default=None,
                    help="edits in the sequential run of GRACE and WISE (default --sequential_n)")
     p.add_argument("--sequential_dataset", default="zsre", choices=DATASETS)
+    p.add_argument("--checkpoint_dir", default=None,
+                   help="sequential GRACE / WISE: save the run's progress under DIR/<row> after every edit and "
+                        "resume a saved run there after its last finished edit (a stopped run loses nothing)")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="sequential, with --checkpoint_dir: end after this many edits in all (progress saved; the "
+                        "same command later goes on from there); no results are written for a stopped method")
     p.add_argument("--ike_demos", type=int, default=1000, help="CounterFact training records IKE retrieves from")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--float32_methods", default="",
@@ -181,6 +189,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.float32_list = parse_methods(args.float32_methods, METHODS, "--float32_methods")
     args.dtype_label_list = parse_methods(args.dtype_in_label, METHODS, "--dtype_in_label")
     args.variant_stems = parse_variants(args.hparams_variant)
+    if args.stop_after is not None and (args.stop_after < 1 or not args.checkpoint_dir):
+        raise BenchmarkInputError(f"--stop_after {args.stop_after}: needs --checkpoint_dir (else the edits done are "
+                                  "lost) and a positive number. Fix: add --checkpoint_dir DIR, or drop --stop_after")
     for name in ("limit", "bootstrap"):
         if getattr(args, name) < 1:
             raise BenchmarkInputError(f"--{name} must be >= 1, got {getattr(args, name)}. Fix: pass a positive number")
@@ -495,28 +506,48 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
 
 
 def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str,
-                   loc_prompts: Sequence[str] | None = None) -> tuple[list[dict], list[float]]:
+                   loc_prompts: Sequence[str] | None = None, checkpoint: SequentialCheckpoint | None = None,
+                   stop_after: int | None = None) -> tuple[list[dict], list[float]] | None:
     """Apply every request one after another to one model with EasyEdit's ``apply_algo`` (nothing restored in
     between), then score every request on the final model with EasyEdit's ``compute_edit_quality``
     (pre-edit metrics first, on the unedited model); the model is restored at the end. Before the scoring
     after the edits, the parameters get back the ``requires_grad`` flags of the unedited model
-    (:class:`RequiresGradFlags`: same outputs, the unedited model's speed)."""
+    (:class:`RequiresGradFlags`: same outputs, the unedited model's speed).
+
+    WISE is told that its edits are sequential (``hparams.sequential_edit``: EasyEdit main's text WISE reads
+    it, ``WISE.py:81``, but neither its hparams class nor ``BaseEditor`` sets it, and without it every edit
+    replaces the side memory of the edits before it). With ``checkpoint``, the progress is saved after every
+    edit and a saved run resumes after its last finished edit; ``stop_after`` ends this call after that many
+    edits in all (progress saved, ``None`` returned: run it again to go on).
+    """
     from easyeditor.editors.editor import finalize_locality_metrics
     from easyeditor.evaluate import compute_edit_quality
     from tqdm import tqdm
 
     hp = editor.hparams
+    if getattr(hp, "alg_name", None) == "WISE":
+        hp.sequential_edit = True
     prepared = [_prepare(req, loc_prompts[i % len(loc_prompts)] if loc_prompts else None) for i, req in enumerate(requests)]
-    metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
-               for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
-    edit_ms, first_restore, edited = [], None, editor.model
+    resumed = checkpoint.load(editor.model) if checkpoint is not None else None
+    if resumed is not None:
+        metrics, edit_ms, start = [{"pre": pre} for pre in resumed.pre], resumed.edit_ms, resumed.done
+    else:
+        metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
+                   for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
+        edit_ms, start = [], 0
+    first_restore, edited = None, editor.model
     flags = RequiresGradFlags(editor.model)
-    for r in tqdm(prepared, desc=f"{name} edits", leave=False):
+    for i in tqdm(range(start, len(prepared)), desc=f"{name} edits", initial=start, total=len(prepared), leave=False):
         t0 = time.perf_counter()
-        edited, restore = editor.apply_algo(editor.model, editor.tok, [r], hp, copy=False, return_orig_weights=True,
-                                            keep_original_weight=False)
+        edited, restore = editor.apply_algo(editor.model, editor.tok, [prepared[i]], hp, copy=False,
+                                            return_orig_weights=True, keep_original_weight=False)
         edit_ms.append((time.perf_counter() - t0) * 1000)
         first_restore = restore if first_restore is None else first_restore
+        if checkpoint is not None:
+            checkpoint.save(editor.model, i + 1, [m["pre"] for m in metrics], edit_ms)
+        if stop_after is not None and i + 1 >= stop_after and i + 1 < len(prepared):
+            LOG.info("%s: stopped after %d of %d edits; progress in %s", name, i + 1, len(prepared), checkpoint.folder)
+            return None
     flags.restore()
     try:
         for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
@@ -913,6 +944,7 @@ def main(argv=None) -> int:
 
     if args.sequential_list:
         sequential = {"dataset": args.sequential_dataset, "n": args.sequential_n, "methods": {}}
+        stopped: list[str] = []
         for method in args.sequential_list:
             t0 = time.perf_counter()
             requests = evaluation[args.sequential_dataset][: limit_for(method, args.sequential_n, args.sequential_baseline_n)]
@@ -920,9 +952,16 @@ def main(argv=None) -> int:
             try:
                 hp = specs[method]()
                 reset_memory(model)
+                checkpoint = None
+                if args.checkpoint_dir and method in EASYEDIT_METHODS:
+                    checkpoint = SequentialCheckpoint(
+                        Path(args.checkpoint_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "_", label[method]).strip("_"),
+                        run_fingerprint(label[method], args.sequential_dataset, requests, yaml_of[method],
+                                        method_dtype(args, method)),
+                        hp.alg_name, edited_module_paths(hp))
                 with ModuleGuard(model, edited_module_paths(hp)):
-                    metrics, times = run_sequential(build_editor(method, hp), requests, f"sequential/{method}",
-                                                    loc_prompts if method == "wise" else None)
+                    outcome = run_sequential(build_editor(method, hp), requests, f"sequential/{method}",
+                                             loc_prompts if method == "wise" else None, checkpoint, args.stop_after)
             except Exception as exc:  # noqa: BLE001
                 LOG.exception("sequential %s could not run", method)
                 errors.setdefault(f"sequential {label[method]}", []).append(f"{type(exc).__name__}: {exc}")
@@ -930,12 +969,20 @@ def main(argv=None) -> int:
             finally:
                 reset_memory(model)
                 model.to(getattr(torch, args.dtype))
+            if outcome is None:  # --stop_after: the progress is on disk, no row yet
+                stopped.append(label[method])
+                continue
+            metrics, times = outcome
             sequential["methods"][label[method]] = {
                 "n": len(metrics), "figures": bootstrap_summary(per_record(metrics), args.bootstrap, args.seed),
                 "edit_ms": bootstrap_median(times, args.bootstrap, args.seed)}
             LOG.info("sequential %s: %s (%.0fs)", label[method], sequential["methods"][label[method]], time.perf_counter() - t0)
             save()
 
+        if stopped:
+            print(f"stopped (--stop_after {args.stop_after}) before the end of: {', '.join(stopped)}; their progress is "
+                  f"under {args.checkpoint_dir}, run the same command again to go on; no results written for them")
+            return 0
     md_path = save(finished=True)
     print(md_path.read_text(), end="")
     return 0

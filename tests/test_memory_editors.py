@@ -407,3 +407,93 @@ def test_grace_scoring_gets_the_unedited_models_grad_flags_back_with_identical_m
     assert restored["sequential"] == left["sequential"]  # identical metrics (pre and post), every record
     assert restored["one_hop"] == left["one_hop"]
     assert max(restored["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
+
+
+WISE_RESUME_RUN = RUN_HEAD + textwrap.dedent(
+    """
+    import hashlib, io
+    from benchmarks.sequential_checkpoint import SequentialCheckpoint, run_fingerprint
+    mode = {mode!r}
+    requests += [dict(prompt="The capital of Peru is", target_new="Oslo", ground_truth="Lima"),
+                 dict(prompt="The capital of Chile is", target_new="Bern", ground_truth="Santiago")]
+    loc_prompts = ["The capital of Japan is Tokyo", "Water boils at one hundred degrees"]
+    yaml = Path({repo!r}) / "hparams/WISE/gemma-3-270m.yaml"
+    hp = bench.easyedit_hparams("wise", yaml, {model!r}, Path({work!r}), inner_params=["model.layers[3].mlp.down_proj.weight"],
+                                n_iter=4)
+    bench.wise_activation(hp, model)
+    paths = bench.edited_module_paths(hp)
+    folder = Path({work!r}) / ("full" if mode == "full" else "stopped")
+    checkpoint = SequentialCheckpoint(folder, run_fingerprint("wise", "zsre", requests, yaml, "float32"), "WISE", paths)
+    out = {{}}
+    with bench.ModuleGuard(model, paths):
+        result = bench.run_sequential(make_editor(hp, model, tok), requests, mode, loc_prompts, checkpoint,
+                                      2 if mode == "first" else None)
+    out["stopped"] = result is None
+    if result is not None:
+        out["post"] = [m["post"] for m in result[0]]
+        out["pre"] = [m["pre"] for m in result[0]]
+        out["n_ms"] = len(result[1])
+    if has_saved := (folder / "modules.pt").is_file():
+        adapter = next(iter(torch.load(folder / "modules.pt", weights_only=False).values()))
+        out["edits_in_adapter"] = adapter.editing_total_cnt
+        out["adapter_sha"] = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in adapter.state_dict().values())
+                                            ).hexdigest()
+    if mode == "full":  # EasyEdit's apply_algo twice, as its own sequential editing calls it: no sequential flag
+        plain = bench.easyedit_hparams("wise", yaml, {model!r}, Path({work!r}),
+                                       inner_params=["model.layers[3].mlp.down_proj.weight"], n_iter=2)
+        bench.wise_activation(plain, model)
+        with bench.ModuleGuard(model, paths):
+            for r in requests[:2]:
+                edited, _ = bench.make_editor_apply(model, tok, plain, r, loc_prompts[0])
+            out["edits_kept_without_flag"] = edited.get_adapter_layer().editing_total_cnt
+    print("RESULT " + json.dumps(out, default=float))
+    """
+)
+
+
+@pytest.mark.easyedit_main
+@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def test_sequential_wise_keeps_every_edit_and_a_stopped_run_resumes_to_the_uninterrupted_result(tiny_gemma3_dir, tmp_path):
+    def run(mode):
+        return _run_script(WISE_RESUME_RUN.replace("{mode!r}", repr(mode)), tiny_gemma3_dir, tmp_path)
+
+    full = run("full")
+    assert not full["stopped"] and full["n_ms"] == 4
+    assert full["edits_in_adapter"] == 4  # the sequential flag: one side memory holds all four edits
+    # EasyEdit main's WISE without it: each apply_algo builds a fresh adapter, the earlier edits are gone
+    assert full["edits_kept_without_flag"] == 1
+    first = run("first")  # a new process, stopped after two edits: no metrics, the progress on disk
+    assert first["stopped"] and first["edits_in_adapter"] == 2
+    resumed = run("resume")  # another new process: resumes after edit 2 and finishes
+    assert not resumed["stopped"] and resumed["n_ms"] == 4  # the two saved edit times + two new ones
+    assert resumed["adapter_sha"] == full["adapter_sha"]  # the same side memory, bit for bit
+    assert resumed["pre"] == full["pre"] and resumed["post"] == full["post"]
+
+
+def test_sequential_checkpoint_restores_modules_and_random_state_and_refuses_another_runs_folder(tmp_path):
+    from benchmarks.sequential_checkpoint import CheckpointMismatchError, SequentialCheckpoint
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    fingerprint = {"method": "grace", "dataset": "zsre", "n": 3}
+    ck = SequentialCheckpoint(tmp_path / "ck", fingerprint, "GRACE", ["1"])
+    assert ck.load(model) is None  # nothing saved yet
+    edited = torch.nn.Linear(4, 2)
+    model[1] = edited
+    ck.save(model, 1, [{"rewrite_acc": [0.0]}], [12.5])
+    expected_draws = torch.rand(3)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    resumed = SequentialCheckpoint(tmp_path / "ck", fingerprint, "GRACE", ["1"]).load(fresh)
+    assert (resumed.done, resumed.pre, resumed.edit_ms) == (1, [{"rewrite_acc": [0.0]}], [12.5])
+    assert torch.equal(fresh[1].weight, edited.weight)  # the edited module is back in place
+    assert torch.equal(torch.rand(3), expected_draws)  # and the random state where the save left it
+    with pytest.raises(CheckpointMismatchError, match=r"field 'n' is 3, this run's is 5.*Fix: pass another --checkpoint_dir"):
+        SequentialCheckpoint(tmp_path / "ck", {**fingerprint, "n": 5}, "GRACE", ["1"]).load(fresh)
+    with pytest.raises(CheckpointMismatchError, match=r"ROME runs cannot be resumed.*Fix:"):
+        SequentialCheckpoint(tmp_path / "x", fingerprint, "ROME", ["1"])
+
+
+def test_stop_after_without_a_checkpoint_folder_is_refused():
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--stop_after 2: needs --checkpoint_dir.*Fix: add --checkpoint_dir"):
+        BENCH.parse_args(["--stop_after", "2"])
+    assert BENCH.parse_args(["--stop_after", "2", "--checkpoint_dir", "x"]).stop_after == 2
