@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
-    setup_logging, today, write_results,
+    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, read_notes, record_values,
+    render_saved, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("memory_editors")
@@ -71,7 +71,7 @@ SEQUENTIAL_REQUESTED = 100  # #15 item 4: sequential editing of 100 edits (the p
 #: method -> EasyEdit's alg_name (also the folder of its YAMLs under hparams/; its hparams class comes from
 #: :func:`instructedit_plugin.registry.hparams_class_for`)
 EASYEDIT_METHODS = {"ike": "IKE", "grace": "GRACE", "wise": "WISE"}
-METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+METRICS = EDIT_METRICS
 DATASETS = ("counterfact", "zsre")
 IKE_DEMO_FILE = "counterfact/counterfact-train.json"
 RESULT_KEYS = frozenset({
@@ -513,36 +513,20 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
 # Figures with bootstrap intervals
 # ----------------------------------------------------------------------------------------------
 def per_record(metrics: Sequence[Mapping[str, Any]], phase: str = "post") -> list[dict[str, float | None]]:
-    """Rel/Gen/Loc/Por in [0, 1] of each record (EasyEdit's metrics, as ``summarize_metrics`` reads them)."""
-    from instructedit_plugin.evaluation.summary import edit_metrics
-
-    rows = []
-    for rec in metrics:
-        row = edit_metrics(rec.get(phase) or {}, rec.get("pre") if phase == "post" else None)
-        if phase == "pre":
-            row["Loc"] = 1.0  # the unedited model agrees with itself
-        rows.append(row)
-    return rows
-
-
-def _figures(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
-    from instructedit_plugin.evaluation.summary import harmonic_mean, score
-
-    out: dict[str, float | None] = {}
-    for k in ("Rel", "Gen", "Loc", "Por"):
-        vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * math.fsum(vals) / len(vals) if vals else None
-    measured = [v for k, v in out.items() if v is not None]
-    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
-    return out
+    """Rel/Gen/Loc/Por in [0, 1] of each record (:func:`benchmarks.results_io.record_values`); ``phase="pre"``:
+    the unedited model's, with Loc 1 (the unedited model agrees with itself)."""
+    if phase == "post":
+        return record_values(list(metrics))
+    return [dict(row, Loc=1.0) for row in record_values([{"post": rec.get("pre")} for rec in metrics])]
 
 
 def bootstrap_summary(rows: Sequence[Mapping[str, float | None]], n_boot: int, seed: int) -> dict[str, list | None]:
-    """``{metric: [value, low, high]}`` in percent: the figures of all records and their 95% bootstrap interval
-    (:func:`benchmarks.results_io.figures_with_ci`: Score and H recomputed from each resample's means)."""
+    """``{metric: [value, low, high]}`` in percent (:func:`benchmarks.results_io.summarize_with_intervals`, the
+    metric means summed with ``math.fsum`` as every committed ``memory_editors*.json`` was); every figure None
+    without records."""
     if not rows:
-        return {k: None for k in METRICS}
-    return {k: figs for k, figs in figures_with_ci(rows, _figures, n_boot, seed, digits=2).items() if k in METRICS}
+        return dict.fromkeys(METRICS)
+    return summarize_with_intervals(rows, n_boot, seed, summation=math.fsum)
 
 
 def bootstrap_median(values: Sequence[float], n_boot: int, seed: int, digits: int = 1) -> list[float] | None:

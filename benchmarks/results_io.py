@@ -22,6 +22,7 @@ and 97.5th percentiles of the resampled statistic) unless the script names anoth
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import shlex
@@ -269,27 +270,33 @@ def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
     return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
 
 
-def edit_figures(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
+def edit_figures(rows: Sequence[Mapping[str, float | None]],
+                 summation: Callable[[list[float]], float] = sum) -> dict[str, float | None]:
     """``{metric: value}`` in % of :data:`EDIT_METRICS` over per-record values (:func:`record_values`): the mean of
-    each measured metric, Score and H of those means."""
+    each measured metric, Score and H of those means. ``summation`` adds a metric's values: ``sum`` (left to right,
+    what the InstructEd benchmarks' committed results were written with) or ``math.fsum`` (correctly rounded,
+    ``benchmarks/memory_editors.py``'s); the two can differ in the last bit, which can move a figure rounded to
+    two decimals at a rounding boundary."""
     from instructedit_plugin.evaluation.summary import harmonic_mean, score
 
     out: dict[str, float | None] = {}
     for k in EDIT_METRICS[:4]:
         vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * sum(vals) / len(vals) if vals else None
+        out[k] = 100.0 * summation(vals) / len(vals) if vals else None
     measured = [out[k] for k in EDIT_METRICS[:4] if out[k] is not None]
     out["Score"], out["H"] = score(measured), harmonic_mean(measured)
     return out
 
 
-def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
+def summarize_with_intervals(rows: Sequence[Mapping[str, float | None]], resamples: int, seed: int = 0,
+                             summation: Callable[[list[float]], float] = sum) -> dict:
     """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
-    (:func:`figures_with_ci`: Score and H recomputed on each resample)."""
+    (:func:`figures_with_ci`: Score and H recomputed on each resample; ``summation`` as in :func:`edit_figures`)."""
+    figures = functools.partial(edit_figures, summation=summation)
     if not rows:
-        point = edit_figures(rows)
+        point = figures(rows)
         return {k: None if point[k] is None else [round(point[k], 2)] * 3 for k in EDIT_METRICS}
-    return figures_with_ci(rows, edit_figures, resamples, seed, digits=2)
+    return figures_with_ci(rows, figures, resamples, seed, digits=2)
 
 
 def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:
