@@ -270,21 +270,27 @@ def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
     return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
 
 
-def edit_figures(rows: Sequence[Mapping[str, float | None]],
-                 summation: Callable[[list[float]], float] = sum) -> dict[str, float | None]:
-    """``{metric: value}`` in % of :data:`EDIT_METRICS` over per-record values (:func:`record_values`): the mean of
-    each measured metric, Score and H of those means. ``summation`` adds a metric's values: ``sum`` (left to right,
-    what the InstructEd benchmarks' committed results were written with) or ``math.fsum`` (correctly rounded,
-    ``benchmarks/memory_editors.py``'s); the two can differ in the last bit, which can move a figure rounded to
-    two decimals at a rounding boundary."""
+def edit_figures(rows: Sequence[Mapping[str, float | None]], summation: Callable[[list[float]], float] = sum,
+                 required: Iterable[str] = (), scale: float = 100.0) -> dict[str, float | None]:
+    """``{metric: value}`` of :data:`EDIT_METRICS` over per-record values in [0, 1] (:func:`record_values`): the mean
+    of each measured metric times ``scale`` (100: percent; 1: as the records hold them), Score and H of those means.
+
+    ``summation`` adds a metric's values: ``sum`` (left to right, what the InstructEd benchmarks' committed results
+    were written with) or ``math.fsum`` (correctly rounded, ``benchmarks/memory_editors.py``'s); the two can differ
+    in the last bit, which can move a figure rounded to two decimals at a rounding boundary. ``required``: metrics
+    without whose mean Score and H are None (a bootstrap resample that misses a metric the records measure, e.g. a
+    portability question asked on few records, would otherwise give Score and H of fewer metrics: another figure)."""
     from instructedit_plugin.evaluation.summary import harmonic_mean, score
 
     out: dict[str, float | None] = {}
     for k in EDIT_METRICS[:4]:
         vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * summation(vals) / len(vals) if vals else None
+        out[k] = scale * summation(vals) / len(vals) if vals else None
     measured = [out[k] for k in EDIT_METRICS[:4] if out[k] is not None]
-    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
+    if any(out[k] is None for k in required):
+        out["Score"] = out["H"] = None
+    else:
+        out["Score"], out["H"] = score(measured), harmonic_mean(measured)
     return out
 
 
