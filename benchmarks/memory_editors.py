@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, read_notes, record_values,
-    render_saved, setup_logging, summarize_with_intervals, today, write_results,
+    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, produced_by, read_notes,
+    record_values, render_saved, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("memory_editors")
@@ -636,8 +636,7 @@ def render_markdown(out: Mapping[str, Any]) -> str:
     lines = [
         "# Memory-based editors beside InstructEd on CPU: embedded Gemma-3-270M",
         "",
-        "Produced by `benchmarks/memory_editors.py`; rendered from `memory_editors.json` "
-        "(`python benchmarks/memory_editors.py --render`). Percent; every figure with its 95% bootstrap interval "
+        produced_by(SCRIPT, "memory_editors.json") + " Percent; every figure with its 95% bootstrap interval "
         f"over the records ({args['bootstrap']} resamples). EasyEdit main's `BaseEditor.edit` + `compute_edit_quality` "
         "(IKE: `compute_icl_edit_quality`), one edit per call, restored after each; Rel = rewrite_acc, Gen = rephrase_acc, "
         "Loc = locality, Por = the GPT-4 one-hop portability question, Score = mean, H = harmonic mean of the four.",

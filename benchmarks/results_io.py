@@ -55,6 +55,17 @@ def read_notes(path: str | Path) -> str:
     return text + "\n" if text else ""
 
 
+def rendered_from(script: str, result_file: str, render_options: str = "") -> str:
+    """How a markdown names the JSON it is built from and the command that rebuilds it:
+    ``rendered from `<result_file>` (`python <script> --render<render_options>`)``."""
+    return f"rendered from `{result_file}` (`python {script} --render{render_options}`)"
+
+
+def produced_by(script: str, result_file: str) -> str:
+    """A markdown's opening provenance sentence: ``Produced by `<script>`; rendered from ... (...).``"""
+    return f"Produced by `{script}`; {rendered_from(script, result_file)}."
+
+
 def notes_lines(out: Mapping[str, Any]) -> list[str]:
     """The run's notes (from ``--notes``), preceded by an empty line; none without notes."""
     notes = (out.get("notes") or "").strip()
