@@ -20,9 +20,9 @@ median query time of the edited model on ``prompt + target_new`` as a ratio to t
 each with a 95% bootstrap interval over the records (GRACE / WISE: timed on the last edit's model right
 after its edit). ``--sequential_methods``: ``--sequential_n`` edits applied one after another to one
 model (the InstructEd memory, the GRACE codebook, the WISE side memory grow), then every edit evaluated
-on the final model. Before EasyEdit scores an edited model, its parameters get back the unedited model's
-``requires_grad`` flags (:class:`RequiresGradFlags`: GRACE freezes them, which made its generation-based
-scoring on Gemma-3-270M 18 times slower with the same outputs). ``--hparams_variant grace=STEM`` runs a labelled other setting
+on the final model. EasyEdit scores with the output layer kept on torch's fast path (:func:`dense_output_layer`:
+GRACE freezes every parameter, which made its generation-based scoring on Gemma-3-270M 18 times slower with the
+same outputs). ``--hparams_variant grace=STEM`` runs a labelled other setting
 (``hparams/GRACE/STEM.yaml``) whose rows stand beside the default's. The markdown ends with the requests
 of #15 item 4 the file does not meet (rows short of the records / the 100 sequential edits asked for,
 with the measured edit time and the time the asked-for edits would take at it).
@@ -394,40 +394,30 @@ def ike_demonstrations(data_dir: Path, n: int, exclude_subjects: set[str]) -> li
     return out
 
 
-class RequiresGradFlags:
-    """The ``requires_grad`` flag of every parameter of a model, saved on creation; :meth:`restore` puts them back.
+def dense_output_layer(model: Any) -> Callable[[], None]:
+    """Put :func:`~instructedit_plugin.models.output_layer.keep_output_layer_dense`'s pre-hook on ``model``'s output
+    layer; returns what takes it off again (nothing when the hook was there already).
 
-    Why the benchmark needs it (the GRACE scoring slowdown on Gemma-3-270M): EasyEdit main's GRACE
-    freezes every parameter of the model it edits (``GRACE.__init__``, easyeditor/models/grace/GRACE.py
-    lines 44-45) and trains only its codebook values, so after an edit the model's parameters no
-    longer require grad, while the unedited model (loaded by transformers) has them all requiring grad.
-    The scoring is greedy generation (``model.generate``), which runs the LM head on the last position
-    only: a 3-D slice ``hidden_states[:, -1:, :]`` whose batch stride is not the one of a contiguous
-    ``[1, 1, d]`` tensor. For such an input, ``torch.matmul`` (torch 2.13, under ``F.linear`` without a
-    bias) folds the batch into one ``mm`` only when the weight requires grad; a frozen weight takes the
-    ``bmm`` path, which expands the transposed weight and copies it -- for Gemma-3-270M's tied
-    262,144 x 640 output layer about 2.7 s per generated token instead of 0.07 s. Scoring runs under
-    ``no_grad`` either way, so the flags change no value, only which kernel runs; putting back the
-    unedited model's flags after an edit scores the edited model at the unedited model's speed with
-    the same outputs (and GRACE sets its own flags again at its next edit).
+    Why the benchmark needs it (the GRACE scoring slowdown on Gemma-3-270M): EasyEdit main's GRACE freezes every
+    parameter of the model it edits (``GRACE.__init__``, easyeditor/models/grace/GRACE.py lines 44-45), and its
+    scoring is greedy generation (``model.generate``), which runs the output layer on the last-position slice
+    ``hidden_states[:, -1:, :]``. For that input (torch 2.13, ``F.linear`` without a bias) a frozen weight takes
+    the ``bmm`` path, which copies the whole transposed weight -- for Gemma-3-270M's tied 262,144 x 640 output
+    layer about 2.7 s per generated token instead of 0.07 s. The hook hands the layer a standard-strided copy of
+    the slice: the same logits on the fast path, whatever the ``requires_grad`` flags (EasyEdit's stay as GRACE
+    leaves them).
     """
+    from instructedit_plugin.models.output_layer import keep_output_layer_dense
 
-    def __init__(self, model: Any):
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-
-    def restore(self) -> None:
-        for param, flag in self.flags:
-            if param.requires_grad != flag:
-                param.requires_grad_(flag)
+    handle = keep_output_layer_dense(model)
+    return handle.remove if handle is not None else (lambda: None)
 
 
 class TimedApply:
     """Wraps ``editor.apply_algo``: EasyEdit main records no edit time, so each call is timed here.
 
-    After each call the edited model's parameters get back the ``requires_grad`` flags they had before
-    it (:class:`RequiresGradFlags`: EasyEdit's scoring then runs at the unedited model's speed, with
-    the same outputs). ``after``, when set, is called with the edited model right after a timed call
-    (outside the timing), while EasyEdit has not yet scored or restored it.
+    ``after``, when set, is called with the edited model right after a timed call (outside the timing), while
+    EasyEdit has not yet scored or restored it.
     """
 
     def __init__(self, apply: Callable[..., Any]):
@@ -435,11 +425,9 @@ class TimedApply:
         self.after: Callable[[Any], None] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flags = RequiresGradFlags(args[0] if args else kwargs["model"])
         t0 = time.perf_counter()
         out = self.apply(*args, **kwargs)
         self.ms.append((time.perf_counter() - t0) * 1000)
-        flags.restore()
         if self.after is not None:
             self.after(out[0] if isinstance(out, tuple) else out)
         return out
@@ -452,9 +440,10 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
 
     With ``query_texts``, the edited model of the last request is timed on them (:func:`query_times`) right
     after its edit, before EasyEdit scores and restores it, and the times go into ``query_ms_out`` (GRACE
-    and WISE: no second edit only to time queries)."""
+    and WISE: no second edit only to time queries). EasyEdit scores with :func:`dense_output_layer`."""
     timer = TimedApply(editor.apply_algo)
     editor.apply_algo = timer
+    undo_dense = dense_output_layer(editor.model)
     metrics, errors, edited = [], [], None
     extra = {"train_ds": train_ds} if train_ds is not None else {}
     try:
@@ -472,6 +461,7 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
                 LOG.info("%s: %d/%d edits", name, i + 1, len(requests))
     finally:
         editor.apply_algo = timer.apply
+        undo_dense()
     return metrics, timer.ms, edited, errors
 
 
@@ -479,33 +469,34 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
                    loc_prompts: Sequence[str] | None = None) -> tuple[list[dict], list[float]]:
     """Apply every request one after another to one model with EasyEdit's ``apply_algo`` (nothing restored in
     between), then score every request on the final model with EasyEdit's ``compute_edit_quality``
-    (pre-edit metrics first, on the unedited model); the model is restored at the end. Before the scoring
-    after the edits, the parameters get back the ``requires_grad`` flags of the unedited model
-    (:class:`RequiresGradFlags`: same outputs, the unedited model's speed)."""
+    (pre-edit metrics first, on the unedited model); the model is restored at the end. The scoring runs with
+    :func:`dense_output_layer` (same outputs, the unedited model's speed)."""
     from easyeditor.editors.editor import finalize_locality_metrics
     from easyeditor.evaluate import compute_edit_quality
     from tqdm import tqdm
 
     hp = editor.hparams
     prepared = [_prepare(req, loc_prompts[i % len(loc_prompts)] if loc_prompts else None) for i, req in enumerate(requests)]
-    metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
-               for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
+    undo_dense = dense_output_layer(editor.model)
     edit_ms, first_restore, edited = [], None, editor.model
-    flags = RequiresGradFlags(editor.model)
-    for r in tqdm(prepared, desc=f"{name} edits", leave=False):
-        t0 = time.perf_counter()
-        edited, restore = editor.apply_algo(editor.model, editor.tok, [r], hp, copy=False, return_orig_weights=True,
-                                            keep_original_weight=False)
-        edit_ms.append((time.perf_counter() - t0) * 1000)
-        first_restore = restore if first_restore is None else first_restore
-    flags.restore()
     try:
-        for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
-            m["post"] = compute_edit_quality(edited, editor.model_name, hp, editor.tok, r, hp.device)
-            finalize_locality_metrics(m, r, hp, editor.model_name)
+        metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
+                   for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
+        for r in tqdm(prepared, desc=f"{name} edits", leave=False):
+            t0 = time.perf_counter()
+            edited, restore = editor.apply_algo(editor.model, editor.tok, [r], hp, copy=False, return_orig_weights=True,
+                                                keep_original_weight=False)
+            edit_ms.append((time.perf_counter() - t0) * 1000)
+            first_restore = restore if first_restore is None else first_restore
+        try:
+            for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
+                m["post"] = compute_edit_quality(edited, editor.model_name, hp, editor.tok, r, hp.device)
+                finalize_locality_metrics(m, r, hp, editor.model_name)
+        finally:
+            if callable(first_restore):  # GRACE / WISE: the original layer back; InstructEd: the empty memory
+                first_restore()
     finally:
-        if callable(first_restore):  # GRACE / WISE: the original layer back; InstructEd: the empty memory
-            first_restore()
+        undo_dense()
     return metrics, edit_ms
 
 
@@ -750,6 +741,7 @@ def main(argv=None) -> int:
     rinfo = recipe_info(archive)
     model, tok = load_causal_lm(model_dir, dtype=args.dtype)
     model.eval()
+    dense_output_layer(model)  # for the whole run: the unedited and the edited models' forwards timed alike
     n_eval = max(args.limit, args.baseline_limit or 0, args.sequential_n if args.sequential_list else 0,
                  args.sequential_baseline_n or 0)
     evaluation = evaluation_records(data_dir, limit=n_eval)

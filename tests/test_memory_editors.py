@@ -359,23 +359,26 @@ def test_the_unmet_requests_section_names_each_short_row_with_its_n_and_projecte
     assert BENCH.unmet_requests_lines(out) == []  # everything asked for is there: no section
 
 
-GRACE_FLAGS_RUN = RUN_HEAD + textwrap.dedent(
+GRACE_DENSE_RUN = RUN_HEAD + textwrap.dedent(
     """
     from torch.profiler import profile
     hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
                                 Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=10)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    out = {{"flags_before": sum(p.requires_grad for p in model.parameters())}}
-    restore, unedited = bench.RequiresGradFlags.restore, bench.RequiresGradFlags(model)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    unedited_flags = [(p, p.requires_grad) for p in model.parameters()]
+    out = {{"flags_before": sum(flag for _, flag in unedited_flags), "hooks_before": len(head._forward_pre_hooks)}}
+    dense_output_layer = bench.dense_output_layer
 
     def spaced_editor():
         editor = make_editor(hp, model, tok)
         editor.tok = bench.SpacedTargetTokenizer(tok)
         return editor
 
-    for label in ("as_grace_left_them", "restored"):
-        restore(unedited)  # each run starts from the unedited model's flags
-        bench.RequiresGradFlags.restore = restore if label == "restored" else (lambda self: None)
+    for label in ("without_hook", "with_hook"):
+        for param, flag in unedited_flags:  # each run starts from the unedited model's flags
+            param.requires_grad_(flag)
+        bench.dense_output_layer = dense_output_layer if label == "with_hook" else (lambda model: (lambda: None))
         torch.manual_seed(0)  # GRACE's cold codebook values are random
         with profile(record_shapes=True) as prof, bench.ModuleGuard(model, bench.edited_module_paths(hp)):
             metrics, ms = bench.run_sequential(spaced_editor(), requests, label)
@@ -388,24 +391,26 @@ GRACE_FLAGS_RUN = RUN_HEAD + textwrap.dedent(
         out[label] = dict(sequential=json.dumps(metrics, sort_keys=True, default=str), lm_head_bmm=lm_head_bmm,
                           one_hop=json.dumps(one_hop, sort_keys=True, default=str), errors=errors,
                           flags_after=sum(p.requires_grad for p in model.parameters()),
-                          rel=[r["Rel"] for r in bench.per_record(metrics)])
+                          hooks_after=len(head._forward_pre_hooks), rel=[r["Rel"] for r in bench.per_record(metrics)])
     print("RESULT " + json.dumps(out))
     """
 )
 
 
 @needs_easyedit_main
-def test_grace_scoring_gets_the_unedited_models_grad_flags_back_with_identical_metrics(tiny_gemma3_dir, tmp_path):
+def test_grace_scoring_keeps_the_frozen_output_layer_off_bmm_with_identical_metrics(tiny_gemma3_dir, tmp_path):
     """EasyEdit's GRACE freezes every parameter; generation then runs the LM head on the last-token slice
     through ``bmm`` (a copy of the whole output weight per token: 18x slower scoring on Gemma-3-270M).
-    The benchmark puts the flags back before scoring: the same metrics, and the LM head through ``mm``."""
-    out = _run_script(GRACE_FLAGS_RUN, tiny_gemma3_dir, tmp_path)
-    left, restored = out["as_grace_left_them"], out["restored"]
-    assert out["flags_before"] > 0 and not left["errors"] and not restored["errors"]
-    assert left["flags_after"] == 0  # GRACE froze the model (its own codebook left the model with the guard)
-    assert restored["flags_after"] == out["flags_before"]  # every flag back as the unedited model had it
-    assert left["lm_head_bmm"] > 0  # the slow path: the frozen output layer through bmm in the scoring
-    assert restored["lm_head_bmm"] == 0
-    assert restored["sequential"] == left["sequential"]  # identical metrics (pre and post), every record
-    assert restored["one_hop"] == left["one_hop"]
-    assert max(restored["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
+    The benchmark's runners score with the output layer's dense-input hook (``dense_output_layer``): the
+    same metrics, and the LM head through ``mm``, with EasyEdit's flags left as GRACE sets them."""
+    out = _run_script(GRACE_DENSE_RUN, tiny_gemma3_dir, tmp_path)
+    without, with_hook = out["without_hook"], out["with_hook"]
+    assert out["flags_before"] > 0 and not without["errors"] and not with_hook["errors"]
+    # GRACE froze the model (its own codebook left the model with the guard); the hook leaves the flags alone
+    assert without["flags_after"] == with_hook["flags_after"] == 0
+    assert without["lm_head_bmm"] > 0  # the slow path: the frozen output layer through bmm in the scoring
+    assert with_hook["lm_head_bmm"] == 0
+    assert with_hook["sequential"] == without["sequential"]  # identical metrics (pre and post), every record
+    assert with_hook["one_hop"] == without["one_hop"]
+    assert max(with_hook["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
+    assert with_hook["hooks_after"] == out["hooks_before"]  # the runners take their hook off again
