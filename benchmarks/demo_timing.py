@@ -50,11 +50,11 @@ RESULT_KEYS = ("commit", "machine", "setup", "runs", "date", "command", "notes",
 
 def render_markdown(result: dict) -> str:
     """The markdown table of a saved result (rendered from the JSON alone)."""
-    from benchmarks.results_io import merged_runs_lines, notes_lines
+    from benchmarks.results_io import merged_runs_lines, notes_lines, rendered_from
 
     lines = [f"# Main-job wall time on a fresh clone (commit {result['commit'][:10]})", "",
              f"{result['setup']}; {result['machine']['cpus']} CPUs. Written by `python benchmarks/demo_timing.py`; "
-             "rendered from `demo_timing.json` (`python benchmarks/demo_timing.py --render`).", "",
+             + rendered_from("benchmarks/demo_timing.py", "demo_timing.json") + ".", "",
              "| run | command | wall time | exit | demo phases (s) |", "|---|---|---|---|---|"]
     for row in result["runs"]:
         phases = ", ".join(f"{k} {v:.0f}" for k, v in (row.get("demo_phase_seconds") or {}).items()) or "-"

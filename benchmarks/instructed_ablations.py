@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.instructed_latency import measure_query_cost, query_cost_lines, sim_deviation  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     EDIT_METRICS, command_line, edit_figures, merged_run, merged_runs_lines, notes_lines, read_notes, record_values,
-    render_saved, setup_logging, summarize_with_intervals, today, write_results,
+    render_saved, rendered_from, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("instructed_ablations")
@@ -409,8 +409,8 @@ def render_markdown(out: dict) -> str:
     lines = [
         f"# {args.get('title', TITLE)}",
         "",
-        f"Generated {out['date']} by `{SCRIPT}`; rendered from `{result_file}` "
-        f"(`python {SCRIPT} --render{render_out}`). Every figure: mean over the records and its 95% bootstrap interval "
+        f"Generated {out['date']} by `{SCRIPT}`; {rendered_from(SCRIPT, result_file, render_out)}. "
+        "Every figure: mean over the records and its 95% bootstrap interval "
         f"({args['bootstrap']} resamples of the records).",
         "",
         "## Configuration",

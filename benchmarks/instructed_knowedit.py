@@ -25,6 +25,7 @@ means). Writes ``benchmarks/results/instructed_knowedit.json`` and ``.md`` (rend
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.easyedit_calls import run_edits  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
+    command_line, edit_figures, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results, setup_logging,
 )
 
 LOG = logging.getLogger("instructed_knowedit")
@@ -119,35 +120,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # Intervals
 # ----------------------------------------------------------------------------------------------
-def _mean(values):
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
 def summarize(records: list[list[float | None]], resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
-    """Means (percent) of Rel/Gen/Loc/Por over records, H of them, and 95% percentile-bootstrap intervals
-    (:func:`benchmarks.results_io.figures_with_ci`; H's interval is H of each resample's means, over the
-    resamples that hold every metric the records measure: a metric measured on few records (KnowEdit's
-    portability questions on 4 of 20 WikiData-Recent records) is missing from some resamples, whose H of
-    the other metrics would be another figure)."""
-    from instructedit_plugin.evaluation.summary import harmonic_mean
-
-    measured: list[str] = []
-
-    def figures(rows):
-        means = {m: _mean([r[i] for r in rows]) for i, m in enumerate(METRICS)}
-        present = [v for v in means.values() if v is not None]
-        complete = all(means[m] is not None for m in measured)
-        means["H"] = harmonic_mean(present) if present and complete else None
-        return means
-
-    point = figures(records)
-    measured += [m for m in METRICS if point[m] is not None]
-    out = {k: (round(100 * v, 1) if v is not None else None) for k, v in point.items()}
+    """Means (percent, one decimal) of Rel/Gen/Loc/Por over records (per record ``[Rel, Gen, Loc, Por]`` in [0, 1],
+    None: not measured), H of them, and 95% percentile-bootstrap intervals
+    (:func:`benchmarks.results_io.edit_figures` on :func:`benchmarks.results_io.figures_with_ci`'s resamples; H's
+    interval is H of each resample's means, over the resamples that hold every metric the records measure: a metric
+    measured on few records (KnowEdit's portability questions on 4 of 20 WikiData-Recent records) is missing from some
+    resamples, whose H of the other metrics would be another figure). ``resamples=0``: no intervals."""
+    rows = [dict(zip(METRICS, r)) for r in records]
+    point = edit_figures(rows, scale=1.0)  # fractions, shown in percent: rounded as the committed files were
+    measured = [m for m in METRICS if point[m] is not None]
+    point["H"] = point["H"] if measured else None
+    keys = (*METRICS, "H")
+    out = {k: (round(100 * point[k], 1) if point[k] is not None else None) for k in keys}
     if not records or resamples <= 0:
         return {**out, "ci": {}, "n": len(records)}
-    with_ci = figures_with_ci(records, figures, resamples, seed)
-    ci = {k: [round(100 * v[1], 1), round(100 * v[2], 1)] for k, v in with_ci.items() if v is not None}
+    figures = functools.partial(edit_figures, scale=1.0, required=measured)
+    with_ci = figures_with_ci(rows, figures, resamples, seed)
+    ci = {k: [round(100 * with_ci[k][1], 1), round(100 * with_ci[k][2], 1)] for k in keys if with_ci[k] is not None}
     return {**out, "ci": ci, "n": len(records)}
 
 

@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
     DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines,
-    read_notes, render_saved, today, write_results,
+    produced_by, read_notes, render_saved, today, write_results,
 )
 
 LOG = logging.getLogger("instructedit_cpu")
@@ -452,8 +452,7 @@ def render_markdown(out: dict) -> str:
     """``instructedit_cpu.md`` from ``instructedit_cpu.json`` alone."""
     args, n = out["args"], out.get("n_edits") or {}
     lines = ["# InstructEdit CPU benchmark (Gemma-3-270M)", "",
-             "Produced by `benchmarks/instructedit_cpu.py`; rendered from `instructedit_cpu.json` "
-             "(`python benchmarks/instructedit_cpu.py --render`). Rel / Gen / Loc / Por in percent as the JSON stores them; "
+             produced_by(SCRIPT, "instructedit_cpu.json") + " Rel / Gen / Loc / Por in percent as the JSON stores them; "
              "Score = their mean; n = edited records per task."
              + (f" [low, high]: 95% percentile-bootstrap interval over the edited records ({args['bootstrap']} "
                 "resamples, seeded; per-edit values in the JSON's `records`)." if out.get("records") else ""), ""]

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import (  # noqa: E402
-    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, notes_lines, read_notes, render_saved,
+    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, notes_lines, produced_by, read_notes, render_saved,
     setup_logging, today, write_results,
 )
 
@@ -111,8 +111,8 @@ def render_markdown(out: dict) -> str:
     fmt = lambda v: f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"  # noqa: E731
     rfmt = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
     lines = [f"# InstructEdit edit latency: instruction-prefix cache ({out['model']})", "",
-             f"Produced by `{SCRIPT}`; rendered from `instructedit_latency.json` (`python {SCRIPT} --render`). "
-             f"{args['n_edits']} CounterFact edits per method, interleaved record by record in one process; medians "
+             produced_by(SCRIPT, "instructedit_latency.json")
+             + f" {args['n_edits']} CounterFact edits per method, interleaved record by record in one process; medians "
              f"with 95% bootstrap intervals over edits ({args['bootstrap']} resamples); ratios of medians with the edits "
              "resampled in pairs. Wall: elapsed time of an edit; CPU: CPU time of the editing thread (robust to other "
              "processes on a shared machine).", "",

@@ -20,9 +20,9 @@ median query time of the edited model on ``prompt + target_new`` as a ratio to t
 each with a 95% bootstrap interval over the records (GRACE / WISE: timed on the last edit's model right
 after its edit). ``--sequential_methods``: ``--sequential_n`` edits applied one after another to one
 model (the InstructEd memory, the GRACE codebook, the WISE side memory grow), then every edit evaluated
-on the final model. Before EasyEdit scores an edited model, its parameters get back the unedited model's
-``requires_grad`` flags (:class:`RequiresGradFlags`: GRACE freezes them, which made its generation-based
-scoring on Gemma-3-270M 18 times slower with the same outputs). ``--hparams_variant grace=STEM`` runs a labelled other setting
+on the final model. EasyEdit scores with the output layer kept on torch's fast path (:func:`dense_output_layer`:
+GRACE freezes every parameter, which made its generation-based scoring on Gemma-3-270M 18 times slower with the
+same outputs). ``--hparams_variant grace=STEM`` runs a labelled other setting
 (``hparams/GRACE/STEM.yaml``) whose rows stand beside the default's. The markdown ends with the requests
 of #15 item 4 the file does not meet (rows short of the records / the 100 sequential edits asked for,
 with the measured edit time and the time the asked-for edits would take at it).
@@ -61,8 +61,8 @@ from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
 from benchmarks.sequential_checkpoint import SequentialCheckpoint, run_fingerprint  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines, read_notes, render_saved,
-    setup_logging, today, write_results,
+    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, produced_by, read_notes,
+    record_values, render_saved, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("memory_editors")
@@ -73,7 +73,7 @@ SEQUENTIAL_REQUESTED = 100  # #15 item 4: sequential editing of 100 edits (the p
 #: method -> EasyEdit's alg_name (also the folder of its YAMLs under hparams/; its hparams class comes from
 #: :func:`instructedit_plugin.registry.hparams_class_for`)
 EASYEDIT_METHODS = {"ike": "IKE", "grace": "GRACE", "wise": "WISE"}
-METRICS = ("Rel", "Gen", "Loc", "Por", "Score", "H")
+METRICS = EDIT_METRICS
 DATASETS = ("counterfact", "zsre")
 IKE_DEMO_FILE = "counterfact/counterfact-train.json"
 RESULT_KEYS = frozenset({
@@ -424,40 +424,30 @@ def ike_demonstrations(data_dir: Path, n: int, exclude_subjects: set[str]) -> li
     return out
 
 
-class RequiresGradFlags:
-    """The ``requires_grad`` flag of every parameter of a model, saved on creation; :meth:`restore` puts them back.
+def dense_output_layer(model: Any) -> Callable[[], None]:
+    """Put :func:`~instructedit_plugin.models.output_layer.keep_output_layer_dense`'s pre-hook on ``model``'s output
+    layer; returns what takes it off again (nothing when the hook was there already).
 
-    Why the benchmark needs it (the GRACE scoring slowdown on Gemma-3-270M): EasyEdit main's GRACE
-    freezes every parameter of the model it edits (``GRACE.__init__``, easyeditor/models/grace/GRACE.py
-    lines 44-45) and trains only its codebook values, so after an edit the model's parameters no
-    longer require grad, while the unedited model (loaded by transformers) has them all requiring grad.
-    The scoring is greedy generation (``model.generate``), which runs the LM head on the last position
-    only: a 3-D slice ``hidden_states[:, -1:, :]`` whose batch stride is not the one of a contiguous
-    ``[1, 1, d]`` tensor. For such an input, ``torch.matmul`` (torch 2.13, under ``F.linear`` without a
-    bias) folds the batch into one ``mm`` only when the weight requires grad; a frozen weight takes the
-    ``bmm`` path, which expands the transposed weight and copies it -- for Gemma-3-270M's tied
-    262,144 x 640 output layer about 2.7 s per generated token instead of 0.07 s. Scoring runs under
-    ``no_grad`` either way, so the flags change no value, only which kernel runs; putting back the
-    unedited model's flags after an edit scores the edited model at the unedited model's speed with
-    the same outputs (and GRACE sets its own flags again at its next edit).
+    Why the benchmark needs it (the GRACE scoring slowdown on Gemma-3-270M): EasyEdit main's GRACE freezes every
+    parameter of the model it edits (``GRACE.__init__``, easyeditor/models/grace/GRACE.py lines 44-45), and its
+    scoring is greedy generation (``model.generate``), which runs the output layer on the last-position slice
+    ``hidden_states[:, -1:, :]``. For that input (torch 2.13, ``F.linear`` without a bias) a frozen weight takes
+    the ``bmm`` path, which copies the whole transposed weight -- for Gemma-3-270M's tied 262,144 x 640 output
+    layer about 2.7 s per generated token instead of 0.07 s. The hook hands the layer a standard-strided copy of
+    the slice: the same logits on the fast path, whatever the ``requires_grad`` flags (EasyEdit's stay as GRACE
+    leaves them).
     """
+    from instructedit_plugin.models.output_layer import keep_output_layer_dense
 
-    def __init__(self, model: Any):
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-
-    def restore(self) -> None:
-        for param, flag in self.flags:
-            if param.requires_grad != flag:
-                param.requires_grad_(flag)
+    handle = keep_output_layer_dense(model)
+    return handle.remove if handle is not None else (lambda: None)
 
 
 class TimedApply:
     """Wraps ``editor.apply_algo``: EasyEdit main records no edit time, so each call is timed here.
 
-    After each call the edited model's parameters get back the ``requires_grad`` flags they had before
-    it (:class:`RequiresGradFlags`: EasyEdit's scoring then runs at the unedited model's speed, with
-    the same outputs). ``after``, when set, is called with the edited model right after a timed call
-    (outside the timing), while EasyEdit has not yet scored or restored it.
+    ``after``, when set, is called with the edited model right after a timed call (outside the timing), while
+    EasyEdit has not yet scored or restored it.
     """
 
     def __init__(self, apply: Callable[..., Any]):
@@ -465,11 +455,9 @@ class TimedApply:
         self.after: Callable[[Any], None] | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flags = RequiresGradFlags(args[0] if args else kwargs["model"])
         t0 = time.perf_counter()
         out = self.apply(*args, **kwargs)
         self.ms.append((time.perf_counter() - t0) * 1000)
-        flags.restore()
         if self.after is not None:
             self.after(out[0] if isinstance(out, tuple) else out)
         return out
@@ -482,9 +470,10 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
 
     With ``query_texts``, the edited model of the last request is timed on them (:func:`query_times`) right
     after its edit, before EasyEdit scores and restores it, and the times go into ``query_ms_out`` (GRACE
-    and WISE: no second edit only to time queries)."""
+    and WISE: no second edit only to time queries). EasyEdit scores with :func:`dense_output_layer`."""
     timer = TimedApply(editor.apply_algo)
     editor.apply_algo = timer
+    undo_dense = dense_output_layer(editor.model)
     metrics, errors, edited = [], [], None
     extra = {"train_ds": train_ds} if train_ds is not None else {}
     try:
@@ -502,6 +491,7 @@ def run_one_hop(editor: Any, requests: Sequence[Mapping[str, Any]], name: str, t
                 LOG.info("%s: %d/%d edits", name, i + 1, len(requests))
     finally:
         editor.apply_algo = timer.apply
+        undo_dense()
     return metrics, timer.ms, edited, errors
 
 
@@ -510,9 +500,8 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
                    stop_after: int | None = None) -> tuple[list[dict], list[float]] | None:
     """Apply every request one after another to one model with EasyEdit's ``apply_algo`` (nothing restored in
     between), then score every request on the final model with EasyEdit's ``compute_edit_quality``
-    (pre-edit metrics first, on the unedited model); the model is restored at the end. Before the scoring
-    after the edits, the parameters get back the ``requires_grad`` flags of the unedited model
-    (:class:`RequiresGradFlags`: same outputs, the unedited model's speed).
+    (pre-edit metrics first, on the unedited model); the model is restored at the end. The scoring runs with
+    :func:`dense_output_layer` (same outputs, the unedited model's speed).
 
     WISE is told that its edits are sequential (``hparams.sequential_edit``: EasyEdit main's text WISE reads
     it, ``WISE.py:81``, but neither its hparams class nor ``BaseEditor`` sets it, and without it every edit
@@ -528,34 +517,36 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
     if getattr(hp, "alg_name", None) == "WISE":
         hp.sequential_edit = True
     prepared = [_prepare(req, loc_prompts[i % len(loc_prompts)] if loc_prompts else None) for i, req in enumerate(requests)]
-    resumed = checkpoint.load(editor.model) if checkpoint is not None else None
-    if resumed is not None:
-        metrics, edit_ms, start = [{"pre": pre} for pre in resumed.pre], resumed.edit_ms, resumed.done
-    else:
-        metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
-                   for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
-        edit_ms, start = [], 0
+    undo_dense = dense_output_layer(editor.model)
     first_restore, edited = None, editor.model
-    flags = RequiresGradFlags(editor.model)
-    for i in tqdm(range(start, len(prepared)), desc=f"{name} edits", initial=start, total=len(prepared), leave=False):
-        t0 = time.perf_counter()
-        edited, restore = editor.apply_algo(editor.model, editor.tok, [prepared[i]], hp, copy=False,
-                                            return_orig_weights=True, keep_original_weight=False)
-        edit_ms.append((time.perf_counter() - t0) * 1000)
-        first_restore = restore if first_restore is None else first_restore
-        if checkpoint is not None:
-            checkpoint.save(editor.model, i + 1, [m["pre"] for m in metrics], edit_ms)
-        if stop_after is not None and i + 1 >= stop_after and i + 1 < len(prepared):
-            LOG.info("%s: stopped after %d of %d edits; progress in %s", name, i + 1, len(prepared), checkpoint.folder)
-            return None
-    flags.restore()
     try:
-        for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
-            m["post"] = compute_edit_quality(edited, editor.model_name, hp, editor.tok, r, hp.device)
-            finalize_locality_metrics(m, r, hp, editor.model_name)
+        resumed = checkpoint.load(editor.model) if checkpoint is not None else None
+        if resumed is not None:
+            metrics, edit_ms, start = [{"pre": pre} for pre in resumed.pre], resumed.edit_ms, resumed.done
+        else:
+            metrics = [{"pre": compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, r, hp.device)}
+                       for r in tqdm(prepared, desc=f"{name} pre", leave=False)]
+            edit_ms, start = [], 0
+        for i in tqdm(range(start, len(prepared)), desc=f"{name} edits", initial=start, total=len(prepared), leave=False):
+            t0 = time.perf_counter()
+            edited, restore = editor.apply_algo(editor.model, editor.tok, [prepared[i]], hp, copy=False,
+                                                return_orig_weights=True, keep_original_weight=False)
+            edit_ms.append((time.perf_counter() - t0) * 1000)
+            first_restore = restore if first_restore is None else first_restore
+            if checkpoint is not None:
+                checkpoint.save(editor.model, i + 1, [m["pre"] for m in metrics], edit_ms)
+            if stop_after is not None and i + 1 >= stop_after and i + 1 < len(prepared):
+                LOG.info("%s: stopped after %d of %d edits; progress in %s", name, i + 1, len(prepared), checkpoint.folder)
+                return None
+        try:
+            for m, r in zip(tqdm(metrics, desc=f"{name} post", leave=False), prepared):
+                m["post"] = compute_edit_quality(edited, editor.model_name, hp, editor.tok, r, hp.device)
+                finalize_locality_metrics(m, r, hp, editor.model_name)
+        finally:
+            if callable(first_restore):  # GRACE / WISE: the original layer back; InstructEd: the empty memory
+                first_restore()
     finally:
-        if callable(first_restore):  # GRACE / WISE: the original layer back; InstructEd: the empty memory
-            first_restore()
+        undo_dense()
     return metrics, edit_ms
 
 
@@ -563,36 +554,20 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
 # Figures with bootstrap intervals
 # ----------------------------------------------------------------------------------------------
 def per_record(metrics: Sequence[Mapping[str, Any]], phase: str = "post") -> list[dict[str, float | None]]:
-    """Rel/Gen/Loc/Por in [0, 1] of each record (EasyEdit's metrics, as ``summarize_metrics`` reads them)."""
-    from instructedit_plugin.evaluation.summary import edit_metrics
-
-    rows = []
-    for rec in metrics:
-        row = edit_metrics(rec.get(phase) or {}, rec.get("pre") if phase == "post" else None)
-        if phase == "pre":
-            row["Loc"] = 1.0  # the unedited model agrees with itself
-        rows.append(row)
-    return rows
-
-
-def _figures(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
-    from instructedit_plugin.evaluation.summary import harmonic_mean, score
-
-    out: dict[str, float | None] = {}
-    for k in ("Rel", "Gen", "Loc", "Por"):
-        vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * math.fsum(vals) / len(vals) if vals else None
-    measured = [v for k, v in out.items() if v is not None]
-    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
-    return out
+    """Rel/Gen/Loc/Por in [0, 1] of each record (:func:`benchmarks.results_io.record_values`); ``phase="pre"``:
+    the unedited model's, with Loc 1 (the unedited model agrees with itself)."""
+    if phase == "post":
+        return record_values(list(metrics))
+    return [dict(row, Loc=1.0) for row in record_values([{"post": rec.get("pre")} for rec in metrics])]
 
 
 def bootstrap_summary(rows: Sequence[Mapping[str, float | None]], n_boot: int, seed: int) -> dict[str, list | None]:
-    """``{metric: [value, low, high]}`` in percent: the figures of all records and their 95% bootstrap interval
-    (:func:`benchmarks.results_io.figures_with_ci`: Score and H recomputed from each resample's means)."""
+    """``{metric: [value, low, high]}`` in percent (:func:`benchmarks.results_io.summarize_with_intervals`, the
+    metric means summed with ``math.fsum`` as every committed ``memory_editors*.json`` was); every figure None
+    without records."""
     if not rows:
-        return {k: None for k in METRICS}
-    return {k: figs for k, figs in figures_with_ci(rows, _figures, n_boot, seed, digits=2).items() if k in METRICS}
+        return dict.fromkeys(METRICS)
+    return summarize_with_intervals(rows, n_boot, seed, summation=math.fsum)
 
 
 def bootstrap_median(values: Sequence[float], n_boot: int, seed: int, digits: int = 1) -> list[float] | None:
@@ -702,8 +677,7 @@ def render_markdown(out: Mapping[str, Any]) -> str:
     lines = [
         "# Memory-based editors beside InstructEd on CPU: embedded Gemma-3-270M",
         "",
-        "Produced by `benchmarks/memory_editors.py`; rendered from `memory_editors.json` "
-        "(`python benchmarks/memory_editors.py --render`). Percent; every figure with its 95% bootstrap interval "
+        produced_by(SCRIPT, "memory_editors.json") + " Percent; every figure with its 95% bootstrap interval "
         f"over the records ({args['bootstrap']} resamples). EasyEdit main's `BaseEditor.edit` + `compute_edit_quality` "
         "(IKE: `compute_icl_edit_quality`), one edit per call, restored after each; Rel = rewrite_acc, Gen = rephrase_acc, "
         "Loc = locality, Por = the GPT-4 one-hop portability question, Score = mean, H = harmonic mean of the four.",
@@ -817,6 +791,7 @@ def main(argv=None) -> int:
     rinfo = recipe_info(archive)
     model, tok = load_causal_lm(model_dir, dtype=args.dtype)
     model.eval()
+    dense_output_layer(model)  # for the whole run: the unedited and the edited models' forwards timed alike
     n_eval = max(args.limit, args.baseline_limit or 0, args.sequential_n if args.sequential_list else 0,
                  args.sequential_baseline_n or 0)
     evaluation = evaluation_records(data_dir, limit=n_eval)

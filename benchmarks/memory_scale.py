@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results_io import (  # noqa: E402
-    command_line, merged_runs_lines, notes_lines, read_notes, render_saved, today, write_results,
+    command_line, merged_runs_lines, notes_lines, produced_by, read_notes, render_saved, today, write_results,
 )
 
 SCRIPT = "benchmarks/memory_scale.py"
@@ -155,8 +155,7 @@ def render_markdown(out: dict) -> str:
     """``memory_scale.md`` from ``memory_scale.json`` alone (figures as the JSON stores them)."""
     sizes = sorted({r["size"] for r in out["rows"]})
     lines = [f"# Instruction memory indexes at {' / '.join(f'{s:,}' for s in sizes)} entries", "",
-             "Produced by `benchmarks/memory_scale.py`; rendered from `memory_scale.json` "
-             "(`python benchmarks/memory_scale.py --render`). Wall-clock times on CPU.", "",
+             produced_by(SCRIPT, "memory_scale.json") + " Wall-clock times on CPU.", "",
              "## Configuration", ""]
     if out.get("command"):
         lines.append(f"* Command: `{out['command']}`" + (f" ({out['date']})." if out.get("date") else "."))

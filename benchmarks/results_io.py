@@ -22,6 +22,7 @@ and 97.5th percentiles of the resampled statistic) unless the script names anoth
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import shlex
@@ -52,6 +53,17 @@ def read_notes(path: str | Path) -> str:
     """A notes file's markdown, stripped, with one final newline ('' for an empty file)."""
     text = Path(path).read_text(encoding="utf-8").strip()
     return text + "\n" if text else ""
+
+
+def rendered_from(script: str, result_file: str, render_options: str = "") -> str:
+    """How a markdown names the JSON it is built from and the command that rebuilds it:
+    ``rendered from `<result_file>` (`python <script> --render<render_options>`)``."""
+    return f"rendered from `{result_file}` (`python {script} --render{render_options}`)"
+
+
+def produced_by(script: str, result_file: str) -> str:
+    """A markdown's opening provenance sentence: ``Produced by `<script>`; rendered from ... (...).``"""
+    return f"Produced by `{script}`; {rendered_from(script, result_file)}."
 
 
 def notes_lines(out: Mapping[str, Any]) -> list[str]:
@@ -269,27 +281,39 @@ def record_values(metrics: list[dict]) -> list[dict[str, float | None]]:
     return [edit_metrics(m.get("post", {}) or {}, m.get("pre")) for m in metrics]
 
 
-def edit_figures(rows: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """``{metric: value}`` in % of :data:`EDIT_METRICS` over per-record values (:func:`record_values`): the mean of
-    each measured metric, Score and H of those means."""
+def edit_figures(rows: Sequence[Mapping[str, float | None]], summation: Callable[[list[float]], float] = sum,
+                 required: Iterable[str] = (), scale: float = 100.0) -> dict[str, float | None]:
+    """``{metric: value}`` of :data:`EDIT_METRICS` over per-record values in [0, 1] (:func:`record_values`): the mean
+    of each measured metric times ``scale`` (100: percent; 1: as the records hold them), Score and H of those means.
+
+    ``summation`` adds a metric's values: ``sum`` (left to right, what the InstructEd benchmarks' committed results
+    were written with) or ``math.fsum`` (correctly rounded, ``benchmarks/memory_editors.py``'s); the two can differ
+    in the last bit, which can move a figure rounded to two decimals at a rounding boundary. ``required``: metrics
+    without whose mean Score and H are None (a bootstrap resample that misses a metric the records measure, e.g. a
+    portability question asked on few records, would otherwise give Score and H of fewer metrics: another figure)."""
     from instructedit_plugin.evaluation.summary import harmonic_mean, score
 
     out: dict[str, float | None] = {}
     for k in EDIT_METRICS[:4]:
         vals = [r[k] for r in rows if r.get(k) is not None]
-        out[k] = 100.0 * sum(vals) / len(vals) if vals else None
+        out[k] = scale * summation(vals) / len(vals) if vals else None
     measured = [out[k] for k in EDIT_METRICS[:4] if out[k] is not None]
-    out["Score"], out["H"] = score(measured), harmonic_mean(measured)
+    if any(out[k] is None for k in required):
+        out["Score"] = out["H"] = None
+    else:
+        out["Score"], out["H"] = score(measured), harmonic_mean(measured)
     return out
 
 
-def summarize_with_intervals(rows: list[dict[str, float | None]], resamples: int, seed: int = 0) -> dict:
+def summarize_with_intervals(rows: Sequence[Mapping[str, float | None]], resamples: int, seed: int = 0,
+                             summation: Callable[[list[float]], float] = sum) -> dict:
     """``{metric: [value, low, high]}`` in %: the mean over records and its 95% percentile-bootstrap interval
-    (:func:`figures_with_ci`: Score and H recomputed on each resample)."""
+    (:func:`figures_with_ci`: Score and H recomputed on each resample; ``summation`` as in :func:`edit_figures`)."""
+    figures = functools.partial(edit_figures, summation=summation)
     if not rows:
-        point = edit_figures(rows)
+        point = figures(rows)
         return {k: None if point[k] is None else [round(point[k], 2)] * 3 for k in EDIT_METRICS}
-    return figures_with_ci(rows, edit_figures, resamples, seed, digits=2)
+    return figures_with_ci(rows, figures, resamples, seed, digits=2)
 
 
 def ratio_interval(base: list[float], edited: list[float], resamples: int, seed: int = 0) -> list[float]:

@@ -133,6 +133,30 @@ def test_instructed_cpu_intervals_are_the_scripts_bootstrap_of_its_records():
             assert all(v[1] <= v[0] <= v[2] for v in cell.values() if v is not None), (ds, method)
 
 
+def test_summation_decides_a_committed_cell_at_a_rounding_boundary():
+    """``edit_figures``'s ``summation``: the committed InstructEd cells were written with ``sum`` and
+    ``memory_editors*.json`` with ``math.fsum``; on one committed cell the two round differently, so each
+    script keeps its own (the reason for the keyword)."""
+    import math
+
+    from benchmarks.results_io import summarize_with_intervals
+
+    out = _saved("instructed_cpu")
+    recs, cell = out["records"]["counterfact"]["rome"], out["datasets"]["counterfact"]["rome"]
+    assert summarize_with_intervals(recs, out["args"]["bootstrap"])["Loc"] == cell["Loc"]
+    assert summarize_with_intervals(recs, out["args"]["bootstrap"], summation=math.fsum)["Loc"] != cell["Loc"]
+
+
+@pytest.mark.parametrize("stem", [s for s in RESULT_STEMS if s.startswith("instructed_knowedit_")])
+def test_instructed_knowedit_rows_are_the_scripts_summary_of_their_records(stem):
+    """Every KnowEdit row is ``summarize`` of the per-record values it keeps (what ``--resummarize`` recomputes):
+    the figures, their intervals and n, rounded as the committed file has them."""
+    run, out = _script(stem), _saved(stem)
+    for ds, rows in out["datasets"].items():
+        for method, row in rows.items():
+            assert {k: v for k, v in row.items() if k != "records"} == run.summarize(row["records"]), (ds, method)
+
+
 def test_instructed_cpu_is_the_long_recipe_and_agrees_with_the_long_recipe_file():
     """#15 item 5: the committed benchmark runs the longer step-count recipe to its end, and its CounterFact gold row
     is ``instructed_long_recipe``'s ``long`` row (the same prefixes, records and evaluation)."""

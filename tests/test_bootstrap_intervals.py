@@ -119,3 +119,15 @@ def test_instructedit_render_reads_old_and_new_results():
     assert bench._with_ci(new_cell, "Rel") == f"50.00 [{new_cell['ci']['Rel'][0]:.2f}, {new_cell['ci']['Rel'][1]:.2f}]"
     assert bench._with_ci({"Rel": 50.0}, "Rel") == "50.00"  # results written before the intervals
     assert bench._with_ci(new_cell, "Loc") == "–"
+
+
+# ------------------------------------------------------------------ examples/run_mquake.py's release interval
+def test_mquake_release_interval_is_the_one_bootstrap_definition_in_percent():
+    run = load_script("examples/run_mquake.py", "example_script_run_mquake")
+    values = [0.0, 1 / 3, 1.0, 0.5, 0.0, 1.0, 2 / 3] * 4  # per-case token accuracies
+    low, high = bootstrap_ci(values, n_boot=run.BOOTSTRAP_RESAMPLES, seed=0)
+    interval = run.bootstrap_interval(values)
+    assert interval == [round(100 * low, 1), round(100 * high, 1)]
+    assert interval[0] < 100 * math.fsum(values) / len(values) < interval[1]
+    assert run.bootstrap_interval([0.0, 1.0], resamples=4000) == [0.0, 100.0]  # resampled means 0, 0.5, 1
+    assert run.bootstrap_interval([0.25] * 5) == [25.0, 25.0] and run.bootstrap_interval([]) is None

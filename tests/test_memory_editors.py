@@ -25,17 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 EASYEDIT_SRC = os.environ.get("EASYEDIT_SRC")
 BENCH = load_script("benchmarks/memory_editors.py", "benchmark_memory_editors")
 
-def _run_script(template: str, model_dir, tmp_path) -> dict:
-    """Run one of the subprocess scripts above against EasyEdit main; its ``RESULT`` line as a dict."""
+def _run_script(template: str, model_dir, tmp_path, **fields: str) -> dict:
+    """Run one of the subprocess scripts below against EasyEdit main (``fields``: its other template fields); its
+    ``RESULT`` line as a dict."""
     env = dict(os.environ, EASYEDIT_SRC=EASYEDIT_SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", template.format(repo=str(REPO), model=str(model_dir), work=str(tmp_path))],
+    script = template.format(repo=str(REPO), model=str(model_dir), work=str(tmp_path), **fields)
+    proc = subprocess.run([sys.executable, "-c", script],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
-#: what both subprocess runs start with: the tiny model, EasyEdit main and two edit requests
+#: what every subprocess run starts with: the tiny model, EasyEdit main and two edit requests
 RUN_HEAD = textwrap.dedent(
     """
     import json, sys
@@ -56,35 +58,64 @@ RUN_HEAD = textwrap.dedent(
     """
 )
 
-GRACE_RUN = RUN_HEAD + textwrap.dedent(
+#: one method through the benchmark's runner: two one-hop passes (``LABELS``, each editor from ``editor_for``),
+#: then a sequential run; what each pass measured, and whether the edited layer is the original one afterwards
+RUNNER = RUN_HEAD + textwrap.dedent(
     """
-    hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
-                                Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"])
-    layer = model.model.layers[2].mlp.down_proj
-    out = {{}}
-    for label, spaced in (("bare", False), ("spaced", True)):
-        editor = make_editor(hp, model, tok)
-        if spaced:
-            editor.tok = bench.SpacedTargetTokenizer(tok)
+    hp = bench.easyedit_hparams({method}, Path({repo!r}) / "hparams/{alg}/gemma-3-270m.yaml", {model!r},
+                                Path({work!r}), inner_params=["model.layers[{layer}].mlp.down_proj.weight"], **{overrides})
+    layer = model.model.layers[{layer}].mlp.down_proj
+    loc_prompts, query_texts = {loc_prompts}, {query_texts}
+    out = {{"activation_in_config": getattr(model.config, "hidden_act", None)}}
+    {editor_for}
+    for label in {labels}:
+        editor = editor_for(label)
+        query_ms = []
         with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
-            metrics, ms, _, errors = bench.run_one_hop(editor, requests, label)
-        out[label] = dict(pre=[r["Rel"] for r in bench.per_record(metrics, "pre")],
-                          post=[r["Rel"] for r in bench.per_record(metrics)], errors=errors, n_ms=len(ms))
-    editor = make_editor(hp, model, tok)
-    editor.tok = bench.SpacedTargetTokenizer(tok)
+            metrics, ms, _, errors = bench.run_one_hop(editor, requests, label, None, loc_prompts, query_texts, query_ms)
+        out[label] = dict(n=len(metrics), errors=errors, n_ms=len(ms), query_ms=query_ms,
+                          pre=[r["Rel"] for r in bench.per_record(metrics, "pre")],
+                          post=[r["Rel"] for r in bench.per_record(metrics)],
+                          loc=[r["Loc"] for r in bench.per_record(metrics)])
+    editor = editor_for("sequential")
     with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
-        metrics, ms = bench.run_sequential(editor, requests, "sequential")
-    out["sequential"] = [r["Rel"] for r in bench.per_record(metrics)]
-    out["layer_restored"] = model.model.layers[2].mlp.down_proj is layer
+        metrics, ms = bench.run_sequential(editor, requests, "sequential", loc_prompts)
+    out["sequential"] = dict(n=len(metrics), n_ms=len(ms), post=[r["Rel"] for r in bench.per_record(metrics)])
+    out["layer_restored"] = model.model.layers[{layer}].mlp.down_proj is layer
     print("RESULT " + json.dumps(out))
     """
 )
 
 
-@pytest.mark.easyedit_main
-@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+def _runner(method: str, layer: int, labels: tuple[str, str], editor_for: str, overrides: dict | None = None,
+            loc_prompts: list[str] | None = None, query_texts: list[str] | None = None) -> dict[str, str]:
+    """The fields of :data:`RUNNER` (for :func:`_run_script`) for ``method`` editing ``model.layers[layer].mlp.down_proj``;
+    ``editor_for`` is the source of ``def editor_for(label)``, the editor of each pass (``label``: one of ``labels``,
+    or ``"sequential"``)."""
+    return dict(method=repr(method), alg=method.upper(), layer=str(layer), labels=repr(labels), overrides=repr(overrides or {}),
+                loc_prompts=repr(loc_prompts), query_texts=repr(query_texts),
+                editor_for=textwrap.dedent(editor_for).strip())
+
+
+def needs_easyedit_main(test):
+    """Run ``test`` only with a clone of EasyEdit main (``EASYEDIT_SRC``), marked ``easyedit_main``."""
+    skip = pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+    return pytest.mark.easyedit_main(skip(test))
+
+
+#: GRACE scored by EasyEdit's generation metric with the bare target ("bare") and through the proxy ("spaced")
+GRACE_RUN = _runner("grace", 2, ("bare", "spaced"), """
+    def editor_for(label):
+        editor = make_editor(hp, model, tok)
+        if label != "bare":
+            editor.tok = bench.SpacedTargetTokenizer(tok)
+        return editor
+""")
+
+
+@needs_easyedit_main
 def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_path):
-    out = _run_script(GRACE_RUN, tiny_llama_dir, tmp_path)
+    out = _run_script(RUNNER, tiny_llama_dir, tmp_path, **GRACE_RUN)
     spaced, bare = out["spaced"], out["bare"]
     assert not spaced["errors"] and spaced["n_ms"] == 2  # both edits ran, each apply_algo call timed
     assert spaced["pre"] == [0.0, 0.0]
@@ -93,41 +124,23 @@ def test_grace_edits_succeed_through_the_benchmark_runner(tiny_llama_dir, tmp_pa
     # tokenizer without a dummy prefix the same successful edits score 0 -- why the proxy exists
     assert bare["post"] == [0.0, 0.0]
     # sequential: after the second edit the codebook still answers the first one
-    assert out["sequential"] == [1.0, 1.0]
+    assert out["sequential"]["post"] == [1.0, 1.0]
     assert out["layer_restored"]  # the adaptor is gone after the guard
 
 
-WISE_RUN = RUN_HEAD + textwrap.dedent(
-    """
-    loc_prompts = ["The capital of Japan is Tokyo", "Water boils at one hundred degrees"]
-    hp = bench.easyedit_hparams("wise", Path({repo!r}) / "hparams/WISE/gemma-3-270m.yaml", {model!r}, Path({work!r}),
-                                inner_params=["model.layers[3].mlp.down_proj.weight"], n_iter=5)
-    layer = model.model.layers[3].mlp.down_proj
-    out = {{"activation_in_config": getattr(model.config, "hidden_act", None)}}
-    for label in ("as_shipped", "with_activation"):
-        if label == "with_activation":
+#: WISE on Gemma 3 as EasyEdit main ships it ("as_shipped") and with the activation under the name it reads
+WISE_RUN = _runner("wise", 3, ("as_shipped", "with_activation"), """
+    def editor_for(label):
+        if label != "as_shipped":
             bench.wise_activation(hp, model)
-        editor = make_editor(hp, model, tok)
-        query_ms = []
-        with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
-            metrics, ms, _, errors = bench.run_one_hop(editor, requests, label, None, loc_prompts,
-                                                       ["The capital of Italy is Rome", "a b"], query_ms)
-        out[label] = dict(n=len(metrics), errors=errors, n_ms=len(ms), query_ms=query_ms,
-                          loc=[r["Loc"] for r in bench.per_record(metrics)])
-    editor = make_editor(hp, model, tok)
-    with bench.ModuleGuard(model, bench.edited_module_paths(hp)):
-        metrics, ms = bench.run_sequential(editor, requests, "sequential", loc_prompts)
-    out["sequential"] = dict(n=len(metrics), n_ms=len(ms))
-    out["layer_restored"] = model.model.layers[3].mlp.down_proj is layer
-    print("RESULT " + json.dumps(out))
-    """
-)
+        return make_editor(hp, model, tok)
+""", overrides={"n_iter": 5}, loc_prompts=["The capital of Japan is Tokyo", "Water boils at one hundred degrees"],
+    query_texts=["The capital of Italy is Rome", "a b"])
 
 
-@pytest.mark.easyedit_main
-@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+@needs_easyedit_main
 def test_wise_edits_a_gemma3_model_through_the_benchmark_runner_only_with_the_activation_fix(tiny_gemma3_dir, tmp_path):
-    out = _run_script(WISE_RUN, tiny_gemma3_dir, tmp_path)
+    out = _run_script(RUNNER, tiny_gemma3_dir, tmp_path, **WISE_RUN)
     assert out["activation_in_config"] is None  # Gemma 3 calls it hidden_activation
     shipped, fixed = out["as_shipped"], out["with_activation"]
     # EasyEdit main's WISE as shipped: every Gemma 3 edit fails on the activation's name
@@ -137,7 +150,7 @@ def test_wise_edits_a_gemma3_model_through_the_benchmark_runner_only_with_the_ac
     assert fixed["loc"][0] == 1.0  # WISE's router leaves the unrelated prompt to the original layer
     # the query times of the last edited model, taken right after its edit (no second edit to time them)
     assert len(fixed["query_ms"]) == 2 and all(t > 0 for t in fixed["query_ms"])
-    assert out["sequential"] == {"n": 2, "n_ms": 2}
+    assert out["sequential"]["n"] == 2 and out["sequential"]["n_ms"] == 2
     assert out["layer_restored"]
 
 
@@ -356,23 +369,26 @@ def test_the_unmet_requests_section_names_each_short_row_with_its_n_and_projecte
     assert BENCH.unmet_requests_lines(out) == []  # everything asked for is there: no section
 
 
-GRACE_FLAGS_RUN = RUN_HEAD + textwrap.dedent(
+GRACE_DENSE_RUN = RUN_HEAD + textwrap.dedent(
     """
     from torch.profiler import profile
     hp = bench.easyedit_hparams("grace", Path({repo!r}) / "hparams/GRACE/gemma-3-270m.yaml", {model!r},
                                 Path({work!r}), inner_params=["model.layers[2].mlp.down_proj.weight"], n_iter=10)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    out = {{"flags_before": sum(p.requires_grad for p in model.parameters())}}
-    restore, unedited = bench.RequiresGradFlags.restore, bench.RequiresGradFlags(model)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    unedited_flags = [(p, p.requires_grad) for p in model.parameters()]
+    out = {{"flags_before": sum(flag for _, flag in unedited_flags), "hooks_before": len(head._forward_pre_hooks)}}
+    dense_output_layer = bench.dense_output_layer
 
     def spaced_editor():
         editor = make_editor(hp, model, tok)
         editor.tok = bench.SpacedTargetTokenizer(tok)
         return editor
 
-    for label in ("as_grace_left_them", "restored"):
-        restore(unedited)  # each run starts from the unedited model's flags
-        bench.RequiresGradFlags.restore = restore if label == "restored" else (lambda self: None)
+    for label in ("without_hook", "with_hook"):
+        for param, flag in unedited_flags:  # each run starts from the unedited model's flags
+            param.requires_grad_(flag)
+        bench.dense_output_layer = dense_output_layer if label == "with_hook" else (lambda model: (lambda: None))
         torch.manual_seed(0)  # GRACE's cold codebook values are random
         with profile(record_shapes=True) as prof, bench.ModuleGuard(model, bench.edited_module_paths(hp)):
             metrics, ms = bench.run_sequential(spaced_editor(), requests, label)
@@ -385,28 +401,29 @@ GRACE_FLAGS_RUN = RUN_HEAD + textwrap.dedent(
         out[label] = dict(sequential=json.dumps(metrics, sort_keys=True, default=str), lm_head_bmm=lm_head_bmm,
                           one_hop=json.dumps(one_hop, sort_keys=True, default=str), errors=errors,
                           flags_after=sum(p.requires_grad for p in model.parameters()),
-                          rel=[r["Rel"] for r in bench.per_record(metrics)])
+                          hooks_after=len(head._forward_pre_hooks), rel=[r["Rel"] for r in bench.per_record(metrics)])
     print("RESULT " + json.dumps(out))
     """
 )
 
 
-@pytest.mark.easyedit_main
-@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
-def test_grace_scoring_gets_the_unedited_models_grad_flags_back_with_identical_metrics(tiny_gemma3_dir, tmp_path):
+@needs_easyedit_main
+def test_grace_scoring_keeps_the_frozen_output_layer_off_bmm_with_identical_metrics(tiny_gemma3_dir, tmp_path):
     """EasyEdit's GRACE freezes every parameter; generation then runs the LM head on the last-token slice
     through ``bmm`` (a copy of the whole output weight per token: 18x slower scoring on Gemma-3-270M).
-    The benchmark puts the flags back before scoring: the same metrics, and the LM head through ``mm``."""
-    out = _run_script(GRACE_FLAGS_RUN, tiny_gemma3_dir, tmp_path)
-    left, restored = out["as_grace_left_them"], out["restored"]
-    assert out["flags_before"] > 0 and not left["errors"] and not restored["errors"]
-    assert left["flags_after"] == 0  # GRACE froze the model (its own codebook left the model with the guard)
-    assert restored["flags_after"] == out["flags_before"]  # every flag back as the unedited model had it
-    assert left["lm_head_bmm"] > 0  # the slow path: the frozen output layer through bmm in the scoring
-    assert restored["lm_head_bmm"] == 0
-    assert restored["sequential"] == left["sequential"]  # identical metrics (pre and post), every record
-    assert restored["one_hop"] == left["one_hop"]
-    assert max(restored["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
+    The benchmark's runners score with the output layer's dense-input hook (``dense_output_layer``): the
+    same metrics, and the LM head through ``mm``, with EasyEdit's flags left as GRACE sets them."""
+    out = _run_script(GRACE_DENSE_RUN, tiny_gemma3_dir, tmp_path)
+    without, with_hook = out["without_hook"], out["with_hook"]
+    assert out["flags_before"] > 0 and not without["errors"] and not with_hook["errors"]
+    # GRACE froze the model (its own codebook left the model with the guard); the hook leaves the flags alone
+    assert without["flags_after"] == with_hook["flags_after"] == 0
+    assert without["lm_head_bmm"] > 0  # the slow path: the frozen output layer through bmm in the scoring
+    assert with_hook["lm_head_bmm"] == 0
+    assert with_hook["sequential"] == without["sequential"]  # identical metrics (pre and post), every record
+    assert with_hook["one_hop"] == without["one_hop"]
+    assert max(with_hook["rel"]) == 1.0  # an edit succeeds (so the compared metrics are not all zero)
+    assert with_hook["hooks_after"] == out["hooks_before"]  # the runners take their hook off again
 
 
 WISE_RESUME_RUN = RUN_HEAD + textwrap.dedent(
@@ -451,11 +468,10 @@ WISE_RESUME_RUN = RUN_HEAD + textwrap.dedent(
 )
 
 
-@pytest.mark.easyedit_main
-@pytest.mark.skipif(not EASYEDIT_SRC, reason="EASYEDIT_SRC is not set: no clone of EasyEdit main to test against")
+@needs_easyedit_main
 def test_sequential_wise_keeps_every_edit_and_a_stopped_run_resumes_to_the_uninterrupted_result(tiny_gemma3_dir, tmp_path):
     def run(mode):
-        return _run_script(WISE_RESUME_RUN.replace("{mode!r}", repr(mode)), tiny_gemma3_dir, tmp_path)
+        return _run_script(WISE_RESUME_RUN, tiny_gemma3_dir, tmp_path, mode=mode)
 
     full = run("full")
     assert not full["stopped"] and full["n_ms"] == 4
