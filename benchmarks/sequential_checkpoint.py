@@ -27,6 +27,7 @@ import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +75,18 @@ def _torch_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _module_at(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    return model.get_submodule(path)
-
-
 def _set_module_at(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+@dataclass
 class Resumed:
     """What :meth:`SequentialCheckpoint.load` gives back besides the restored model state."""
 
-    def __init__(self, done: int, pre: list[dict], edit_ms: list[float]):
-        self.done = done  #: edits already applied
-        self.pre = pre  #: the pre-edit metrics of every request
-        self.edit_ms = edit_ms  #: the time of each applied edit
+    done: int  #: edits already applied
+    pre: list[dict]  #: the pre-edit metrics of every request
+    edit_ms: list[float]  #: the time of each applied edit
 
 
 class SequentialCheckpoint:
@@ -151,7 +148,7 @@ class SequentialCheckpoint:
     # ------------------------------------------------------------------ writing
     def save(self, model: torch.nn.Module, done: int, pre: list[dict], edit_ms: list[float]) -> None:
         """Write the state after ``done`` edits (one crash-safe step: a stop mid-save leaves the previous save)."""
-        modules = {path: _module_at(model, path) for path in self.module_paths}
+        modules = {path: model.get_submodule(path) for path in self.module_paths}
         state = {
             "globals": [getattr(importlib.import_module(m), a) for m, a in METHOD_GLOBALS[self.alg_name]],
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
