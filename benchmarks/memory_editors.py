@@ -75,6 +75,9 @@ SEQUENTIAL_REQUESTED = 100  # #15 item 4: sequential editing of 100 edits (the p
 EASYEDIT_METHODS = {"ike": "IKE", "grace": "GRACE", "wise": "WISE"}
 METRICS = EDIT_METRICS
 DATASETS = ("counterfact", "zsre")
+#: how a latency row's query ratio was timed: against the unedited forwards taken right after the method's
+#: (rows without it compared with the forwards timed once at the start of their run)
+QUERY_BASE = "unedited timed after the method's queries"
 IKE_DEMO_FILE = "counterfact/counterfact-train.json"
 RESULT_KEYS = frozenset({
     "model", "date", "command", "args", "wall_minutes", "archive", "recipe", "easyedit", "hparams",
@@ -181,6 +184,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="add this run's rows to the saved --out file (its other rows kept; the command goes into merged_runs)")
     p.add_argument("--render", action="store_true", help="only rebuild the .md from the saved .json")
+    p.add_argument("--latency_only", action="store_true",
+                   help="with --merge: re-time the query ratios of --methods (each edits the first record of each "
+                        "file, then its edited and the unedited model's forwards are timed); the saved rows and edit "
+                        "times stay")
     p.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON as the run's notes")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_editors.json"))
     args = p.parse_args(argv)
@@ -189,6 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.float32_list = parse_methods(args.float32_methods, METHODS, "--float32_methods")
     args.dtype_label_list = parse_methods(args.dtype_in_label, METHODS, "--dtype_in_label")
     args.variant_stems = parse_variants(args.hparams_variant)
+    if args.latency_only and (not args.merge or args.sequential_list):
+        raise BenchmarkInputError("--latency_only: re-times the query ratios of a saved file's one-edit rows, so it needs "
+                                  "--merge and no sequential methods. Fix: add --merge and --sequential_methods ''")
     if args.stop_after is not None and (args.stop_after < 1 or not args.checkpoint_dir):
         raise BenchmarkInputError(f"--stop_after {args.stop_after}: needs --checkpoint_dir (else the edits done are "
                                   "lost) and a positive number. Fix: add --checkpoint_dir DIR, or drop --stop_after")
@@ -215,8 +225,13 @@ def merge_results(base: Mapping[str, Any], run: Mapping[str, Any], command: str)
         keys += [f"datasets.{ds}.{m}" for m in rows]
     for method, row in (run.get("latency") or {}).items():
         if method != "unedited":
-            out.setdefault("latency", {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]}})[method] = row
-            keys.append(f"latency.{method}")
+            latency = out.setdefault("latency", {"unedited": {"edit_ms": None, "query_ratio": [1.0, 1.0, 1.0]}})
+            if "edit_ms" in row:
+                latency[method] = row
+                keys.append(f"latency.{method}")
+            else:  # --latency_only: the query ratio alone, the saved edit times stay
+                latency[method] = {**(latency.get(method) or {"edit_ms": None}), **row}
+                keys.append(f"latency.{method}.query_ratio")
     seq = run.get("sequential")
     if seq and seq.get("methods"):
         saved = out.get("sequential") or {"dataset": seq["dataset"], "n": seq["n"], "methods": {}}
@@ -719,10 +734,13 @@ def render_markdown(out: Mapping[str, Any]) -> str:
                   f"Unedited forward (`prompt + target_new`, median over {args['latency_n']} inputs per dataset): "
                   f"{_ci(out['base_query_ms'])} ms. Edit: the method's `apply_algo` call (median over every edit); "
                   "query: the edited model's forward on the same inputs (IKE: its demonstrations, the new fact and the "
-                  "prompt), as a ratio to the unedited forward (median of the per-input ratios).", "",
+                  "prompt), as a ratio to the unedited forward on the same inputs, timed right after the method's "
+                  "(median of the per-input ratios; † the unedited forwards timed once at the start of the run, as the "
+                  "script did before: minutes apart on a shared machine, so a rough ratio).", "",
                   "| method | median edit (ms) | query / unedited |", "|---|---|---|"]
         for m, row in out["latency"].items():
-            lines.append(f"| {m} | {_ci(row.get('edit_ms'))} | {_ci(row.get('query_ratio'), 2)} |")
+            mark = " †" if row.get("query_ratio") and m != "unedited" and row.get("query_base") != QUERY_BASE else ""
+            lines.append(f"| {m} | {_ci(row.get('edit_ms'))} | {_ci(row.get('query_ratio'), 2)}{mark} |")
         lines.append("")
     seq = out.get("sequential")
     if seq:
@@ -847,8 +865,11 @@ def main(argv=None) -> int:
         for method in args.method_list:
             if method in edit_ms or method in query_ratio:
                 latency[label[method]] = {
-                    "edit_ms": bootstrap_median(edit_ms.get(method, []), args.bootstrap, args.seed),
-                    "query_ratio": bootstrap_median(query_ratio.get(method, []), args.bootstrap, args.seed, 3)}
+                    "query_ratio": bootstrap_median(query_ratio.get(method, []), args.bootstrap, args.seed, 3),
+                    "query_base": QUERY_BASE}
+                if not args.latency_only:  # a latency-only run's one edit per file does not replace the edit times
+                    latency[label[method]]["edit_ms"] = bootstrap_median(edit_ms.get(method, []), args.bootstrap,
+                                                                         args.seed)
         out = {
             "model": f"{model_dir} ({args.dtype})" if args.model_dir else f"gemma-3-270m (embedded, {args.dtype})",
             "date": today(), "command": command,
@@ -868,6 +889,8 @@ def main(argv=None) -> int:
         out["finished"] = finished
         if base_out is not None:
             out = merge_results(base_out, out, command)
+        elif args.latency_only:  # nothing to put the ratios into (parse_args refuses it; a safeguard)
+            raise BenchmarkInputError("--latency_only needs --merge")
         return write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
 
     for ds in DATASETS:
@@ -876,7 +899,7 @@ def main(argv=None) -> int:
             if method == "unedited":
                 continue
             t0 = time.perf_counter()
-            requests = evaluation[ds][: limit_for(method, args.limit, args.baseline_limit)]
+            requests = evaluation[ds][: 1 if args.latency_only else limit_for(method, args.limit, args.baseline_limit)]
             model.to(as_dtype(method))
             try:
                 hp = specs[method]()
@@ -901,12 +924,16 @@ def main(argv=None) -> int:
                 continue
             finally:
                 reset_memory(model)
+            # the unedited model on the same inputs, in the method's dtype, minutes after the edited one (not the
+            # run's first forwards: those compared times taken under another load of the shared machine)
+            base_now = query_times(model, tok, latency_texts[ds]) if qtimes else []
             model.to(getattr(torch, args.dtype))
             errors.setdefault(label[method], []).extend(f"{ds} {e}" for e in errs)
-            edit_ms.setdefault(method, []).extend(times)
+            if not args.latency_only:
+                edit_ms.setdefault(method, []).extend(times)
             if qtimes:
-                query_ratio.setdefault(method, []).extend(q / b for q, b in zip(qtimes, base_times[ds]))
-            if metrics:
+                query_ratio.setdefault(method, []).extend(q / b for q, b in zip(qtimes, base_now))
+            if metrics and not args.latency_only:
                 results[ds][label[method]] = bootstrap_summary(per_record(metrics), args.bootstrap, args.seed)
                 n_evaluated[ds][label[method]] = len(metrics)
                 if pre_rows is None and method != "ike":  # IKE's pre metrics are scored on the bare prompt too

@@ -513,3 +513,21 @@ def test_stop_after_without_a_checkpoint_folder_is_refused():
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--stop_after 2: needs --checkpoint_dir.*Fix: add --checkpoint_dir"):
         BENCH.parse_args(["--stop_after", "2"])
     assert BENCH.parse_args(["--stop_after", "2", "--checkpoint_dir", "x"]).stop_after == 2
+
+
+def test_latency_only_merges_the_query_ratio_alone_and_the_table_marks_ratios_timed_at_the_runs_start():
+    base = _saved_run({"grace": {"Rel": 50.0}, "wise": {"Rel": 40.0}})
+    run = _saved_run({})
+    run["datasets"], run["n_evaluated"] = {}, {}
+    run["latency"] = {"unedited": {"edit_ms": None, "query_ratio": [1.0] * 3},
+                      "wise": {"query_ratio": [1.05, 1.0, 1.1], "query_base": BENCH.QUERY_BASE}}
+    merged = BENCH.merge_results(base, run, "python benchmarks/memory_editors.py --merge --latency_only --methods wise")
+    assert merged["latency"]["wise"] == {"edit_ms": [10.0, 9.0, 11.0], "query_ratio": [1.05, 1.0, 1.1],
+                                         "query_base": BENCH.QUERY_BASE}  # the saved edit times stay
+    assert merged["datasets"]["zsre"]["wise"]["Rel"] == [40.0] * 3  # and the rows
+    assert merged["merged_runs"][-1]["keys"] == ["latency.wise.query_ratio"]
+    md = BENCH.render_markdown(merged)
+    assert "| wise | 10.0 [9.0, 11.0] | 1.05 [1.00, 1.10] |" in md  # timed beside its queries: no mark
+    assert "| grace | 10.0 [9.0, 11.0] | 1.00 [0.90, 1.10] † |" in md  # the run's first forwards: marked
+    with pytest.raises(BENCH.BenchmarkInputError, match=r"--latency_only: .*needs --merge.*Fix: add --merge"):
+        BENCH.parse_args(["--latency_only", "--sequential_methods", ""])
