@@ -16,11 +16,13 @@ main's ``BaseEditor.edit`` and ``compute_edit_quality`` (IKE: ``compute_icl_edit
 One edit per call, the model restored after each (EasyEdit's non-sequential protocol). Reported:
 Rel / Gen / Loc / Por / Score / H (:func:`~instructedit_plugin.evaluation.summary.summarize_metrics`),
 the median edit time (the method's ``apply_algo`` call, timed around EasyEdit's own call) and the
-median query time of the edited model on ``prompt + target_new`` as a ratio to the unedited model,
-each with a 95% bootstrap interval over the records (GRACE / WISE: timed on the last edit's model right
-after its edit). ``--sequential_methods``: ``--sequential_n`` edits applied one after another to one
-model (the InstructEd memory, the GRACE codebook, the WISE side memory grow), then every edit evaluated
-on the final model. EasyEdit scores with the output layer kept on torch's fast path (:func:`dense_output_layer`:
+median query time of the edited model on ``prompt + target_new`` as a ratio to the unedited model's,
+timed right after it, each with a 95% bootstrap interval over the records (GRACE / WISE: timed on the last
+edit's model right after its edit; ``--latency_only --merge`` re-times a saved row's ratio).
+``--sequential_methods``: ``--sequential_n`` edits applied one after another to one model (the InstructEd
+memory, the GRACE codebook, the WISE side memory grow; WISE with ``sequential_edit`` set, see
+:func:`run_sequential`), then every edit evaluated on the final model; ``--checkpoint_dir`` makes a long
+GRACE / WISE run resumable (:mod:`benchmarks.sequential_checkpoint`). EasyEdit scores with the output layer kept on torch's fast path (:func:`dense_output_layer`:
 GRACE freezes every parameter, which made its generation-based scoring on Gemma-3-270M 18 times slower with the
 same outputs). ``--hparams_variant grace=STEM`` runs a labelled other setting
 (``hparams/GRACE/STEM.yaml``) whose rows stand beside the default's. The markdown ends with the requests
