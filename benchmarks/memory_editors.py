@@ -530,6 +530,9 @@ def run_sequential(editor: Any, requests: Sequence[Mapping[str, Any]], name: str
     from easyeditor.evaluate import compute_edit_quality
     from tqdm import tqdm
 
+    if stop_after is not None and checkpoint is None:
+        raise ValueError("run_sequential: stop_after without a checkpoint would lose the edits made. Fix: pass a "
+                         "SequentialCheckpoint too")
     hp = editor.hparams
     if getattr(hp, "alg_name", None) == "WISE":
         hp.sequential_edit = True
@@ -891,8 +894,6 @@ def main(argv=None) -> int:
         out["finished"] = finished
         if base_out is not None:
             out = merge_results(base_out, out, command)
-        elif args.latency_only:  # nothing to put the ratios into (parse_args refuses it; a safeguard)
-            raise BenchmarkInputError("--latency_only needs --merge")
         return write_results(args.out, out, render_markdown, RESULT_KEYS, notes)
 
     for ds in DATASETS:

@@ -450,7 +450,7 @@ WISE_RESUME_RUN = RUN_HEAD + textwrap.dedent(
         out["post"] = [m["post"] for m in result[0]]
         out["pre"] = [m["pre"] for m in result[0]]
         out["n_ms"] = len(result[1])
-    if has_saved := (folder / "modules.pt").is_file():
+    if (folder / "modules.pt").is_file():
         adapter = next(iter(torch.load(folder / "modules.pt", weights_only=False).values()))
         out["edits_in_adapter"] = adapter.editing_total_cnt
         out["adapter_sha"] = hashlib.sha256(b"".join(t.float().numpy().tobytes() for t in adapter.state_dict().values())
