@@ -167,6 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_variants", default="paper,question_rows",
                    help="variants whose query cost is measured (gold and retrieval); '' for none")
     p.add_argument("--latency_n", type=int, default=20, help="query-latency inputs per dataset")
+    p.add_argument("--encoder_backends", default="torch",
+                   help="sentence-encoder runtimes timed: torch, or torch,onnx (adds gold and retrieval rows with "
+                        "`encoder_backend: onnx`, the paper's float32 encoder run by ONNX Runtime; needs the onnx extra)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of each 95%% interval")
     p.add_argument("--model_dir", default=None, help="another local base model (tests use tiny models)")
     p.add_argument("--cache_dir", default=None, help="recipe cache root (default: the plugin cache)")
@@ -186,6 +189,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [d for d in args.datasets.split(",") if d not in DATASETS]
     if bad or not args.datasets:
         p.error(f"--datasets: unknown {', '.join(bad) or '(none given)'}. Fix: use some of {', '.join(DATASETS)}")
+    from instructedit_plugin.instructed.encoder import ENCODER_BACKENDS
+
+    backends = args.encoder_backends.split(",")
+    if backends[0] != "torch" or any(b not in ENCODER_BACKENDS for b in backends):
+        p.error(f"--encoder_backends: {args.encoder_backends!r}. Fix: torch, or torch followed by some of "
+                f"{', '.join(ENCODER_BACKENDS[1:])} (e.g. torch,onnx)")
+    if "onnx" in backends:
+        from instructedit_plugin.instructed.onnx_encoder import check_onnx_available
+
+        try:
+            check_onnx_available()
+        except ValueError as exc:
+            p.error(f"--encoder_backends onnx: {exc}")
     return args
 
 
@@ -310,11 +326,15 @@ def evaluate(args, archives: dict) -> int:
     targets = [(n, VARIANTS[n], archives[VARIANTS[n].prefixes_of or n]) for n in args.latency_variants.split(",")
                if n and (VARIANTS[n].prefixes_of or n) in archives]
     latency = measure_query_cost(targets, model, tok, latency_requests,
-                                 lambda archive, **kw: _hparams(archive, model_dir, args, **kw), args.bootstrap)
+                                 lambda archive, **kw: _hparams(archive, model_dir, args, **kw), args.bootstrap,
+                                 backends=tuple(args.encoder_backends.split(",")))
     evaluated = [n for n in args.variants.split(",") if n]
     if any(r["encoder_dtype"] != "float32" for r in latency["rows"]) or any(
             dict(VARIANTS[n].editing).get("encoder_dtype", "float32") != "float32" for n in evaluated):
         latency["sim_deviation"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]], args.bootstrap)
+    if any(r.get("encoder_backend", "torch") == "onnx" for r in latency["rows"]):
+        latency["sim_deviation_onnx"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]],
+                                                      args.bootstrap, dtype="float32", backend="onnx")
     recipes = {}
     for name, archive in archives.items():
         info = recipe_info(archive)

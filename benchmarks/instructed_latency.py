@@ -37,14 +37,16 @@ def _forward_ms(model, tok, text: str) -> tuple[float, float]:
     return (time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000
 
 
-def _latency_settings(variant: Any) -> list[tuple[str, dict, bool]]:
-    """``(source, hparams overrides, sim before timer)`` of each query-cost row of ``variant``."""
+def _latency_settings(variant: Any, backends: tuple[str, ...] = ("torch",)) -> list[tuple[str, dict, bool]]:
+    """``(source, hparams overrides, sim before timer)`` of each query-cost row of ``variant``; every backend of
+    ``backends`` after ``torch`` (``onnx``: the same float32 encoder in ONNX Runtime) adds gold and retrieval rows."""
     editing = dict(variant.editing)
+    other = [] if editing.get("encoder_dtype", "float32") != "float32" else [b for b in backends if b != "torch"]
     if variant.reweight_mode not in CACHED_MODES:
         settings = [("gold", dict(editing), False), ("retrieval", dict(editing), False), ("gold", dict(editing), True)]
         if not editing and variant.reweight_mode == "paper":
             settings += [(s, {"embedding_cache": 0}, False) for s in ("gold", "retrieval")]
-        return settings
+        return settings + [(s, dict(editing, encoder_backend=b), False) for b in other for s in ("gold", "retrieval")]
     warm = dict(editing, warm_instruction_cache=True)  # instruction keys/values computed at edit time
     settings = [("gold", warm, False), ("retrieval", warm, False), ("gold", warm, True)]
     # #15 item 3's query-cost options: sim beside the forward (gold: the question's encoding; retrieval reuses the
@@ -53,17 +55,17 @@ def _latency_settings(variant: Any) -> list[tuple[str, dict, bool]]:
     if editing.get("encoder_dtype", "float32") == "float32":
         half = dict(warm, encoder_dtype="bfloat16")
         settings += [("gold", half, False), ("retrieval", half, False), ("gold", dict(half, sim_overlap=True), False)]
-    return settings
+    return settings + [(s, dict(warm, encoder_backend=b), False) for b in other for s in ("gold", "retrieval")]
 
 
 def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, requests: list[dict],
-                       hparams_for: Callable[..., Any], resamples: int) -> dict:
+                       hparams_for: Callable[..., Any], resamples: int, backends: tuple[str, ...] = ("torch",)) -> dict:
     """Query / unedited ratios (gold and retrieval) of each ``(name, variant, archive)`` of ``targets``, plus
     ``paper`` without the instruction-embedding cache and, for ``question_rows`` / ``question_only`` variants, the
     query-cost options;
     each input's edited and unedited forwards are timed back to back (wall clock and process CPU time).
     ``hparams_for(archive, **fields)`` builds the variant's ``InstructEdHyperParams``; ``resamples``: bootstrap
-    resamples of every interval."""
+    resamples of every interval; ``backends``: the sentence-encoder runtimes timed (``onnx`` adds rows)."""
     import torch
 
     from instructedit_plugin.instructed.instructed_main import apply_instructed_to_model, editing_state, reset_memory
@@ -74,7 +76,7 @@ def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, request
     fused_checks: dict = {}
     load_before = _load_average()
     for name, variant, archive in targets:
-        for source, extra, sim_outside in _latency_settings(variant):
+        for source, extra, sim_outside in _latency_settings(variant, backends):
             hp = hparams_for(archive, reweight_mode=variant.reweight_mode, instruction_source=source, **extra)
             reset_memory(model)
             edit_ms = []
@@ -120,15 +122,18 @@ def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, request
                     edited.append(wall)
                     edited_cpu.append(cpu)
                 qm.__dict__.pop("similarities", None)
-            dtype = hp.encoder_dtype
-            if dtype not in encoder_share:  # once per encoder: what encoding one question costs beside a forward
-                encoder_share[dtype] = _encoder_share(model, tok, editing_state(model).encoder, requests, texts, resamples)
+            dtype, backend = hp.encoder_dtype, hp.encoder_backend
+            share_key = dtype if backend == "torch" else backend  # onnx runs float32 only
+            if share_key not in encoder_share:  # once per encoder: what encoding one question costs beside a forward
+                encoder_share[share_key] = _encoder_share(model, tok, editing_state(model).encoder, requests, texts,
+                                                          resamples)
             reset_memory(model)
             cache = qm.embedding_cache
             rows.append({"variant": name, "source": source, "reweight_mode": variant.reweight_mode,
                          "embedding_cache": extra.get("embedding_cache", 4096),
                          "warm_instruction_cache": bool(extra.get("warm_instruction_cache")),
                          "sim_outside_timer": sim_outside, "sim_overlap": bool(hp.sim_overlap), "encoder_dtype": dtype,
+                         "encoder_backend": backend,
                          "attention": "fused" if qm.fused_attention else "eager",
                          "query_ratio": ratio_interval(base, edited, resamples),
                          "cpu_ratio": ratio_interval(base_cpu, edited_cpu, resamples),
@@ -140,8 +145,9 @@ def measure_query_cost(targets: list[tuple[str, Any, Path]], model, tok, request
             LOG.info("query cost %s", rows[-1])
     out = {"inputs": len(texts), "rows": rows, "encoder": encoder_share.get("float32"),
            "load_average": [load_before, _load_average()]}
-    if "bfloat16" in encoder_share:
-        out["encoder_bfloat16"] = encoder_share["bfloat16"]
+    for key in ("bfloat16", "onnx"):
+        if key in encoder_share:
+            out[f"encoder_{key}"] = encoder_share[key]
     if fused_checks:
         out["fused_check"] = fused_checks
     return out
@@ -196,22 +202,26 @@ def _load_average() -> float | None:
         return None
 
 
-def sim_deviation(requests: list[dict], resamples: int) -> dict:
-    """How far the bfloat16 sentence encoder moves ``sim`` from the float32 one: ``|cos16 - cos32|`` over every
-    (question, instruction) pair of ``requests`` (prompt, rephrase, portability and locality questions against the
-    request's instruction; each text encoded alone, as the embedding cache does): max, and mean with its interval."""
+def sim_deviation(requests: list[dict], resamples: int, dtype: str = "bfloat16", backend: str = "torch") -> dict:
+    """How far the ``dtype`` / ``backend`` sentence encoder moves ``sim`` from the paper's (float32, torch):
+    ``|cos - cos32|`` over every (question, instruction) pair of ``requests`` (prompt, rephrase, portability and
+    locality questions against the request's instruction; each text encoded alone, as the embedding cache does):
+    max, and mean with its interval (``digits`` enough for the onnx runtime's float-rounding differences)."""
     from instructedit_plugin.instructed.lm import load_encoder
     from instructedit_plugin.instructed.templates import instruction_of, request_prompts
 
-    full, half = load_encoder("default"), load_encoder("default", dtype="bfloat16")
+    full, other = load_encoder("default"), load_encoder("default", dtype=dtype, backend=backend)
     pairs = [(q, instruction_of(r)) for r in requests for q in request_prompts(r, include_locality=True)]
     texts = sorted({t for pair in pairs for t in pair})
     vec32 = {t: full.encode([t])[0] for t in texts}
-    vec16 = {t: half.encode([t])[0] for t in texts}
-    delta = [abs(float(vec16[q] @ vec16[i]) - float(vec32[q] @ vec32[i])) for q, i in pairs]
-    out = {"dtype": "bfloat16", "pairs": len(pairs), "max": round(max(delta), 5),
-           "mean": mean_with_ci(delta, resamples, digits=5)}
-    LOG.info("sim deviation of the bfloat16 encoder: %s", out)
+    vec = {t: other.encode([t])[0] for t in texts}
+    delta = [abs(float(vec[q] @ vec[i]) - float(vec32[q] @ vec32[i])) for q, i in pairs]
+    digits = 5 if backend == "torch" else 9
+    out = {"dtype": dtype, "pairs": len(pairs), "max": round(max(delta), digits),
+           "mean": mean_with_ci(delta, resamples, digits=digits)}
+    if backend != "torch":
+        out["backend"] = backend
+    LOG.info("sim deviation of the %s %s encoder: %s", dtype, backend, out)
     return out
 
 
@@ -281,7 +291,7 @@ def query_cost_lines(out: dict) -> list[str]:
         sim = "before timer" if r.get("sim_outside_timer") else "overlapped" if r.get("sim_overlap") else "timed"
         lines.append(f"| {r.get('run', 1)} | {r['variant']} | {r['source']} | {r['reweight_mode']} | "
                      f"{r.get('attention', 'eager')} | {'on' if r['embedding_cache'] else 'off'} | {'yes' if r['warm_instruction_cache'] else 'no'} | "
-                     f"{sim} | {r.get('encoder_dtype', 'float32')} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
+                     f"{sim} | {_encoder_label(r)} | {r['base_ms']:.1f} | {r['query_ms']:.1f} | "
                      f"{_ratio(r['query_ratio'])} | {_ratio(r.get('cpu_ratio'))} | {r['edit_ms']:.1f} | "
                      f"{'–' if r['retrieval_hits'] is None else r['retrieval_hits']} |")
     runs = {"1": lat, **(lat.get("runs") or {})}
@@ -294,12 +304,16 @@ def query_cost_lines(out: dict) -> list[str]:
                                     "reused, so one per query)"))
         if info.get("encoder_bfloat16"):
             said.append(_share_line(info["encoder_bfloat16"], "the same with the bfloat16 encoder"))
-        dev = info.get("sim_deviation")
-        if dev:
-            m = dev["mean"]
-            said.append(f"the {dev['dtype']} encoder moves *sim* by at most {dev['max']:.4f} (mean {m[0]:.5f} "
-                        f"[{m[1]:.5f}, {m[2]:.5f}]) from the float32 encoder's over the {dev['pairs']} question / "
-                        "instruction pairs of the evaluated records")
+        if info.get("encoder_onnx"):
+            said.append(_share_line(info["encoder_onnx"], "the same with the float32 encoder run by ONNX Runtime "
+                                    "(`encoder_backend: onnx`)"))
+        for dev in (info.get("sim_deviation"), info.get("sim_deviation_onnx")):
+            if dev:
+                m, what = dev["mean"], (f"the {dev['dtype']} encoder" if "backend" not in dev else
+                                        f"the {dev['dtype']} encoder run by {dev['backend']}")
+                said.append(f"{what} moves *sim* by at most {dev['max']:.2g} (mean {m[0]:.2g} "
+                            f"[{m[1]:.2g}, {m[2]:.2g}]) from the float32 torch encoder's over the {dev['pairs']} "
+                            "question / instruction pairs of the evaluated records")
         load = info.get("load_average")
         if load:
             said.append(f"machine load average (1 min) {load[0]} before and {load[1]} after the query-cost "
@@ -325,17 +339,25 @@ def query_cost_lines(out: dict) -> list[str]:
                                             if r["reweight_mode"] == "question_only" else "",
                                             "sim overlapped" if r.get("sim_overlap") else "",
                                             f"{r.get('encoder_dtype')} encoder (option)"
-                                            if r.get("encoder_dtype", "float32") != "float32" else "") if x) or "as the paper"
+                                            if r.get("encoder_dtype", "float32") != "float32" else "",
+                                            "the paper's encoder run by onnx (same function)"
+                                            if r.get("encoder_backend", "torch") == "onnx" else "") if x) or "as the paper"
             lines.append(f"| {r.get('run', 1)} | {r['variant']} {r['source']}: query <= {QUERY_TARGET:g} x unedited | "
                          f"{setting} | {_verdict(q)} | {_ratio(q)} | {_ratio(r.get('cpu_ratio'))} |")
     for run, info in runs.items():
-        for key, dtype in (("encoder", "float32"), ("encoder_bfloat16", "bfloat16")):
-            if info.get(key) and (dtype == "float32" or "fused_check" in info):  # bfloat16: from run 4 on
+        for key, dtype in (("encoder", "float32"), ("encoder_bfloat16", "bfloat16"), ("encoder_onnx", "float32 onnx")):
+            if info.get(key) and (key != "encoder_bfloat16" or "fused_check" in info):  # bfloat16: from run 4 on
                 e = info[key]["ratio"]
                 lines.append(f"| {run} | floor of any mode with `sim` on one core: 1 + question encoding <= "
                              f"{QUERY_TARGET:g} | {dtype} encoder | {'yes' if 1 + e[0] <= QUERY_TARGET else 'no'} | "
                              f"1 + {e[0]:.3f} [{e[1]:.3f}, {e[2]:.3f}] | – |")
     return lines
+
+
+def _encoder_label(row: dict) -> str:
+    """The encoder column: the weights' dtype, and the runtime where it is not torch."""
+    backend = row.get("encoder_backend", "torch")
+    return row.get("encoder_dtype", "float32") + ("" if backend == "torch" else f" {backend}")
 
 
 def _verdict(q) -> str:

@@ -3,6 +3,7 @@ number of steps, evaluates the same records, and the report carries 95% interval
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -15,7 +16,8 @@ def _bench():
     return load_script("benchmarks/instructed_ablations.py", "benchmark_script_instructed_ablations")
 
 
-def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch):
+def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shared_data_dir, tmp_path, monkeypatch,
+                                                             capsys):
     from transformers import AutoTokenizer
 
     from instructedit_plugin.instructed.recipes import EVAL_FILES, TRAIN_SOURCES
@@ -84,12 +86,15 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
     # each variant's evaluation is cached beside its prefixes (one file per evaluated mode)
     assert len(list((tmp_path / "cache").glob("instructed_recipes/*/ablation_eval_*.json"))) == len(variants)
 
-    # --merge: a later run's variant and query-cost rows join the saved ones (kept, numbered by run)
+    # --merge: a later run's variant and query-cost rows join the saved ones (kept, numbered by run); with the onnx
+    # extra, also the onnx encoder runtime's rows (--encoder_backends torch,onnx)
+    has_onnx = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
+    onnx = ["--encoder_backends", "torch,onnx"] if has_onnx else []
     assert bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--steps", str(steps),
                        "--n_train", "4", "--limit", str(limit), "--variants", "question_rows_eval_bf16",
                        "--latency_variants", "question_rows_eval", "--latency_n", "1", "--bootstrap", "50",
                        "--dtype", "float32", "--cache_dir", str(tmp_path / "cache"), "--out", str(out_json),
-                       "--merge"]) == 0
+                       "--merge", *onnx]) == 0
     merged = json.loads(out_json.read_text())
     assert merged["recipes"] == out["recipes"] and merged["datasets"]["zsre"]["paper"] == out["datasets"]["zsre"]["paper"]
     for ds in ("counterfact", "zsre"):
@@ -104,8 +109,19 @@ def test_variants_train_the_same_steps_and_report_intervals(tiny_llama_dir, shar
     md = out_json.with_suffix(".md").read_text()
     assert md == bench.render_markdown(merged) and "## Merged into this file" in md
     targets = [row for row in _table_rows(md) if row[0] == "2" and "query <= 1.1 x unedited" in row[1]]
+    onnx_setting = {"the paper's encoder run by onnx (same function)"} if has_onnx else set()
     assert {row[2] for row in targets} == {"as the paper", "sim overlapped", "bfloat16 encoder (option)",
-                                           "sim overlapped, bfloat16 encoder (option)"}
+                                           "sim overlapped, bfloat16 encoder (option)"} | onnx_setting
+    if has_onnx:
+        run2 = merged["latency"]["runs"]["2"]
+        assert sorted(r["source"] for r in rows if r.get("encoder_backend") == "onnx") == ["gold", "retrieval"]
+        assert run2["encoder_onnx"]["encode_ms"] > 0
+        assert run2["sim_deviation_onnx"]["pairs"] > 0 and run2["sim_deviation_onnx"]["max"] < 1e-5
+        assert any("float32 onnx" in row for row in _table_rows(md))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--encoder_backends", "onnx"])  # torch first: the paper's encoder is always timed
+    assert "--encoder_backends: 'onnx'. Fix: torch" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--merge: .* does not exist"):
         bench.main(["--data_dir", str(data), "--model_dir", str(tiny_llama_dir), "--variants", "", "--latency_variants",
                     "", "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "none.json"), "--merge"])

@@ -103,12 +103,14 @@ class EditingState:
     def encoder(self) -> Any:
         return self.encoders.get(self.encoder_key) if self.encoder_key else None
 
-    def use_encoder(self, spec: Any, device: Any, dtype: str = "float32") -> Any:
+    def use_encoder(self, spec: Any, device: Any, dtype: str = "float32", backend: str = "torch") -> Any:
         key = spec if isinstance(spec, str) else f"object:{id(spec)}"
         if dtype != "float32" and isinstance(spec, str):
             key = f"{key}@{dtype}"
+        if backend != "torch" and isinstance(spec, str):
+            key = f"{key}@{backend}"
         if key not in self.encoders:
-            self.encoders[key] = load_encoder(spec, device, dtype)
+            self.encoders[key] = load_encoder(spec, device, dtype, backend)
         if self.encoder_key != key:
             self.encoder_key = key
             if self.memory is not None:  # embeddings of another encoder are useless: re-embed the edits
@@ -266,7 +268,7 @@ def apply_instructed_to_model(model: nn.Module, tok: Any, requests: list[dict], 
     state = editing_state(model)
     ckpt = _checkpoint(state, model, hparams)
     trained_encoder = ckpt.config.get("encoder")
-    state.use_encoder(hparams.encoder, _device_of(model), hparams.encoder_dtype)
+    state.use_encoder(hparams.encoder, _device_of(model), hparams.encoder_dtype, hparams.encoder_backend)
     if trained_encoder and encoder_identity(state.encoder) != trained_encoder:
         LOG.warning("InstructEd prefixes were trained with encoder %r but editing uses %r", trained_encoder,
                     encoder_identity(state.encoder))
@@ -303,13 +305,13 @@ def save_memory(model: nn.Module, folder: str | os.PathLike) -> Path:
 
 
 def load_memory(model: nn.Module, folder: str | os.PathLike, encoder: Any = "default",
-                encoder_dtype: str = "float32") -> Any:
+                encoder_dtype: str = "float32", encoder_backend: str = "torch") -> Any:
     """Replace ``model``'s instruction memory by one saved with :func:`save_memory`
     (its instructions are kept by later resets; only edits applied afterwards are undone)."""
     from .memory import InstructionMemory  # noqa: PLC0415
 
     state = editing_state(model)
-    state.use_encoder(encoder, _device_of(model), encoder_dtype)
+    state.use_encoder(encoder, _device_of(model), encoder_dtype, encoder_backend)
     state.memory = InstructionMemory.load(str(folder), encoder=state.encoder)
     state.entries = []
     return state.memory
@@ -339,7 +341,8 @@ class InstructedEditor:
         """An :class:`InstructedLM` retrieving from the memory (no gold instruction)."""
         state = editing_state(self.model)
         ckpt = _checkpoint(state, self.model, self.hparams)
-        state.use_encoder(self.hparams.encoder, _device_of(self.model), self.hparams.encoder_dtype)
+        state.use_encoder(self.hparams.encoder, _device_of(self.model), self.hparams.encoder_dtype,
+                          self.hparams.encoder_backend)
         if state.memory is None:
             state.add([])
         return build_instructed_lm(self.model, self.tokenizer, self.hparams, state, ckpt, None)
@@ -348,7 +351,8 @@ class InstructedEditor:
         return save_memory(self.model, folder)
 
     def load_memory(self, folder: str | os.PathLike) -> Any:
-        return load_memory(self.model, folder, self.hparams.encoder, self.hparams.encoder_dtype)
+        return load_memory(self.model, folder, self.hparams.encoder, self.hparams.encoder_dtype,
+                           self.hparams.encoder_backend)
 
     def reset(self) -> None:
         reset_memory(self.model)

@@ -76,16 +76,17 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # Collaborators written elsewhere (imported lazily): the sentence encoder and the memory
 # ----------------------------------------------------------------------------------------------
-def load_encoder(spec: Any = "default", device: str | torch.device = "cpu", dtype: str = "float32") -> Any:
+def load_encoder(spec: Any = "default", device: str | torch.device = "cpu", dtype: str = "float32",
+                 backend: str = "torch") -> Any:
     """A sentence encoder: ``spec`` itself when it already is one (has ``encode``/``cosine``),
-    else ``SentenceEncoder(name_or_path=spec, device=device, dtype=dtype)`` from :mod:`.encoder`."""
+    else ``SentenceEncoder(name_or_path=spec, device=device, dtype=dtype, backend=backend)`` from :mod:`.encoder`."""
     if hasattr(spec, "cosine") and hasattr(spec, "encode"):
         return spec
     try:
         from .encoder import SentenceEncoder  # noqa: PLC0415 - optional module, imported on use
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise MissingDependencyError("instructedit_plugin.instructed.encoder", "InstructEd's sentence encoder") from exc
-    return SentenceEncoder(name_or_path=spec, device=str(device), dtype=dtype)
+    return SentenceEncoder(name_or_path=spec, device=str(device), dtype=dtype, backend=backend)
 
 
 def new_memory(encoder: Any) -> Any:
