@@ -35,7 +35,9 @@ so a worker thread's work counts) as a second ratio. ``question_rows`` variants 
 ``sim_overlap`` (the question's encoding in a worker thread beside the forward; bit-identical outputs, wall
 clock only) and ``encoder_dtype: bfloat16`` (a cheaper sentence encoder, not the paper's), alone and together;
 beside them the bfloat16 encoder's deviation from float32 in ``sim`` over the evaluated records' question /
-instruction pairs. ``--merge`` adds this run's variants and query-cost rows to the saved results (the earlier
+instruction pairs. ``--encoder_backends torch,onnx`` adds, for every timed variant, gold and retrieval rows with
+``encoder_backend: onnx`` (the paper's float32 encoder run by ONNX Runtime: the same function) and its deviation in
+``sim``. ``--merge`` adds this run's variants and query-cost rows to the saved results (the earlier
 rows are kept, numbered by run) and records the command in ``merged_runs``.
 
 Writes ``benchmarks/results/instructed_ablations.json`` and ``.md`` (rendered from the JSON alone,
@@ -121,12 +123,16 @@ VARIANTS: dict[str, Variant] = {
     "question_only_eval": Variant("`paper` prefixes evaluated in `question_only` (NOT in the paper: only the question's "
                                   "rows re-weighted, the whole template prefix cached; an option for #15 item 3)",
                                   "benchmark-cf", prefixes_of="paper", reweight_mode="question_only"),
+    "question_only_eval_onnx": Variant("`question_only_eval` with the paper's float32 sentence encoder run by ONNX Runtime "
+                                       "(`encoder_backend: onnx`: the same function, an option for #15 item 3's query "
+                                       "cost; needs the onnx extra)", "benchmark-cf", prefixes_of="paper",
+                                       reweight_mode="question_only", editing=(("encoder_backend", "onnx"),)),
     "long": Variant("longer step-count recipe (#15 item 5): `paper` with the recipe's own steps and edits",
                     "benchmark-cf-long", own_steps=True, paper_row="InstructEd"),
 }
 #: What a run without ``--variants`` evaluates: every ablation of Table 4 (not the longer recipe, which is
-#: no ablation and trains four times as long).
-DEFAULT_VARIANTS = tuple(n for n, v in VARIANTS.items() if not v.own_steps)
+#: no ablation and trains four times as long, nor the onnx runtime's row, which needs an optional extra).
+DEFAULT_VARIANTS = tuple(n for n, v in VARIANTS.items() if not v.own_steps and "encoder_backend" not in dict(v.editing))
 #: The order trainings run in (one at a time): what item 3 and the recipe comparison need first.
 TRAIN_ORDER = ("paper", "question_rows", "none_trained", "last_third", "pre_softmax", "cf_zsre", "long")
 #: Paper Table 4 (Han et al. 2024, "Results of ablation experiments"): Rel, Gen, Loc, Por, Score, H in %,
@@ -195,13 +201,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if backends[0] != "torch" or any(b not in ENCODER_BACKENDS for b in backends):
         p.error(f"--encoder_backends: {args.encoder_backends!r}. Fix: torch, or torch followed by some of "
                 f"{', '.join(ENCODER_BACKENDS[1:])} (e.g. torch,onnx)")
-    if "onnx" in backends:
+    onnx_variants = [v for v in args.variants.split(",") + args.latency_variants.split(",")
+                     if v and dict(VARIANTS[v].editing).get("encoder_backend") == "onnx"]
+    if "onnx" in backends or onnx_variants:
         from instructedit_plugin.instructed.onnx_encoder import check_onnx_available
 
         try:
             check_onnx_available()
         except ValueError as exc:
-            p.error(f"--encoder_backends onnx: {exc}")
+            p.error(f"{'--encoder_backends onnx' if 'onnx' in backends else ', '.join(onnx_variants)}: {exc}")
     return args
 
 
@@ -332,7 +340,8 @@ def evaluate(args, archives: dict) -> int:
     if any(r["encoder_dtype"] != "float32" for r in latency["rows"]) or any(
             dict(VARIANTS[n].editing).get("encoder_dtype", "float32") != "float32" for n in evaluated):
         latency["sim_deviation"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]], args.bootstrap)
-    if any(r.get("encoder_backend", "torch") == "onnx" for r in latency["rows"]):
+    if any(r.get("encoder_backend", "torch") == "onnx" for r in latency["rows"]) or any(
+            dict(VARIANTS[n].editing).get("encoder_backend") == "onnx" for n in evaluated):
         latency["sim_deviation_onnx"] = sim_deviation([r for ds in _datasets(args) for r in evaluation[ds]],
                                                       args.bootstrap, dtype="float32", backend="onnx")
     recipes = {}

