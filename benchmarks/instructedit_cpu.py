@@ -67,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import paper_figures  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    DEFAULT_RESAMPLES, bootstrap_ci, command_line, figures_with_ci, merged_run, merged_runs_lines, notes_lines,
+    DEFAULT_RESAMPLES, bootstrap_ci, command_line, edit_figures, figures_with_ci, merged_run, merged_runs_lines, notes_lines,
     produced_by, read_notes, render_saved, today, write_results,
 )
 
@@ -229,11 +229,9 @@ def _means(rows: list[dict], keys) -> dict:
 
 
 def metric_figures(rows: list[dict]) -> dict:
-    """Rel/Gen/Loc/Por: means over the edits that measured them; Score: the mean of those means (negatives as 0)."""
-    out = _means(rows, METRICS)
-    measured = [max(v, 0.0) for v in out.values() if v is not None]
-    out["Score"] = math.fsum(measured) / len(measured) if measured else None
-    return out
+    """Rel/Gen/Loc/Por: means over the edits that measured them (as the records hold them, ``math.fsum``); Score: the
+    mean of those means, negatives as 0 (:func:`benchmarks.results_io.edit_figures`, which adds H)."""
+    return edit_figures(rows, summation=math.fsum, scale=1.0)
 
 
 def cell_from_columns(cols: dict, n_boot: int, seed: int) -> dict:
