@@ -495,6 +495,22 @@ def trig_hp_encoder_folder(ctx):
     return _raised(lambda: SentenceEncoder(str(ctx.tmp / "no-encoder-here")))
 
 
+def trig_hp_encoder_backend_dtype(ctx):
+    return _raised(_load_instructed(ctx, "onnx-bf16", add="encoder_backend: onnx\nencoder_dtype: bfloat16\n"))
+
+
+def trig_hp_encoder_backend_missing(ctx):
+    from unittest import mock
+
+    from instructedit_plugin.instructed.encoder import SentenceEncoder
+
+    def load():
+        with mock.patch.dict(sys.modules, {"onnxruntime": None}):  # as on an install without the onnx extra
+            return SentenceEncoder(backend="onnx")
+
+    return _raised(load)
+
+
 def trig_hp_file_missing(ctx):
     from instructedit_plugin.instructed.instructed_hparams import InstructEdHyperParams
 
