@@ -35,7 +35,7 @@ a few thousandths (measured in ``benchmarks/instructed_ablations.py``). Vectors 
 the identity records the dtype, so a memory saved with one is never silently read with the other.
 
 ``backend="onnx"`` (:mod:`.onnx_encoder`; the ``onnx`` extra) runs the same float32 weights and the same
-function in ONNX Runtime on the CPU: about 5 ms per question instead of 13 on one thread, vectors within ~1e-7
+function in ONNX Runtime on the CPU: 5-6 ms per question instead of 13-15 on one thread, vectors within ~1e-7
 of the ``torch`` backend's (float rounding, like the batch padding below). It is a runtime, not another
 encoder, so the identity does not record it.
 
