@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -63,12 +64,14 @@ from benchmarks import paper_figures  # noqa: E402
 from benchmarks.easyedit_calls import edit_kwargs  # noqa: E402
 from benchmarks.sequential_checkpoint import SequentialCheckpoint, run_fingerprint  # noqa: E402
 from benchmarks.results_io import (  # noqa: E402
-    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, produced_by, read_notes,
-    record_values, render_saved, setup_logging, summarize_with_intervals, today, write_results,
+    EDIT_METRICS, bootstrap_ci, command_line, merged_run, merged_runs_lines, notes_lines, read_notes,
+    record_values, render_saved, rendered_from, setup_logging, summarize_with_intervals, today, write_results,
 )
 
 LOG = logging.getLogger("memory_editors")
 SCRIPT = "benchmarks/memory_editors.py"
+#: Where the results go without ``--out``.
+DEFAULT_RESULT = "memory_editors.json"
 METHODS = ("unedited", "instructed_gold", "instructed_retrieval", "ike", "grace", "wise")
 SEQUENTIAL_METHODS = ("instructed_retrieval", "grace", "wise")
 SEQUENTIAL_REQUESTED = 100  # #15 item 4: sequential editing of 100 edits (the paper's Table 11)
@@ -191,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "file, then its edited and the unedited model's forwards are timed); the saved rows and edit "
                         "times stay")
     p.add_argument("--notes", default=None, help="markdown file whose text goes into the JSON as the run's notes")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_editors.json"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / DEFAULT_RESULT))
     args = p.parse_args(argv)
     args.method_list = parse_methods(args.methods, METHODS, "--methods")
     args.sequential_list = parse_methods(args.sequential_methods, SEQUENTIAL_METHODS, "--sequential_methods")
@@ -691,13 +694,26 @@ def unmet_requests_lines(out: Mapping[str, Any]) -> list[str]:
             "Measured here, from this file's rows (the reasons in words are under *How this run was made*):", ""] + items + [""]
 
 
+def result_file(out: Mapping[str, Any]) -> str:
+    """The saved JSON's file name, from the command that first wrote it (its ``--out``; else the default)."""
+    words = shlex.split(out.get("command") or "")
+    for i, word in enumerate(words):
+        if word == "--out" and i + 1 < len(words):
+            return Path(words[i + 1]).name
+        if word.startswith("--out="):
+            return Path(word.split("=", 1)[1]).name
+    return DEFAULT_RESULT
+
+
 def render_markdown(out: Mapping[str, Any]) -> str:
-    """``memory_editors.md`` from ``memory_editors.json`` alone."""
+    """``memory_editors.md`` (or the ``.md`` beside another ``--out``) from its JSON alone."""
     args = out["args"]
+    name = result_file(out)
+    where = rendered_from(SCRIPT, name, "" if name == DEFAULT_RESULT else f" --out benchmarks/results/{name}")
     lines = [
         "# Memory-based editors beside InstructEd on CPU: embedded Gemma-3-270M",
         "",
-        produced_by(SCRIPT, "memory_editors.json") + " Percent; every figure with its 95% bootstrap interval "
+        f"Produced by `{SCRIPT}`; {where}." + " Percent; every figure with its 95% bootstrap interval "
         f"over the records ({args['bootstrap']} resamples). EasyEdit main's `BaseEditor.edit` + `compute_edit_quality` "
         "(IKE: `compute_icl_edit_quality`), one edit per call, restored after each; Rel = rewrite_acc, Gen = rephrase_acc, "
         "Loc = locality, Por = the GPT-4 one-hop portability question, Score = mean, H = harmonic mean of the four.",

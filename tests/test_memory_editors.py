@@ -247,6 +247,17 @@ def test_merge_puts_a_later_runs_rows_into_the_saved_file_and_records_the_comman
         BENCH.merge_results(base, run, "cmd")
 
 
+def test_the_markdown_names_the_json_it_is_rendered_from_and_the_command_that_rebuilds_it():
+    out = _saved_run({"grace": {"Rel": 50.0}})
+    default = "rendered from `memory_editors.json` (`python benchmarks/memory_editors.py --render`)"
+    assert default in BENCH.render_markdown(out)
+    name = "benchmarks/results/memory_editors_sequential.json"
+    for command in (f"{out['command']} --out {name}", f"{out['command']} --out={name} --threads 2"):
+        md = BENCH.render_markdown(dict(out, command=command))
+        assert (f"rendered from `memory_editors_sequential.json` (`python benchmarks/memory_editors.py --render "
+                f"--out {name}`)") in md and default not in md
+
+
 def test_merge_without_a_saved_file_names_it(tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--merge: no saved results at .*nope.json.*Fix:"):
