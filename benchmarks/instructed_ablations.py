@@ -152,7 +152,7 @@ PAPER_TABLE4: dict[str, dict[str, dict[str, tuple[float, ...]]]] = {
     },
 }
 #: Arguments that say what was run (the others only steer this script).
-_UNSAVED_ARGS = ("out", "render", "notes", "train_only", "merge")
+_UNSAVED_ARGS = ("out", "render", "notes", "train_only", "merge", "backends")
 RESULT_KEYS = frozenset({"model", "date", "command", "args", "wall_minutes", "variants", "recipes", "datasets",
                          "latency", "paper_table4", "errors", "notes", "merged_runs"})
 
@@ -197,7 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--datasets: unknown {', '.join(bad) or '(none given)'}. Fix: use some of {', '.join(DATASETS)}")
     from instructedit_plugin.instructed.encoder import ENCODER_BACKENDS
 
-    backends = args.encoder_backends.split(",")
+    backends = tuple(args.encoder_backends.split(","))
     if backends[0] != "torch" or any(b not in ENCODER_BACKENDS for b in backends):
         p.error(f"--encoder_backends: {args.encoder_backends!r}. Fix: torch, or torch followed by some of "
                 f"{', '.join(ENCODER_BACKENDS[1:])} (e.g. torch,onnx)")
@@ -210,6 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_onnx_available()
         except ValueError as exc:
             p.error(f"{'--encoder_backends onnx' if 'onnx' in backends else ', '.join(onnx_variants)}: {exc}")
+    args.backends = backends
     return args
 
 
@@ -335,7 +336,7 @@ def evaluate(args, archives: dict) -> int:
                if n and (VARIANTS[n].prefixes_of or n) in archives]
     latency = measure_query_cost(targets, model, tok, latency_requests,
                                  lambda archive, **kw: _hparams(archive, model_dir, args, **kw), args.bootstrap,
-                                 backends=tuple(args.encoder_backends.split(",")))
+                                 backends=args.backends)
     evaluated = [n for n in args.variants.split(",") if n]
     if any(r["encoder_dtype"] != "float32" for r in latency["rows"]) or any(
             dict(VARIANTS[n].editing).get("encoder_dtype", "float32") != "float32" for n in evaluated):
