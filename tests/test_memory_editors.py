@@ -542,3 +542,20 @@ def test_latency_only_merges_the_query_ratio_alone_and_the_table_marks_ratios_ti
     assert "| grace | 10.0 [9.0, 11.0] | 1.00 [0.90, 1.10] † |" in md  # the run's first forwards: marked
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--latency_only: .*needs --merge.*Fix: add --merge"):
         BENCH.parse_args(["--latency_only", "--sequential_methods", ""])
+
+
+def test_the_unmet_requests_section_reads_the_methods_row_that_got_furthest():
+    # a float32 `wise` row of 2 records beside a bfloat16 row of 4: the section gives the bfloat16 row's n and edit time
+    seq = {"dataset": "zsre", "n": 100, "methods": {
+        "wise": {"n": 3, "figures": {}, "edit_ms": [600000.0, 590000.0, 610000.0]},
+        "wise (bfloat16)": {"n": 40, "figures": {}, "edit_ms": [100000.0, 95000.0, 105000.0]}}}
+    out = _saved_run({"wise": {"Rel": 100.0}, "wise (bfloat16)": {"Rel": 90.0}}, seq=seq)
+    out["n_evaluated"]["zsre"] = {"wise": 2, "wise (bfloat16)": 4}
+    out["latency"]["wise"]["edit_ms"] = [639000.0, 629000.0, 719000.0]
+    out["latency"]["wise (bfloat16)"]["edit_ms"] = [110000.0, 105000.0, 118000.0]
+    text = "\n".join(BENCH.unmet_requests_lines(out))
+    assert ("**wise, one edit at a time** (row `wise (bfloat16)`): n = zsre 4 of the 5 records per file of the "
+            "InstructEd rows; median edit 110.0 s [105.0, 118.0]") in text
+    assert "**wise, sequential** (row `wise (bfloat16)`): n = 40 of 100; median edit 100.0 s [95.0, 105.0]" in text
+    out["n_evaluated"]["zsre"]["wise (bfloat16)"] = 5  # the bfloat16 row reached the records asked for
+    assert "wise, one edit at a time" not in "\n".join(BENCH.unmet_requests_lines(out))
