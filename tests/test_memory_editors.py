@@ -520,6 +520,55 @@ def test_sequential_checkpoint_restores_modules_and_random_state_and_refuses_ano
         SequentialCheckpoint(tmp_path / "x", fingerprint, "ROME", ["1"])
 
 
+class _RefAdapter(torch.nn.Module):
+    """As WISE's adapter: the original layer, an alias of its weight, a copy of the layer, a side memory."""
+
+    def __init__(self, layer):
+        import copy
+
+        super().__init__()
+        self.layer = layer
+        self.weight = layer.weight
+        self.original = copy.deepcopy(layer)
+        self.side = torch.nn.Parameter(layer.weight.detach() + 1.0)
+
+
+def test_sequential_checkpoint_stores_copies_of_the_unedited_weights_as_references(tmp_path, monkeypatch):
+    import benchmarks.sequential_checkpoint as sc
+
+    def model_with(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(64, 64))
+
+    fingerprint = {"method": "wise", "dataset": "zsre", "n": 3}
+    model = model_with(0)
+    ck = sc.SequentialCheckpoint(tmp_path / "ck", fingerprint, "GRACE", ["1"])
+    assert ck.load(model) is None  # remembers the unedited tensors at the module path
+    model[1] = _RefAdapter(model[1])
+    ck.save(model, 1, [{}], [1.0])
+    state = torch.load(tmp_path / "ck" / "state.pt", weights_only=False)
+    assert {k: v[0] for k, v in state["unedited_refs"]["1"].items()} == {
+        "weight": "weight", "layer.bias": "bias", "original.weight": "weight", "original.bias": "bias"}
+    weight_bytes = 64 * 64 * 4
+    assert (tmp_path / "ck" / "modules.pt").stat().st_size < 1.5 * weight_bytes  # the side memory only, not 3 copies
+    assert torch.equal(model[1].weight, model[1].original.weight)  # the live model got its tensors back
+    fresh = model_with(0)
+    sc.SequentialCheckpoint(tmp_path / "ck", fingerprint, "GRACE", ["1"]).load(fresh)
+    assert fresh[1].weight is fresh[1].layer.weight  # the alias survives
+    for name, tensor in model[1].state_dict().items():
+        assert torch.equal(fresh[1].state_dict()[name], tensor), name
+    with pytest.raises(sc.CheckpointMismatchError, match=r"unedited 1\.(weight|bias) of this model is not the one.*Fix:"):
+        sc.SequentialCheckpoint(tmp_path / "ck", fingerprint, "GRACE", ["1"]).load(model_with(1))
+    monkeypatch.setattr(sc, "FORMAT", 1)  # a folder written before the references (every tensor pickled) still reads
+    old = sc.SequentialCheckpoint(tmp_path / "old", fingerprint, "GRACE", ["1"])
+    old.save(model, 1, [{}], [1.0])
+    assert (tmp_path / "old" / "modules.pt").stat().st_size > 3 * weight_bytes
+    monkeypatch.setattr(sc, "FORMAT", 2)
+    fresh = model_with(0)
+    sc.SequentialCheckpoint(tmp_path / "old", fingerprint, "GRACE", ["1"]).load(fresh)
+    assert torch.equal(fresh[1].side, model[1].side) and torch.equal(fresh[1].original.weight, model[1].weight)
+
+
 def test_stop_after_without_a_checkpoint_folder_is_refused():
     with pytest.raises(BENCH.BenchmarkInputError, match=r"--stop_after 2: needs --checkpoint_dir.*Fix: add --checkpoint_dir"):
         BENCH.parse_args(["--stop_after", "2"])
