@@ -124,6 +124,7 @@ class SequentialCheckpoint:
         self.alg_name = alg_name
         self.module_paths = list(module_paths)
         self._unedited: dict[str, dict[str, torch.Tensor]] = {}  # path -> the unedited module's tensors (load)
+        self._unedited_sha: dict[str, dict[str, str]] = {}  # and their SHA-256, computed once
 
     # ------------------------------------------------------------------ reading
     def _manifest(self) -> dict | None:
@@ -145,6 +146,8 @@ class SequentialCheckpoint:
         remembered here, so :meth:`save` can store copies of them as references."""
         self._unedited = {path: {name: t.detach().clone() for name, t in _module_tensors(model.get_submodule(path)).items()}
                           for path in self.module_paths}
+        self._unedited_sha = {path: {name: _tensor_sha256(t) for name, t in tensors.items()}
+                              for path, tensors in self._unedited.items()}
         manifest = self._manifest()
         if manifest is None:
             return None
@@ -160,7 +163,7 @@ class SequentialCheckpoint:
             tensors = _module_tensors(modules[path])
             for name, (ref, digest) in refs.items():
                 unedited = self._unedited[path].get(ref)
-                if unedited is None or _tensor_sha256(unedited) != digest:
+                if unedited is None or self._unedited_sha[path][ref] != digest:
                     raise CheckpointMismatchError(
                         f"{self.folder / 'state.pt'}: the unedited {path}.{ref} of this model is not the one the run "
                         "started from. Fix: resume with the same model and dtype, or delete the folder to start over")
@@ -188,7 +191,7 @@ class SequentialCheckpoint:
                     ref = next((r for r, u in self._unedited.get(path, {}).items() if u.dtype == tensor.dtype
                                 and u.shape == tensor.shape and torch.equal(u, tensor.detach().to(u.device))), None)
                     if ref is not None:
-                        refs.setdefault(path, {})[name] = (ref, _tensor_sha256(self._unedited[path][ref]))
+                        refs.setdefault(path, {})[name] = (ref, self._unedited_sha[path][ref])
                         held.append((tensor, tensor.data))
                         tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             modules_bytes = _torch_bytes(modules)
